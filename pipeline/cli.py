@@ -1,0 +1,332 @@
+"""The ``facecap`` command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import __version__
+from pipeline.chain import plan_chain
+from pipeline.config import RecipeBase, load_recipe, parse_set_options
+from pipeline.dataset import Dataset
+from pipeline.errors import FacecapError
+from pipeline.progress import Bars, Quiet
+from pipeline.runner import StageResult, run_stage
+from pipeline.sources import open_source
+from pipeline.stage import Stage
+from pipeline.storage import Storage, is_remote
+from pipeline.worker import StageJob
+from stages import REGISTRY
+
+EXIT_OK, EXIT_FAILED_SHARDS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+app = typer.Typer(
+    name="facecap",
+    help=(
+        "Build face image-text training corpora from raw image URLs.\n\n"
+        "Each stage reads a dataset folder (Parquet + WebDataset shards) and writes the next one; "
+        "rerunning a command resumes where it stopped. Start with `facecap run --config "
+        "configs/demo.yaml --output work/` or one stage at a time: `facecap ingest urls.parquet work/ingest`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML recipe (see configs/); flags override it")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override any recipe key, e.g. --set ingest.shard_size=500 (repeatable)"),
+]
+RayOpt = Annotated[
+    str | None,
+    typer.Option("--ray-address", envvar="RAY_ADDRESS", help="join this Ray cluster instead of a local one"),
+]
+ExecutorOpt = Annotated[
+    str | None, typer.Option("--executor", help="'ray' (default) or 'local' (one process, for debugging)")
+]
+RetriesOpt = Annotated[int | None, typer.Option("--max-retries", help="retries of a failing shard")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="replace an output made with different settings")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or tables (for scripts)")]
+
+
+def friendly(command):
+    """Turn user-fixable errors into one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except FacecapError as error:
+            err_console.print(f"[red]facecap: error:[/red] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("facecap: interrupted; rerun the same command to resume")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
+
+
+def _recipe(config: Path | None, sets: list[str] | None, extra: dict[str, Any]) -> RecipeBase:
+    overrides = {k: v for k, v in extra.items() if v is not None}
+    overrides.update(parse_set_options(sets or []))
+    return load_recipe(config, REGISTRY, overrides)
+
+
+def _common(ray_address: str | None, executor: str | None, max_retries: int | None) -> dict[str, Any]:
+    return {"ray.address": ray_address, "runner.executor": executor, "runner.max_retries": max_retries}
+
+
+def _make_executor(recipe: RecipeBase):
+    from pipeline.executors import LocalExecutor, RayExecutor
+
+    if recipe.runner.executor == "local":
+        return LocalExecutor()
+    return RayExecutor(recipe.ray, max_in_flight=recipe.runner.max_in_flight)
+
+
+def _run_one(
+    recipe: RecipeBase,
+    stage_cls: type[Stage],
+    parent: str | None,
+    output: str,
+    overwrite: bool,
+    quiet: bool,
+) -> StageResult:
+    options = recipe.storage.options()
+    config = getattr(recipe, stage_cls.name)
+    job = StageJob(
+        stage_cls=stage_cls,
+        config=config,
+        output=_absolute(output),
+        parent=_absolute(parent),
+        storage=options,
+    )
+    source = open_source(config, options) if stage_cls.source else None
+    progress = Quiet() if quiet else Bars(stage_cls.name, err_console)
+    result = run_stage(
+        job,
+        _make_executor(recipe),
+        runner=recipe.runner,
+        progress=progress,
+        source=source,
+        overwrite=overwrite,
+    )
+    if not quiet:
+        _print_result(result)
+    return result
+
+
+def _absolute(path: str | None) -> str | None:
+    if path is None or is_remote(path):
+        return path
+    return os.path.abspath(path)
+
+
+def _print_result(result: StageResult) -> None:
+    if result.nothing_to_do:
+        out_console.print(
+            f"{result.stage}: all {result.shards} shards already done in {result.output}; nothing to do"
+        )
+        return
+    summary = Dataset(Storage(result.output)).summary()
+    line = (
+        f"{result.stage}: {summary['shards']['done']}/{result.shards} shards done "
+        f"({result.processed} now, {result.skipped} already), {summary['rows']:,} rows, "
+        f"{summary['by_status'].get('ok', 0):,} ok, {result.seconds:.1f}s -> {result.output}"
+    )
+    out_console.print(line, highlight=False)
+    for shard, error in sorted(result.failed.items())[:10]:
+        err_console.print(f"[red]  shard {shard} failed:[/red] {error}", highlight=False)
+    if len(result.failed) > 10:
+        err_console.print(f"  ... and {len(result.failed) - 10} more failed shards (see _failed/)")
+
+
+def _exit_for(results: list[StageResult]) -> None:
+    failed = sum(len(r.failed) for r in results)
+    if failed:
+        err_console.print(
+            f"[red]facecap: {failed} shard(s) failed[/red]; the rest completed. "
+            "Rerun the same command to retry them.",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_FAILED_SHARDS)
+
+
+@app.command(
+    help=REGISTRY["ingest"].help + "\n\nINPUT: a file, folder or quoted glob of parquet/csv/"
+    "tsv/jsonl/txt URL lists (optionally .gz), or an img2dataset output folder."
+)
+@friendly
+def ingest(
+    input: Annotated[str, typer.Argument(help="URL list file, folder, glob, or img2dataset folder")],
+    output: Annotated[str, typer.Argument(help="dataset folder to write (local or s3://)")],
+    config: ConfigOpt = None,
+    url_column: Annotated[str | None, typer.Option(help="URL column (LAION: URL)")] = None,
+    caption_column: Annotated[str | None, typer.Option(help="caption column (LAION: TEXT)")] = None,
+    input_format: Annotated[
+        str | None, typer.Option("--format", help="auto, parquet, csv, tsv, jsonl, txt or img2dataset")
+    ] = None,
+    shard_size: Annotated[int | None, typer.Option(help="rows per shard (default 10000)")] = None,
+    opt_out: Annotated[
+        list[str] | None, typer.Option(help="file of opted-out domains / URL sha256s (repeatable)")
+    ] = None,
+    set_: SetOpt = None,
+    ray_address: RayOpt = None,
+    executor: ExecutorOpt = None,
+    max_retries: RetriesOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    recipe = _recipe(
+        config,
+        set_,
+        {
+            "ingest.input": [input],
+            "ingest.url_column": url_column,
+            "ingest.caption_column": caption_column,
+            "ingest.format": input_format,
+            "ingest.shard_size": shard_size,
+            "ingest.opt_out": opt_out,
+            **_common(ray_address, executor, max_retries),
+        },
+    )
+    result = _run_one(recipe, REGISTRY["ingest"], None, output, overwrite, quiet)
+    _exit_for([result])
+
+
+@app.command(help="Run a recipe's stages one after another, each into its own folder OUTPUT/STAGE.")
+@friendly
+def run(
+    config: ConfigOpt = None,
+    input: Annotated[str | None, typer.Option("--input", "-i", help="input of the first stage")] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="work folder (default: recipe's)")
+    ] = None,
+    start: Annotated[str | None, typer.Option("--from", help="first stage to run")] = None,
+    stop: Annotated[str | None, typer.Option("--to", help="last stage to run")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and exit")] = False,
+    set_: SetOpt = None,
+    ray_address: RayOpt = None,
+    executor: ExecutorOpt = None,
+    max_retries: RetriesOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    recipe = _recipe(
+        config,
+        set_,
+        {"ingest.input": [input] if input else None, **_common(ray_address, executor, max_retries)},
+    )
+    work = output or recipe.output
+    if not work:
+        raise FacecapError("no work folder: pass --output DIR or set `output:` in the recipe")
+    steps = plan_chain(recipe, REGISTRY, work, start, stop)
+    if dry_run:
+        _print_plan(recipe, steps)
+        return
+    results = []
+    for step in steps:
+        results.append(_run_one(recipe, step.stage, step.input, step.output, overwrite, quiet))
+    if not quiet:
+        out_console.print(f"done: {len(steps)} stage(s); see `facecap stats {work}`", highlight=False)
+    _exit_for(results)
+
+
+def _print_plan(recipe: RecipeBase, steps) -> None:
+    table = Table(title=f"plan: {recipe.name}")
+    for column in ("#", "stage", "reads", "writes", "resources", "state"):
+        table.add_column(column)
+    for number, step in enumerate(steps, 1):
+        res = step.stage.resources
+        kind = "actors" if res.actor else "tasks"
+        reads = step.input or ", ".join(getattr(recipe, step.stage.name).input) or "(input)"
+        manifest = Dataset(Storage(step.output, recipe.storage.options())).manifest()
+        state = "new" if manifest is None else ("complete" if manifest.complete else "partial (will resume)")
+        resources = f"{kind}, {res.cpus:g} cpu, {res.gpus:g} gpu, batch {res.batch_size}"
+        table.add_row(str(number), step.stage.name, reads, step.output, resources, state)
+    out_console.print(table)
+
+
+@app.command(help="Print the funnel of a dataset (or of every stage in a `facecap run` folder).")
+@friendly
+def stats(
+    directory: Annotated[str, typer.Argument(help="dataset folder, or a run's work folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object instead of a table")] = False,
+) -> None:
+    storage = Storage(directory)
+    summaries = _summaries(storage)
+    if as_json:
+        payload = (
+            summaries[0]
+            if len(summaries) == 1 and summaries[0]["dataset"] == storage.root
+            else {"run": storage.root, "stages": summaries}
+        )
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    for summary in summaries:
+        _print_summary(summary)
+
+
+def _summaries(storage: Storage) -> list[dict[str, Any]]:
+    dataset = Dataset(storage)
+    if dataset.manifest() is not None:
+        return [dataset.summary()]
+    found = []
+    for name in REGISTRY:  # a run folder: one dataset per stage, in pipeline order
+        child = Dataset(Storage(storage.uri(name), storage.options))
+        if child.manifest() is not None:
+            found.append(child.summary())
+    if not found:
+        raise FacecapError(f"{storage.root}: neither a facecap dataset nor a run folder with stage datasets")
+    return found
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    shards = summary["shards"]
+    title = (
+        f"{summary['stage']}: {summary['dataset']}  "
+        f"({shards['done']}/{shards['total']} shards done, {shards['failed']} failed)"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("status")
+    table.add_column("rows", justify="right")
+    table.add_column("share", justify="right")
+    total = max(summary["rows"], 1)
+    for status, count in summary["by_status"].items():
+        style = "green" if status == "ok" else None
+        table.add_row(status, f"{count:,}", f"{100 * count / total:.1f}%", style=style)
+    table.add_row("total", f"{summary['rows']:,}", "100.0%", style="bold", end_section=True)
+    out_console.print(table)
+
+
+@app.callback(invoke_without_command=True)
+def _version(
+    version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False,
+) -> None:
+    if version:
+        out_console.print(f"facecap {__version__}")
+        raise typer.Exit()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

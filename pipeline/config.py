@@ -1,0 +1,173 @@
+"""Recipes: YAML files validated by pydantic, overridden by CLI flags.
+
+Every error names the file, the key and what was expected, on one line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from pipeline.errors import ConfigError
+from pipeline.stage import Stage
+from pipeline.storage import StorageOptions
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(Section):
+    """Where work runs. No address: an embedded local Ray sized for this machine."""
+
+    address: str | None = Field(None, description="Ray cluster address (or env RAY_ADDRESS); none = local")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for the local Ray; default: all cores")
+    object_store_mb: int = Field(512, ge=64, description="object store size of the local Ray")
+    reserve_cpus: int = Field(1, ge=0, description="CPUs no actor pool may take (Ray deadlocks without)")
+
+
+class RunnerConfig(Section):
+    executor: Literal["ray", "local"] = Field(
+        "ray", description="'local' runs shards one by one in this process (debugging, tiny data)"
+    )
+    max_retries: int = Field(2, ge=0, description="retries of a failing shard before it is marked failed")
+    verify: Literal["none", "size", "sha256"] = Field(
+        "size", description="how done shards are checked before they are trusted on resume"
+    )
+    max_in_flight: int | None = Field(None, ge=1, description="shards queued at once; default 2 per worker")
+
+
+class StorageConfig(Section):
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL (or env AWS_ENDPOINT_URL)")
+    s3_region: str | None = None
+    s3_anonymous: bool = False
+
+    def options(self) -> StorageOptions:
+        env = StorageOptions.from_env()
+        return StorageOptions(
+            s3_endpoint=self.s3_endpoint or env.s3_endpoint,
+            s3_region=self.s3_region or env.s3_region,
+            s3_anonymous=self.s3_anonymous,
+        )
+
+
+class RecipeBase(Section):
+    name: str = "facecap"
+    description: str = ""
+    output: str | None = Field(None, description="work folder of `facecap run`: one dataset per stage")
+    stages: list[str] = Field(default_factory=lambda: ["ingest"], description="the chain `facecap run` runs")
+    ray: RayConfig = Field(default_factory=RayConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
+def recipe_model(stages: Mapping[str, type[Stage]]) -> type[RecipeBase]:
+    """The full recipe model: the framework sections plus one section per registered stage."""
+    fields: dict[str, Any] = {
+        name: (cls.config_model, Field(default_factory=cls.config_model)) for name, cls in stages.items()
+    }
+    return create_model("Recipe", __base__=RecipeBase, **fields)
+
+
+def load_recipe(
+    path: str | os.PathLike | None,
+    stages: Mapping[str, type[Stage]],
+    overrides: Mapping[str, Any] | None = None,
+) -> RecipeBase:
+    """Read a YAML recipe (or the defaults when ``path`` is None) and apply dotted overrides."""
+    source = str(path) if path is not None else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    model = recipe_model(stages)
+    try:
+        recipe = model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc, model)) from None
+    unknown = [s for s in recipe.stages if s not in stages]
+    if unknown:
+        raise ConfigError(f"{source}: stages: unknown stage '{unknown[0]}' (known: {', '.join(stages)})")
+    return recipe
+
+
+def parse_set_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``--set ingest.shard_size=500`` -> {"ingest.shard_size": 500} (values parsed as YAML)."""
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair}: expected KEY=VALUE, e.g. --set ingest.shard_size=500")
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            parsed[key.strip()] = raw
+    return parsed
+
+
+def format_validation_error(source: str, exc: ValidationError, model: type[BaseModel]) -> str:
+    errors = exc.errors()
+    first = errors[0]
+    location = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        message = f"{source}: unknown key '{location}'"
+        hint = _closest_key(model, first["loc"])
+        if hint:
+            message += f" (did you mean '{hint}'?)"
+    elif first["type"] == "missing":
+        message = f"{source}: {location}: required key is missing"
+    else:
+        message = f"{source}: {location}: {first['msg'].lower()} (got {first.get('input')!r})"
+    if len(errors) > 1:
+        message += f" [and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''}]"
+    return message
+
+
+def _closest_key(model: type[BaseModel], loc: Sequence[Any]) -> str | None:
+    current: Any = model
+    for part in loc[:-1]:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        current = field.annotation
+    names = list(getattr(current, "model_fields", {}))
+    match = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    if not match:
+        return None
+    return ".".join([*(str(p) for p in loc[:-1]), match[0]])
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
+        raise ConfigError(f"{path}: line {line}: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value

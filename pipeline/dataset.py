@@ -1,0 +1,396 @@
+"""The one dataset format every stage reads and writes.
+
+A dataset is a folder (local or ``s3://``)::
+
+    _manifest.json            what made it: stage, effective config and hash, parent, media, code version
+    part-00000.parquet        one row per sample: metadata, ``key``, ``status``, ``error``
+    part-00000.tar            WebDataset members ``KEY.ext`` for the media this stage made (optional)
+    _stats/part-00000.json    counts by status and timings for the shard
+    _done/part-00000.json     written last: rows, and size + sha256 of every file of the shard
+    _failed/part-00000.json   a shard that kept failing: its error and attempts
+
+Shard ``i`` of every stage's dataset holds the rows that came from shard ``i`` of its parent, so
+media written by any ancestor is found by shard index and key (see ``MediaRef``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import __version__
+from pipeline.errors import DatasetError
+from pipeline.status import OK
+from pipeline.storage import Storage
+
+FORMAT_VERSION = 1
+MANIFEST = "_manifest.json"
+STATS_DIR = "_stats"
+DONE_DIR = "_done"
+FAILED_DIR = "_failed"
+
+# Columns every dataset has, in this order, before the stage-specific ones.
+BASE_COLUMNS = {"key": pa.string(), "status": pa.string(), "error": pa.string()}
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+def config_hash(payload: Any) -> str:
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass
+class MediaRef:
+    """Where the tar members of one media extension live.
+
+    ``root`` is the dataset folder holding the tars; ``tars`` lists the tar file per shard index
+    when the names are not ``part-NNNNN.tar`` (img2dataset folders use ``00000.tar``).
+    """
+
+    root: str
+    tars: list[str] | None = None
+
+    def tar_for(self, shard: int) -> str | None:
+        if self.tars is None:
+            return f"{shard_name(shard)}.tar"
+        return self.tars[shard] if shard < len(self.tars) else None
+
+
+@dataclass
+class Manifest:
+    stage: str
+    config: dict[str, Any]
+    config_hash: str
+    parent: str | None = None
+    media: dict[str, MediaRef] = field(default_factory=dict)
+    num_shards: int | None = None
+    complete: bool = False
+    format_version: int = FORMAT_VERSION
+    code_version: str = __version__
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        data["media"] = {ext: MediaRef(**ref) for ext, ref in data.get("media", {}).items()}
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class ShardStats:
+    shard: int
+    rows_in: int
+    rows_out: int
+    by_status: dict[str, int]
+    seconds: float
+    attempts: int = 1
+    node: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FileDigest:
+    size: int
+    sha256: str
+
+
+class Dataset:
+    """Read and write one dataset folder."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    @property
+    def uri(self) -> str:
+        return self.storage.root
+
+    # --- manifest -------------------------------------------------------------------------
+    def manifest(self) -> Manifest | None:
+        if not self.storage.exists(MANIFEST):
+            return None
+        try:
+            return Manifest.from_json(self.storage.read_bytes(MANIFEST).decode())
+        except (ValueError, TypeError) as exc:
+            raise DatasetError(f"{self.storage.uri(MANIFEST)}: unreadable manifest ({exc})") from exc
+
+    def require_manifest(self) -> Manifest:
+        manifest = self.manifest()
+        if manifest is None:
+            raise DatasetError(
+                f"{self.uri}: not a facecap dataset (no {MANIFEST}); run an earlier stage first"
+            )
+        return manifest
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        self.storage.write_bytes(MANIFEST, manifest.to_json().encode())
+
+    # --- shard state ----------------------------------------------------------------------
+    def done_marker(self, shard: int) -> dict | None:
+        name = f"{DONE_DIR}/{shard_name(shard)}.json"
+        if not self.storage.exists(name):
+            return None
+        try:
+            return json.loads(self.storage.read_bytes(name))
+        except ValueError:
+            return None
+
+    def is_done(self, shard: int, verify: str = "size") -> bool:
+        """True when the shard's marker exists and its files match it.
+
+        ``verify``: ``"none"`` trusts the marker, ``"size"`` (default) checks file sizes,
+        ``"sha256"`` re-hashes every file. A shard whose files were truncated or replaced after
+        the marker was written is therefore redone rather than trusted.
+        """
+        marker = self.done_marker(shard)
+        if marker is None:
+            return False
+        if verify == "none":
+            return True
+        for name, digest in marker.get("files", {}).items():
+            if self.storage.size(name) != digest["size"]:
+                return False
+            if verify == "sha256" and _sha256_of(self.storage, name) != digest["sha256"]:
+                return False
+        return True
+
+    def done_shards(self) -> list[int]:
+        return sorted(_shard_index(n) for n in self.storage.list(DONE_DIR) if n.endswith(".json"))
+
+    def failed_shards(self) -> dict[int, dict]:
+        failed = {}
+        for name in self.storage.list(FAILED_DIR):
+            try:
+                failed[_shard_index(name)] = json.loads(self.storage.read_bytes(name))
+            except ValueError:
+                failed[_shard_index(name)] = {"error": "unreadable failure record"}
+        return failed
+
+    def mark_failed(self, shard: int, error: str, attempts: int) -> None:
+        record = {"shard": shard, "error": error, "attempts": attempts, "time": time.time()}
+        self.storage.write_bytes(f"{FAILED_DIR}/{shard_name(shard)}.json", json.dumps(record).encode())
+
+    def clear_shard(self, shard: int) -> None:
+        """Forget a shard's state so it is redone (files are overwritten atomically anyway)."""
+        for folder in (DONE_DIR, FAILED_DIR, STATS_DIR):
+            self.storage.delete(f"{folder}/{shard_name(shard)}.json")
+
+    def shard_stats(self) -> dict[int, ShardStats]:
+        stats = {}
+        for name in self.storage.list(STATS_DIR):
+            data = json.loads(self.storage.read_bytes(name))
+            stats[data["shard"]] = ShardStats(**data)
+        return stats
+
+    # --- shard data -----------------------------------------------------------------------
+    def parquet_name(self, shard: int) -> str:
+        return f"{shard_name(shard)}.parquet"
+
+    def read_shard(self, shard: int, columns: list[str] | None = None) -> pa.Table:
+        with self.storage.open_read(self.parquet_name(shard)) as f:
+            return pq.read_table(f, columns=columns)
+
+    def shard_indices(self) -> list[int]:
+        return sorted(
+            _shard_index(n) for n in self.storage.list() if n.startswith("part-") and n.endswith(".parquet")
+        )
+
+    def commit_shard(
+        self,
+        shard: int,
+        table: pa.Table,
+        tar_digest: FileDigest | None,
+        stats: ShardStats,
+    ) -> None:
+        """Write the shard's Parquet, stats and, last, its done marker."""
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        data = buffer.getvalue()
+        self.storage.write_bytes(self.parquet_name(shard), data)
+        files = {self.parquet_name(shard): asdict(FileDigest(len(data), hashlib.sha256(data).hexdigest()))}
+        if tar_digest is not None:
+            files[f"{shard_name(shard)}.tar"] = asdict(tar_digest)
+        self.storage.write_bytes(f"{STATS_DIR}/{shard_name(shard)}.json", json.dumps(asdict(stats)).encode())
+        self.storage.delete(f"{FAILED_DIR}/{shard_name(shard)}.json")
+        marker = {"shard": shard, "rows": table.num_rows, "files": files, "time": time.time()}
+        self.storage.write_bytes(f"{DONE_DIR}/{shard_name(shard)}.json", json.dumps(marker).encode())
+
+    # --- summary --------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """The funnel of this dataset, as ``facecap stats --json`` prints it."""
+        manifest = self.require_manifest()
+        stats = self.shard_stats()
+        done = set(self.done_shards())
+        failed = self.failed_shards()
+        by_status: Counter[str] = Counter()
+        rows = rows_in = 0
+        seconds = 0.0
+        for shard in done:
+            if shard in stats:
+                by_status.update(stats[shard].by_status)
+                rows += stats[shard].rows_out
+                rows_in += stats[shard].rows_in
+                seconds += stats[shard].seconds
+        total = manifest.num_shards if manifest.num_shards is not None else len(done | set(failed))
+        ordered = dict(sorted(by_status.items(), key=lambda kv: (kv[0] != OK, -kv[1], kv[0])))
+        return {
+            "dataset": self.uri,
+            "stage": manifest.stage,
+            "rows": rows,
+            "rows_in": rows_in,
+            "by_status": ordered,
+            "shards": {"total": total, "done": len(done), "failed": len(failed)},
+            "complete": manifest.complete and len(done) == total,
+            "shard_seconds": round(seconds, 3),
+            "parent": manifest.parent,
+        }
+
+
+class HashingWriter:
+    """Wraps an output stream, counting bytes and hashing them on the way through."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream = stream
+        self.size = 0
+        self._hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.stream.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def digest(self) -> FileDigest:
+        return FileDigest(self.size, self._hash.hexdigest())
+
+
+def write_tar_members(tar: tarfile.TarFile, key: str, media: dict[str, bytes]) -> None:
+    """Add one sample's members, in a fixed order with fixed metadata, so output is reproducible."""
+    for ext in sorted(media):
+        data = media[ext]
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        tar.addfile(info, io.BytesIO(data))
+
+
+def tar_key_and_ext(member_name: str) -> tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the file name."""
+    folder, _, base = member_name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+class TarShardReader:
+    """Random access to the members of one tar by key.
+
+    Remote tars are copied to local disk first (one streaming GET instead of thousands of small
+    range requests). A truncated or corrupt tar yields the members before the damage; ``error``
+    then says what went wrong, and the missing keys show up as missing.
+    """
+
+    def __init__(self, storage: Storage, name: str):
+        self.error: str | None = None
+        self._tempfile: str | None = None
+        self._index: dict[str, dict[str, tuple[int, int]]] = {}
+        if not storage.exists(name):
+            self.error = f"missing tar {storage.uri(name)}"
+            self._file = None
+            return
+        if storage.remote:
+            fd, self._tempfile = tempfile.mkstemp(suffix=".tar", prefix="facecap-")
+            with os.fdopen(fd, "wb") as local, storage.fs.open_input_stream(storage._path(name)) as remote:
+                while chunk := remote.read(8 << 20):
+                    local.write(chunk)
+            self._file = open(self._tempfile, "rb")  # noqa: SIM115 - closed in close()
+        else:
+            self._file = open(storage._path(name), "rb")  # noqa: SIM115 - closed in close()
+        self._build_index()
+
+    def _build_index(self) -> None:
+        try:
+            with tarfile.open(fileobj=self._file, mode="r:") as tar:
+                for member in tar:
+                    if member.isfile():
+                        key, ext = tar_key_and_ext(member.name)
+                        self._index.setdefault(key, {})[ext] = (member.offset_data, member.size)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            self.error = f"damaged tar: {exc}"
+        if self._index:
+            # A truncated last member has a header but not all of its bytes.
+            end = self._file.seek(0, os.SEEK_END)
+            for key in list(self._index):
+                exts = self._index[key]
+                for ext, (offset, size) in list(exts.items()):
+                    if offset + size > end:
+                        del exts[ext]
+                        self.error = self.error or "damaged tar: truncated member"
+                if not exts:
+                    del self._index[key]
+
+    def keys(self) -> list[str]:
+        return sorted(self._index)
+
+    def get(self, key: str, exts: Iterable[str] | None = None) -> dict[str, bytes] | None:
+        members = self._index.get(key)
+        if members is None or self._file is None:
+            return None
+        wanted = members.keys() if exts is None else [e for e in exts if e in members]
+        out = {}
+        for ext in wanted:
+            offset, size = members[ext]
+            self._file.seek(offset)
+            out[ext] = self._file.read(size)
+        return out
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tempfile:
+            os.unlink(self._tempfile)
+
+    def __enter__(self) -> TarShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def iter_tar_members(path: str) -> Iterator[tuple[str, bytes]]:
+    """All (member name, bytes) of a local tar, in order (for tests and inspection)."""
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if member.isfile():
+                yield member.name, tar.extractfile(member).read()
+
+
+def _sha256_of(storage: Storage, name: str) -> str:
+    digest = hashlib.sha256()
+    with storage.fs.open_input_stream(storage._path(name)) as stream:
+        while chunk := stream.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _shard_index(name: str) -> int:
+    base = os.path.basename(name)
+    return int(base.split("-", 1)[1].split(".", 1)[0])

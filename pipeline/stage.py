@@ -1,0 +1,109 @@
+"""The stage contract: what a stage declares and the one function it implements.
+
+A stage knows nothing about Ray, storage, resuming or retries. It receives the rows still
+``ok`` (in key order) and the media it asked for, and returns rows with new columns and
+statuses, plus any media it wants stored. The runner passes rejected rows through untouched.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import pandas as pd
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.status import OK, rejected
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of the stage needs.
+
+    ``actor=True`` runs the stage in a pool of long-lived workers so ``setup()`` (model
+    loading) happens once per worker; otherwise shards run as Ray tasks (the stage is still
+    set up once per worker process and reused across shards).
+    """
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    batch_size: int = 256
+    actor: bool = False
+
+
+@dataclass
+class Batch:
+    """The ``ok`` rows of one slice of a shard, and the media the stage reads for them."""
+
+    rows: pd.DataFrame
+    # media[ext][media key] -> bytes, for each ext in Stage.reads_media.
+    media: dict[str, dict[str, bytes]] = field(default_factory=dict)
+
+    def media_of(self, ext: str, media_key: str) -> bytes:
+        return self.media[ext][media_key]
+
+
+@dataclass
+class Output:
+    """What a stage returns for a batch.
+
+    ``rows`` keeps ``key``, ``status`` and ``error`` for every row it emits (a stage may emit
+    several rows per input row, e.g. one per face) plus its ``produces`` columns; ``media`` maps
+    output row keys to ``{ext: bytes}`` members for this stage's tar.
+    """
+
+    rows: pd.DataFrame
+    media: dict[str, dict[str, bytes]] = field(default_factory=dict)
+
+
+class Stage(ABC):
+    """Base class. Subclasses set the class attributes and implement ``process``."""
+
+    name: ClassVar[str]
+    config_model: ClassVar[type[StageConfig]] = StageConfig
+    # Columns this stage needs from its parent dataset.
+    consumes: ClassVar[tuple[str, ...]] = ()
+    # Columns it adds (or overwrites), with types, so every shard has the same schema.
+    produces: ClassVar[dict[str, pa.DataType]] = {}
+    # Media it reads: tar extension -> column whose value is the media key for that row.
+    reads_media: ClassVar[dict[str, str]] = {}
+    # Tar extensions it writes into its own shards.
+    writes_media: ClassVar[tuple[str, ...]] = ()
+    resources: ClassVar[Resources] = Resources()
+    # A source stage makes a dataset from outside input instead of reading a parent dataset.
+    source: ClassVar[bool] = False
+    help: ClassVar[str] = ""
+
+    def __init__(self, config: StageConfig):
+        self.config = config
+
+    def setup(self) -> None:
+        """Load models; called once per worker before the first batch."""
+
+    def prepare_in_order(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Optional pass over every shard in input order, on the driver, before dispatch.
+
+        Runs for shards already done too, so state that depends on all earlier rows (the
+        first occurrence of a URL wins) is the same on a resumed run as on a fresh one.
+        """
+        return rows
+
+    @abstractmethod
+    def process(self, batch: Batch) -> Output:
+        """Turn a batch of ``ok`` rows into output rows (with statuses) and media."""
+
+    # Helpers for subclasses -------------------------------------------------------------
+    def reject(self, reason: str) -> str:
+        return rejected(self.name, reason)
+
+    @staticmethod
+    def ok() -> str:
+        return OK

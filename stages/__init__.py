@@ -1,0 +1,10 @@
+"""The stages facecap has, in pipeline order. A stage appears here (and in the CLI) once built."""
+
+from pipeline.stage import Stage
+from stages.ingest import IngestStage
+
+REGISTRY: dict[str, type[Stage]] = {
+    IngestStage.name: IngestStage,
+}
+
+__all__ = ["REGISTRY"]

@@ -1,0 +1,86 @@
+"""Shared fixtures: the ../shared folder, one local Ray per session, an S3 server on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+sys.path.insert(0, str(TESTS))
+
+
+def shared_dir() -> Path:
+    root = Path(os.environ.get("FACECAP_SHARED", REPO.parent / "shared"))
+    if not (root / "data" / "faces" / "images.csv").is_file():
+        pytest.fail(
+            f"test fixtures not found at {root}: put the shared folder beside the repo or set FACECAP_SHARED",
+            pytrace=False,
+        )
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    return shared_dir()
+
+
+@pytest.fixture(scope="session")
+def face_photos(shared: Path) -> Path:
+    return shared / "data" / "faces"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded 2-CPU Ray for the whole session (ray.init costs seconds and a GB)."""
+    import ray
+    import toystages
+    from ray import cloudpickle
+
+    from pipeline import cluster
+    from pipeline.config import RayConfig
+
+    # Ray workers cannot import modules from tests/; ship the toy stages by value instead.
+    cloudpickle.register_pickle_by_value(toystages)
+    cluster.connect(RayConfig(num_cpus=2, object_store_mb=256))
+    yield ray
+    cluster.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto in server mode) on 127.0.0.1."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

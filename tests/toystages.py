@@ -1,0 +1,102 @@
+"""Small stages that exercise the runner: they write and read media, explode rows, fail on cue.
+
+They live in a plain module on sys.path so Ray workers can import them like real stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import ClassVar
+
+import pandas as pd
+import pyarrow as pa
+
+from pipeline.stage import Batch, Output, Resources, Stage, StageConfig
+
+
+class MakeConfig(StageConfig):
+    fail_key: str | None = None  # a row whose processing raises
+    crash_marker: str | None = None  # a file: while it exists, the whole batch raises
+
+
+class MakeMedia(Stage):
+    """Writes a small 'image' per ok row; rejects keys ending in 7."""
+
+    name = "makemedia"
+    config_model = MakeConfig
+    consumes = ("url",)
+    produces: ClassVar = {"payload_len": pa.int64()}
+    writes_media = ("jpg", "json")
+    resources = Resources(cpus=1, batch_size=4)
+
+    def process(self, batch: Batch) -> Output:
+        if self.config.crash_marker and os.path.exists(self.config.crash_marker):
+            raise RuntimeError("simulated worker fault")
+        rows = batch.rows.copy()
+        media = {}
+        statuses, lengths = [], []
+        for key, url in zip(rows["key"], rows["url"], strict=True):
+            if key == self.config.fail_key:
+                raise ValueError(f"poisoned row {key}")
+            if key.endswith("7"):
+                statuses.append(self.reject("ends_in_7"))
+                lengths.append(None)
+                continue
+            payload = f"image-of-{url}".encode()
+            media[key] = {"jpg": payload, "json": json.dumps({"key": key}).encode()}
+            statuses.append("ok")
+            lengths.append(len(payload))
+        rows["status"] = statuses
+        rows["error"] = None
+        rows["payload_len"] = lengths
+        return Output(rows=rows, media=media)
+
+
+class SplitFaces(Stage):
+    """Reads the media, emits two 'face' rows per image (like detect), with crops."""
+
+    name = "splitfaces"
+    consumes = ("payload_len",)
+    produces: ClassVar = {"image_key": pa.string(), "face_index": pa.int64(), "crop_len": pa.int64()}
+    reads_media: ClassVar = {"jpg": "key"}
+    writes_media = ("crop.jpg",)
+    resources = Resources(cpus=1, batch_size=3, actor=True)
+
+    def process(self, batch: Batch) -> Output:
+        out_rows, media = [], {}
+        for row in batch.rows.to_dict("records"):
+            image = batch.media_of("jpg", row["key"])
+            assert len(image) == row["payload_len"]
+            for face in range(2):
+                face_key = f"{row['key']}_f{face}"
+                out_rows.append(
+                    {
+                        **row,
+                        "key": face_key,
+                        "image_key": row["key"],
+                        "face_index": face,
+                        "crop_len": len(image) // 2,
+                        "status": "ok",
+                        "error": None,
+                    }
+                )
+                media[face_key] = {"crop.jpg": image[: len(image) // 2]}
+        return Output(rows=pd.DataFrame(out_rows), media=media)
+
+
+class ReadBoth(Stage):
+    """Reads media from two ancestors: the image by image_key and the crop by key."""
+
+    name = "readboth"
+    consumes = ("image_key",)
+    produces: ClassVar = {"ratio": pa.float64()}
+    reads_media: ClassVar = {"jpg": "image_key", "crop.jpg": "key"}
+
+    def process(self, batch: Batch) -> Output:
+        rows = batch.rows.copy()
+        rows["ratio"] = [
+            len(batch.media_of("crop.jpg", k)) / len(batch.media_of("jpg", ik))
+            for k, ik in zip(rows["key"], rows["image_key"], strict=True)
+        ]
+        return Output(rows=rows)
