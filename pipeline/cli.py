@@ -44,9 +44,7 @@ app = typer.Typer(
 out_console = Console()
 err_console = Console(stderr=True)
 
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML recipe (see configs/); flags override it")
-]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML recipe (see configs/); flags override it")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="override any recipe key, e.g. --set ingest.shard_size=500 (repeatable)"),
@@ -59,9 +57,7 @@ ExecutorOpt = Annotated[
     str | None, typer.Option("--executor", help="'ray' (default) or 'local' (one process, for debugging)")
 ]
 RetriesOpt = Annotated[int | None, typer.Option("--max-retries", help="retries of a failing shard")]
-OverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="replace an output made with different settings")
-]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an output made with different settings")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or tables (for scripts)")]
 
 
@@ -140,9 +136,7 @@ def _absolute(path: str | None) -> str | None:
 
 def _print_result(result: StageResult) -> None:
     if result.nothing_to_do:
-        out_console.print(
-            f"{result.stage}: all {result.shards} shards already done in {result.output}; nothing to do"
-        )
+        out_console.print(f"{result.stage}: all {result.shards} shards already done in {result.output}; nothing to do")
         return
     summary = Dataset(Storage(result.output)).summary()
     line = (
@@ -161,8 +155,7 @@ def _exit_for(results: list[StageResult]) -> None:
     failed = sum(len(r.failed) for r in results)
     if failed:
         err_console.print(
-            f"[red]facecap: {failed} shard(s) failed[/red]; the rest completed. "
-            "Rerun the same command to retry them.",
+            f"[red]facecap: {failed} shard(s) failed[/red]; the rest completed. Rerun the same command to retry them.",
             highlight=False,
         )
         raise typer.Exit(EXIT_FAILED_SHARDS)
@@ -215,9 +208,7 @@ def ingest(
 def run(
     config: ConfigOpt = None,
     input: Annotated[str | None, typer.Option("--input", "-i", help="input of the first stage")] = None,
-    output: Annotated[
-        str | None, typer.Option("--output", "-o", help="work folder (default: recipe's)")
-    ] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="work folder (default: recipe's)")] = None,
     start: Annotated[str | None, typer.Option("--from", help="first stage to run")] = None,
     stop: Annotated[str | None, typer.Option("--to", help="last stage to run")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and exit")] = False,

@@ -135,9 +135,7 @@ class Dataset:
     def require_manifest(self) -> Manifest:
         manifest = self.manifest()
         if manifest is None:
-            raise DatasetError(
-                f"{self.uri}: not a facecap dataset (no {MANIFEST}); run an earlier stage first"
-            )
+            raise DatasetError(f"{self.uri}: not a facecap dataset (no {MANIFEST}); run an earlier stage first")
         return manifest
 
     def write_manifest(self, manifest: Manifest) -> None:
@@ -209,9 +207,7 @@ class Dataset:
             return pq.read_table(f, columns=columns)
 
     def shard_indices(self) -> list[int]:
-        return sorted(
-            _shard_index(n) for n in self.storage.list() if n.startswith("part-") and n.endswith(".parquet")
-        )
+        return sorted(_shard_index(n) for n in self.storage.list() if n.startswith("part-") and n.endswith(".parquet"))
 
     def commit_shard(
         self,

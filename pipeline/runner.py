@@ -82,11 +82,15 @@ def run_stage(
             )
         _clear(out)
         existing = None
-    if existing is not None and existing.complete and existing.num_shards is not None:
-        if all(out.is_done(s, runner.verify) for s in range(existing.num_shards)):
-            result.shards = result.skipped = existing.num_shards
-            result.nothing_to_do = True
-            return result
+    if (
+        existing is not None
+        and existing.complete
+        and existing.num_shards is not None
+        and all(out.is_done(s, runner.verify) for s in range(existing.num_shards))
+    ):
+        result.shards = result.skipped = existing.num_shards
+        result.nothing_to_do = True
+        return result
 
     media = dict(parent[1].media) if parent else dict(source.media if source else {})
     media.update({ext: MediaRef(root=out.uri) for ext in job.stage_cls.writes_media})

@@ -157,9 +157,7 @@ def _format_of(uri: str) -> str:
     base = uri.removesuffix(".gz")
     suffix = os.path.splitext(base)[1].lower()
     if suffix not in SUFFIXES:
-        raise InputError(
-            f"{uri}: cannot tell the format from the name; use --format (parquet, csv, tsv, jsonl, txt)"
-        )
+        raise InputError(f"{uri}: cannot tell the format from the name; use --format (parquet, csv, tsv, jsonl, txt)")
     return SUFFIXES[suffix]
 
 
@@ -243,9 +241,7 @@ def _iter_url_batches(
 ) -> Iterator[pa.Table]:
     for uri in files:
         fmt = formats[uri]
-        tables = (
-            _read_parquet(uri, config, options) if fmt == "parquet" else _read_text(uri, fmt, config, options)
-        )
+        tables = _read_parquet(uri, config, options) if fmt == "parquet" else _read_text(uri, fmt, config, options)
         for table in tables:
             yield _conform(table, schema, uri, config)
 
@@ -281,9 +277,7 @@ def _read_text(uri: str, fmt: str, config: SourceConfig, options: StorageOptions
         yield _records_table(rows)
 
 
-def _text_records(
-    uri: str, fmt: str, config: SourceConfig, options: StorageOptions
-) -> Iterator[dict[str, Any]]:
+def _text_records(uri: str, fmt: str, config: SourceConfig, options: StorageOptions) -> Iterator[dict[str, Any]]:
     stream = open_input(uri, options)
     text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
     with text:
@@ -305,9 +299,7 @@ def _csv_records(uri: str, text: io.TextIOBase, delimiter: str, config: SourceCo
     except StopIteration:
         return
     if config.url_column not in header:
-        raise InputError(
-            f"{uri}: no column '{config.url_column}' (columns: {', '.join(header)}); set --url-column"
-        )
+        raise InputError(f"{uri}: no column '{config.url_column}' (columns: {', '.join(header)}); set --url-column")
     number = 0
     while True:
         try:
@@ -456,9 +448,7 @@ def _is_img2dataset(item: str, options: StorageOptions) -> bool:
 def _img2dataset_source(folder: str, options: StorageOptions) -> Source:
     storage = Storage(folder, options)
     names = storage.list()
-    stems = sorted(
-        {n[:-8] for n in names if n.endswith(".parquet")} | {n[:-4] for n in names if n.endswith(".tar")}
-    )
+    stems = sorted({n[:-8] for n in names if n.endswith(".parquet")} | {n[:-4] for n in names if n.endswith(".tar")})
     if not stems:
         raise InputError(f"{folder}: no img2dataset shards (NNNNN.parquet + NNNNN.tar) found")
     media = {"jpg": MediaRef(root=storage.root, tars=[f"{s}.tar" for s in stems])}
@@ -494,12 +484,8 @@ def _img2dataset_table(storage: Storage, stem: str) -> pa.Table:
     errors = raw.column("error_message").to_pylist() if "error_message" in raw.column_names else [None] * n
     columns: dict[str, pa.Array] = {
         "key": raw.column("key").cast(pa.string()),
-        "status": pa.array(
-            [_img2dataset_status(s, e) for s, e in zip(statuses, errors, strict=True)], pa.string()
-        ),
-        "error": pa.array(
-            [e if s != "success" else None for s, e in zip(statuses, errors, strict=True)], pa.string()
-        ),
+        "status": pa.array([_img2dataset_status(s, e) for s, e in zip(statuses, errors, strict=True)], pa.string()),
+        "error": pa.array([e if s != "success" else None for s, e in zip(statuses, errors, strict=True)], pa.string()),
         "url": raw.column("url").cast(pa.string()),
         "caption": raw.column("caption").cast(pa.string())
         if "caption" in raw.column_names

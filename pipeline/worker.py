@@ -92,9 +92,8 @@ def process_shard(
     started = time.perf_counter()
     timings: Counter[str] = Counter()
     out = Dataset(Storage(job.output, job.storage))
-    if source_table is not None:
-        table = source_table
-    else:
+    table = source_table
+    if table is None:
         table = Dataset(Storage(job.parent, job.storage)).read_shard(shard)
     timings["read"] += time.perf_counter() - started
 
@@ -175,9 +174,7 @@ def run_isolated(stage: Stage, batch: Batch) -> Output:
                 outputs.append(stage.process(single))
             except Exception as row_error:
                 failures += 1
-                outputs.append(
-                    Output(rows=_rejected_rows(single.rows, stage.name, "error", _describe(row_error)))
-                )
+                outputs.append(Output(rows=_rejected_rows(single.rows, stage.name, "error", _describe(row_error))))
         if failures == len(batch.rows):
             raise batch_error
         return Output(
@@ -186,9 +183,7 @@ def run_isolated(stage: Stage, batch: Batch) -> Output:
         )
 
 
-def _attach_media(
-    job: StageJob, rows: pd.DataFrame, readers: dict[str, TarShardReader]
-) -> tuple[Batch, pd.DataFrame]:
+def _attach_media(job: StageJob, rows: pd.DataFrame, readers: dict[str, TarShardReader]) -> tuple[Batch, pd.DataFrame]:
     """Fetch each row's media; rows whose media is missing are rejected, not passed to the stage."""
     if not readers:
         return Batch(rows=rows), rows.iloc[:0]

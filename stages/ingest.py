@@ -58,9 +58,7 @@ class SeenHashes:
 
 
 def url_hash64(url: str) -> int:
-    return int.from_bytes(
-        hashlib.blake2b(url.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little"
-    )
+    return int.from_bytes(hashlib.blake2b(url.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 def first_occurrences(urls: list[str], seen: SeenHashes) -> np.ndarray:
@@ -96,10 +94,7 @@ class OptOutList:
         return bool(self.domains or self.url_digests)
 
     def covers(self, url: str) -> bool:
-        if (
-            self.url_digests
-            and hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest() in self.url_digests
-        ):
+        if self.url_digests and hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest() in self.url_digests:
             return True
         if not self.domains:
             return False
@@ -126,11 +121,7 @@ def url_problem(url: object, max_length: int) -> str | None:
         return f"malformed URL: {exc}"
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
-        return (
-            f"scheme '{scheme}' is not http or https"
-            if scheme
-            else "no scheme (expected http:// or https://)"
-        )
+        return f"scheme '{scheme}' is not http or https" if scheme else "no scheme (expected http:// or https://)"
     host = parts.hostname
     if not host:
         return "no host"

@@ -28,9 +28,7 @@ def write_url_csv(path: Path, n: int, broken_every: int = 0) -> Path:
     return path
 
 
-def ingest(
-    input_path: Path | str, output: Path | str, executor=None, shard_size: int = 10, **config
-) -> StageResult:
+def ingest(input_path: Path | str, output: Path | str, executor=None, shard_size: int = 10, **config) -> StageResult:
     cfg = IngestConfig(input=[str(input_path)], shard_size=shard_size, **config)
     job = StageJob(stage_cls=IngestStage, config=cfg, output=str(output))
     return run_stage(job, executor or LocalExecutor(), source=open_source(cfg))

@@ -52,7 +52,8 @@ def test_tar_members_are_sorted_contiguous_and_match_rows(ingested, tmp_path):
             names += tar.getnames()
     assert names == sorted(names)
     assert [n.split(".", 1)[0] for n in names[::2]] == ok_keys
-    assert all(m.mtime == 0 for m in tarfile.open(tmp_path / "make" / "part-00000.tar").getmembers())
+    with tarfile.open(tmp_path / "make" / "part-00000.tar") as tar:
+        assert all(m.mtime == 0 for m in tar.getmembers())
 
 
 def test_media_flows_to_later_stages_and_rows_can_multiply(ingested, tmp_path, ray_local):
