@@ -41,8 +41,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-out_console = Console()
-err_console = Console(stderr=True)
+out_console = Console(soft_wrap=True)  # summary lines stay whole for grep and scripts
+err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML recipe (see configs/); flags override it")]
 SetOpt = Annotated[
@@ -190,7 +190,7 @@ def ingest(
         config,
         set_,
         {
-            "ingest.input": [input],
+            "ingest.input": [_absolute(input)],
             "ingest.url_column": url_column,
             "ingest.caption_column": caption_column,
             "ingest.format": input_format,

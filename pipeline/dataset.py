@@ -80,6 +80,8 @@ class Manifest:
     media: dict[str, MediaRef] = field(default_factory=dict)
     num_shards: int | None = None
     complete: bool = False
+    # The whole effective recipe (all sections, after flags), for provenance; not hashed.
+    recipe: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     code_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

@@ -54,6 +54,7 @@ def run_stage(
     progress: StageProgress | None = None,
     source: Source | None = None,
     overwrite: bool = False,
+    recipe: dict | None = None,
 ) -> StageResult:
     runner = runner or RunnerConfig()
     progress = progress or Quiet()
@@ -101,6 +102,7 @@ def run_stage(
         parent=job.parent,
         media=media,
         num_shards=parent[1].num_shards if parent else None,
+        recipe=recipe,
     )
     out.write_manifest(manifest)
     if not out.storage.remote:

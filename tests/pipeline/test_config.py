@@ -1,0 +1,98 @@
+"""Recipes: YAML validated by pydantic, one clear line per mistake, flags override files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_recipe, parse_set_options
+from pipeline.errors import ConfigError
+from stages import REGISTRY
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_recipe_validates(name):
+    recipe = load_recipe(REPO / "configs" / name, REGISTRY)
+    assert recipe.stages and all(stage in REGISTRY for stage in recipe.stages)
+
+
+def test_default_recipe_reads_laion_columns():
+    recipe = load_recipe(REPO / "configs" / "default.yaml", REGISTRY)
+    assert (recipe.ingest.url_column, recipe.ingest.caption_column) == ("URL", "TEXT")
+    assert recipe.ingest.shard_size == 10_000
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path):
+    path = write(tmp_path, "ingest:\n  shard_sise: 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, REGISTRY)
+    message = str(info.value)
+    assert message.startswith(str(path))
+    assert "unknown key 'ingest.shard_sise'" in message
+    assert "did you mean 'ingest.shard_size'" in message
+    assert "\n" not in message
+
+
+def test_wrong_type_says_what_is_expected(tmp_path):
+    path = write(tmp_path, "ingest:\n  shard_size: lots\n")
+    with pytest.raises(ConfigError, match=r"ingest\.shard_size: .*integer.*'lots'"):
+        load_recipe(path, REGISTRY)
+
+
+def test_out_of_range_and_bad_choice(tmp_path):
+    with pytest.raises(ConfigError, match=r"shard_size: .*greater than or equal to 1"):
+        load_recipe(write(tmp_path, "ingest: {shard_size: 0}\n"), REGISTRY)
+    with pytest.raises(ConfigError, match=r"runner\.executor"):
+        load_recipe(write(tmp_path, "runner: {executor: spark}\n"), REGISTRY)
+
+
+def test_unknown_stage_and_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match="unknown stage 'teleport'"):
+        load_recipe(write(tmp_path, "stages: [ingest, teleport]\n"), REGISTRY)
+    with pytest.raises(ConfigError, match="unknown key 'ingset'.*did you mean 'ingest'"):
+        load_recipe(write(tmp_path, "ingset: {}\n"), REGISTRY)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no such recipe file"):
+        load_recipe(tmp_path / "absent.yaml", REGISTRY)
+    with pytest.raises(ConfigError, match=r"line 2: found character"):
+        load_recipe(write(tmp_path, "ingest:\n\tshard_size: 1\n"), REGISTRY)
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_recipe(write(tmp_path, "- just\n- a list\n"), REGISTRY)
+
+
+def test_several_problems_are_counted(tmp_path):
+    path = write(tmp_path, "ingest: {shard_size: x, max_url_length: y}\n")
+    with pytest.raises(ConfigError, match=r"and 1 more problem\]"):
+        load_recipe(path, REGISTRY)
+
+
+def test_overrides_beat_the_file_and_parse_as_yaml(tmp_path):
+    path = write(tmp_path, "ingest: {shard_size: 5, url_column: URL}\n")
+    overrides = parse_set_options(["ingest.shard_size=7", "ingest.caption_column=null", "ray.num_cpus=1"])
+    recipe = load_recipe(path, REGISTRY, overrides)
+    assert recipe.ingest.shard_size == 7
+    assert recipe.ingest.caption_column is None
+    assert recipe.ingest.url_column == "URL"
+    assert recipe.ray.num_cpus == 1
+
+
+def test_bad_set_option():
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_set_options(["ingest.shard_size"])
+
+
+def test_defaults_without_a_file():
+    recipe = load_recipe(None, REGISTRY)
+    assert recipe.runner.max_retries == 2
+    assert recipe.ray.reserve_cpus == 1
