@@ -161,9 +161,27 @@ def _exit_for(results: list[StageResult]) -> None:
         raise typer.Exit(EXIT_FAILED_SHARDS)
 
 
+INGEST_EXAMPLES = """Examples:
+
+* `facecap ingest laion-face/ work/ingest --url-column URL --caption-column TEXT`
+* `facecap ingest 'lists/*.csv.gz' s3://bucket/work/ingest --shard-size 5000`
+* `facecap ingest img2dataset-out/ work/ingest` (already downloaded: images referenced, not copied)
+* `facecap ingest urls.txt work/ingest --opt-out optout-domains.txt`
+"""
+
+RUN_EXAMPLES = """Examples:
+
+* `facecap run -c configs/default.yaml -i 'laion-face/*.parquet' -o work/`
+* `facecap run -c configs/default.yaml -o work/ --dry-run` (the plan and each stage's state)
+* `facecap run -c configs/default.yaml -o work/ --from download --to detect`
+* `facecap run -c configs/default.yaml -o s3://bucket/work --ray-address HEAD:6379`
+"""
+
+
 @app.command(
     help=REGISTRY["ingest"].help + "\n\nINPUT: a file, folder or quoted glob of parquet/csv/"
-    "tsv/jsonl/txt URL lists (optionally .gz), or an img2dataset output folder."
+    "tsv/jsonl/txt URL lists (optionally .gz), or an img2dataset output folder.",
+    epilog=INGEST_EXAMPLES,
 )
 @friendly
 def ingest(
@@ -203,7 +221,11 @@ def ingest(
     _exit_for([result])
 
 
-@app.command(help="Run a recipe's stages one after another, each into its own folder OUTPUT/STAGE.")
+@app.command(
+    help="Run a recipe's stages one after another, each into its own folder OUTPUT/STAGE. "
+    "Rerunning resumes: finished shards are skipped.",
+    epilog=RUN_EXAMPLES,
+)
 @friendly
 def run(
     config: ConfigOpt = None,
@@ -254,7 +276,10 @@ def _print_plan(recipe: RecipeBase, steps) -> None:
     out_console.print(table)
 
 
-@app.command(help="Print the funnel of a dataset (or of every stage in a `facecap run` folder).")
+@app.command(
+    help="Print the funnel of a dataset (or of every stage in a `facecap run` folder): rows by status.",
+    epilog="Examples: `facecap stats work/ingest` · `facecap stats work/ --json | jq .stages[].by_status`",
+)
 @friendly
 def stats(
     directory: Annotated[str, typer.Argument(help="dataset folder, or a run's work folder")],

@@ -58,7 +58,7 @@ def test_out_of_range_and_bad_choice(tmp_path):
 def test_unknown_stage_and_unknown_section(tmp_path):
     with pytest.raises(ConfigError, match="unknown stage 'teleport'"):
         load_recipe(write(tmp_path, "stages: [ingest, teleport]\n"), REGISTRY)
-    with pytest.raises(ConfigError, match="unknown key 'ingset'.*did you mean 'ingest'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'ingset'.*did you mean 'ingest'"):
         load_recipe(write(tmp_path, "ingset: {}\n"), REGISTRY)
 
 
