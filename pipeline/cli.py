@@ -122,6 +122,7 @@ def _run_one(
         progress=progress,
         source=source,
         overwrite=overwrite,
+        recipe=recipe.model_dump(mode="json"),
     )
     if not quiet:
         _print_result(result)
