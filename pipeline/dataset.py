@@ -64,6 +64,11 @@ class MediaRef:
 
     root: str
     tars: list[str] | None = None
+    # The tar member extension when it differs from the media's name (media "image" -> ".webp").
+    ext: str | None = None
+
+    def member_ext(self, name: str) -> str:
+        return self.ext or name
 
     def tar_for(self, shard: int) -> str | None:
         if self.tars is None:
@@ -193,6 +198,12 @@ class Dataset:
         for folder in (DONE_DIR, FAILED_DIR, STATS_DIR):
             self.storage.delete(f"{folder}/{shard_name(shard)}.json")
 
+    def shard_stat(self, shard: int) -> ShardStats | None:
+        name = f"{STATS_DIR}/{shard_name(shard)}.json"
+        if not self.storage.exists(name):
+            return None
+        return ShardStats(**json.loads(self.storage.read_bytes(name)))
+
     def shard_stats(self) -> dict[int, ShardStats]:
         stats = {}
         for name in self.storage.list(STATS_DIR):
@@ -260,6 +271,43 @@ class Dataset:
             "shard_seconds": round(seconds, 3),
             "parent": manifest.parent,
         }
+
+
+class SpooledTar:
+    """Collects members in any order on local disk, then writes them as one tar sorted by key.
+
+    Stages that finish rows out of order (downloads) still produce tars whose keys are sorted
+    and whose members of a sample are contiguous, with only an index held in memory.
+    """
+
+    def __init__(self) -> None:
+        self._spool = tempfile.TemporaryFile(prefix="facecap-spool-")  # noqa: SIM115 - closed in close()
+        self._index: dict[str, list[tuple[str, int, int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        entries = self._index.setdefault(key, [])
+        for ext in sorted(members):
+            data = members[ext]
+            offset = self._spool.seek(0, os.SEEK_END)
+            self._spool.write(data)
+            entries.append((ext, offset, len(data)))
+
+    def write_sorted(self, stream: BinaryIO) -> FileDigest:
+        hashing = HashingWriter(stream)
+        with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for key in sorted(self._index):
+                members = {}
+                for ext, offset, size in self._index[key]:
+                    self._spool.seek(offset)
+                    members[ext] = self._spool.read(size)
+                write_tar_members(tar, key, members)
+        return hashing.digest()
+
+    def close(self) -> None:
+        self._spool.close()
 
 
 class HashingWriter:
@@ -345,7 +393,7 @@ class TarShardReader:
                 if not exts:
                     del self._index[key]
 
-    def keys(self) -> list[str]:
+    def stored_keys(self) -> list[str]:
         return sorted(self._index)
 
     def get(self, key: str, exts: Iterable[str] | None = None) -> dict[str, bytes] | None:

@@ -20,6 +20,7 @@ from pipeline.errors import DatasetError
 from pipeline.executors import Executor, Outcome
 from pipeline.progress import Quiet, StageProgress
 from pipeline.sources import Source
+from pipeline.stage import Stage
 from pipeline.storage import Storage
 from pipeline.worker import StageJob, _from_pandas
 
@@ -84,7 +85,8 @@ def run_stage(
         _clear(out)
         existing = None
     if (
-        existing is not None
+        not job.revisit
+        and existing is not None
         and existing.complete
         and existing.num_shards is not None
         and all(out.is_done(s, runner.verify) for s in range(existing.num_shards))
@@ -94,7 +96,8 @@ def run_stage(
         return result
 
     media = dict(parent[1].media) if parent else dict(source.media if source else {})
-    media.update({ext: MediaRef(root=out.uri) for ext in job.stage_cls.writes_media})
+    for name, ext in job.stage_cls.media_extensions(job.config).items():
+        media[name] = MediaRef(root=out.uri, ext=None if ext == name else ext)
     manifest = Manifest(
         stage=job.name,
         config=job.config.model_dump(mode="json"),
@@ -113,7 +116,7 @@ def run_stage(
         if source:
             work = _source_work(job, source, out, runner, result, progress)
         else:
-            work = _parent_work(parent, out, runner, result, progress)
+            work = _parent_work(parent, out, runner, result, progress, job.stage_cls, job.revisit)
         _dispatch(job, work, executor, runner, out, result, progress)
         progress.set_total(result.shards)
 
@@ -156,11 +159,16 @@ def _parent_work(
     runner: RunnerConfig,
     result: StageResult,
     progress: StageProgress,
+    stage_cls: type[Stage],
+    revisit: bool,
 ) -> Iterator[_Work]:
     dataset, manifest = parent
     for shard in range(manifest.num_shards or 0):
         result.shards += 1
         if out.is_done(shard, runner.verify):
+            if revisit and _has_retryable_rows(out, shard, stage_cls):
+                yield _Work(shard, None)  # the old shard stays valid until the redo commits
+                continue
             result.skipped += 1
             progress.advance(0, skipped=True)
             continue
@@ -172,6 +180,11 @@ def _parent_work(
             continue
         out.clear_shard(shard)
         yield _Work(shard, None)
+
+
+def _has_retryable_rows(out: Dataset, shard: int, stage_cls: type[Stage]) -> bool:
+    stats = out.shard_stat(shard)
+    return stats is None or any(stage_cls.retryable(status) for status in stats.by_status)
 
 
 def _source_work(

@@ -8,6 +8,7 @@ statuses, plus any media it wants stored. The runner passes rejected rows throug
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -73,9 +74,11 @@ class Stage(ABC):
     consumes: ClassVar[tuple[str, ...]] = ()
     # Columns it adds (or overwrites), with types, so every shard has the same schema.
     produces: ClassVar[dict[str, pa.DataType]] = {}
-    # Media it reads: tar extension -> column whose value is the media key for that row.
+    # Media it reads: media name -> column whose value is the media key for that row. The media
+    # comes from whichever ancestor dataset (or img2dataset folder) stored it.
     reads_media: ClassVar[dict[str, str]] = {}
-    # Tar extensions it writes into its own shards.
+    # Media it writes into its own tar shards (a name is also the tar extension unless
+    # ``media_extensions`` says otherwise, e.g. "image" stored as ".jpg").
     writes_media: ClassVar[tuple[str, ...]] = ()
     resources: ClassVar[Resources] = Resources()
     # A source stage makes a dataset from outside input instead of reading a parent dataset.
@@ -84,6 +87,19 @@ class Stage(ABC):
 
     def __init__(self, config: StageConfig):
         self.config = config
+
+    @classmethod
+    def media_extensions(cls, config: StageConfig) -> dict[str, str]:
+        """Tar member extension of each written media name (may depend on the config)."""
+        return {name: name for name in cls.writes_media}
+
+    @classmethod
+    def retryable(cls, status: str) -> bool:
+        """Whether a row this stage rejected may succeed on a later try (timeouts, 5xx).
+
+        ``--retry-failed`` redoes exactly these rows in finished shards.
+        """
+        return False
 
     def setup(self) -> None:
         """Load models; called once per worker before the first batch."""
@@ -97,8 +113,13 @@ class Stage(ABC):
         return rows
 
     @abstractmethod
-    def process(self, batch: Batch) -> Output:
-        """Turn a batch of ``ok`` rows into output rows (with statuses) and media."""
+    def process(self, batch: Batch) -> Output | Iterator[Output]:
+        """Turn a batch of ``ok`` rows into output rows (with statuses) and media.
+
+        A stage may instead yield several ``Output`` pieces as rows finish (in any order), so a
+        slow row never holds back the rest; such a stage handles its own row errors, and an
+        exception from it fails the shard (which the runner retries).
+        """
 
     # Helpers for subclasses -------------------------------------------------------------
     def reject(self, reason: str) -> str:

@@ -6,10 +6,11 @@ actor or the current process.
 
 from __future__ import annotations
 
+import inspect
 import socket
-import tarfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -20,13 +21,12 @@ import pyarrow.compute as pc
 from pipeline.dataset import (
     BASE_COLUMNS,
     Dataset,
-    HashingWriter,
     MediaRef,
     ShardStats,
+    SpooledTar,
     TarShardReader,
     config_hash,
     shard_name,
-    write_tar_members,
 )
 from pipeline.stage import Batch, Output, Stage, StageConfig
 from pipeline.status import OK, rejected
@@ -44,8 +44,10 @@ class StageJob:
     output: str
     parent: str | None = None
     storage: StorageOptions = field(default_factory=StorageOptions)
-    # Where each media extension this stage reads lives (from the parent's manifest).
+    # Where each media this stage reads lives (from the parent's manifest).
     media: dict[str, MediaRef] = field(default_factory=dict)
+    # Redo only retryable rows of finished shards (``--retry-failed``).
+    revisit: bool = False
 
     @property
     def name(self) -> str:
@@ -89,62 +91,66 @@ def process_shard(
     attempt: int = 1,
     node: str | None = None,
 ) -> ShardStats:
+    """Run the stage over one shard and commit it (Parquet, tar, stats, then the done marker).
+
+    With ``job.revisit`` and a finished shard, only the rows the stage calls retryable are
+    redone; every other row and its stored media is kept as it was.
+    """
     started = time.perf_counter()
     timings: Counter[str] = Counter()
     out = Dataset(Storage(job.output, job.storage))
+    revisit = job.revisit and source_table is None and out.is_done(shard, "none")
     table = source_table
     if table is None:
-        table = Dataset(Storage(job.parent, job.storage)).read_shard(shard)
+        table = out.read_shard(shard) if revisit else Dataset(Storage(job.parent, job.storage)).read_shard(shard)
     timings["read"] += time.perf_counter() - started
 
     schema = output_schema(table.schema, job.stage_cls)
-    is_ok = pc.equal(table.column("status"), OK).fill_null(False)
-    passed_through = table.filter(pc.invert(is_ok))
-    todo = table.filter(is_ok)
-    stage = stage_for(job) if todo.num_rows else None
+    todo_table, kept = _split(job, table, schema, revisit)
+    stage = stage_for(job) if todo_table.num_rows else None
+    pieces: list[pa.Table] = [kept]
+    extensions = job.stage_cls.media_extensions(job.config)
+    spool = SpooledTar() if extensions else None
+    try:
+        with ExitStack() as stack:
+            readers = {
+                name: stack.enter_context(_media_reader(job, name, shard))
+                for name in job.stage_cls.reads_media
+                if todo_table.num_rows
+            }
+            if revisit and spool is not None:
+                _carry_media(job, shard, kept, spool)
+            batch_size = max(1, job.stage_cls.resources.batch_size)
+            for start in range(0, todo_table.num_rows, batch_size):
+                rows = todo_table.slice(start, batch_size).to_pandas()
+                t0 = time.perf_counter()
+                batch, missing = _attach_media(job, rows, readers)
+                timings["read_media"] += time.perf_counter() - t0
+                if len(missing):
+                    pieces.append(_from_pandas(missing, schema))
+                t0 = time.perf_counter()
+                for result in _outputs(stage, batch):
+                    if len(result.rows):
+                        pieces.append(_from_pandas(result.rows, schema))
+                    if spool is not None:
+                        for key, media in result.media.items():
+                            spool.add(key, {extensions[name]: data for name, data in media.items()})
+                timings["process"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tar_digest = None
+        if spool is not None:
+            with out.storage.open_write(f"{shard_name(shard)}.tar") as stream:
+                tar_digest = spool.write_sorted(stream)
+    finally:
+        if spool is not None:
+            spool.close()
 
-    pieces: list[pa.Table] = [_conform(passed_through, schema)]
-    tar_digest = None
-    with ExitStack() as stack:
-        readers = {
-            ext: stack.enter_context(_media_reader(job, ext, shard))
-            for ext in job.stage_cls.reads_media
-            if todo.num_rows
-        }
-        tar = None
-        if job.stage_cls.writes_media:
-            stream = stack.enter_context(out.storage.open_write(f"{shard_name(shard)}.tar"))
-            hashing = HashingWriter(stream)
-            tar = stack.enter_context(tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT))
-        batch_size = max(1, job.stage_cls.resources.batch_size)
-        for start in range(0, todo.num_rows, batch_size):
-            rows = todo.slice(start, batch_size).to_pandas()
-            t0 = time.perf_counter()
-            batch, missing = _attach_media(job, rows, readers)
-            timings["read_media"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            result = run_isolated(stage, batch) if len(batch.rows) else Output(rows=batch.rows.iloc[:0])
-            timings["process"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            frames = [f for f in (result.rows, missing) if len(f)]
-            if frames:
-                pieces.append(_from_pandas(pd.concat(frames, ignore_index=True), schema))
-            if tar is not None:
-                for key in sorted(result.media):
-                    write_tar_members(tar, key, result.media[key])
-            timings["write"] += time.perf_counter() - t0
-        if tar is not None:
-            tar.close()
-            tar_digest = hashing.digest()
-
-    t0 = time.perf_counter()
     result_table = pa.concat_tables(pieces).sort_by("key")
-    by_status = Counter(result_table.column("status").to_pylist())
     stats = ShardStats(
         shard=shard,
         rows_in=table.num_rows,
         rows_out=result_table.num_rows,
-        by_status=dict(by_status),
+        by_status=dict(Counter(result_table.column("status").to_pylist())),
         seconds=0.0,
         attempts=attempt,
         node=node or socket.gethostname(),
@@ -154,6 +160,37 @@ def process_shard(
     stats.timings = {k: round(v, 4) for k, v in timings.items()}
     out.commit_shard(shard, result_table, tar_digest, stats)
     return stats
+
+
+def _split(job: StageJob, table: pa.Table, schema: pa.Schema, revisit: bool) -> tuple[pa.Table, pa.Table]:
+    """(rows for the stage, rows kept as they are) of a fresh or a revisited shard."""
+    if not revisit:
+        mask = pc.equal(table.column("status"), OK).fill_null(False)
+        return table.filter(mask), _conform(table.filter(pc.invert(mask)), schema)
+    statuses = [s for s in set(table.column("status").to_pylist()) if s and job.stage_cls.retryable(s)]
+    mask = pc.is_in(table.column("status"), value_set=pa.array(statuses, pa.string()))
+    todo = table.filter(mask).drop_columns([c for c in job.stage_cls.produces if c in table.column_names])
+    todo = todo.set_column(todo.schema.get_field_index("status"), "status", pa.array([OK] * todo.num_rows))
+    todo = todo.set_column(todo.schema.get_field_index("error"), "error", pa.nulls(todo.num_rows, pa.string()))
+    return todo, _conform(table.filter(pc.invert(mask)), schema)
+
+
+def _carry_media(job: StageJob, shard: int, kept: pa.Table, spool: SpooledTar) -> None:
+    """Copy the stored members of rows a revisit keeps, byte for byte, into the new tar."""
+    keep = set(kept.column("key").to_pylist())
+    with TarShardReader(Storage(job.output, job.storage), f"{shard_name(shard)}.tar") as old:
+        for key in old.stored_keys():
+            if key in keep:
+                spool.add(key, old.get(key) or {})
+
+
+def _outputs(stage: Stage | None, batch: Batch) -> Iterator[Output]:
+    if stage is None or not len(batch.rows):
+        return
+    if inspect.isgeneratorfunction(type(stage).process):
+        yield from stage.process(batch)
+    else:
+        yield run_isolated(stage, batch)
 
 
 def run_isolated(stage: Stage, batch: Batch) -> Output:
@@ -183,20 +220,23 @@ def run_isolated(stage: Stage, batch: Batch) -> Output:
         )
 
 
-def _attach_media(job: StageJob, rows: pd.DataFrame, readers: dict[str, TarShardReader]) -> tuple[Batch, pd.DataFrame]:
+def _attach_media(
+    job: StageJob, rows: pd.DataFrame, readers: dict[str, TarShardReader]
+) -> tuple[Batch, pd.DataFrame]:
     """Fetch each row's media; rows whose media is missing are rejected, not passed to the stage."""
     if not readers:
         return Batch(rows=rows), rows.iloc[:0]
-    media: dict[str, dict[str, bytes]] = {ext: {} for ext in readers}
+    media: dict[str, dict[str, bytes]] = {name: {} for name in readers}
     missing_reason: dict[int, str] = {}
-    for ext, reader in readers.items():
-        key_column = job.stage_cls.reads_media[ext]
+    for name, reader in readers.items():
+        ext = job.media[name].member_ext(name)
+        key_column = job.stage_cls.reads_media[name]
         for position, media_key in enumerate(rows[key_column]):
             found = reader.get(media_key, [ext])
             if found and ext in found:
-                media[ext][media_key] = found[ext]
+                media[name][media_key] = found[ext]
             else:
-                why = f"no {ext} for key {media_key}" + (f" ({reader.error})" if reader.error else "")
+                why = f"no {name} for key {media_key}" + (f" ({reader.error})" if reader.error else "")
                 missing_reason.setdefault(position, why)
     if not missing_reason:
         return Batch(rows=rows, media=media), rows.iloc[:0]
@@ -206,12 +246,12 @@ def _attach_media(job: StageJob, rows: pd.DataFrame, readers: dict[str, TarShard
     return Batch(rows=rows.iloc[keep].reset_index(drop=True), media=media), missing
 
 
-def _media_reader(job: StageJob, ext: str, shard: int) -> TarShardReader:
-    ref = job.media.get(ext)
+def _media_reader(job: StageJob, name: str, shard: int) -> TarShardReader:
+    ref = job.media.get(name)
     if ref is None:
-        raise FileNotFoundError(f"no dataset upstream of {job.output} holds '{ext}' media")
-    name = ref.tar_for(shard)
-    return TarShardReader(Storage(ref.root, job.storage), name or f"{shard_name(shard)}.tar")
+        raise FileNotFoundError(f"no dataset upstream of {job.output} holds '{name}' media")
+    tar = ref.tar_for(shard)
+    return TarShardReader(Storage(ref.root, job.storage), tar or f"{shard_name(shard)}.tar")
 
 
 def _rejected_rows(rows: pd.DataFrame, stage: str, reason: str, error: str | list[str]) -> pd.DataFrame:
