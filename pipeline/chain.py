@@ -40,8 +40,14 @@ def plan_chain(
     steps = []
     for position in range(first, last + 1):
         cls = registry[names[position]]
-        parent = None if cls.source else (stage_folder(output, names[position - 1]) if position else None)
-        if not cls.source and parent is None:
+        if not cls.source and position == 0:
             raise ConfigError(f"stage {cls.name} needs an earlier stage; put a source stage (ingest) first")
+        parent = None if cls.source else stage_folder(output, names[position - 1])
         steps.append(Step(stage=cls, input=parent, output=stage_folder(output, cls.name)))
     return steps
+
+
+def skip_stage(steps: list[Step], index: int) -> None:
+    """Drop a skipped step: the next one reads what the skipped one would have read."""
+    if index + 1 < len(steps):
+        steps[index + 1].input = steps[index].input

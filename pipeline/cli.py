@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import __version__
-from pipeline.chain import plan_chain
+from pipeline.chain import Step, plan_chain, skip_stage
 from pipeline.config import RecipeBase, load_recipe, parse_set_options
 from pipeline.dataset import Dataset
 from pipeline.errors import FacecapError
@@ -222,6 +222,60 @@ def ingest(
     _exit_for([result])
 
 
+DOWNLOAD_EXAMPLES = """Examples:
+
+* `facecap download work/ingest work/download`
+* `facecap download work/ingest work/download --resize-mode keep_ratio --image-size 512`
+* `facecap download work/ingest work/download --retry-failed` (only timeouts, 429s, 5xx, resets)
+* `facecap download work/ingest work/download --set download.http.per_host_rate=2`
+"""
+
+
+@app.command(
+    help=REGISTRY["download"].help + "\n\nIN: an ingested dataset; OUT: the dataset to write (images in "
+    "WebDataset tars, KEY.jpg + KEY.json, with the rows in Parquet).",
+    epilog=DOWNLOAD_EXAMPLES,
+)
+@friendly
+def download(
+    input: Annotated[str, typer.Argument(help="dataset folder made by `facecap ingest`")],
+    output: Annotated[str, typer.Argument(help="dataset folder to write (local or s3://)")],
+    config: ConfigOpt = None,
+    concurrency: Annotated[int | None, typer.Option(help="downloads in flight per worker (default 32)")] = None,
+    resize_mode: Annotated[
+        str | None, typer.Option(help="no, keep_ratio, keep_ratio_largest, center_crop or border")
+    ] = None,
+    image_size: Annotated[int | None, typer.Option(help="target side for resizing (default 512)")] = None,
+    output_format: Annotated[str | None, typer.Option(help="jpg (default), webp or png")] = None,
+    allow_private_networks: Annotated[
+        bool | None, typer.Option(help="allow loopback/private addresses (local corpora and tests only)")
+    ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option(help="redo only rows that failed for transient reasons in finished shards")
+    ] = False,
+    set_: SetOpt = None,
+    ray_address: RayOpt = None,
+    executor: ExecutorOpt = None,
+    max_retries: RetriesOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    recipe = _recipe(
+        config,
+        set_,
+        {
+            "download.concurrency": concurrency,
+            "download.image.resize_mode": resize_mode,
+            "download.image.image_size": image_size,
+            "download.image.output_format": output_format,
+            "download.safety.allow_private_networks": allow_private_networks,
+            **_common(ray_address, executor, max_retries),
+        },
+    )
+    result = _run_one(recipe, REGISTRY["download"], input, output, overwrite, quiet, retry_failed)
+    _exit_for([result])
+
+
 @app.command(
     help="Run a recipe's stages one after another, each into its own folder OUTPUT/STAGE. "
     "Rerunning resumes: finished shards are skipped.",
@@ -255,11 +309,24 @@ def run(
         _print_plan(recipe, steps)
         return
     results = []
-    for step in steps:
+    for index, step in enumerate(steps):
+        if _skipped(recipe, step):
+            skip_stage(steps, index)
+            if not quiet:
+                out_console.print(f"{step.stage.name}: skipped, {step.input} already has its media", highlight=False)
+            continue
         results.append(_run_one(recipe, step.stage, step.input, step.output, overwrite, quiet))
     if not quiet:
         out_console.print(f"done: {len(steps)} stage(s); see `facecap stats {work}`", highlight=False)
     _exit_for(results)
+
+
+def _skipped(recipe: RecipeBase, step: Step) -> bool:
+    """A stage whose media its parent already holds (download after an img2dataset ingest)."""
+    if not step.stage.skip_if_parent_has or step.input is None:
+        return False
+    manifest = Dataset(Storage(step.input, recipe.storage.options())).manifest()
+    return manifest is not None and all(m in manifest.media for m in step.stage.skip_if_parent_has)
 
 
 def _print_plan(recipe: RecipeBase, steps) -> None:
@@ -267,6 +334,10 @@ def _print_plan(recipe: RecipeBase, steps) -> None:
     for column in ("#", "stage", "reads", "writes", "resources", "state"):
         table.add_column(column)
     for number, step in enumerate(steps, 1):
+        if _skipped(recipe, step):
+            skip_stage(steps, number - 1)
+            table.add_row(str(number), step.stage.name, step.input, "-", "-", "skipped: media already there")
+            continue
         res = step.stage.resources
         kind = "actors" if res.actor else "tasks"
         reads = step.input or ", ".join(getattr(recipe, step.stage.name).input) or "(input)"

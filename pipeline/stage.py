@@ -81,6 +81,9 @@ class Stage(ABC):
     # ``media_extensions`` says otherwise, e.g. "image" stored as ".jpg").
     writes_media: ClassVar[tuple[str, ...]] = ()
     resources: ClassVar[Resources] = Resources()
+    # `facecap run` skips the stage when its parent already holds all these media (an
+    # img2dataset folder brings its images, so there is nothing to download).
+    skip_if_parent_has: ClassVar[tuple[str, ...]] = ()
     # A source stage makes a dataset from outside input instead of reading a parent dataset.
     source: ClassVar[bool] = False
     help: ClassVar[str] = ""

@@ -220,9 +220,7 @@ def run_isolated(stage: Stage, batch: Batch) -> Output:
         )
 
 
-def _attach_media(
-    job: StageJob, rows: pd.DataFrame, readers: dict[str, TarShardReader]
-) -> tuple[Batch, pd.DataFrame]:
+def _attach_media(job: StageJob, rows: pd.DataFrame, readers: dict[str, TarShardReader]) -> tuple[Batch, pd.DataFrame]:
     """Fetch each row's media; rows whose media is missing are rejected, not passed to the stage."""
     if not readers:
         return Batch(rows=rows), rows.iloc[:0]

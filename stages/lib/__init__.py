@@ -1,0 +1,1 @@
+"""Code shared by stages (image codecs, HTTP fetching); not stages themselves."""

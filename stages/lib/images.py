@@ -1,0 +1,350 @@
+"""Check, normalise and resize downloaded images; strip their metadata.
+
+Every failure is an ``ImageRejected`` with a short reason (the status suffix) and a detail.
+When nothing needs to change (same format, RGB, upright, right size) the original bytes are
+kept, with metadata segments removed losslessly; otherwise the image is decoded (JPEGs at a
+reduced DCT scale when they will be shrunk anyway), converted to 8-bit RGB, turned upright,
+resized and encoded without any metadata.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+
+# We check pixel counts ourselves, before decoding, against the configured limit.
+Image.MAX_IMAGE_PIXELS = None
+
+ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
+OutputFormat = Literal["jpg", "webp", "png"]
+PIL_FORMAT = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
+MIME = {"jpg": "image/jpeg", "webp": "image/webp", "png": "image/png"}
+SUPPORTED = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "AVIF", "ICO"}
+ORIENTATION_TAG = 0x0112
+
+
+class ImageSettings(BaseModel):
+    """img2dataset's resize options, and limits that keep hostile files harmless."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resize_mode: ResizeMode = Field("no", description="FaceCaption-15M kept original sizes ('no')")
+    image_size: int = Field(512, ge=8, le=16384)
+    resize_only_if_bigger: bool = False
+    max_aspect_ratio: float | None = Field(None, gt=0, description="reject wider/taller images (after EXIF)")
+    min_image_size: int = Field(0, ge=0, description="reject images whose smaller side is smaller")
+    output_format: OutputFormat = "jpg"
+    quality: int = Field(95, ge=1, le=100, description="jpg/webp encoder quality")
+    max_pixels: int = Field(50_000_000, ge=1, description="larger images are refused before decoding")
+
+
+class ImageRejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class NormalizedImage:
+    data: bytes
+    ext: str
+    mime: str
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+    reencoded: bool
+
+
+def normalize(data: bytes, settings: ImageSettings) -> NormalizedImage:
+    """The image to store for ``data``, or ImageRejected saying why there is none."""
+    _sniff(data)
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageRejected("not_an_image", f"unrecognised image data (starts with {data[:12]!r})") from None
+    except (OSError, ValueError, SyntaxError, struct.error) as exc:
+        raise ImageRejected("undecodable", f"cannot read image header: {exc}") from None
+    fmt = image.format or "?"
+    if fmt not in SUPPORTED:
+        raise ImageRejected("unsupported_format", f"{fmt} images are not supported")
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageRejected("undecodable", f"image claims size {width}x{height}")
+    if width * height > settings.max_pixels:
+        raise ImageRejected("too_many_pixels", f"{width}x{height} exceeds max_pixels {settings.max_pixels}")
+    orientation = _orientation(image)
+    upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    _check_shape(upright, settings)
+    target = target_size(upright, settings)
+    if _can_keep(image, fmt, orientation, upright, target, settings):
+        _verify_decodes(image)
+        return NormalizedImage(
+            data=strip_metadata(data, settings.output_format),
+            ext=settings.output_format,
+            mime=MIME[settings.output_format],
+            width=width,
+            height=height,
+            original_width=upright[0],
+            original_height=upright[1],
+            reencoded=False,
+        )
+    rgb = _decode_rgb(image, fmt, orientation, target)
+    resized = resize(rgb, settings)
+    return NormalizedImage(
+        data=encode(resized, settings),
+        ext=settings.output_format,
+        mime=MIME[settings.output_format],
+        width=resized.width,
+        height=resized.height,
+        original_width=upright[0],
+        original_height=upright[1],
+        reencoded=True,
+    )
+
+
+def _sniff(data: bytes) -> None:
+    if not data:
+        raise ImageRejected("empty_body", "the response had no body")
+    head = data[:512].lstrip().lower()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:4096].lower()):
+        raise ImageRejected("unsupported_format", "SVG (vector) images are not supported")
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in head:
+        raise ImageRejected("not_an_image", "the server sent an HTML page")
+    if head[:1] in (b"{", b"[") or head.startswith(b"<?xml"):
+        raise ImageRejected("not_an_image", "the server sent text (JSON or XML)")
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        value = image.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # a damaged EXIF block only means we cannot trust the orientation
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _check_shape(size: tuple[int, int], settings: ImageSettings) -> None:
+    width, height = size
+    if settings.min_image_size and min(width, height) < settings.min_image_size:
+        raise ImageRejected("too_small", f"{width}x{height} is smaller than min_image_size {settings.min_image_size}")
+    ratio = max(width, height) / min(width, height)
+    if settings.max_aspect_ratio and ratio > settings.max_aspect_ratio:
+        raise ImageRejected("aspect_ratio", f"aspect ratio {ratio:.2f} exceeds {settings.max_aspect_ratio}")
+
+
+def target_size(size: tuple[int, int], settings: ImageSettings) -> tuple[int, int]:
+    """The size the image is scaled to before any crop or border (the upright orientation)."""
+    width, height = size
+    mode, side = settings.resize_mode, settings.image_size
+    if mode == "no":
+        return size
+    # keep_ratio / center_crop fit the smaller side; keep_ratio_largest / border the larger one.
+    fit = min(width, height) if mode in ("keep_ratio", "center_crop") else max(width, height)
+    scale = side / fit
+    if settings.resize_only_if_bigger and scale >= 1:
+        return size
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _can_keep(
+    image: Image.Image,
+    fmt: str,
+    orientation: int,
+    upright: tuple[int, int],
+    target: tuple[int, int],
+    settings: ImageSettings,
+) -> bool:
+    if fmt != PIL_FORMAT[settings.output_format] or orientation != 1 or image.mode != "RGB":
+        return False
+    if getattr(image, "n_frames", 1) > 1 or target != upright:
+        return False
+    squares = settings.resize_mode in ("center_crop", "border")
+    return not squares or upright[0] == upright[1]
+
+
+def _verify_decodes(image: Image.Image) -> None:
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError, struct.error) as exc:
+        raise ImageRejected(_decode_reason(exc), f"image does not decode: {exc}") from None
+
+
+def _decode_reason(exc: BaseException) -> str:
+    text = str(exc).lower()
+    return "truncated_image" if "truncated" in text or "premature" in text else "undecodable"
+
+
+def _decode_rgb(image: Image.Image, fmt: str, orientation: int, target: tuple[int, int]) -> Image.Image:
+    if fmt == "JPEG" and image.mode in ("RGB", "L", "CMYK", "YCbCr"):
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result is shrunk anyway.
+        wanted = (target[1], target[0]) if orientation in (5, 6, 7, 8) else target
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image.draft("RGB", wanted)
+    try:
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)  # animations: the first frame
+        image.load()
+        rgb = _to_rgb(image)
+    except (OSError, ValueError, SyntaxError, struct.error) as exc:
+        raise ImageRejected(_decode_reason(exc), f"image does not decode: {exc}") from None
+    if orientation != 1:
+        rgb = ImageOps.exif_transpose(_with_orientation(rgb, orientation))
+    return rgb
+
+
+def _with_orientation(image: Image.Image, orientation: int) -> Image.Image:
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = orientation
+    image.info["exif"] = exif.tobytes()
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    icc = image.info.get("icc_profile")
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.uint32 if mode == "I" else np.uint16)
+        top = 65535 if mode != "I" or array.max() > 255 else 255
+        image = Image.fromarray((array.astype(np.float32) * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
+        mode = "L"
+    elif mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        span = float(array.max() - array.min()) or 1.0
+        image = Image.fromarray(((array - array.min()) * (255.0 / span)).astype(np.uint8), "L")
+        mode = "L"
+    if mode == "P":
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent areas become white, as a viewer would show them on a page.
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        image = background
+    elif mode == "CMYK" and icc:
+        image = _to_srgb(image, icc, "RGB")
+        icc = None
+    elif mode != "RGB":
+        image = image.convert("RGB")
+    if icc and image.mode == "RGB":
+        image = _to_srgb(image, icc, "RGB")
+    return image
+
+
+def _to_srgb(image: Image.Image, icc: bytes, output_mode: str) -> Image.Image:
+    """Apply an embedded colour profile, so dropping it with the metadata keeps the colours."""
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode=output_mode)
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return image.convert(output_mode)
+
+
+def resize(image: Image.Image, settings: ImageSettings) -> Image.Image:
+    target = target_size(image.size, settings)
+    if target != image.size:
+        image = image.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    side = settings.image_size
+    if settings.resize_mode == "center_crop" and image.size != (side, side):
+        left = (image.width - side) // 2
+        top = (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    elif settings.resize_mode == "border" and image.size != (side, side):
+        canvas = Image.new("RGB", (side, side), (0, 0, 0))
+        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = canvas
+    return image
+
+
+def encode(image: Image.Image, settings: ImageSettings) -> bytes:
+    buffer = io.BytesIO()
+    fmt = settings.output_format
+    if fmt == "jpg":
+        image.save(buffer, "JPEG", quality=settings.quality)
+    elif fmt == "webp":
+        image.save(buffer, "WEBP", quality=settings.quality, method=4)
+    else:
+        image.save(buffer, "PNG", compress_level=3)
+    return buffer.getvalue()
+
+
+# --- lossless metadata removal ------------------------------------------------------------
+JPEG_KEEP_APP = {0xE0, 0xEE}  # JFIF, Adobe (colour transform); APP2 only when it is an ICC profile
+PNG_DROP = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
+WEBP_DROP = {b"EXIF", b"XMP "}
+
+
+def strip_metadata(data: bytes, fmt: str) -> bytes:
+    """Remove EXIF, XMP, IPTC, comments and text chunks without touching the pixels."""
+    if fmt == "jpg":
+        return _strip_jpeg(data)
+    if fmt == "png":
+        return _strip_png(data)
+    return _strip_webp(data)
+
+
+def _strip_jpeg(data: bytes) -> bytes:
+    if data[:2] != b"\xff\xd8":
+        return data
+    out = bytearray(data[:2])
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xDA:  # start of scan: the rest is image data
+            break
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        segment = data[pos : pos + 2 + length]
+        is_app = 0xE0 <= marker <= 0xEF
+        keep = not is_app or marker in JPEG_KEEP_APP or (marker == 0xE2 and segment[4:16] == b"ICC_PROFILE\x00")
+        if marker == 0xFE:  # comment
+            keep = False
+        if keep:
+            out += segment
+        pos += 2 + length
+    out += data[pos:]
+    return bytes(out)
+
+
+def _strip_png(data: bytes) -> bytes:
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return data
+    out = bytearray(data[:8])
+    pos = 8
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        chunk = data[pos : pos + 12 + length]
+        if kind not in PNG_DROP:
+            out += chunk
+        pos += 12 + length
+        if kind == b"IEND":
+            break
+    return bytes(out)
+
+
+def _strip_webp(data: bytes) -> bytes:
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return data
+    chunks = bytearray()
+    pos = 12
+    while pos + 8 <= len(data):
+        kind = data[pos : pos + 4]
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        chunk = bytearray(data[pos : pos + 8 + size + (size & 1)])
+        if kind == b"VP8X" and len(chunk) > 8:
+            chunk[8] &= ~0x0C & 0xFF  # clear the EXIF and XMP flags
+        if kind not in WEBP_DROP:
+            chunks += chunk
+        pos += 8 + size + (size & 1)
+    return b"RIFF" + (len(chunks) + 4).to_bytes(4, "little") + b"WEBP" + bytes(chunks)
