@@ -43,13 +43,15 @@ class CorpusServer:
     N times with 503, then serves ``/files/NAME``), ``/redirect-loop``, ``/redirect?to=URL``,
     ``/slow-drip`` (one byte every 0.5 s, for at most 60 s), ``/endless`` (a body that never
     ends, stopped after 200 MB), ``/wrong-length`` (declares more bytes than it sends),
-    ``/gzip-bomb`` (260 kB that inflate to 256 MB).
+    ``/gzip-bomb`` (260 kB that inflate to 256 MB), ``/sleep/NAME?s=S`` (serves a file after S s).
     """
 
     def __init__(self, folder: Path | None = None, port: int = 0):
         self.folder = folder
         self.canned: dict[str, Canned] = {}
         self.hits: Counter[str] = Counter()
+        self.active = 0
+        self.max_active = 0  # most requests served at once (to check client-side limits)
         self._lock = threading.Lock()
         self._bomb: bytes | None = None
         handler = _make_handler(self)
@@ -111,9 +113,15 @@ def _make_handler(server: CorpusServer) -> type[BaseHTTPRequestHandler]:
             with server._lock:
                 server.hits[parts.path] += 1
                 hits = server.hits[parts.path]
-            # The client hanging up on a hostile answer is exactly what it should do.
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError, TimeoutError):
-                self._route(parts.path, query, hits)
+                server.active += 1
+                server.max_active = max(server.max_active, server.active)
+            try:
+                # The client hanging up on a hostile answer is exactly what it should do.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError, TimeoutError):
+                    self._route(parts.path, query, hits)
+            finally:
+                with server._lock:
+                    server.active -= 1
 
         def _route(self, path: str, query: dict, hits: int) -> None:
             if path in server.canned:
@@ -128,6 +136,9 @@ def _make_handler(server: CorpusServer) -> type[BaseHTTPRequestHandler]:
                 if hits <= int(query.get("fail", ["1"])[0]):
                     return self._send(503, b"try again", {"Retry-After": "0"})
                 return self._file(path.removeprefix("/flaky/"))
+            if path.startswith("/sleep/"):
+                time.sleep(float(query.get("s", ["0.2"])[0]))
+                return self._file(path.removeprefix("/sleep/"))
             if path == "/redirect-loop":
                 return self._send(302, b"", {"Location": "/redirect-loop"})
             if path == "/redirect":

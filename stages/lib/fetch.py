@@ -67,6 +67,10 @@ class SafetySettings(BaseModel):
     allow_private_networks: bool = Field(
         False, description="allow loopback/private targets (local corpora and tests only)"
     )
+    private_allowlist: list[str] = Field(
+        default_factory=list,
+        description="hosts, addresses or CIDR ranges allowed even when private networks are not (a mirror)",
+    )
     honour_x_robots_tag: bool = True
     opt_out_directives: list[str] = Field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
 
@@ -226,10 +230,23 @@ class Fetcher:
             raise Refused("dns_error", f"cannot resolve {host}: {exc}") from None
         for info in infos:
             address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+            if self._allowlisted(host, address):
+                continue
             problem = self._address_problem(address)
             if problem:
                 raise Refused("blocked_address", f"{host} resolves to {address} ({problem})")
         return infos[0][4][0]
+
+    def _allowlisted(self, host: str, address: ipaddress._BaseAddress) -> bool:
+        for entry in self.safety.private_allowlist:
+            if entry.lower() == host.lower():
+                return True
+            try:
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                continue
+        return False
 
     def _address_problem(self, address: ipaddress._BaseAddress) -> str | None:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
