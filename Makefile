@@ -11,10 +11,11 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 setup: $(STAMP)
 
 # Re-install whenever pyproject.toml changes; the stamp marks a finished install.
+# The test and demo extras: pytest, ruff, an S3 server (moto), psutil; scikit-image's photos.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
 	touch $(STAMP)
 
 demo: $(STAMP)

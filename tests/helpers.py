@@ -34,9 +34,9 @@ def ingest(input_path: Path | str, output: Path | str, executor=None, shard_size
     return run_stage(job, executor or LocalExecutor(), source=open_source(cfg))
 
 
-def run(stage_cls, parent, output, config=None, executor=None, runner: RunnerConfig | None = None, **kw):
+def run(stage_cls, parent, output, config=None, executor=None, runner: RunnerConfig | None = None, revisit=False, **kw):
     cfg = config or stage_cls.config_model()
-    job = StageJob(stage_cls=stage_cls, config=cfg, output=str(output), parent=str(parent))
+    job = StageJob(stage_cls=stage_cls, config=cfg, output=str(output), parent=str(parent), revisit=revisit)
     return run_stage(job, executor or LocalExecutor(), runner=runner, **kw)
 
 

@@ -133,11 +133,11 @@ def _orientation(image: Image.Image) -> int:
 
 def _check_shape(size: tuple[int, int], settings: ImageSettings) -> None:
     width, height = size
-    if settings.min_image_size and min(width, height) < settings.min_image_size:
-        raise ImageRejected("too_small", f"{width}x{height} is smaller than min_image_size {settings.min_image_size}")
     ratio = max(width, height) / min(width, height)
     if settings.max_aspect_ratio and ratio > settings.max_aspect_ratio:
         raise ImageRejected("aspect_ratio", f"aspect ratio {ratio:.2f} exceeds {settings.max_aspect_ratio}")
+    if settings.min_image_size and min(width, height) < settings.min_image_size:
+        raise ImageRejected("too_small", f"{width}x{height} is smaller than min_image_size {settings.min_image_size}")
 
 
 def target_size(size: tuple[int, int], settings: ImageSettings) -> tuple[int, int]:
