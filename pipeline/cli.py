@@ -103,6 +103,7 @@ def _run_one(
     output: str,
     overwrite: bool,
     quiet: bool,
+    retry_failed: bool = False,
 ) -> StageResult:
     options = recipe.storage.options()
     config = getattr(recipe, stage_cls.name)
@@ -112,6 +113,7 @@ def _run_one(
         output=_absolute(output),
         parent=_absolute(parent),
         storage=options,
+        revisit=retry_failed,
     )
     source = open_source(config, options) if stage_cls.source else None
     progress = Quiet() if quiet else Bars(stage_cls.name, err_console)
@@ -395,12 +397,21 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table.add_column("status")
     table.add_column("rows", justify="right")
     table.add_column("share", justify="right")
+    table.add_column("", min_width=20)
     total = max(summary["rows"], 1)
+    largest = max(summary["by_status"].values(), default=1)
     for status, count in summary["by_status"].items():
-        style = "green" if status == "ok" else None
-        table.add_row(status, f"{count:,}", f"{100 * count / total:.1f}%", style=style)
-    table.add_row("total", f"{summary['rows']:,}", "100.0%", style="bold", end_section=True)
+        style = "green" if status == "ok" else ("red" if status.startswith(f"{summary['stage']}:") else "dim")
+        bar = "█" * max(1, round(20 * count / largest))
+        table.add_row(status, f"{count:,}", f"{100 * count / total:.1f}%", f"[{style}]{bar}[/{style}]")
+    table.add_row("total", f"{summary['rows']:,}", "100.0%", "", style="bold", end_section=True)
     out_console.print(table)
+    if summary.get("pass_rate") is not None:
+        out_console.print(
+            f"{summary['stage']} passed {summary['by_status'].get('ok', 0):,} of the {summary['judged']:,} rows "
+            f"it judged ({100 * summary['pass_rate']:.1f}%); dim rows were rejected earlier",
+            highlight=False,
+        )
 
 
 @app.callback(invoke_without_command=True)

@@ -72,6 +72,8 @@ def recipe_model(stages: Mapping[str, type[Stage]]) -> type[RecipeBase]:
     fields: dict[str, Any] = {
         name: (cls.config_model, Field(default_factory=cls.config_model)) for name, cls in stages.items()
     }
+    chain = list(stages)  # without a recipe, `facecap run` runs every stage there is
+    fields["stages"] = (list[str], Field(default_factory=lambda: list(chain), description="the chain to run"))
     return create_model("Recipe", __base__=RecipeBase, **fields)
 
 

@@ -260,6 +260,8 @@ class Dataset:
                 seconds += stats[shard].seconds
         total = manifest.num_shards if manifest.num_shards is not None else len(done | set(failed))
         ordered = dict(sorted(by_status.items(), key=lambda kv: (kv[0] != OK, -kv[1], kv[0])))
+        # Rows this stage judged: those it passed and those it rejected (not earlier rejections).
+        judged = sum(n for status, n in by_status.items() if status == OK or status.startswith(f"{manifest.stage}:"))
         return {
             "dataset": self.uri,
             "stage": manifest.stage,
@@ -267,6 +269,8 @@ class Dataset:
             "rows_in": rows_in,
             "by_status": ordered,
             "shards": {"total": total, "done": len(done), "failed": len(failed)},
+            "judged": judged,
+            "pass_rate": round(by_status.get(OK, 0) / judged, 4) if judged else None,
             "complete": manifest.complete and len(done) == total,
             "shard_seconds": round(seconds, 3),
             "parent": manifest.parent,

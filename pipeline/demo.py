@@ -1,49 +1,80 @@
 """``make demo``: every stage built so far, offline, on a small corpus served from 127.0.0.1.
 
-The corpus is a URL list pointing at a local HTTP server, with the kinds of bad rows real
-lists have (invalid URLs, repeats, opted-out domains). Nothing leaves this machine.
+The corpus is made of photos that installed packages carry (scikit-image's astronaut, camera
+man, coffee, cat, rocket, ...), served by a loopback HTTP server together with the broken and
+hostile answers real URL lists lead to, plus the kinds of bad rows the lists themselves have.
+Nothing leaves this machine and nothing is downloaded from outside.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import shutil
 import sys
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from pipeline.cli import app
+from pipeline.corpus_server import CorpusServer
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = Path("demo-out")
+PACKAGE_PHOTOS = {
+    # package: files inside it (all bundled in the wheel, no download)
+    "skimage": [
+        "data/astronaut.png",
+        "data/camera.png",
+        "data/coffee.png",
+        "data/chelsea.png",
+        "data/rocket.jpg",
+        "data/hubble_deep_field.jpg",
+        "data/text.png",
+        "data/horse.png",
+        "data/motorcycle_left.png",
+        "data/retina.jpg",
+    ],
+}
 
 
-class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        return None
+def package_photos() -> list[Path]:
+    found = []
+    for package, names in PACKAGE_PHOTOS.items():
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(next(iter(spec.submodule_search_locations)))
+        found += [root / name for name in names if (root / name).is_file()]
+    return found
 
 
-def serve(folder: Path) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-def build_corpus(folder: Path, base_url: str) -> tuple[Path, Path]:
-    """A URL list with good rows and every kind of row ingest must reject, plus an opt-out list."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = [(f"{base_url}/images/photo_{i:03d}.jpg", f"a photo of person {i}") for i in range(40)]
+def build_corpus(folder: Path, server: CorpusServer) -> tuple[Path, Path]:
+    """A URL list with good photos, hostile answers and every kind of row ingest must reject."""
+    files = folder / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    photos = package_photos()
+    if not photos:
+        sys.exit("make demo: no package photos found; run `make setup` (installs scikit-image)")
+    rows = []
+    for photo in photos:
+        shutil.copyfile(photo, files / photo.name)
+        rows.append((server.url(f"/files/{photo.name}"), f"{photo.stem.replace('_', ' ')} photo"))
+    data = photos[0].read_bytes()
+    (files / "truncated.png").write_bytes(data[: len(data) // 3])
+    server.add("/soft-404.jpg", b"<html><body>Image not found</body></html>", headers={"Content-Type": "image/jpeg"})
+    server.add("/opted-out.png", data, headers={"Content-Type": "image/png", "X-Robots-Tag": "noai"})
     rows += [
+        (server.url("/files/truncated.png"), "a truncated file"),
+        (server.url("/files/missing.jpg"), "a dead link"),
+        (server.url("/soft-404.jpg"), "an HTML page served as image/jpeg"),
+        (server.url("/opted-out.png"), "a site that opts out with X-Robots-Tag: noai"),
+        (server.url("/status/503"), "an overloaded server"),
+        (server.url("/redirect-loop"), "a redirect loop"),
+        (server.url("/gzip-bomb"), "a gzip bomb"),
         ("", "empty URL"),
         ("ftp://127.0.0.1/photo.jpg", "not http"),
-        ("http:///no-host.jpg", "no host"),
         ("http://127.0.0.1:99999/bad-port.jpg", "bad port"),
-        (f"{base_url}/images/photo_001.jpg", "a repeat of an earlier URL"),
-        (f"{base_url}/images/photo_002.jpg", "another repeat"),
-        ("http://opted-out.example/photo.jpg", "a domain that opted out"),
-        ("http://cdn.opted-out.example/photo.jpg", "its subdomain"),
+        (server.url(f"/files/{photos[0].name}"), "a repeat of an earlier URL"),
+        ("http://opted-out.example/photo.jpg", "a domain on the opt-out list"),
     ]
     urls = folder / "urls.csv"
     with urls.open("w", newline="") as f:
@@ -57,26 +88,22 @@ def build_corpus(folder: Path, base_url: str) -> tuple[Path, Path]:
 
 def main() -> int:
     work = OUT / "work"
-    shutil.rmtree(work, ignore_errors=True)
     corpus = OUT / "corpus"
-    corpus.mkdir(parents=True, exist_ok=True)
-    server = serve(corpus.resolve())
-    base_url = f"http://127.0.0.1:{server.server_address[1]}"
-    urls, opt_out = build_corpus(corpus, base_url)
-    print(f"demo corpus: {urls} ({sum(1 for _ in urls.open()) - 1} rows), served at {base_url}")
-    args = [
-        "run",
-        "--config", str(REPO / "configs" / "demo.yaml"),
-        "--input", str(urls),
-        "--output", str(work),
-        "--set", f"ingest.opt_out=[{opt_out.resolve()}]",
-    ]  # fmt: skip
-    try:
+    shutil.rmtree(OUT, ignore_errors=True)
+    corpus.mkdir(parents=True)
+    with CorpusServer(corpus.resolve() / "files") as server:
+        urls, opt_out = build_corpus(corpus, server)
+        print(f"demo corpus: {urls} ({sum(1 for _ in urls.open()) - 1} rows), served at {server.base_url}")
+        args = [
+            "run",
+            "--config", str(REPO / "configs" / "demo.yaml"),
+            "--input", str(urls),
+            "--output", str(work),
+            "--set", f"ingest.opt_out=[{opt_out.resolve()}]",
+        ]  # fmt: skip
         app(args, standalone_mode=False)
-        app(["stats", str(work)], standalone_mode=False)
-    finally:
-        server.shutdown()
-    print(f"\ndatasets: {work.resolve()}/<stage>/  (Parquet shards, _manifest.json, _stats/, _done/)")
+    app(["stats", str(work)], standalone_mode=False)
+    print(f"\ndatasets: {work.resolve()}/<stage>/  (Parquet shards + WebDataset tars, _manifest.json, _stats/)")
     print(f"funnel as JSON: facecap stats {work} --json")
     return 0
 

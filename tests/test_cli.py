@@ -13,6 +13,7 @@ from helpers import write_url_csv
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.corpus_server import CorpusServer
 
 runner = CliRunner()
 
@@ -30,9 +31,9 @@ def stats_json(folder) -> dict:
 def test_help_teaches_and_lists_only_built_commands():
     result = cli("--help")
     assert result.exit_code == 0
-    for command in ("ingest", "run", "stats"):
+    for command in ("ingest", "download", "run", "stats"):
         assert command in result.stdout
-    for unbuilt in ("download", "detect", "caption", "export"):
+    for unbuilt in ("detect", "caption", "export"):
         assert f" {unbuilt} " not in result.stdout
     ingest_help = cli("ingest", "--help").stdout
     assert "--url-column" in ingest_help and "img2dataset" in ingest_help
@@ -93,8 +94,15 @@ def test_failed_shards_give_exit_code_1_and_a_summary(tmp_path):
     (folder / "00000.parquet").write_bytes(b"this is not parquet")
     (folder / "00000.tar").write_bytes(b"")
     pq.write_table(
-        pa.table({"key": ["000010000"], "url": ["http://a.example/x.jpg"], "caption": ["c"], "status": ["success"],
-                  "error_message": [None]}),
+        pa.table(
+            {
+                "key": ["000010000"],
+                "url": ["http://a.example/x.jpg"],
+                "caption": ["c"],
+                "status": ["success"],
+                "error_message": [None],
+            }
+        ),
         folder / "00001.parquet",
     )
     with tarfile.open(folder / "00001.tar", "w") as tar:
@@ -115,7 +123,19 @@ def test_run_chain_dry_run_and_run_folder_stats(tmp_path):
     plan = cli("run", "--input", csv, "--output", work, "--dry-run")
     assert plan.exit_code == 0 and "ingest" in plan.stdout and "new" in plan.stdout
     assert not work.exists()
-    result = cli("run", "--input", csv, "--output", work, "--executor", "local", "--set", "ingest.shard_size=16")
+    result = cli(
+        "run",
+        "--input",
+        csv,
+        "--output",
+        work,
+        "--to",
+        "ingest",
+        "--executor",
+        "local",
+        "--set",
+        "ingest.shard_size=16",
+    )
     assert result.exit_code == 0, result.output
     payload = stats_json(work)
     assert payload["run"] == str(work)
@@ -139,8 +159,16 @@ def test_100k_row_laion_parquet_on_ray_adds_up_and_reruns_as_noop(tmp_path, ray_
         urls[i] = urls[i - 1]  # duplicates
     for i in range(5, n, 997):
         urls[i] = f"data:image/png;base64,{i}"  # invalid
-    table = pa.table({"URL": urls, "TEXT": [f"alt {i}" for i in range(n)], "SAMPLE_ID": list(range(n)),
-                      "NSFW": ["UNLIKELY"] * n, "similarity": [0.31] * n, "LICENSE": ["?"] * n})
+    table = pa.table(
+        {
+            "URL": urls,
+            "TEXT": [f"alt {i}" for i in range(n)],
+            "SAMPLE_ID": list(range(n)),
+            "NSFW": ["UNLIKELY"] * n,
+            "similarity": [0.31] * n,
+            "LICENSE": ["?"] * n,
+        }
+    )
     pq.write_table(table, tmp_path / "laion.parquet")
     out = tmp_path / "ingest"
     args = ("ingest", tmp_path / "laion.parquet", out, "--url-column", "URL", "--caption-column", "TEXT")
@@ -157,3 +185,68 @@ def test_100k_row_laion_parquet_on_ray_adds_up_and_reruns_as_noop(tmp_path, ray_
     first = pq.read_table(out / "part-00000.parquet")
     assert {"SAMPLE_ID", "NSFW", "similarity", "LICENSE", "source_file", "source_row"} <= set(first.column_names)
     assert cli(*args).stdout.strip().endswith("nothing to do")
+
+
+def test_download_command_and_retry_failed(tmp_path, face_photos):
+    folder = tmp_path / "served"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes((face_photos / "deepface" / "img10.jpg").read_bytes())
+    with CorpusServer(folder) as server:
+        csv = tmp_path / "urls.csv"
+        urls = [server.url("/files/a.jpg"), server.url("/flaky/a.jpg?fail=2"), server.url("/files/none.jpg")]
+        csv.write_text("url,caption\n" + "\n".join(f"{u},c" for u in urls) + "\n")
+        assert cli("ingest", csv, tmp_path / "ingest", "--executor", "local", "-q").exit_code == 0
+        args = (
+            "download",
+            tmp_path / "ingest",
+            tmp_path / "dl",
+            "--executor",
+            "local",
+            "--set",
+            "download.http.retries=0",
+        )
+        refused = cli(*args, "-q")
+        assert refused.exit_code == 0
+        assert stats_json(tmp_path / "dl")["by_status"] == {"download:blocked_address": 3}
+        result = cli(*args, "--allow-private-networks", "--overwrite")
+        assert result.exit_code == 0, result.output
+        assert stats_json(tmp_path / "dl")["by_status"] == {"ok": 1, "download:http_404": 1, "download:http_503": 1}
+        server.hits["/flaky/a.jpg"] = 2
+        again = cli(*args, "--allow-private-networks", "--retry-failed")
+        assert again.exit_code == 0, again.output
+    summary = stats_json(tmp_path / "dl")
+    assert summary["by_status"] == {"ok": 2, "download:http_404": 1}
+    assert summary["pass_rate"] == round(2 / 3, 4)
+    table = cli("stats", tmp_path / "dl").stdout
+    assert "download passed 2 of the 3 rows it judged" in table
+
+
+def test_run_skips_download_for_an_img2dataset_folder(tmp_path):
+    folder = tmp_path / "i2d"
+    folder.mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "key": ["000000000", "000000001"],
+                "url": ["http://a.example/0.jpg", "http://a.example/1.jpg"],
+                "caption": ["c0", "c1"],
+                "status": ["success", "failed_to_download"],
+                "error_message": [None, "HTTP Error 404: Not Found"],
+            }
+        ),
+        folder / "00000.parquet",
+    )
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        info = tarfile.TarInfo("000000000.jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    work = tmp_path / "work"
+    plan = cli("run", "--input", folder, "--output", work, "--executor", "local", "--dry-run")
+    assert plan.exit_code == 0
+    result = cli("run", "--input", folder, "--output", work, "--executor", "local")
+    assert result.exit_code == 0, result.output
+    assert "download: skipped" in result.stdout
+    assert not (work / "download").exists()
+    payload = stats_json(work)
+    assert [s["stage"] for s in payload["stages"]] == ["ingest"]
+    assert payload["stages"][0]["by_status"] == {"ok": 1, "download:http_404": 1}

@@ -12,18 +12,30 @@ from pipeline.storage import Storage
 
 
 @pytest.mark.slow
-def test_demo_runs_offline_and_the_funnel_adds_up(tmp_path, monkeypatch, ray_local, capsys):
+def test_demo_runs_offline_and_every_funnel_adds_up(tmp_path, monkeypatch, ray_local, capsys):
     monkeypatch.chdir(tmp_path)
     assert demo.main() == 0
-    summary = Dataset(Storage(str(tmp_path / "demo-out" / "work" / "ingest"))).summary()
-    assert summary["complete"]
-    assert summary["rows"] == 48 == sum(summary["by_status"].values())
-    assert summary["by_status"] == {
-        "ok": 40,
-        "ingest:invalid_url": 4,
-        "ingest:duplicate_url": 2,
-        "ingest:opted_out": 2,
-    }
-    manifest = json.loads((tmp_path / "demo-out" / "work" / "ingest" / "_manifest.json").read_text())
-    assert manifest["recipe"]["name"] == "demo"
+    work = tmp_path / "demo-out" / "work"
+    rows = len((tmp_path / "demo-out" / "corpus" / "urls.csv").read_text().splitlines()) - 1
+    ingest = Dataset(Storage(str(work / "ingest"))).summary()
+    assert ingest["complete"] and ingest["rows"] == rows == sum(ingest["by_status"].values())
+    assert ingest["by_status"]["ingest:invalid_url"] == 3
+    assert ingest["by_status"]["ingest:duplicate_url"] == 1
+    assert ingest["by_status"]["ingest:opted_out"] == 1
+    download = Dataset(Storage(str(work / "download"))).summary()
+    assert download["complete"] and download["rows"] == rows == sum(download["by_status"].values())
+    assert download["by_status"]["ok"] == len(demo.package_photos())
+    for reason in (
+        "http_404",
+        "http_503",
+        "not_an_image",
+        "opted_out_header",
+        "too_large",
+        "too_many_redirects",
+        "truncated_image",
+    ):
+        assert download["by_status"][f"download:{reason}"] == 1, reason
+    assert (work / "download" / "part-00000.tar").stat().st_size > 100_000
+    manifest = json.loads((work / "download" / "_manifest.json").read_text())
+    assert manifest["recipe"]["name"] == "demo" and manifest["parent"].endswith("ingest")
     assert "served at http://127.0.0.1:" in capsys.readouterr().out
