@@ -220,3 +220,44 @@ def _peak_rss_while(action) -> float:
         done.set()
         sampler.join()
     return (peak - base) / 2**20
+
+
+@pytest.mark.slow
+def test_ten_thousand_loopback_urls_with_five_percent_broken(tmp_path, face_photos, ray_local):
+    folder = tmp_path / "served"
+    folder.mkdir()
+    photos = sorted((face_photos / "deepface").glob("img*.jpg"))[:20]
+    for i, photo in enumerate(photos):
+        with Image.open(photo) as image:
+            image.convert("RGB").resize((96, 120)).save(folder / f"p{i}.jpg", quality=80)
+    (folder / "cut.jpg").write_bytes((folder / "p0.jpg").read_bytes()[:900])
+    n = 10_000
+    urls, expected_broken = [], 0
+    with CorpusServer(folder) as server:
+        for i in range(n):
+            if i % 20 == 3:
+                urls.append(server.url(f"/files/missing{i}.jpg"))
+                expected_broken += 1
+            elif i % 40 == 11:
+                urls.append(server.url(f"/files/cut.jpg?n={i}"))
+                expected_broken += 1
+            else:
+                urls.append(server.url(f"/files/p{i % len(photos)}.jpg?n={i}"))
+        csv = tmp_path / "urls.csv"
+        csv.write_text("url,caption\n" + "\n".join(f"{u},photo {i}" for i, u in enumerate(urls)) + "\n")
+        ingest(csv, tmp_path / "ingest", shard_size=2500)
+        config = loopback_config()
+        config.concurrency = 16
+        config.http.per_host_concurrency = 16
+        result = run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=config, executor=ray_executor())
+    assert result.ok and result.shards == 4
+    summary = Dataset(Storage(str(tmp_path / "dl"))).summary()
+    assert summary["rows"] == n == sum(summary["by_status"].values())
+    assert summary["by_status"]["download:http_404"] == n // 20
+    assert summary["by_status"]["download:truncated_image"] == expected_broken - n // 20
+    assert summary["by_status"]["ok"] == n - expected_broken
+    keys = set()
+    for shard in range(4):
+        with TarShardReader(Storage(str(tmp_path / "dl")), f"part-{shard:05d}.tar") as tar:
+            keys.update(tar.stored_keys())
+    assert len(keys) == n - expected_broken

@@ -1,0 +1,279 @@
+"""Download benchmark: facecap versus img2dataset 1.47 on the same loopback corpus.
+
+Builds >= 2,000 realistic JPEGs of several sizes (3% broken: dead links and truncated files)
+from real photos, serves them from 127.0.0.1 (nginx when installed, else Python's server),
+then runs, with the same settings (webdataset output, keep_ratio 512, jpg q95, 2 processes):
+facecap's download stage, img2dataset in its own venv (bench-out/img2dataset-venv; its pins
+clash with facecap's), and the CPU floor: decode + resize + encode of every file from local
+disk, no network, in 2 processes. Prints images/s, successes and peak memory for each.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, run_measured
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench-out" / "download"
+I2D_VENV = REPO / "bench-out" / "img2dataset-venv"
+WIDTHS = (256, 480, 800, 1200, 1600, 2400, 3200)
+TARGET = int(os.environ.get("BENCH_IMAGES", "3000"))
+BROKEN_EVERY = 66  # two kinds of breakage, each 1 in 66: ~3%
+SHARD = 500
+
+
+def source_photos() -> list[Path]:
+    shared = Path(os.environ.get("FACECAP_SHARED", REPO.parent / "shared")) / "data" / "faces"
+    if shared.is_dir():
+        return sorted(p for p in shared.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    from pipeline.demo import package_photos
+
+    return package_photos()
+
+
+def build_corpus(folder: Path) -> list[str]:
+    """Write resized re-encodes of real photos; returns the relative paths (some broken)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = source_photos()
+    names: list[str] = []
+    index = 0
+    while len(names) < TARGET:
+        for photo in photos:
+            with Image.open(photo) as image:
+                image = image.convert("RGB")
+                width = WIDTHS[index % len(WIDTHS)]
+                height = max(1, round(image.height * width / image.width))
+                image = image.resize((width, height), Image.Resampling.BILINEAR)
+                buffer = io.BytesIO()
+                image.save(buffer, "JPEG", quality=88)
+            data = buffer.getvalue()
+            name = f"img/{index:05d}.jpg"
+            if index % BROKEN_EVERY == 7:
+                data = data[: len(data) // 2]  # truncated
+            if index % BROKEN_EVERY != 21:  # else a dead link: the file is never written
+                (folder / name).parent.mkdir(exist_ok=True)
+                (folder / name).write_bytes(data)
+            names.append(name)
+            index += 1
+            if len(names) >= TARGET:
+                break
+    return names
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder: Path) -> tuple[subprocess.Popen, str, str]:
+    port = free_port()
+    if shutil.which("nginx"):
+        conf = OUT / "nginx.conf"
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf.write_text(f"""{user}
+worker_processes 1; daemon off; pid {OUT}/nginx.pid; error_log {OUT}/nginx.err;
+events {{ worker_connections 1024; }}
+http {{ access_log off; sendfile on; keepalive_requests 100000;
+  client_body_temp_path {OUT}/ntmp; proxy_temp_path {OUT}/ntmp; fastcgi_temp_path {OUT}/ntmp;
+  uwsgi_temp_path {OUT}/ntmp; scgi_temp_path {OUT}/ntmp;
+  types {{ image/jpeg jpg; }}
+  server {{ listen 127.0.0.1:{port}; root {folder}; }} }}
+""")
+        proc = subprocess.Popen(["nginx", "-c", str(conf)], stderr=subprocess.DEVNULL)
+        kind = "nginx"
+    else:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        kind = "python http.server"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{port}", kind
+
+
+def ensure_img2dataset() -> Path | None:
+    python = I2D_VENV / "bin" / "python"
+    if not python.exists():
+        print("setting up img2dataset 1.47 in its own venv (one time) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(I2D_VENV)], check=True)
+        result = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "img2dataset==1.47.0"], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            print(f"img2dataset could not be installed: {result.stderr.strip()[-500:]}")
+            return None
+    return I2D_VENV / "bin" / "img2dataset"
+
+
+def _floor_one(path: str) -> int:
+    from stages.lib.images import ImageRejected, ImageSettings, normalize
+
+    try:
+        normalize(Path(path).read_bytes(), ImageSettings(resize_mode="keep_ratio", image_size=512, quality=95))
+        return 1
+    except ImageRejected:
+        return 0
+
+
+def cpu_floor(folder: Path, names: list[str]) -> tuple[float, int]:
+    paths = [str(folder / n) for n in names if (folder / n).exists()]
+    started = time.perf_counter()
+    with ProcessPoolExecutor(2) as pool:
+        ok = sum(pool.map(_floor_one, paths, chunksize=16))
+    return time.perf_counter() - started, ok
+
+
+def count_facecap(dataset: Path) -> int:
+    stats = [json.loads(p.read_text()) for p in (dataset / "_stats").glob("*.json")]
+    return sum(s["by_status"].get("ok", 0) for s in stats)
+
+
+def count_img2dataset(folder: Path) -> int:
+    return sum(json.loads(p.read_text()).get("successes", 0) for p in folder.glob("*_stats.json"))
+
+
+def main() -> None:
+    shutil.rmtree(OUT, ignore_errors=True)
+    (OUT / "ntmp").mkdir(parents=True)
+    corpus = OUT / "corpus"
+    names = build_corpus(corpus)
+    size_mb = sum(p.stat().st_size for p in corpus.rglob("*.jpg")) / 2**20
+    server, base, kind = start_server(corpus)
+    try:
+        urls = [f"{base}/{n}" for n in names]
+        pq.write_table(
+            pa.table({"url": urls, "caption": [f"photo {i}" for i in range(len(urls))]}), OUT / "urls.parquet"
+        )
+        facecap = str(Path(sys.executable).with_name("facecap"))
+        env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        ingest = subprocess.run(
+            [facecap, "ingest", str(OUT / "urls.parquet"), str(OUT / "ingest"), "-q", "--shard-size", str(SHARD)],
+            env={**os.environ, **env},
+        )
+        if ingest.returncode:
+            sys.exit("ingest failed")
+        ours = run_measured(
+            [
+                facecap,
+                "download",
+                str(OUT / "ingest"),
+                str(OUT / "facecap"),
+                "-q",
+                "--allow-private-networks",
+                "--resize-mode",
+                "keep_ratio",
+                "--image-size",
+                "512",
+                "--output-format",
+                "jpg",
+                "--set",
+                "download.image.quality=95",
+                "--set",
+                "download.concurrency=32",
+                "--set",
+                "download.http.per_host_concurrency=64",
+                "--set",
+                "ray.num_cpus=2",
+            ],
+            env=env,
+        )
+        if ours.returncode:
+            sys.exit(f"facecap download failed:\n{ours.output[-2000:]}")
+        img2dataset = ensure_img2dataset()
+        theirs = None
+        if img2dataset:
+            theirs = run_measured(
+                [
+                    str(img2dataset),
+                    "--url_list",
+                    str(OUT / "urls.parquet"),
+                    "--input_format",
+                    "parquet",
+                    "--url_col",
+                    "url",
+                    "--caption_col",
+                    "caption",
+                    "--output_format",
+                    "webdataset",
+                    "--output_folder",
+                    str(OUT / "img2dataset"),
+                    "--processes_count",
+                    "2",
+                    "--thread_count",
+                    "32",
+                    "--image_size",
+                    "512",
+                    "--resize_mode",
+                    "keep_ratio",
+                    "--encode_quality",
+                    "95",
+                    "--encode_format",
+                    "jpg",
+                    "--number_sample_per_shard",
+                    str(SHARD),
+                    "--distributor",
+                    "multiprocessing",
+                    "--enable_wandb",
+                    "False",
+                    "--retries",
+                    "0",
+                    "--timeout",
+                    "10",
+                ],
+                env={"WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"},
+            )
+    finally:
+        server.terminate()
+        server.wait()
+    floor_seconds, floor_ok = cpu_floor(corpus, names)
+
+    print(f"machine: {machine()}")
+    print(
+        f"corpus: {len(names)} URLs ({size_mb:.0f} MB of JPEG, widths {WIDTHS[0]}-{WIDTHS[-1]} px, "
+        f"~{100 / BROKEN_EVERY * 2:.0f}% broken), served by {kind} on 127.0.0.1"
+    )
+    print("settings: webdataset output, keep_ratio 512, jpg q95, 2 processes, 32 threads each")
+    print(f"{'tool':<22}{'seconds':>9}{'images/s':>10}{'ok':>7}{'peak MB':>9}")
+    ours_ok = count_facecap(OUT / "facecap")
+    print(
+        f"{'facecap':<22}{ours.seconds:>9.1f}{ours_ok / ours.seconds:>10.1f}{ours_ok:>7}{ours.peak_tree_rss_mb:>9.0f}"
+    )
+    if theirs is not None:
+        their_ok = count_img2dataset(OUT / "img2dataset")
+        print(
+            f"{'img2dataset 1.47':<22}{theirs.seconds:>9.1f}{their_ok / theirs.seconds:>10.1f}{their_ok:>7}"
+            f"{theirs.peak_tree_rss_mb:>9.0f}"
+        )
+    print(f"{'CPU floor (no network)':<22}{floor_seconds:>9.1f}{floor_ok / floor_seconds:>10.1f}{floor_ok:>7}{'':>9}")
+    if theirs is not None and their_ok:
+        print(
+            f"facecap / img2dataset images/s: {(ours_ok / ours.seconds) / (their_ok / theirs.seconds):.2f}x "
+            "(target >= 1.5x)"
+        )
+    print(f"facecap time / CPU floor time: {ours.seconds / floor_seconds:.2f}x (target <= 1.25x)")
+
+
+if __name__ == "__main__":
+    main()
