@@ -19,6 +19,8 @@ import glob
 import io
 import json
 import os
+import re
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -47,6 +49,9 @@ SUFFIXES = {
 # Names facecap itself gives meaning to; input columns with these names are renamed ``input_*``.
 RESERVED = {"key", "status", "error", "url", "caption", "source_file", "source_row"}
 MALFORMED = "ingest:malformed_row"
+# "utf-8-sig" drops the byte-order mark spreadsheet tools put first, which would else stick to the
+# first column name (CSV) or make the first line unparsable (JSONL) or an invalid URL (txt).
+TEXT_ENCODING = "utf-8-sig"
 READ_BATCH = 8192
 JSONL_KEY_SAMPLE = 1000
 
@@ -181,10 +186,14 @@ def _unified_schema(
     """One schema for every shard: url, caption, the kept extra columns, provenance."""
     extras: dict[str, pa.DataType] = {}
     for uri in files:
-        for name, dtype in _input_columns(uri, formats[uri], options):
-            if name in (config.url_column, config.caption_column) or not config.keep_columns:
+        columns = _input_columns(uri, formats[uri], options)
+        names = [name for name, _ in columns]
+        if names and config.url_column not in names:
+            raise _no_url_column(uri, names, config)  # fail before any output is written
+        for name, dtype in columns:
+            out = _output_name(name, config)
+            if out in ("url", "caption") or not config.keep_columns:
                 continue
-            out = f"input_{name}" if name in RESERVED else name
             if out in extras and extras[out] != dtype:
                 extras[out] = pa.string()  # files disagree on the type: keep text, lose nothing
             else:
@@ -201,21 +210,37 @@ def _unified_schema(
     return pa.schema(fields)
 
 
+def _output_name(name: str, config: SourceConfig) -> str:
+    """The column an input column becomes: url, caption, ``input_<name>`` for reserved names, or itself."""
+    if name == config.url_column:
+        return "url"
+    if config.caption_column and name == config.caption_column:
+        return "caption"
+    return f"input_{name}" if name in RESERVED else name
+
+
+def _no_url_column(uri: str, names: list[str], config: SourceConfig) -> InputError:
+    return InputError(f"{uri}: no column '{config.url_column}' (columns: {', '.join(names)}); set --url-column")
+
+
 def _input_columns(uri: str, fmt: str, options: StorageOptions) -> list[tuple[str, pa.DataType]]:
     if fmt == "parquet":
-        with _open_parquet(uri, options) as handle:
-            schema = pq.read_schema(handle)
+        try:
+            with _open_parquet(uri, options) as handle:
+                schema = pq.read_schema(handle)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{uri}: not a readable Parquet file ({exc})") from None
         return [(f.name, _plain_type(f.type)) for f in schema]
     if fmt == "txt":
         return []
     if fmt in ("csv", "tsv"):
         with open_input(uri, options) as stream:
-            text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
-            header = next(csv.reader(text, delimiter="," if fmt == "csv" else "\t"), [])
+            text = io.TextIOWrapper(stream, encoding=TEXT_ENCODING, errors="surrogateescape", newline="")
+            header = next(_csv_reader(text, "," if fmt == "csv" else "\t"), [])
         return [(_fix_text(h).strip(), pa.string()) for h in header]
     names: dict[str, None] = {}
     with open_input(uri, options) as stream:
-        text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape")
+        text = io.TextIOWrapper(stream, encoding=TEXT_ENCODING, errors="surrogateescape")
         for i, line in enumerate(text):
             if i >= JSONL_KEY_SAMPLE:
                 break
@@ -243,7 +268,7 @@ def _iter_url_batches(
         fmt = formats[uri]
         tables = _read_parquet(uri, config, options) if fmt == "parquet" else _read_text(uri, fmt, config, options)
         for table in tables:
-            yield _conform(table, schema, uri, config)
+            yield _conform(table, schema, uri)
 
 
 def _read_parquet(uri: str, config: SourceConfig, options: StorageOptions) -> Iterator[pa.Table]:
@@ -252,13 +277,12 @@ def _read_parquet(uri: str, config: SourceConfig, options: StorageOptions) -> It
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{uri}: not a readable Parquet file ({exc})") from None
     if config.url_column not in parquet.schema_arrow.names:
-        raise InputError(
-            f"{uri}: no column '{config.url_column}' (columns: {', '.join(parquet.schema_arrow.names)}); "
-            "set --url-column"
-        )
+        raise _no_url_column(uri, parquet.schema_arrow.names, config)
+    # Renamed before facecap's own columns are added, so an input "status" cannot clash with them.
+    names = [_output_name(n, config) for n in parquet.schema_arrow.names]
     row = 0
     for batch in parquet.iter_batches(batch_size=READ_BATCH):
-        table = pa.Table.from_batches([batch])
+        table = pa.Table.from_batches([batch]).rename_columns(names)
         table = table.append_column("source_row", pa.array(range(row, row + table.num_rows), pa.int64()))
         table = table.append_column("status", pa.array([OK] * table.num_rows, pa.string()))
         table = table.append_column("error", pa.nulls(table.num_rows, pa.string()))
@@ -279,7 +303,7 @@ def _read_text(uri: str, fmt: str, config: SourceConfig, options: StorageOptions
 
 def _text_records(uri: str, fmt: str, config: SourceConfig, options: StorageOptions) -> Iterator[dict[str, Any]]:
     stream = open_input(uri, options)
-    text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
+    text = io.TextIOWrapper(stream, encoding=TEXT_ENCODING, errors="surrogateescape", newline="")
     with text:
         if fmt == "txt":
             for number, line in enumerate(text):
@@ -287,19 +311,27 @@ def _text_records(uri: str, fmt: str, config: SourceConfig, options: StorageOpti
                 if url:
                     yield {"url": url, "source_row": number, "status": OK}
         elif fmt == "jsonl":
-            yield from _jsonl_records(text)
+            yield from _jsonl_records(text, config)
         else:
             yield from _csv_records(uri, text, "," if fmt == "csv" else "\t", config)
 
 
+def _csv_reader(text: io.TextIOBase, delimiter: str):
+    # TSV (LAION's, img2dataset's) has no quoting: a caption starting with '"' is just text.
+    if delimiter == "\t":
+        return csv.reader(text, delimiter="\t", quoting=csv.QUOTE_NONE)
+    return csv.reader(text, delimiter=delimiter)
+
+
 def _csv_records(uri: str, text: io.TextIOBase, delimiter: str, config: SourceConfig) -> Iterator[dict]:
-    reader = csv.reader(text, delimiter=delimiter)
+    reader = _csv_reader(text, delimiter)
     try:
         header = [_fix_text(h).strip() for h in next(reader)]
     except StopIteration:
         return
     if config.url_column not in header:
-        raise InputError(f"{uri}: no column '{config.url_column}' (columns: {', '.join(header)}); set --url-column")
+        raise _no_url_column(uri, header, config)
+    names = [_output_name(h, config) for h in header]
     number = 0
     while True:
         try:
@@ -316,13 +348,13 @@ def _csv_records(uri: str, text: io.TextIOBase, delimiter: str, config: SourceCo
         if len(fields) != len(header):
             record["status"] = MALFORMED
             record["error"] = f"expected {len(header)} fields, got {len(fields)}"
-        for name, value in zip(header, fields, strict=False):
+        for name, value in zip(names, fields, strict=False):
             record[name] = _fix_text(value)
         number += 1
         yield record
 
 
-def _jsonl_records(text: io.TextIOBase) -> Iterator[dict]:
+def _jsonl_records(text: io.TextIOBase, config: SourceConfig) -> Iterator[dict]:
     for number, line in enumerate(text):
         if not line.strip():
             continue
@@ -338,15 +370,25 @@ def _jsonl_records(text: io.TextIOBase) -> Iterator[dict]:
                 "source_row": number,
             }
             continue
-        record = {k: _jsonl_value(v) for k, v in value.items()}
+        record = {_output_name(k, config): _jsonl_value(v) for k, v in value.items()}
         record.update(source_row=number, status=OK)
         yield record
 
 
 def _jsonl_value(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return _valid_unicode(text)
+
+
+def _valid_unicode(value: str) -> str:
+    """A JSON escape can hold half a surrogate pair (a caption cut mid-emoji); Arrow only takes valid UTF-8."""
+    try:
+        value.encode("utf-8")
         return value
-    return json.dumps(value, ensure_ascii=False)
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in value)
 
 
 def _records_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -370,20 +412,9 @@ def _fix_text(value: str) -> str:
         return value.encode("utf-8", "surrogateescape").decode("cp1252", errors="replace")
 
 
-def _conform(table: pa.Table, schema: pa.Schema, uri: str, config: SourceConfig) -> pa.Table:
-    """Rename the input's columns to facecap's and cast everything to the shared schema."""
-    renames = {config.url_column: "url"}
-    if config.caption_column:
-        renames[config.caption_column] = "caption"
-    columns: dict[str, pa.Array] = {}
-    for name in table.column_names:
-        if name in ("status", "error", "source_row"):
-            continue
-        out = renames.get(name, f"input_{name}" if name in RESERVED else name)
-        columns[out] = table.column(name)
-    for name in ("status", "error", "source_row"):
-        if name in table.column_names:
-            columns[name] = table.column(name)
+def _conform(table: pa.Table, schema: pa.Schema, uri: str) -> pa.Table:
+    """Cast the reader's columns (already named as facecap names them) to the shared schema."""
+    columns = {name: table.column(name) for name in table.column_names}
     n = table.num_rows
     arrays = []
     for f in schema:
@@ -431,6 +462,7 @@ def _with_keys(table: pa.Table, first_row: int) -> pa.Table:
 
 # --- img2dataset folders ----------------------------------------------------------------------
 IMG2DATASET_RENAMES = {"error_message": "error"}
+HTTP_CODE = re.compile(r"\b(403|404|410|429|500|502|503)\b")
 
 
 def _is_img2dataset(item: str, options: StorageOptions) -> bool:
@@ -451,7 +483,8 @@ def _img2dataset_source(folder: str, options: StorageOptions) -> Source:
     stems = sorted({n[:-8] for n in names if n.endswith(".parquet")} | {n[:-4] for n in names if n.endswith(".tar")})
     if not stems:
         raise InputError(f"{folder}: no img2dataset shards (NNNNN.parquet + NNNNN.tar) found")
-    media = {"jpg": MediaRef(root=storage.root, tars=[f"{s}.tar" for s in stems])}
+    tars = [f"{s}.tar" for s in stems]
+    media = {"image": MediaRef(root=storage.root, tars=tars, ext=_image_extension(storage, tars))}
     fingerprint = [(storage.uri(f"{s}.parquet"), storage.size(f"{s}.parquet")) for s in stems]
 
     def shards() -> Iterator[SourceShard]:
@@ -471,6 +504,22 @@ def _img2dataset_source(folder: str, options: StorageOptions) -> Source:
         fingerprint=fingerprint,
         shard_iter=shards,
     )
+
+
+def _image_extension(storage: Storage, tars: list[str]) -> str:
+    """img2dataset stores jpg, webp or png (its encode_format); look at the first image member."""
+    for name in tars:
+        if not storage.size(name):
+            continue
+        try:
+            with storage.open_read(name) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+                for member in tar:
+                    ext = member.name.rpartition(".")[2].lower()
+                    if ext in ("jpg", "jpeg", "webp", "png"):
+                        return ext
+        except (tarfile.TarError, OSError):
+            continue
+    return "jpg"
 
 
 def _img2dataset_table(storage: Storage, stem: str) -> pa.Table:
@@ -505,9 +554,10 @@ def _img2dataset_status(status: str | None, error: str | None) -> str:
     if status == "success":
         return OK
     text = (error or status or "unknown").lower()
-    for code in ("404", "403", "410", "429", "500", "502", "503"):
-        if code in text:
-            return f"download:http_{code}"
+    # Whole numbers only: "timed out after 5000 ms" or a pixel count is no HTTP 500.
+    code = HTTP_CODE.search(text)
+    if code:
+        return f"download:http_{code.group(1)}"
     if "timed out" in text or "timeout" in text:
         return "download:timeout"
     if "image decoding" in text or "cannot identify image" in text:

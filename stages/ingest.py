@@ -43,17 +43,31 @@ class SeenHashes:
         return sum(len(r) for r in self._runs)
 
     def contains(self, hashes: np.ndarray) -> np.ndarray:
+        hashes = np.asarray(hashes, dtype=np.uint64)  # int64 or float keys would compare inexactly
+        # Probing in sorted order walks each run front to back: about 3x faster than random probes.
+        order = np.argsort(hashes)
+        queries = hashes[order]
         found = np.zeros(len(hashes), dtype=bool)
         for run in self._runs:
-            pos = np.searchsorted(run, hashes)
+            pos = np.searchsorted(run, queries)
             pos[pos == len(run)] = 0
-            found |= run[pos] == hashes
-        return found
+            found |= run[pos] == queries
+        result = np.empty_like(found)
+        result[order] = found
+        return result
 
     def add(self, hashes: np.ndarray) -> None:
-        run = np.unique(hashes)
-        while self._runs and len(self._runs[-1]) <= len(run):
-            run = np.union1d(self._runs.pop(), run)
+        run = np.unique(np.asarray(hashes, dtype=np.uint64))
+        # Runs stay disjoint (so len() counts each hash once) and never empty (contains indexes them).
+        run = run[~self.contains(run)]
+        if not len(run):
+            return
+        # Merge while the newest run is not more than twice the new one: every run is then more than twice
+        # the next, so there are at most log2(n) runs to search even when batches shrink (more repeats later).
+        while self._runs and len(self._runs[-1]) <= 2 * len(run):
+            # Two sorted disjoint runs: a stable sort (timsort) merges them in linear time; np.union1d would
+            # re-hash or re-sort everything (seconds per merge at 10M hashes).
+            run = np.sort(np.concatenate([self._runs.pop(), run]), kind="stable")
         self._runs.append(run)
 
 
@@ -88,7 +102,7 @@ class OptOutList:
                     if len(entry) == 64 and all(c in "0123456789abcdef" for c in entry):
                         self.url_digests.add(entry)
                     else:
-                        self.domains.add(entry.removeprefix("*.").strip("."))
+                        self.domains.add(ascii_host(entry.removeprefix("*.").strip(".")))
 
     def __bool__(self) -> bool:
         return bool(self.domains or self.url_digests)
@@ -99,11 +113,21 @@ class OptOutList:
         if not self.domains:
             return False
         try:
-            host = (urlsplit(url).hostname or "").lower().rstrip(".")
+            host = ascii_host((urlsplit(url).hostname or "").lower().rstrip("."))
         except ValueError:
             return False
         labels = host.split(".")
         return any(".".join(labels[i:]) in self.domains for i in range(len(labels)))
+
+
+def ascii_host(host: str) -> str:
+    """A host name in its ASCII (punycode) form, so an opt-out of bücher.example covers xn--bcher-kva.example."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return host
 
 
 def url_problem(url: object, max_length: int) -> str | None:
@@ -132,7 +156,8 @@ def url_problem(url: object, max_length: int) -> str | None:
             host.encode("idna")
         except UnicodeError:
             return f"invalid host name '{host}'"
-        if any(not (ch.isalnum() or ch in "-.:") for ch in host) or ".." in host:
+        # Underscores are not valid in DNS host names but common in real image hosts, and fetchable.
+        if any(not (ch.isalnum() or ch in "-.:_") for ch in host) or ".." in host:
             return f"invalid host name '{host}'"
     return None
 
