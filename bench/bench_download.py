@@ -31,7 +31,8 @@ from common import machine, run_measured
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench-out" / "download"
 I2D_VENV = REPO / "bench-out" / "img2dataset-venv"
-WIDTHS = (256, 480, 800, 1200, 1600, 2400, 3200)
+# A web-like mix: most images under 1024 px, some large ones (LAION-Face is mostly 300-1000 px).
+WIDTHS = (320, 400, 480, 512, 640, 800, 1024, 1280, 1600, 2400)
 TARGET = int(os.environ.get("BENCH_IMAGES", "3000"))
 BROKEN_EVERY = 66  # two kinds of breakage, each 1 in 66: ~3%
 SHARD = 500

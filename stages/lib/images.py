@@ -5,6 +5,10 @@ When nothing needs to change (same format, RGB, upright, right size) the origina
 kept, with metadata segments removed losslessly; otherwise the image is decoded (JPEGs at a
 reduced DCT scale when they will be shrunk anyway), converted to 8-bit RGB, turned upright,
 resized and encoded without any metadata.
+
+Pillow reads every header and handles the unusual files (palette, alpha, 16-bit, CMYK with a
+colour profile, animations); the common case, a plain RGB or gray JPEG/PNG/WebP, is decoded,
+resized (area averaging when shrinking) and encoded by OpenCV, which is 1.5-3x faster here.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
+import cv2
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
@@ -86,7 +91,7 @@ def normalize(data: bytes, settings: ImageSettings) -> NormalizedImage:
     _check_shape(upright, settings)
     target = target_size(upright, settings)
     if _can_keep(image, fmt, orientation, upright, target, settings):
-        _verify_decodes(image)
+        _verify_decodes(data, fmt, image)
         return NormalizedImage(
             data=strip_metadata(data, settings.output_format),
             ext=settings.output_format,
@@ -97,14 +102,19 @@ def normalize(data: bytes, settings: ImageSettings) -> NormalizedImage:
             original_height=upright[1],
             reencoded=False,
         )
-    rgb = _decode_rgb(image, fmt, orientation, target)
-    resized = resize(rgb, settings)
+    if _plain(image, fmt):
+        pixels = _cv2_decode(data, fmt, orientation, image.size, target)
+        pixels = resize_array(pixels, settings)
+        encoded, (height, width) = encode_array(pixels, settings), pixels.shape[:2]
+    else:
+        resized = resize(_decode_rgb(image, fmt, orientation, target), settings)
+        encoded, (width, height) = encode(resized, settings), resized.size
     return NormalizedImage(
-        data=encode(resized, settings),
+        data=encoded,
         ext=settings.output_format,
         mime=MIME[settings.output_format],
-        width=resized.width,
-        height=resized.height,
+        width=width,
+        height=height,
         original_width=upright[0],
         original_height=upright[1],
         reencoded=True,
@@ -170,11 +180,103 @@ def _can_keep(
     return not squares or upright[0] == upright[1]
 
 
-def _verify_decodes(image: Image.Image) -> None:
+def _verify_decodes(data: bytes, fmt: str, image: Image.Image) -> None:
+    if fmt == "JPEG" and not _has_end_marker(data):
+        raise ImageRejected("truncated_image", "the JPEG ends before its end-of-image marker")
+    if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) is not None:
+        return
     try:
         image.load()
     except (OSError, ValueError, SyntaxError, struct.error) as exc:
         raise ImageRejected(_decode_reason(exc), f"image does not decode: {exc}") from None
+    raise ImageRejected("undecodable", "the image data does not decode")
+
+
+def _has_end_marker(data: bytes) -> bool:
+    """A complete JPEG has an EOI marker after its last scan (0xFF is byte-stuffed inside scans)."""
+    end = data.rfind(b"\xff\xd9")
+    return end > data.rfind(b"\xff\xda")
+
+
+def _plain(image: Image.Image, fmt: str) -> bool:
+    """A file OpenCV decodes exactly as we want: no palette, alpha, 16-bit, profile or animation."""
+    return (
+        fmt in ("JPEG", "PNG", "WEBP")
+        and image.mode in ("RGB", "L")
+        and "icc_profile" not in image.info
+        and "transparency" not in image.info
+        and getattr(image, "n_frames", 1) == 1
+    )
+
+
+REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def _cv2_decode(
+    data: bytes, fmt: str, orientation: int, stored: tuple[int, int], target: tuple[int, int]
+) -> np.ndarray:
+    """Decode to BGR, at 1/2, 1/4 or 1/8 scale when a JPEG will be shrunk anyway, then upright."""
+    flag = cv2.IMREAD_COLOR
+    if fmt == "JPEG":
+        if not _has_end_marker(data):
+            raise ImageRejected("truncated_image", "the JPEG ends before its end-of-image marker")
+        wanted = (target[1], target[0]) if orientation in (5, 6, 7, 8) else target
+        for factor in (8, 4, 2):
+            if stored[0] // factor >= wanted[0] and stored[1] // factor >= wanted[1]:
+                flag = REDUCED[factor]
+                break
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
+    if pixels is None:
+        raise ImageRejected("truncated_image" if fmt == "JPEG" else "undecodable", f"the {fmt} data does not decode")
+    return _upright(pixels, orientation)
+
+
+def _upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1-8) to an array."""
+    if orientation in (5, 7):
+        pixels = cv2.transpose(pixels)
+    operation = {
+        2: lambda p: cv2.flip(p, 1),
+        3: lambda p: cv2.rotate(p, cv2.ROTATE_180),
+        4: lambda p: cv2.flip(p, 0),
+        6: lambda p: cv2.rotate(p, cv2.ROTATE_90_CLOCKWISE),
+        7: lambda p: cv2.rotate(p, cv2.ROTATE_180),
+        8: lambda p: cv2.rotate(p, cv2.ROTATE_90_COUNTERCLOCKWISE),
+    }.get(orientation)
+    return operation(pixels) if operation else pixels
+
+
+def resize_array(pixels: np.ndarray, settings: ImageSettings) -> np.ndarray:
+    height, width = pixels.shape[:2]
+    target = target_size((width, height), settings)
+    if target != (width, height):
+        shrink = target[0] < width
+        pixels = cv2.resize(pixels, target, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+    side = settings.image_size
+    height, width = pixels.shape[:2]
+    if settings.resize_mode == "center_crop" and (width, height) != (side, side):
+        top, left = (height - side) // 2, (width - side) // 2
+        pixels = pixels[top : top + side, left : left + side]
+    elif settings.resize_mode == "border" and (width, height) != (side, side):
+        canvas = np.zeros((side, side, 3), np.uint8)
+        top, left = (side - height) // 2, (side - width) // 2
+        canvas[top : top + height, left : left + width] = pixels
+        pixels = canvas
+    return pixels
+
+
+def encode_array(pixels: np.ndarray, settings: ImageSettings) -> bytes:
+    fmt = settings.output_format
+    if fmt == "jpg":
+        params = [cv2.IMWRITE_JPEG_QUALITY, settings.quality]
+    elif fmt == "webp":
+        params = [cv2.IMWRITE_WEBP_QUALITY, settings.quality]
+    else:
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    ok, encoded = cv2.imencode(f".{fmt}", pixels, params)
+    if not ok:
+        raise ImageRejected("undecodable", f"could not encode {fmt}")
+    return encoded.tobytes()
 
 
 def _decode_reason(exc: BaseException) -> str:

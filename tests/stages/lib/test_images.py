@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 
 import hostile
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from stages.lib.images import ImageRejected, ImageSettings, normalize, strip_metadata, target_size
 
@@ -178,3 +179,31 @@ def test_png_and_webp_metadata_stripping():
     clean = strip_metadata(webp.getvalue(), "webp")
     assert b"SpyCam" not in clean
     assert decode(clean).convert("RGB").tobytes() == image.tobytes()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillow(orientation):
+    image = hostile.gradient(120, 80)
+    image.paste((255, 255, 255), (0, 0, 30, 20))  # a white corner makes every flip visible
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = hostile.jpeg(image, exif=exif.tobytes())
+    expected = np.asarray(ImageOps.exif_transpose(decode(data)).convert("RGB"), dtype=np.int16)
+    for settings in (ImageSettings(), ImageSettings(resize_mode="keep_ratio", image_size=40)):
+        stored = decode(normalize(data, settings).data).convert("RGB")
+        reference = expected
+        if settings.resize_mode != "no":
+            reference = np.asarray(Image.fromarray(expected.astype(np.uint8)).resize(stored.size), dtype=np.int16)
+        assert stored.size == (reference.shape[1], reference.shape[0])
+        assert np.abs(np.asarray(stored, dtype=np.int16) - reference).mean() < 12, orientation
+
+
+def test_fast_and_pillow_paths_agree_on_a_photo(photo):
+    from stages.lib import images
+
+    settings = ImageSettings(resize_mode="keep_ratio", image_size=256)
+    fast = decode(normalize(photo, settings).data)
+    pil_image = Image.open(io.BytesIO(photo))
+    slow = images.resize(images._decode_rgb(pil_image, "JPEG", 1, fast.size), settings)
+    assert fast.size == slow.size
+    assert np.abs(np.asarray(fast, np.int16) - np.asarray(slow, np.int16)).mean() < 4
