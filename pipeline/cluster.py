@@ -27,10 +27,15 @@ def connect(config: RayConfig) -> None:
         ray.init(address=address, **common)
         return
     ray.init(
+        # "local" always starts a new instance: with no address, ray.init joins the cluster that the
+        # last `ray start` on this machine recorded, and then rejects num_cpus with a ValueError.
+        address="local",
         num_cpus=config.num_cpus or os.cpu_count() or 1,
         include_dashboard=False,
         object_store_memory=config.object_store_mb << 20,
-        # Keep every Ray socket on loopback: nothing of a local run is reachable from outside.
+        # Not a loopback guarantee: on Linux, Ray (2.60) swaps 127.0.0.1 for this machine's outward
+        # IP, and its GCS, raylet and workers listen on all interfaces whatever is passed here. A
+        # local run is reachable from the network; firewall its ports on a shared host.
         _node_ip_address="127.0.0.1",
         **common,
     )

@@ -178,11 +178,11 @@ class Dataset:
         return True
 
     def done_shards(self) -> list[int]:
-        return sorted(_shard_index(n) for n in self.storage.list(DONE_DIR) if n.endswith(".json"))
+        return sorted(_shard_index(n) for n in _records(self.storage.list(DONE_DIR)))
 
     def failed_shards(self) -> dict[int, dict]:
         failed = {}
-        for name in self.storage.list(FAILED_DIR):
+        for name in _records(self.storage.list(FAILED_DIR)):
             try:
                 failed[_shard_index(name)] = json.loads(self.storage.read_bytes(name))
             except ValueError:
@@ -206,7 +206,7 @@ class Dataset:
 
     def shard_stats(self) -> dict[int, ShardStats]:
         stats = {}
-        for name in self.storage.list(STATS_DIR):
+        for name in _records(self.storage.list(STATS_DIR)):
             data = json.loads(self.storage.read_bytes(name))
             stats[data["shard"]] = ShardStats(**data)
         return stats
@@ -368,7 +368,8 @@ class TarShardReader:
             return
         if storage.remote:
             fd, self._tempfile = tempfile.mkstemp(suffix=".tar", prefix="facecap-")
-            with os.fdopen(fd, "wb") as local, storage.fs.open_input_stream(storage._path(name)) as remote:
+            remote_stream = storage.fs.open_input_stream(storage._path(name), compression=None)
+            with os.fdopen(fd, "wb") as local, remote_stream as remote:
                 while chunk := remote.read(8 << 20):
                     local.write(chunk)
             self._file = open(self._tempfile, "rb")  # noqa: SIM115 - closed in close()
@@ -433,9 +434,14 @@ def iter_tar_members(path: str) -> Iterator[tuple[str, bytes]]:
                 yield member.name, tar.extractfile(member).read()
 
 
+def _records(names: list[str]) -> list[str]:
+    """Shard records (``part-NNNNN.json``), not the temporaries a killed writer may leave."""
+    return [n for n in names if os.path.basename(n).startswith("part-") and n.endswith(".json")]
+
+
 def _sha256_of(storage: Storage, name: str) -> str:
     digest = hashlib.sha256()
-    with storage.fs.open_input_stream(storage._path(name)) as stream:
+    with storage.fs.open_input_stream(storage._path(name), compression=None) as stream:
         while chunk := stream.read(8 << 20):
             digest.update(chunk)
     return digest.hexdigest()

@@ -101,7 +101,9 @@ class RayExecutor:
             self._actor_cls = actor_cls
             self._job_ref = ray.put(job)
             self._idle = deque(actor_cls.remote(self._job_ref) for _ in range(size))
-            return self.max_in_flight or size
+            # Never more shards than actors: submit() would create an extra actor for each, and those
+            # wait forever for CPUs the pool holds (the run hangs).
+            return min(self.max_in_flight or size, size)
         self._task = ray.remote(_run_shard_task).options(
             num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=0
         )
@@ -147,8 +149,12 @@ class RayExecutor:
     def stop(self) -> None:
         import ray
 
-        for ref in list(self._pending):
-            ray.cancel(ref, force=True)
+        for ref, (_ticket, actor) in list(self._pending.items()):
+            if actor is None:
+                ray.cancel(ref, force=True)
+            else:
+                # ray.cancel(force=True) raises ValueError for actor tasks; killing the actor stops its shard.
+                ray.kill(actor)
         self._pending.clear()
         for actor in self._idle:
             ray.kill(actor)

@@ -1,9 +1,9 @@
 """Local paths and ``s3://`` behind one small interface (pyarrow filesystems).
 
 Writes are atomic: a reader never sees half a file under its final name. Locally we write to a
-temporary sibling and rename; on S3 a PUT only becomes visible when it completes, so we write
-the final key directly. Either way, a shard counts as done only once its done marker exists,
-and that marker is written last.
+temporary sibling and rename; on S3 a PUT only becomes visible when it completes, so the body is
+spooled locally and uploaded to the final key once it is complete. Either way, a shard counts as
+done only once its done marker exists, and that marker is written last.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,7 +92,8 @@ class Storage:
         self.fs.create_dir(self._path(folder), recursive=True)
 
     def read_bytes(self, name: str) -> bytes:
-        with self.fs.open_input_stream(self._path(name)) as stream:
+        # compression=None: pyarrow would otherwise gunzip "*.gz" names, so bytes would not round-trip.
+        with self.fs.open_input_stream(self._path(name), compression=None) as stream:
             return stream.read()
 
     def open_read(self, name: str) -> BinaryIO:
@@ -104,11 +107,19 @@ class Storage:
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[BinaryIO]:
         """Write ``name`` atomically: it appears complete or not at all."""
-        parent = posixpath.dirname(name)
-        if not self.remote:
-            self.makedirs(parent)
         target = self._path(name)
-        temp = target if self.remote else f"{target}.tmp-{uuid.uuid4().hex[:12]}"
+        if self.remote:
+            # Closing an S3 output stream completes the upload, even of a half-written body, and
+            # pyarrow cannot abort it; so a body that raised would replace the old object with a
+            # partial one. Spool locally (disk beyond 64 MiB) and upload only a finished body.
+            with tempfile.SpooledTemporaryFile(max_size=64 << 20, prefix="facecap-") as spool:
+                yield spool
+                spool.seek(0)
+                with self.fs.open_output_stream(target, compression=None) as stream:
+                    shutil.copyfileobj(spool, stream, 8 << 20)
+            return
+        self.makedirs(posixpath.dirname(name))
+        temp = f"{target}.tmp-{uuid.uuid4().hex[:12]}"
         stream = self.fs.open_output_stream(temp)
         try:
             yield stream
@@ -118,20 +129,25 @@ class Storage:
             with contextlib.suppress(OSError):
                 self.fs.delete_file(temp)
             raise
-        if temp != target:
-            os.replace(temp, target)
+        os.replace(temp, target)
 
     def delete(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError, OSError):
             self.fs.delete_file(self._path(name))
 
     def remove_temporaries(self, folder: str = "") -> int:
-        """Delete ``*.tmp-*`` files a killed writer left behind; returns how many."""
+        """Delete ``*.tmp-*`` files a killed writer left behind, in ``folder`` and below; returns how many.
+
+        Below too: a writer killed inside ``_stats/`` or ``_done/`` leaves its temporary there, and
+        readers that list those folders would take it for a record.
+        """
+        selector = pafs.FileSelector(self._path(folder), allow_not_found=True, recursive=True)
         removed = 0
-        for name in self.list(folder):
-            if ".tmp-" in posixpath.basename(name):
-                self.delete(name)
-                removed += 1
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.File and ".tmp-" in posixpath.basename(info.path):
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    self.fs.delete_file(info.path)
+                    removed += 1
         return removed
 
 

@@ -11,6 +11,14 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Fake credentials before any Ray worker starts, so workers sign their requests to the test S3
+# server whichever fixture starts first (unsigned uploads get stored with their chunk framing).
+for _name, _value in (
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_REGION", "us-east-1"),
+):
+    os.environ.setdefault(_name, _value)
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
