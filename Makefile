@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test test-fast lint bench bench-ingest clean
+.PHONY: setup demo test test-fast lint bench bench-ingest bench-download clean
 
 setup: $(STAMP)
 
@@ -33,10 +33,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline stages tests bench
 	$(BIN)/ruff format --check pipeline stages tests bench
 
-bench: bench-ingest
+bench: bench-ingest bench-download
 
 bench-ingest: $(STAMP)
 	$(BIN)/python bench/bench_ingest.py
+
+# Serves the corpus with nginx when it can be installed (as root, from Debian), else Python's server.
+bench-download: $(STAMP)
+	command -v nginx >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get install -y -qq nginx-light >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq nginx-light >/dev/null 2>&1)); } || true
+	$(BIN)/python bench/bench_download.py
 
 clean:
 	rm -rf $(VENV) demo-out bench-out .pytest_cache .ruff_cache

@@ -42,6 +42,8 @@ DEFAULT_USER_AGENT = "facecap/0.1 (face image-text dataset builder; honours X-Ro
 METADATA_ADDRESSES = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")
 TRANSIENT = {"timeout", "connection_error", "dns_error", "http_408", "http_429", "tls_error", "bad_content_length"}
+DNS_TTL = 60.0
+READ_CHUNK = 1 << 20
 X_ROBOTS_NON_AGENT = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
 
 
@@ -142,6 +144,7 @@ class Fetcher:
         self._pools_lock = threading.Lock()
         self._max_pools = max_pools
         self._directives = {d.lower() for d in safety.opt_out_directives}
+        self._dns: dict[tuple[str, int], tuple[float, list]] = {}
         self._agent = http.user_agent.split("/", 1)[0].strip().lower()
 
     def close(self) -> None:
@@ -224,10 +227,7 @@ class Fetcher:
             port = parts.port or (443 if scheme == "https" else 80)
         except ValueError as exc:
             raise Refused("blocked_address", f"bad port: {exc}") from None
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as exc:
-            raise Refused("dns_error", f"cannot resolve {host}: {exc}") from None
+        infos = self._resolve(host, port)
         for info in infos:
             address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
             if self._allowlisted(host, address):
@@ -236,6 +236,23 @@ class Fetcher:
             if problem:
                 raise Refused("blocked_address", f"{host} resolves to {address} ({problem})")
         return infos[0][4][0]
+
+    def _resolve(self, host: str, port: int) -> list:
+        """getaddrinfo, remembered for DNS_TTL seconds: LAION shards hit the same hosts again and again."""
+        key = (host, port)
+        now = time.monotonic()
+        cached = self._dns.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise Refused("dns_error", f"cannot resolve {host}: {exc}") from None
+        with self._pools_lock:
+            if len(self._dns) > 10_000:
+                self._dns.clear()
+            self._dns[key] = (now + DNS_TTL, infos)
+        return infos
 
     def _allowlisted(self, host: str, address: ipaddress._BaseAddress) -> bool:
         for entry in self.safety.private_allowlist:
@@ -354,7 +371,7 @@ class Fetcher:
                 raise Refused(
                     "timeout", f"body not complete within the total timeout of {self.http.total_timeout}s", status
                 )
-            chunk = response.read1(65536)
+            chunk = response.read1(READ_CHUNK)
             if not chunk:
                 break
             if decoder is not None:
