@@ -414,6 +414,77 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
 
 
+models_app = typer.Typer(
+    help="The model registry: every model file facecap uses, its state here, and how to get it.",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list", help="Each model: where it was found (or not), its task and licence.")
+@friendly
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON list instead of a table")] = False,
+) -> None:
+    from pipeline import models
+
+    rows = []
+    for spec in models.SPECS:
+        status, path = models.state(spec)
+        rows.append(
+            {
+                "name": spec.name,
+                "file": spec.file,
+                "state": status,
+                "path": str(path) if path else None,
+                "task": spec.task,
+                "licence": spec.licence,
+                "sha256": spec.sha256,
+                "how_to_get": None if status == "ok" else models.how_to_get(spec),
+            }
+        )
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title="models (search: $FACECAP_MODELS, installed packages, " + str(models.cache_dir()) + ")")
+    for column in ("name", "state", "where / how to get it", "task", "licence"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        style = "green" if row["state"] == "ok" else "red"
+        where = row["path"] if row["state"] == "ok" else row["how_to_get"]
+        table.add_row(row["name"], f"[{style}]{row['state']}[/{style}]", where, row["task"], row["licence"])
+    out_console.print(table)
+
+
+@models_app.command("pull", help="Download pinned model files into the cache and check their sha256.")
+@friendly
+def models_pull(names: Annotated[list[str], typer.Argument(help="model names (see `facecap models list`)")]) -> None:
+    from pipeline import models
+
+    for name in names:
+        path = models.pull(name)
+        out_console.print(f"{name}: ok ({path})", highlight=False)
+
+
+@models_app.command("verify", help="Check the sha256 of every model file present; exit 1 on a mismatch.")
+@friendly
+def models_verify() -> None:
+    from pipeline import models
+
+    bad = 0
+    for spec in models.SPECS:
+        status, path = models.state(spec)
+        if status == "bad checksum":
+            bad += 1
+            err_console.print(f"[red]{spec.name}: {path} does not match sha256 {spec.sha256}[/red]", highlight=False)
+        elif status == "ok":
+            out_console.print(f"{spec.name}: ok ({path})", highlight=False)
+        else:
+            out_console.print(f"{spec.name}: not here", highlight=False)
+    if bad:
+        raise typer.Exit(EXIT_FAILED_SHARDS)
+
+
 @app.callback(invoke_without_command=True)
 def _version(
     version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False,
