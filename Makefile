@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test test-fast lint bench bench-ingest bench-download clean
+.PHONY: setup demo test test-fast lint eval bench bench-ingest bench-download bench-detect clean
 
 setup: $(STAMP)
 
@@ -33,7 +33,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline stages tests bench
 	$(BIN)/ruff format --check pipeline stages tests bench
 
-bench: bench-ingest bench-download
+bench: bench-ingest bench-download bench-detect
+
+# Accuracy of each available detector on ../shared/data/faces (or FACECAP_SHARED).
+eval: $(STAMP)
+	$(BIN)/python bench/eval_detect.py
+
+bench-detect: $(STAMP)
+	$(BIN)/python bench/bench_detect.py
 
 bench-ingest: $(STAMP)
 	$(BIN)/python bench/bench_ingest.py

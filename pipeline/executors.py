@@ -94,7 +94,7 @@ class RayExecutor:
 
         cluster.connect(self.ray_config)  # only now: a run with nothing to do never starts Ray
         self._job = job
-        resources = job.stage_cls.resources
+        resources = job.resources
         if resources.actor:
             size = cluster.pool_size(resources.cpus, resources.gpus, self.ray_config.reserve_cpus)
             actor_cls = ray.remote(_ShardActor).options(num_cpus=resources.cpus, num_gpus=resources.gpus)
@@ -112,7 +112,7 @@ class RayExecutor:
 
     def submit(self, shard: int, source: pa.Table | None, attempt: int) -> int:
         ticket = next(self._tickets)
-        if self._job.stage_cls.resources.actor:
+        if self._job.resources.actor:
             actor = self._idle.popleft() if self._idle else self._actor_cls.remote(self._job_ref)
             ref = actor.process.remote(shard, source, attempt)
             self._pending[ref] = (ticket, actor)

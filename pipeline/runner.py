@@ -60,6 +60,7 @@ def run_stage(
     runner = runner or RunnerConfig()
     progress = progress or Quiet()
     started = time.perf_counter()
+    job.stage_cls.preflight(job.config)
     out = Dataset(Storage(job.output, job.storage))
     parent = _check_parent(job) if not job.stage_cls.source else None
     if job.stage_cls.source and source is None:

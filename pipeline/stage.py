@@ -92,6 +92,16 @@ class Stage(ABC):
         self.config = config
 
     @classmethod
+    def preflight(cls, config: StageConfig) -> None:
+        """Driver-side checks before any shard runs (a model file that is missing, say): raise a
+        FacecapError with one clear line instead of failing every shard on the workers."""
+
+    @classmethod
+    def resources_for(cls, config: StageConfig) -> Resources:
+        """What a worker needs under this config (a stage may ask for a GPU fraction by config)."""
+        return cls.resources
+
+    @classmethod
     def media_extensions(cls, config: StageConfig) -> dict[str, str]:
         """Tar member extension of each written media name (may depend on the config)."""
         return {name: name for name in cls.writes_media}

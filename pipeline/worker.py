@@ -28,7 +28,7 @@ from pipeline.dataset import (
     config_hash,
     shard_name,
 )
-from pipeline.stage import Batch, Output, Stage, StageConfig
+from pipeline.stage import Batch, Output, Resources, Stage, StageConfig
 from pipeline.status import OK, rejected
 from pipeline.storage import Storage, StorageOptions
 
@@ -52,6 +52,10 @@ class StageJob:
     @property
     def name(self) -> str:
         return self.stage_cls.name
+
+    @property
+    def resources(self) -> Resources:
+        return self.stage_cls.resources_for(self.config)
 
     @property
     def config_hash(self) -> str:
@@ -120,7 +124,7 @@ def process_shard(
             }
             if revisit and spool is not None:
                 _carry_media(job, shard, kept, spool)
-            batch_size = max(1, job.stage_cls.resources.batch_size)
+            batch_size = max(1, job.resources.batch_size)
             for start in range(0, todo_table.num_rows, batch_size):
                 rows = todo_table.slice(start, batch_size).to_pandas()
                 t0 = time.perf_counter()

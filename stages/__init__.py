@@ -1,12 +1,14 @@
 """The stages facecap has, in pipeline order. A stage appears here (and in the CLI) once built."""
 
 from pipeline.stage import Stage
+from stages.detect import DetectStage
 from stages.download import DownloadStage
 from stages.ingest import IngestStage
 
 REGISTRY: dict[str, type[Stage]] = {
     IngestStage.name: IngestStage,
     DownloadStage.name: DownloadStage,
+    DetectStage.name: DetectStage,
 }
 
 __all__ = ["REGISTRY"]

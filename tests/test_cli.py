@@ -31,9 +31,9 @@ def stats_json(folder) -> dict:
 def test_help_teaches_and_lists_only_built_commands():
     result = cli("--help")
     assert result.exit_code == 0
-    for command in ("ingest", "download", "run", "stats"):
+    for command in ("ingest", "download", "detect", "run", "stats", "models"):
         assert command in result.stdout
-    for unbuilt in ("detect", "caption", "export"):
+    for unbuilt in ("filter", "tag", "caption", "dedup", "export", "report"):
         assert f" {unbuilt} " not in result.stdout
     ingest_help = cli("ingest", "--help").stdout
     assert "--url-column" in ingest_help and "img2dataset" in ingest_help
@@ -142,7 +142,7 @@ def test_run_chain_dry_run_and_run_folder_stats(tmp_path):
     assert [s["stage"] for s in payload["stages"]] == ["ingest"]
     assert payload["stages"][0]["rows"] == 40
     assert "complete" in cli("run", "--input", csv, "--output", work, "--dry-run").stdout
-    bad = cli("run", "--input", csv, "--output", work, "--from", "detect")
+    bad = cli("run", "--input", csv, "--output", work, "--from", "caption")
     assert bad.exit_code == 2 and "not a stage of this recipe" in bad.stderr
 
 
@@ -248,5 +248,7 @@ def test_run_skips_download_for_an_img2dataset_folder(tmp_path):
     assert "download: skipped" in result.stdout
     assert not (work / "download").exists()
     payload = stats_json(work)
-    assert [s["stage"] for s in payload["stages"]] == ["ingest"]
+    assert [s["stage"] for s in payload["stages"]] == ["ingest", "detect"]
     assert payload["stages"][0]["by_status"] == {"ok": 1, "download:http_404": 1}
+    # detect read the image straight from the img2dataset tar (here 3 bytes that are no JPEG)
+    assert payload["stages"][1]["by_status"] == {"detect:undecodable": 1, "download:http_404": 1}

@@ -36,6 +36,12 @@ def test_demo_runs_offline_and_every_funnel_adds_up(tmp_path, monkeypatch, ray_l
     ):
         assert download["by_status"][f"download:{reason}"] == 1, reason
     assert (work / "download" / "part-00000.tar").stat().st_size > 100_000
+    detect = Dataset(Storage(str(work / "detect"))).summary()
+    assert detect["complete"] and detect["rows"] == sum(detect["by_status"].values())
+    assert detect["by_status"]["ok"] >= 7  # the 6 faces of insightface's group photo and the astronaut
+    assert detect["by_status"]["detect:no_face"] >= 5  # coffee, rocket, text, horse, motorcycle, ...
+    faces = Dataset(Storage(str(work / "detect"))).read_shard(0).to_pandas()
+    assert (faces[faces.status == "ok"].key.str.contains("_f")).all()
     manifest = json.loads((work / "download" / "_manifest.json").read_text())
     assert manifest["recipe"]["name"] == "demo" and manifest["parent"].endswith("ingest")
     assert "served at http://127.0.0.1:" in capsys.readouterr().out

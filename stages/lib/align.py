@@ -1,0 +1,92 @@
+"""Face crops: ArcFace-aligned (5-point similarity), tight box, and FaceCaption's enlarged square.
+
+Pixels a crop takes from outside the image are black; the box and square crops say whether
+that happened, so a dataset can flag faces cut by the image border.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+# insightface's arcface_dst: where the 5 landmarks of a 112x112 ArcFace crop lie.
+ARCFACE_TEMPLATE_112 = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    np.float32,
+)
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 2x3 least-squares similarity (rotation, uniform scale, shift) taking src points to dst (Umeyama).
+
+    Exact and deterministic, unlike cv2.estimateAffinePartial2D, whose RANSAC may drop a landmark.
+    """
+    src = np.asarray(src, np.float64).reshape(-1, 2)
+    dst = np.asarray(dst, np.float64).reshape(-1, 2)
+    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    covariance = dst_c.T @ src_c / len(src)
+    u, singular, vt = np.linalg.svd(covariance)
+    sign = np.eye(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:  # a reflection: flip the weakest axis instead
+        sign[1, 1] = -1
+    rotation = u @ sign @ vt
+    variance = (src_c**2).sum() / len(src)
+    scale = (singular * np.diag(sign)).sum() / variance if variance > 0 else 1.0
+    matrix = np.empty((2, 3))
+    matrix[:, :2] = scale * rotation
+    matrix[:, 2] = dst_mean - matrix[:, :2] @ src_mean
+    return matrix
+
+
+def alignment_matrix(landmarks: np.ndarray, size: int = 112) -> np.ndarray:
+    """The 2x3 transform that aligned_crop applies: landmarks onto the template scaled to size/112."""
+    return similarity_transform(landmarks, ARCFACE_TEMPLATE_112 * (size / 112.0))
+
+
+def aligned_crop(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
+    """A size x size crop with the 5 landmarks warped onto the ArcFace template; outside pixels black."""
+    matrix = alignment_matrix(landmarks, size)
+    return cv2.warpAffine(
+        image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
+
+
+def box_crop(image: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The rounded box's pixels, not resized (at least 1x1); parts outside the image black. Bool: padded."""
+    x1, y1, x2, y2 = (round(float(v)) for v in box[:4])
+    return padded_crop(image, x1, y1, max(x2, x1 + 1), max(y2, y1 + 1))
+
+
+def square_crop(image: np.ndarray, box: np.ndarray, scale: float = 1.5, size: int = 512) -> tuple[np.ndarray, bool]:
+    """A square of side scale * the box's longer side around the box centre, resized to size.
+
+    FaceCaption-15M's crops (Face-MakeUp's enlargeImage) take this square at 1.5x, so the whole
+    head and some context show. Parts outside the image are black. Bool: padded.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box[:4])
+    side = max(1, round(scale * max(x2 - x1, y2 - y1)))
+    left = round((x1 + x2) / 2 - side / 2)
+    top = round((y1 + y2) / 2 - side / 2)
+    crop, padded = padded_crop(image, left, top, left + side, top + side)
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
+    return cv2.resize(crop, (size, size), interpolation=interpolation), padded
+
+
+def padded_crop(image: np.ndarray, x1: int, y1: int, x2: int, y2: int) -> tuple[np.ndarray, bool]:
+    """image[y1:y2, x1:x2] where the rectangle may reach outside: those pixels are black. Bool: it did."""
+    height, width = image.shape[:2]
+    inside = x1 >= 0 and y1 >= 0 and x2 <= width and y2 <= height
+    if inside:
+        return image[y1:y2, x1:x2].copy(), False
+    crop = np.zeros((y2 - y1, x2 - x1, *image.shape[2:]), image.dtype)
+    sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+    if sx1 < sx2 and sy1 < sy2:
+        crop[sy1 - y1 : sy2 - y1, sx1 - x1 : sx2 - x1] = image[sy1:sy2, sx1:sx2]
+    return crop, True

@@ -1,0 +1,202 @@
+"""The detect stage on real photos: face rows, crops, the face policy and every rejection."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import cv2
+import insightface
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import ingest, ray_executor, read_all, run
+
+from pipeline.corpus_server import CorpusServer
+from pipeline.dataset import Dataset, TarShardReader
+from pipeline.models import ModelMissing
+from pipeline.storage import Storage
+from stages.detect import DetectConfig, DetectStage
+from stages.download import DownloadConfig, DownloadStage
+from stages.lib.fetch import SafetySettings
+from stages.lib.images import ImageSettings
+
+GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+PORTRAITS = ["deepface/img1.jpg", "deepface/img10.jpg", "deepface/img11.jpg"]
+NONFACE = ["nonface/dlib_cars.jpg", "nonface/sheep.jpg"]
+
+
+@pytest.fixture(scope="module")
+def downloaded(tmp_path_factory, face_photos):
+    """ingest + download of a group photo, three portraits and two non-face photos."""
+    root = tmp_path_factory.mktemp("detect")
+    served = root / "served"
+    served.mkdir()
+    (served / "group.jpg").write_bytes(GROUP.read_bytes())
+    names = ["group.jpg"]
+    for name in PORTRAITS + NONFACE:
+        flat = name.replace("/", "_")
+        (served / flat).write_bytes((face_photos / name).read_bytes())
+        names.append(flat)
+    with CorpusServer(served) as server:
+        csv = root / "urls.csv"
+        csv.write_text("url,caption\n" + "\n".join(f"{server.url('/files/' + n)},{n}" for n in names) + "\n")
+        ingest(csv, root / "ingest", shard_size=4)
+        config = DownloadConfig(safety=SafetySettings(allow_private_networks=True))
+        run(DownloadStage, root / "ingest", root / "download", config=config)
+        small = DownloadConfig(
+            safety=SafetySettings(allow_private_networks=True),
+            image=ImageSettings(resize_mode="keep_ratio_largest", image_size=640),
+        )
+        run(DownloadStage, root / "ingest", root / "download_small", config=small)
+    return root
+
+
+def detect(root: Path, name: str, parent: str = "download", executor=None, **config):
+    result = run(DetectStage, root / parent, root / name, config=DetectConfig(**config), executor=executor)
+    assert result.ok, result.failed
+    return read_all(root / name).to_pandas()
+
+
+def by_source(rows):
+    return {caption: group for caption, group in rows.groupby("caption")}
+
+
+def test_faces_become_rows_with_crops_and_the_funnel_adds_up(downloaded):
+    rows = detect(downloaded, "faces", min_score=0.8, min_face_side=20)
+    groups = by_source(rows)
+    group = groups["group.jpg"]
+    assert len(group) == 6 and (group.status == "ok").all()
+    assert sorted(group.key) == [f"{group.image_key.iloc[0]}_f{i}" for i in range(6)]
+    assert (group.num_faces == 6).all() and group.is_largest.sum() == 1
+    for name in PORTRAITS:
+        portrait = groups[name.replace("/", "_")]
+        assert len(portrait) == 1 and portrait.status.iloc[0] == "ok", portrait[["status", "error"]]
+    for name in NONFACE:
+        assert groups[name.replace("/", "_")].status.iloc[0] in ("detect:no_face", "detect:low_score")
+    summary = Dataset(Storage(str(downloaded / "faces"))).summary()
+    assert summary["rows"] == sum(summary["by_status"].values()) == 6 + 3 + 2
+    assert summary["rows_in"] == 6
+    manifest = Dataset(Storage(str(downloaded / "faces"))).require_manifest()
+    assert {"image", "box", "square", "aligned", "aligned112"} <= set(manifest.media)
+
+
+def test_boxes_landmarks_and_crops(downloaded, face_photos):
+    rows = detect(downloaded, "faces_crops", min_score=0.8, min_face_side=20)
+    ok = rows[rows.status == "ok"].set_index("key")
+    portrait = ok[ok.caption == "deepface_img1.jpg"].iloc[0]
+    width, height = 1382, 1868
+    x1, y1, x2, y2 = portrait.box
+    assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+    assert portrait.face_width == pytest.approx(x2 - x1) and portrait.face_area_ratio > 0.02
+    marks = np.asarray(portrait.landmarks).reshape(5, 2)
+    assert ((marks[:, 0] >= x1) & (marks[:, 0] <= x2) & (marks[:, 1] >= y1) & (marks[:, 1] <= y2)).all()
+    assert marks[0, 1] < marks[3, 1] and marks[1, 1] < marks[4, 1]  # eyes above the mouth
+    assert portrait.detector == "yunet" and len(portrait.detector_sha256) == 64
+    with TarShardReader(Storage(str(downloaded / "faces_crops")), "part-00000.tar") as tar:
+        crops = tar.get(portrait.name)
+    assert set(crops) == {"box.jpg", "square.jpg", "aligned.jpg", "aligned112.jpg"}
+    sizes = {
+        ext: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape[:2] for ext, data in crops.items()
+    }
+    assert sizes["square.jpg"] == (512, 512) and sizes["aligned.jpg"] == (512, 512)
+    assert sizes["aligned112.jpg"] == (112, 112)
+    assert sizes["box.jpg"] == (round(y2) - round(y1), round(x2) - round(x1))
+
+
+def test_boxes_are_in_original_pixels_when_the_download_resized(downloaded):
+    full = detect(downloaded, "faces_full", min_score=0.8, min_face_side=20)
+    small = detect(downloaded, "faces_small", parent="download_small", min_score=0.8, min_face_side=20)
+    a = full[(full.caption == "deepface_img1.jpg") & (full.status == "ok")].iloc[0]
+    b = small[(small.caption == "deepface_img1.jpg") & (small.status == "ok")].iloc[0]
+    assert b.width <= 640 and a.width == 1382
+    # Detection at another resolution moves a box a little; unscaled boxes would be 2.2x smaller.
+    assert np.allclose(a.box, b.box, atol=0.06 * 1382)
+
+
+@pytest.mark.parametrize(
+    "config, image, status",
+    [
+        ({"min_score": 0.99999}, "deepface_img10.jpg", "detect:low_score"),
+        ({"min_score": 0.8, "min_face_side": 5000}, "deepface_img10.jpg", "detect:face_too_small"),
+        (
+            {"min_score": 0.8, "min_face_side": 20, "min_relative_area": 0.9},
+            "deepface_img11.jpg",
+            "detect:face_too_small",
+        ),
+        ({"min_score": 0.8, "min_face_side": 20, "multi_face": "reject"}, "group.jpg", "detect:multi_face"),
+        ({"min_score": 0.8, "min_face_side": 20, "max_faces": 3}, "group.jpg", "detect:multi_face"),
+    ],
+)
+def test_policy_rejections_say_why(downloaded, config, image, status, request):
+    rows = detect(downloaded, f"policy_{request.node.callspec.id}", **config)
+    row = rows[rows.caption == image]
+    assert len(row) == 1 and row.status.iloc[0] == status
+    assert row.error.iloc[0]
+
+
+def test_largest_keeps_one_face_per_image(downloaded):
+    rows = detect(downloaded, "largest", min_score=0.8, min_face_side=20, multi_face="largest")
+    group = rows[rows.caption == "group.jpg"]
+    assert len(group) == 1 and group.is_largest.iloc[0] and group.num_faces.iloc[0] == 6
+
+
+def test_undecodable_images_from_an_img2dataset_folder(tmp_path, face_photos):
+    folder = tmp_path / "i2d"
+    folder.mkdir()
+    keys = ["000000000", "000000001"]
+    pq.write_table(
+        pa.table(
+            {
+                "key": keys,
+                "url": ["http://a.example/0.jpg", "http://a.example/1.jpg"],
+                "caption": ["good", "broken"],
+                "status": ["success", "success"],
+                "error_message": [None, None],
+            }
+        ),
+        folder / "00000.parquet",
+    )
+    payloads = [(face_photos / PORTRAITS[1]).read_bytes(), b"\xff\xd8 not really a jpeg"]
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for key, data in zip(keys, payloads, strict=True):
+            for ext, body in (("jpg", data), ("json", json.dumps({"key": key}).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    ingest(folder, tmp_path / "ingest")
+    rows = detect(tmp_path, "faces", parent="ingest", min_score=0.8, min_face_side=20)
+    by_caption = dict(zip(rows.caption, rows.status, strict=True))
+    assert by_caption == {"good": "ok", "broken": "detect:undecodable"}
+
+
+@pytest.mark.slow
+def test_detect_on_ray_as_an_actor_pool(downloaded, ray_local):
+    rows = detect(downloaded, "faces_ray", executor=ray_executor(), min_score=0.8, min_face_side=20)
+    assert (rows.status == "ok").sum() == 9
+
+
+def test_other_detectors_and_missing_models(downloaded, shared, monkeypatch):
+    monkeypatch.setenv("FACECAP_MODELS", str(shared / "models"))
+    for detector in ("scrfd", "retinaface"):
+        rows = detect(downloaded, f"faces_{detector}", detector=detector, min_score=0.7, min_face_side=20)
+        group = rows[rows.caption == "group.jpg"]
+        assert (group.status == "ok").sum() == 6, detector
+        assert group.detector_model.iloc[0] in ("scrfd-500m", "retinaface-mnet025")
+    monkeypatch.setenv("FACECAP_MODELS", str(downloaded / "nowhere"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(downloaded / "empty-cache"))
+    with pytest.raises(ModelMissing, match="facecap models pull scrfd-500m"):
+        run(DetectStage, downloaded / "download", downloaded / "faces_missing", config=DetectConfig(detector="scrfd"))
+    assert not (downloaded / "faces_missing").exists()
+
+
+def test_default_score_floor_is_the_detectors_equivalent_of_facecaptions(downloaded):
+    assert DetectConfig().score_floor() == 0.85
+    assert DetectConfig(detector="retinaface").score_floor() == 0.98
+    assert DetectConfig(detector="scrfd", min_score=0.5).score_floor() == 0.5
+    rows = detect(downloaded, "defaults", min_face_side=20)
+    assert (rows[rows.caption == "group.jpg"].status == "ok").sum() == 6
+    assert rows[rows.caption == "deepface_img10.jpg"].status.iloc[0] == "ok"
