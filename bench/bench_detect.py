@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench-out" / "detect"
 SHARED = Path(os.environ.get("FACECAP_SHARED", REPO.parent / "shared"))
 COPIES = int(os.environ.get("BENCH_COPIES", "2"))
+# No crops (boxes and landmarks only), the 112 alignment for embeddings, and all four (the default).
+CROP_SETS = ("[]", "[aligned112]", "[box,square,aligned,aligned112]")
 
 
 def photos() -> list[Path]:
@@ -75,14 +77,18 @@ def build_img2dataset_folder(folder: Path, files: list[Path]) -> list[bytes]:
 def bare_loop(detector_kind: str, model: Path, datas: list[bytes]) -> tuple[float, int]:
     from stages.lib.detectors import make_detector
 
-    detector = make_detector(detector_kind, model, threshold=0.5, max_side=1280, use_gpu=False)
+    # One core, like one stage worker (Ray sets OMP_NUM_THREADS=1; the stage passes it on).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    cv2.setNumThreads(1)
+
+    detector = make_detector(detector_kind, model, threshold=0.5, max_side=640, use_gpu=False)  # the stage default
     images = [cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR) for d in datas]
     started = time.perf_counter()
     faces = sum(len(detector.detect(image)) for image in images)
     return time.perf_counter() - started, faces
 
 
-def in_stage(detector_kind: str, model: str, label: str) -> tuple[float, float, int]:
+def in_stage(detector_kind: str, model: str, label: str, crops: str) -> tuple[float, float, int]:
     out = OUT / f"stage-{label}"
     shutil.rmtree(out, ignore_errors=True)
     facecap = str(Path(sys.executable).with_name("facecap"))
@@ -147,13 +153,15 @@ def main() -> None:
             print(f"{name:<22} skipped: {missing}")
             continue
         bare_seconds, bare_faces = bare_loop(kind, path, datas)
-        stage_seconds, wall, stage_faces = in_stage(kind, name, name)
-        bare_rate, stage_rate = bare_faces / bare_seconds, stage_faces / stage_seconds
-        print(
-            f"{name:<22}{bare_rate:>13.1f}{stage_rate:>14.1f}{100 * (bare_rate / stage_rate - 1):>9.0f}%"
-            f"{stage_faces:>7}{wall:>8.1f}"
-        )
-    print("overhead = extra time per face in the stage (tar read, decode, policy, 4 crops, writes) over the bare loop")
+        bare_rate = bare_faces / bare_seconds
+        for crops in CROP_SETS:
+            stage_seconds, wall, stage_faces = in_stage(kind, name, f"{name}-{len(crops)}", crops)
+            stage_rate = stage_faces / stage_seconds
+            print(
+                f"{name:<22}{bare_rate:>13.1f}{stage_rate:>14.1f}{100 * (bare_rate / stage_rate - 1):>9.0f}%"
+                f"{stage_faces:>7}{wall:>8.1f}  {crops}"
+            )
+    print("overhead = extra time per face in the stage (tar read, decode, policy, crops, writes) over the bare loop")
 
 
 if __name__ == "__main__":
