@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench-out" / "detect"
 SHARED = Path(os.environ.get("FACECAP_SHARED", REPO.parent / "shared"))
 COPIES = int(os.environ.get("BENCH_COPIES", "2"))
-# No crops (boxes and landmarks only), the 112 alignment for embeddings, and all four (the default).
-CROP_SETS = ("[]", "[aligned112]", "[box,square,aligned,aligned112]")
+# No crops (boxes and landmarks only), the default two (square 512 and aligned 112), and all four.
+CROP_SETS = ("[]", "[square,aligned112]", "[box,square,aligned,aligned112]")
 
 
 def photos() -> list[Path]:

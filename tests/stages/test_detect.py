@@ -66,7 +66,9 @@ def by_source(rows):
 
 
 def test_faces_become_rows_with_crops_and_the_funnel_adds_up(downloaded):
-    rows = detect(downloaded, "faces", min_score=0.8, min_face_side=20)
+    rows = detect(
+        downloaded, "faces", min_score=0.8, min_face_side=20, crops=["box", "square", "aligned", "aligned112"]
+    )
     groups = by_source(rows)
     group = groups["group.jpg"]
     assert len(group) == 6 and (group.status == "ok").all()
@@ -85,7 +87,9 @@ def test_faces_become_rows_with_crops_and_the_funnel_adds_up(downloaded):
 
 
 def test_boxes_landmarks_and_crops(downloaded, face_photos):
-    rows = detect(downloaded, "faces_crops", min_score=0.8, min_face_side=20)
+    rows = detect(
+        downloaded, "faces_crops", min_score=0.8, min_face_side=20, crops=["box", "square", "aligned", "aligned112"]
+    )
     ok = rows[rows.status == "ok"].set_index("key")
     portrait = ok[ok.caption == "deepface_img1.jpg"].iloc[0]
     width, height = 1382, 1868
@@ -200,3 +204,11 @@ def test_default_score_floor_is_the_detectors_equivalent_of_facecaptions(downloa
     rows = detect(downloaded, "defaults", min_face_side=20)
     assert (rows[rows.caption == "group.jpg"].status == "ok").sum() == 6
     assert rows[rows.caption == "deepface_img10.jpg"].status.iloc[0] == "ok"
+
+
+def test_default_crops_are_the_square_and_the_112_alignment(downloaded):
+    detect(downloaded, "default_crops", min_score=0.8, min_face_side=20)
+    manifest = Dataset(Storage(str(downloaded / "default_crops"))).require_manifest()
+    assert {"square", "aligned112"} <= set(manifest.media) and "box" not in manifest.media
+    detect(downloaded, "no_crops", min_score=0.8, min_face_side=20, crops=[])
+    assert not (downloaded / "no_crops" / "part-00000.tar").exists()
