@@ -116,6 +116,8 @@ def in_stage(detector_kind: str, model: str, label: str, crops: str) -> tuple[fl
             "0",
             "--set",
             "ray.num_cpus=2",
+            "--set",
+            f"detect.crops={crops}",
         ],
         env=env,
         check=True,
