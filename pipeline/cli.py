@@ -154,6 +154,22 @@ def _print_result(result: StageResult) -> None:
         err_console.print(f"  ... and {len(result.failed) - 10} more failed shards (see _failed/)")
 
 
+def _stage_command(
+    name: str,
+    parent: str | None,
+    output: str,
+    config: Path | None,
+    sets: list[str] | None,
+    overrides: dict[str, Any],
+    overwrite: bool,
+    quiet: bool,
+    retry_failed: bool = False,
+) -> None:
+    """What every one-stage command does: build the recipe, run the stage, exit with its outcome."""
+    recipe = _recipe(config, sets, overrides)
+    _exit_for([_run_one(recipe, REGISTRY[name], parent, output, overwrite, quiet, retry_failed)])
+
+
 def _exit_for(results: list[StageResult]) -> None:
     failed = sum(len(r.failed) for r in results)
     if failed:
@@ -207,21 +223,16 @@ def ingest(
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    recipe = _recipe(
-        config,
-        set_,
-        {
-            "ingest.input": [_absolute(input)],
-            "ingest.url_column": url_column,
-            "ingest.caption_column": caption_column,
-            "ingest.format": input_format,
-            "ingest.shard_size": shard_size,
-            "ingest.opt_out": opt_out,
-            **_common(ray_address, executor, max_retries),
-        },
-    )
-    result = _run_one(recipe, REGISTRY["ingest"], None, output, overwrite, quiet)
-    _exit_for([result])
+    overrides = {
+        "ingest.input": [_absolute(input)],
+        "ingest.url_column": url_column,
+        "ingest.caption_column": caption_column,
+        "ingest.format": input_format,
+        "ingest.shard_size": shard_size,
+        "ingest.opt_out": opt_out,
+        **_common(ray_address, executor, max_retries),
+    }
+    _stage_command("ingest", None, output, config, set_, overrides, overwrite, quiet)
 
 
 DOWNLOAD_EXAMPLES = """Examples:
@@ -262,20 +273,15 @@ def download(
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    recipe = _recipe(
-        config,
-        set_,
-        {
-            "download.concurrency": concurrency,
-            "download.image.resize_mode": resize_mode,
-            "download.image.image_size": image_size,
-            "download.image.output_format": output_format,
-            "download.safety.allow_private_networks": allow_private_networks,
-            **_common(ray_address, executor, max_retries),
-        },
-    )
-    result = _run_one(recipe, REGISTRY["download"], input, output, overwrite, quiet, retry_failed)
-    _exit_for([result])
+    overrides = {
+        "download.concurrency": concurrency,
+        "download.image.resize_mode": resize_mode,
+        "download.image.image_size": image_size,
+        "download.image.output_format": output_format,
+        "download.safety.allow_private_networks": allow_private_networks,
+        **_common(ray_address, executor, max_retries),
+    }
+    _stage_command("download", input, output, config, set_, overrides, overwrite, quiet, retry_failed)
 
 
 DETECT_EXAMPLES = """Examples:
@@ -299,7 +305,10 @@ def detect(
     config: ConfigOpt = None,
     detector: Annotated[str | None, typer.Option(help="yunet (default), scrfd or retinaface")] = None,
     model: Annotated[str | None, typer.Option(help="registry name (facecap models list) or .onnx path")] = None,
-    min_score: Annotated[float | None, typer.Option(help="a face counts from this score on (0.98)")] = None,
+    min_score: Annotated[
+        float | None,
+        typer.Option(help="a face counts from this score on (default: yunet 0.85, scrfd 0.7, retinaface 0.98)"),
+    ] = None,
     min_face_side: Annotated[int | None, typer.Option(help="both box sides, original pixels (128)")] = None,
     multi_face: Annotated[str | None, typer.Option(help="all, largest or reject")] = None,
     set_: SetOpt = None,
@@ -309,20 +318,15 @@ def detect(
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    recipe = _recipe(
-        config,
-        set_,
-        {
-            "detect.detector": detector,
-            "detect.model": model,
-            "detect.min_score": min_score,
-            "detect.min_face_side": min_face_side,
-            "detect.multi_face": multi_face,
-            **_common(ray_address, executor, max_retries),
-        },
-    )
-    result = _run_one(recipe, REGISTRY["detect"], input, output, overwrite, quiet)
-    _exit_for([result])
+    overrides = {
+        "detect.detector": detector,
+        "detect.model": model,
+        "detect.min_score": min_score,
+        "detect.min_face_side": min_face_side,
+        "detect.multi_face": multi_face,
+        **_common(ray_address, executor, max_retries),
+    }
+    _stage_command("detect", input, output, config, set_, overrides, overwrite, quiet)
 
 
 @app.command(
