@@ -47,7 +47,9 @@ SUFFIXES = {
     ".txt": "txt",
 }
 # Names facecap itself gives meaning to; input columns with these names are renamed ``input_*``.
-RESERVED = {"key", "status", "error", "url", "caption", "source_file", "source_row"}
+# "caption" too: the caption stage writes it (a list of generated captions), so an input column of
+# that name that is not the alt text is kept as input_caption.
+RESERVED = {"key", "status", "error", "url", "alt_text", "caption", "source_file", "source_row"}
 MALFORMED = "ingest:malformed_row"
 # "utf-8-sig" drops the byte-order mark spreadsheet tools put first, which would else stick to the
 # first column name (CSV) or make the first line unparsable (JSONL) or an invalid URL (txt).
@@ -64,7 +66,9 @@ class SourceConfig(StageConfig):
     input: list[str] = Field(default_factory=list, description="files, folders or globs (local or s3://)")
     format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt", "img2dataset"] = "auto"
     url_column: str = Field("url", description="column holding the image URL (LAION: URL)")
-    caption_column: str | None = Field("caption", description="column holding alt text (LAION: TEXT)")
+    caption_column: str | None = Field(
+        "caption", description="input column holding the alt text (LAION: TEXT); stored as alt_text"
+    )
     keep_columns: bool = Field(True, description="keep the input's other columns (SAMPLE_ID, NSFW, ...)")
     shard_size: int = Field(10_000, ge=1, le=10_000_000, description="rows per output shard")
 
@@ -183,7 +187,7 @@ def _open_parquet(uri: str, options: StorageOptions):
 def _unified_schema(
     files: list[str], formats: dict[str, str], config: SourceConfig, options: StorageOptions
 ) -> pa.Schema:
-    """One schema for every shard: url, caption, the kept extra columns, provenance."""
+    """One schema for every shard: url, alt_text, the kept extra columns, provenance."""
     extras: dict[str, pa.DataType] = {}
     for uri in files:
         columns = _input_columns(uri, formats[uri], options)
@@ -192,7 +196,7 @@ def _unified_schema(
             raise _no_url_column(uri, names, config)  # fail before any output is written
         for name, dtype in columns:
             out = _output_name(name, config)
-            if out in ("url", "caption") or not config.keep_columns:
+            if out in ("url", "alt_text") or not config.keep_columns:
                 continue
             if out in extras and extras[out] != dtype:
                 extras[out] = pa.string()  # files disagree on the type: keep text, lose nothing
@@ -203,7 +207,7 @@ def _unified_schema(
         pa.field("status", pa.string()),
         pa.field("error", pa.string()),
         pa.field("url", pa.string()),
-        pa.field("caption", pa.string()),
+        pa.field("alt_text", pa.string()),
     ]
     fields += [pa.field(n, t) for n, t in extras.items()]
     fields += [pa.field("source_file", pa.string()), pa.field("source_row", pa.int64())]
@@ -211,11 +215,11 @@ def _unified_schema(
 
 
 def _output_name(name: str, config: SourceConfig) -> str:
-    """The column an input column becomes: url, caption, ``input_<name>`` for reserved names, or itself."""
+    """The column an input column becomes: url, alt_text, ``input_<name>`` for reserved names, or itself."""
     if name == config.url_column:
         return "url"
     if config.caption_column and name == config.caption_column:
-        return "caption"
+        return "alt_text"
     return f"input_{name}" if name in RESERVED else name
 
 
@@ -536,7 +540,7 @@ def _img2dataset_table(storage: Storage, stem: str) -> pa.Table:
         "status": pa.array([_img2dataset_status(s, e) for s, e in zip(statuses, errors, strict=True)], pa.string()),
         "error": pa.array([e if s != "success" else None for s, e in zip(statuses, errors, strict=True)], pa.string()),
         "url": raw.column("url").cast(pa.string()),
-        "caption": raw.column("caption").cast(pa.string())
+        "alt_text": raw.column("caption").cast(pa.string())
         if "caption" in raw.column_names
         else pa.nulls(n, pa.string()),
     }

@@ -143,5 +143,5 @@ class DownloadStage(Stage):
 
 
 def _sample_json(row: dict[str, Any]) -> bytes:
-    fields = ("key", "url", "caption", "final_url", "width", "height", "original_width", "original_height", "sha256")
+    fields = ("key", "url", "alt_text", "final_url", "width", "height", "original_width", "original_height", "sha256")
     return json.dumps({f: row.get(f) for f in fields}, ensure_ascii=False, default=str).encode()

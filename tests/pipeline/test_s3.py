@@ -99,7 +99,7 @@ def check_ingest_on_s3(client, bucket: str, out: str, extra: list[str]) -> None:
     urls, expected = input_rows()
     assert [r["key"] for r in rows] == [f"{i:010d}" for i in range(ROWS)]
     assert [r["url"] for r in rows] == urls
-    assert [r["caption"] for r in rows] == [f"caption {i}" for i in range(ROWS)]
+    assert [r["alt_text"] for r in rows] == [f"caption {i}" for i in range(ROWS)]
     assert Counter(r["status"] for r in rows) == expected
 
     for s, table in zip(shards, tables, strict=True):

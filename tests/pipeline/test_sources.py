@@ -99,12 +99,12 @@ def test_every_format_reads_the_same_rows(tmp_path, name):
     assert [r["key"] for r in rows] == keys(7)
     assert [r["url"] for r in rows] == URLS
     expected_captions = [None] * 7 if ".txt" in name else CAPTIONS
-    assert [r["caption"] for r in rows] == expected_captions
+    assert [r["alt_text"] for r in rows] == expected_captions
     assert {r["status"] for r in rows} == {"ok"}
     assert {r["error"] for r in rows} == {None}
     assert {r["source_file"] for r in rows} == {str(path)}
     assert [r["source_row"] for r in rows] == list(range(7))
-    assert list(rows[0]) == ["key", "status", "error", "url", "caption", "source_file", "source_row"]
+    assert list(rows[0]) == ["key", "status", "error", "url", "alt_text", "source_file", "source_row"]
 
 
 def test_format_override_reads_a_file_whose_name_says_nothing(tmp_path):
@@ -133,7 +133,7 @@ def test_folder_of_mixed_files_is_read_in_sorted_order_with_contiguous_keys(tmp_
     names = [os.path.relpath(r["source_file"], folder) for r in rows]
     assert names == ["a.csv", "a.csv", "b.jsonl", "b.jsonl", "c.parquet", "c.parquet", "sub/d.txt.gz"]
     assert [r["source_row"] for r in rows] == [0, 1, 0, 1, 0, 1, 0]
-    assert [r["caption"] for r in rows] == [*CAPTIONS[:6], None]
+    assert [r["alt_text"] for r in rows] == [*CAPTIONS[:6], None]
 
 
 def test_glob_and_several_inputs(tmp_path):
@@ -194,7 +194,7 @@ def test_laion_columns_are_renamed_and_extras_kept(tmp_path, name):
         "status",
         "error",
         "url",
-        "caption",
+        "alt_text",
         "SAMPLE_ID",
         "NSFW",
         "similarity",
@@ -206,7 +206,7 @@ def test_laion_columns_are_renamed_and_extras_kept(tmp_path, name):
     ]
     rows = table.to_pylist()
     assert [r["url"] for r in rows] == LAION["URL"]
-    assert [r["caption"] for r in rows][:2] == ["a cat", "a dog"]
+    assert [r["alt_text"] for r in rows][:2] == ["a cat", "a dog"]
     # The input's own status and key are data, not facecap's: every row is ok with facecap keys.
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert [r["key"] for r in rows] == keys(3)
@@ -240,14 +240,14 @@ def test_laion_extras_survive_ingest(tmp_path):
 def test_keep_columns_false_drops_extras(tmp_path, name):
     path = write_laion(tmp_path / name)
     rows = read_rows(path, url_column="URL", caption_column="TEXT", keep_columns=False)
-    assert list(rows[0]) == ["key", "status", "error", "url", "caption", "source_file", "source_row"]
+    assert list(rows[0]) == ["key", "status", "error", "url", "alt_text", "source_file", "source_row"]
     assert [r["url"] for r in rows] == LAION["URL"]
 
 
 def test_no_caption_column_keeps_an_input_caption_as_data(tmp_path):
     path = write_urls(tmp_path / "urls.csv", URLS[:2], CAPTIONS[:2])
     rows = read_rows(path, caption_column=None)
-    assert [r["caption"] for r in rows] == [None, None]
+    assert [r["alt_text"] for r in rows] == [None, None]
     assert [r["input_caption"] for r in rows] == CAPTIONS[:2]
 
 
@@ -331,7 +331,7 @@ def test_csv_lines_with_the_wrong_field_count_become_malformed_rows(tmp_path):
     assert rows[1]["error"] == "expected 2 fields, got 3"
     assert rows[2]["error"] == "expected 2 fields, got 1"
     assert rows[2]["url"] == "http://a.example/2.jpg"
-    assert [r["caption"] for r in rows] == ["zero", "one", None, "three, quoted", "multi\nline"]
+    assert [r["alt_text"] for r in rows] == ["zero", "one", None, "three, quoted", "multi\nline"]
     assert [r["source_row"] for r in rows] == [0, 1, 2, 3, 4]
     assert [r["key"] for r in rows] == keys(5)
 
@@ -401,7 +401,7 @@ def test_cp1252_bytes_decode(tmp_path, name):
         raw = f"url{sep}caption\nhttp://a.example/1.jpg{sep}café – naïve\n"
     path.write_bytes(raw.encode("cp1252"))
     rows = read_rows(path)
-    assert rows[0]["caption"] == "café – naïve"
+    assert rows[0]["alt_text"] == "café – naïve"
     assert rows[0]["status"] == "ok"
 
 
@@ -432,7 +432,7 @@ def test_json_escape_with_half_a_surrogate_pair_does_not_stop_the_read(tmp_path)
         '{"url": "http://a.example/2.jpg", "caption": "whole \\ud83d\\ude00"}\n',
     )
     rows = read_rows(path)
-    assert [r["caption"] for r in rows] == ["cut \ufffd", "whole \U0001f600"]
+    assert [r["alt_text"] for r in rows] == ["cut \ufffd", "whole \U0001f600"]
 
 
 def test_integer_url_column_becomes_text_and_is_judged_invalid(tmp_path):
@@ -642,7 +642,7 @@ def test_img2dataset_ingest_keeps_keys_statuses_and_images(img2dataset_folder, t
     assert rows["000000001"]["error"] == "HTTP Error 404: Not Found"
     assert rows["000000003"]["error"] == "<urlopen error [Errno -2] Name or service not known>"
     assert rows["000000000"]["error"] is None
-    assert rows["000000000"]["caption"].startswith("a photo of ")
+    assert rows["000000000"]["alt_text"].startswith("a photo of ")
     assert rows["000000000"]["width"] == 150 and rows["000000000"]["original_height"] == 150
     assert rows["000000000"]["source_file"] == str(folder / "00000.parquet")
     assert rows["000010000"]["source_row"] == 0  # sorted by key within the shard
@@ -659,7 +659,7 @@ def test_img2dataset_ingest_keeps_keys_statuses_and_images(img2dataset_folder, t
                     assert reader.get(key) is None
                     continue
                 assert reader.get(key, ["jpg"])["jpg"] == images[key]
-                assert reader.get(key, ["txt"])["txt"].decode() == rows[key]["caption"]
+                assert reader.get(key, ["txt"])["txt"].decode() == rows[key]["alt_text"]
 
     # A later stage reads the images through the manifest's reference.
     downstream = run(JpegSize, tmp_path / "out", tmp_path / "sizes")
@@ -759,5 +759,5 @@ def test_tsv_captions_may_start_with_a_quote(tmp_path):
     path = tmp_path / "urls.tsv"
     path.write_text('url\tcaption\nhttp://a.example/1.jpg\t"Quoted start of a caption\nhttp://a.example/2.jpg\tplain\n')
     rows = pa.concat_tables(s.table for s in open_source(SourceConfig(input=[str(path)])).shards()).to_pylist()
-    assert [r["caption"] for r in rows] == ['"Quoted start of a caption', "plain"]
+    assert [r["alt_text"] for r in rows] == ['"Quoted start of a caption', "plain"]
     assert all(r["status"] == "ok" for r in rows)

@@ -62,7 +62,7 @@ def detect(root: Path, name: str, parent: str = "download", executor=None, **con
 
 
 def by_source(rows):
-    return {caption: group for caption, group in rows.groupby("caption")}
+    return {caption: group for caption, group in rows.groupby("alt_text")}
 
 
 def test_faces_become_rows_with_crops_and_the_funnel_adds_up(downloaded):
@@ -91,7 +91,7 @@ def test_boxes_landmarks_and_crops(downloaded, face_photos):
         downloaded, "faces_crops", min_score=0.8, min_face_side=20, crops=["box", "square", "aligned", "aligned112"]
     )
     ok = rows[rows.status == "ok"].set_index("key")
-    portrait = ok[ok.caption == "deepface_img1.jpg"].iloc[0]
+    portrait = ok[ok.alt_text == "deepface_img1.jpg"].iloc[0]
     width, height = 1382, 1868
     x1, y1, x2, y2 = portrait.box
     assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
@@ -114,8 +114,8 @@ def test_boxes_landmarks_and_crops(downloaded, face_photos):
 def test_boxes_are_in_original_pixels_when_the_download_resized(downloaded):
     full = detect(downloaded, "faces_full", min_score=0.8, min_face_side=20)
     small = detect(downloaded, "faces_small", parent="download_small", min_score=0.8, min_face_side=20)
-    a = full[(full.caption == "deepface_img1.jpg") & (full.status == "ok")].iloc[0]
-    b = small[(small.caption == "deepface_img1.jpg") & (small.status == "ok")].iloc[0]
+    a = full[(full.alt_text == "deepface_img1.jpg") & (full.status == "ok")].iloc[0]
+    b = small[(small.alt_text == "deepface_img1.jpg") & (small.status == "ok")].iloc[0]
     assert b.width <= 640 and a.width == 1382
     # Detection at another resolution moves a box a little; unscaled boxes would be 2.2x smaller.
     assert np.allclose(a.box, b.box, atol=0.06 * 1382)
@@ -137,14 +137,14 @@ def test_boxes_are_in_original_pixels_when_the_download_resized(downloaded):
 )
 def test_policy_rejections_say_why(downloaded, config, image, status, request):
     rows = detect(downloaded, f"policy_{request.node.callspec.id}", **config)
-    row = rows[rows.caption == image]
+    row = rows[rows.alt_text == image]
     assert len(row) == 1 and row.status.iloc[0] == status
     assert row.error.iloc[0]
 
 
 def test_largest_keeps_one_face_per_image(downloaded):
     rows = detect(downloaded, "largest", min_score=0.8, min_face_side=20, multi_face="largest")
-    group = rows[rows.caption == "group.jpg"]
+    group = rows[rows.alt_text == "group.jpg"]
     assert len(group) == 1 and group.is_largest.iloc[0] and group.num_faces.iloc[0] == 6
 
 
@@ -173,7 +173,7 @@ def test_undecodable_images_from_an_img2dataset_folder(tmp_path, face_photos):
                 tar.addfile(info, io.BytesIO(body))
     ingest(folder, tmp_path / "ingest")
     rows = detect(tmp_path, "faces", parent="ingest", min_score=0.8, min_face_side=20)
-    by_caption = dict(zip(rows.caption, rows.status, strict=True))
+    by_caption = dict(zip(rows.alt_text, rows.status, strict=True))
     assert by_caption == {"good": "ok", "broken": "detect:undecodable"}
 
 
@@ -187,7 +187,7 @@ def test_other_detectors_and_missing_models(downloaded, shared, monkeypatch):
     monkeypatch.setenv("FACECAP_MODELS", str(shared / "models"))
     for detector in ("scrfd", "retinaface"):
         rows = detect(downloaded, f"faces_{detector}", detector=detector, min_score=0.7, min_face_side=20)
-        group = rows[rows.caption == "group.jpg"]
+        group = rows[rows.alt_text == "group.jpg"]
         assert (group.status == "ok").sum() == 6, detector
         assert group.detector_model.iloc[0] in ("scrfd-500m", "retinaface-mnet025")
     monkeypatch.setenv("FACECAP_MODELS", str(downloaded / "nowhere"))
@@ -202,8 +202,8 @@ def test_default_score_floor_is_the_detectors_equivalent_of_facecaptions(downloa
     assert DetectConfig(detector="retinaface").score_floor() == 0.98
     assert DetectConfig(detector="scrfd", min_score=0.5).score_floor() == 0.5
     rows = detect(downloaded, "defaults", min_face_side=20)
-    assert (rows[rows.caption == "group.jpg"].status == "ok").sum() == 6
-    assert rows[rows.caption == "deepface_img10.jpg"].status.iloc[0] == "ok"
+    assert (rows[rows.alt_text == "group.jpg"].status == "ok").sum() == 6
+    assert rows[rows.alt_text == "deepface_img10.jpg"].status.iloc[0] == "ok"
 
 
 def test_default_crops_are_the_square_and_the_112_alignment(downloaded):
