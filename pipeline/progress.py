@@ -21,6 +21,9 @@ class StageProgress(Protocol):
     def __exit__(self, *exc: object) -> None: ...
     def set_total(self, shards: int | None) -> None: ...
     def advance(self, rows: int, failed: bool = False, skipped: bool = False) -> None: ...
+    def phase(self, label: str) -> None:
+        """A new pass over the shards (global stages): restart the bar under this label."""
+        ...
 
 
 class Quiet:
@@ -34,6 +37,9 @@ class Quiet:
         return None
 
     def advance(self, rows: int, failed: bool = False, skipped: bool = False) -> None:
+        return None
+
+    def phase(self, label: str) -> None:
         return None
 
 
@@ -81,6 +87,9 @@ class Bars:
 
     def set_total(self, shards: int | None) -> None:
         self._progress.update(self._task, total=shards)
+
+    def phase(self, label: str) -> None:
+        self._progress.reset(self._task, description=label, rows=0, failed=0)
 
     def advance(self, rows: int, failed: bool = False, skipped: bool = False) -> None:
         task = self._progress.tasks[self._task]

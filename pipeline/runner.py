@@ -7,22 +7,25 @@ keeps failing is recorded in ``_failed/`` with its error while the others comple
 
 from __future__ import annotations
 
+import io
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import RunnerConfig
-from pipeline.dataset import Dataset, Manifest, MediaRef, config_hash
+from pipeline.dataset import Dataset, Manifest, MediaRef, config_hash, shard_name
 from pipeline.errors import DatasetError
 from pipeline.executors import Executor, Outcome
 from pipeline.progress import Quiet, StageProgress
 from pipeline.sources import Source
-from pipeline.stage import Stage
+from pipeline.stage import Stage, Summaries
 from pipeline.storage import Storage
-from pipeline.worker import StageJob, _from_pandas
+from pipeline.worker import PLAN_DIR, SUMMARY_DIR, StageJob, _from_pandas, plan_uri, summary_uri
 
 
 @dataclass
@@ -114,11 +117,17 @@ def run_stage(
 
     with progress:
         progress.set_total(manifest.num_shards)
-        if source:
+        planned = True
+        if parent is not None and job.stage_cls.is_global(job.config):
+            planned = _global_passes(job, parent, out, executor, runner, result, progress)
+        if not planned:
+            pass  # pass 1 left shards failed: they are recorded, and no row is decided without them
+        elif source:
             work = _source_work(job, source, out, runner, result, progress)
+            _dispatch(job, work, executor, runner, out, result, progress)
         else:
             work = _parent_work(parent, out, runner, result, progress, job.stage_cls, job.revisit)
-        _dispatch(job, work, executor, runner, out, result, progress)
+            _dispatch(job, work, executor, runner, out, result, progress)
         progress.set_total(result.shards)
 
     manifest.num_shards = result.shards
@@ -126,6 +135,96 @@ def run_stage(
     out.write_manifest(manifest)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _global_passes(
+    job: StageJob,
+    parent: tuple[Dataset, Manifest],
+    out: Dataset,
+    executor: Executor,
+    runner: RunnerConfig,
+    result: StageResult,
+    progress: StageProgress,
+) -> bool:
+    """Passes 1 and 2 of a global stage; False when some shard could not be summarized.
+
+    Pass 1 resumes like any stage (per-shard done markers under ``_summary``). The plan is
+    made again only when the summaries changed since the last plan, and a new plan
+    invalidates the shards the last pass finished with the old one.
+    """
+    summaries = Dataset(Storage(summary_uri(out.uri), job.storage))
+    summary_result = StageResult(stage=job.name, output=summaries.uri)
+    progress.phase(f"{job.name} 1/3 summarize")
+    work = _parent_work(parent, summaries, runner, summary_result, progress, job.stage_cls, False)
+    _dispatch(replace(job, phase="summarize"), work, executor, runner, summaries, summary_result, progress)
+    if summary_result.failed:
+        for shard, error in summary_result.failed.items():
+            out.mark_failed(shard, f"summarize: {error}", attempts=runner.max_retries + 1)
+            result.failed[shard] = f"summarize: {error}"
+        result.shards = summary_result.shards
+        return False
+    num_shards = parent[1].num_shards or 0
+    fingerprint = config_hash([summaries.done_marker(s) for s in range(num_shards)])
+    plans = Storage(plan_uri(out.uri), job.storage)
+    if _plan_fingerprint(plans) != fingerprint:
+        progress.phase(f"{job.name} 2/3 plan")
+        _write_plan(job, _DatasetSummaries(summaries, num_shards), plans, num_shards)
+        for shard in range(num_shards):
+            out.clear_shard(shard)
+        plans.write_bytes(PLAN_MARKER, json.dumps({"summaries": fingerprint}).encode())
+    progress.phase(f"{job.name} 3/3 apply")
+    return True
+
+
+PLAN_MARKER = "_complete.json"
+
+
+def _plan_fingerprint(plans: Storage) -> str | None:
+    if not plans.exists(PLAN_MARKER):
+        return None
+    try:
+        return json.loads(plans.read_bytes(PLAN_MARKER)).get("summaries")
+    except ValueError:
+        return None
+
+
+def _write_plan(job: StageJob, summaries: Summaries, plans: Storage, num_shards: int) -> None:
+    if plans.exists(PLAN_MARKER):
+        plans.delete(PLAN_MARKER)
+    written: set[int] = set()
+    for shard, frame in job.stage_cls.plan(job.config, summaries):
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"stage {job.name}'s plan names shard {shard}, which does not exist")
+        if "key" not in frame.columns:
+            raise ValueError(f"stage {job.name}'s plan for shard {shard} has no 'key' column")
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer, compression="zstd")
+        plans.write_bytes(f"{shard_name(shard)}.parquet", buffer.getvalue())
+        written.add(shard)
+    for shard in set(range(num_shards)) - written:  # a shard with nothing to decide
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"key": pa.array([], pa.string())}), buffer)
+        plans.write_bytes(f"{shard_name(shard)}.parquet", buffer.getvalue())
+
+
+class _DatasetSummaries(Summaries):
+    def __init__(self, dataset: Dataset, num_shards: int):
+        self._dataset = dataset
+        self._num_shards = num_shards
+
+    @property
+    def shards(self) -> list[int]:
+        return list(range(self._num_shards))
+
+    def read(self, shard: int, columns: list[str] | None = None) -> pa.Table:
+        """Only the rows pass 1 summarized (not the failures), and only the columns that exist."""
+        with self._dataset.storage.open_read(self._dataset.parquet_name(shard)) as f:
+            present = pq.read_schema(f).names
+        wanted = None if columns is None else ["key", *[c for c in columns if c in present and c != "key"]]
+        table = self._dataset.read_shard(shard, None if wanted is None else [*wanted, "_status"])
+        table = table.filter(pc.is_null(table.column("_status")))
+        private = [c for c in table.column_names if c in ("_status", "_error")]
+        return table.drop_columns(private)
 
 
 def _check_parent(job: StageJob) -> tuple[Dataset, Manifest]:
@@ -264,6 +363,9 @@ def _clear(out: Dataset) -> None:
     for name in out.storage.list():
         if name.startswith("part-") or name == "_manifest.json":
             out.storage.delete(name)
-    for folder in ("_done", "_failed", "_stats"):
+    folders = ["_done", "_failed", "_stats", PLAN_DIR]
+    folders += [SUMMARY_DIR, *(f"{SUMMARY_DIR}/{sub}" for sub in ("_done", "_failed", "_stats"))]
+    for folder in folders:
         for name in out.storage.list(folder):
-            out.storage.delete(name)
+            if name.endswith((".parquet", ".json")):
+                out.storage.delete(name)

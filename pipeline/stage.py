@@ -47,6 +47,8 @@ class Batch:
     rows: pd.DataFrame
     # media[ext][media key] -> bytes, for each ext in Stage.reads_media.
     media: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    # Global stages only, in the last pass: this shard's plan rows for ``rows``, same order.
+    plan: pd.DataFrame | None = None
 
     def media_of(self, ext: str, media_key: str) -> bytes:
         return self.media[ext][media_key]
@@ -63,6 +65,30 @@ class Output:
 
     rows: pd.DataFrame
     media: dict[str, dict[str, bytes]] = field(default_factory=dict)
+
+
+class Summaries(ABC):
+    """Read access to a global stage's per-shard summaries (pass 1 output) on the driver."""
+
+    @property
+    @abstractmethod
+    def shards(self) -> list[int]:
+        """Shard indices, ascending; every shard of the parent is there."""
+
+    @abstractmethod
+    def read(self, shard: int, columns: list[str] | None = None) -> pa.Table:
+        """One shard's summary rows (``key`` always included)."""
+
+    def read_all(self, columns: list[str] | None = None) -> pa.Table:
+        """All shards' summary rows with a ``shard`` column: only ask for compact columns."""
+        tables = []
+        for shard in self.shards:
+            table = self.read(shard, columns)
+            tables.append(table.append_column("shard", pa.array([shard] * table.num_rows, pa.int32())))
+        if not tables:
+            return pa.table({"key": pa.array([], pa.string())})
+        # A shard with no rows to summarize has fewer columns: fill them with nulls.
+        return pa.concat_tables(tables, promote_options="permissive")
 
 
 class Stage(ABC):
@@ -133,6 +159,29 @@ class Stage(ABC):
         slow row never holds back the rest; such a stage handles its own row errors, and an
         exception from it fails the shard (which the runner retries).
         """
+
+    # Global stages ---------------------------------------------------------------------
+    # Some decisions need the whole dataset: duplicates across shards, a top-k rule. Such a stage
+    # runs in three passes, each resumable: ``summarize`` on the workers (per shard, reading
+    # media, writing compact per-row facts), ``plan`` on the driver (reads only the summary
+    # columns it asks for, decides, writes one plan table per shard), then ``process`` on the
+    # workers with ``batch.plan`` (no media is read in that pass).
+    @classmethod
+    def is_global(cls, config: StageConfig) -> bool:
+        """Whether this config needs the summarize/plan passes (dedup always; quality for top-k)."""
+        return False
+
+    def summarize(self, batch: Batch) -> pd.DataFrame:
+        """Pass 1: per-row facts for ``plan``: a frame with ``key`` and compact columns."""
+        raise NotImplementedError(f"stage {self.name} is global but has no summarize()")
+
+    @classmethod
+    def plan(cls, config: StageConfig, summaries: Summaries) -> Iterator[tuple[int, pd.DataFrame]]:
+        """Pass 2, on the driver: yield ``(shard, frame with key + plan columns)`` for each shard.
+
+        Keep memory to compact columns: ``summaries.read_all(columns)`` loads only those.
+        """
+        raise NotImplementedError(f"stage {cls.name} is global but has no plan()")
 
     # Helpers for subclasses -------------------------------------------------------------
     def reject(self, reason: str) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.dataset import (
     BASE_COLUMNS,
@@ -30,9 +31,10 @@ from pipeline.dataset import (
 )
 from pipeline.stage import Batch, Output, Resources, Stage, StageConfig
 from pipeline.status import OK, rejected
-from pipeline.storage import Storage, StorageOptions
+from pipeline.storage import Storage, StorageOptions, join
 
 MAX_ERROR_CHARS = 500
+SUMMARY_DIR, PLAN_DIR = "_summary", "_plan"
 
 
 @dataclass
@@ -48,6 +50,8 @@ class StageJob:
     media: dict[str, MediaRef] = field(default_factory=dict)
     # Redo only retryable rows of finished shards (``--retry-failed``).
     revisit: bool = False
+    # Global stages: "summarize" is pass 1 (writes OUTPUT/_summary); "process" is the usual pass.
+    phase: str = "process"
 
     @property
     def name(self) -> str:
@@ -66,15 +70,29 @@ _STAGE_CACHE: dict[tuple[type[Stage], str], Stage] = {}
 
 
 def stage_for(job: StageJob) -> Stage:
-    """The set-up stage for this job, built once per worker process and reused across shards."""
-    cache_key = (job.stage_cls, job.config_hash)
+    """The set-up stage for this job, built once per worker process and reused across shards.
+
+    The last pass of a global stage only applies its plan, so it loads no models.
+    """
+    applies_plan = job.phase == "process" and job.stage_cls.is_global(job.config)
+    cache_key = (job.stage_cls, job.config_hash, applies_plan)
     stage = _STAGE_CACHE.get(cache_key)
     if stage is None:
         _STAGE_CACHE.clear()  # one stage (and its models) in memory per worker
         stage = job.stage_cls(job.config)
-        stage.setup()
+        if not applies_plan:
+            stage.setup()
         _STAGE_CACHE[cache_key] = stage
     return stage
+
+
+def summary_uri(output: str) -> str:
+    """Where a global stage's pass 1 writes its per-shard summaries (a dataset-shaped folder)."""
+    return join(output, SUMMARY_DIR)
+
+
+def plan_uri(output: str) -> str:
+    return join(output, PLAN_DIR)
 
 
 def output_schema(input_schema: pa.Schema, stage_cls: type[Stage]) -> pa.Schema:
@@ -100,6 +118,8 @@ def process_shard(
     With ``job.revisit`` and a finished shard, only the rows the stage calls retryable are
     redone; every other row and its stored media is kept as it was.
     """
+    if job.phase == "summarize":
+        return summarize_shard(job, shard, attempt, node)
     started = time.perf_counter()
     timings: Counter[str] = Counter()
     out = Dataset(Storage(job.output, job.storage))
@@ -115,12 +135,13 @@ def process_shard(
     pieces: list[pa.Table] = [kept]
     extensions = job.stage_cls.media_extensions(job.config)
     spool = SpooledTar() if extensions else None
+    plan = _ShardPlan.load(job, shard) if job.stage_cls.is_global(job.config) and todo_table.num_rows else None
     try:
         with ExitStack() as stack:
             readers = {
                 name: stack.enter_context(_media_reader(job, name, shard))
                 for name in job.stage_cls.reads_media
-                if todo_table.num_rows
+                if todo_table.num_rows and plan is None
             }
             if revisit and spool is not None:
                 _carry_media(job, shard, kept, spool)
@@ -128,7 +149,7 @@ def process_shard(
             for start in range(0, todo_table.num_rows, batch_size):
                 rows = todo_table.slice(start, batch_size).to_pandas()
                 t0 = time.perf_counter()
-                batch, missing = _attach_media(job, rows, readers)
+                batch, missing = _attach_media(job, rows, readers) if plan is None else plan.attach(job.name, rows)
                 timings["read_media"] += time.perf_counter() - t0
                 if len(missing):
                     pieces.append(_from_pandas(missing, schema))
@@ -164,6 +185,126 @@ def process_shard(
     stats.timings = {k: round(v, 4) for k, v in timings.items()}
     out.commit_shard(shard, result_table, tar_digest, stats)
     return stats
+
+
+def summarize_shard(job: StageJob, shard: int, attempt: int = 1, node: str | None = None) -> ShardStats:
+    """Pass 1 of a global stage: per-row facts of the shard's ``ok`` rows into OUTPUT/_summary.
+
+    A row whose media is missing or whose summary raises is recorded with ``_status`` and
+    ``_error`` instead, so the last pass can give it that status; the shard still completes.
+    """
+    started = time.perf_counter()
+    table = Dataset(Storage(job.parent, job.storage)).read_shard(shard)
+    todo = table.filter(pc.equal(table.column("status"), OK).fill_null(False))
+    frames: list[pd.DataFrame] = []
+    if todo.num_rows:
+        stage = stage_for(job)
+        with ExitStack() as stack:
+            readers = {name: stack.enter_context(_media_reader(job, name, shard)) for name in job.stage_cls.reads_media}
+            for start in range(0, todo.num_rows, max(1, job.resources.batch_size)):
+                batch, missing = _attach_media(job, todo.slice(start, job.resources.batch_size).to_pandas(), readers)
+                if len(missing):
+                    frames.append(_summary_failures(missing, "missing_media", list(missing["error"])))
+                if len(batch.rows):
+                    frames.extend(_summarize_isolated(stage, batch))
+    summary = _summary_table(frames)
+    statuses = summary.column("_status").to_pylist()
+    stats = ShardStats(
+        shard=shard,
+        rows_in=todo.num_rows,
+        rows_out=summary.num_rows,
+        by_status=dict(Counter(status or OK for status in statuses)),
+        seconds=round(time.perf_counter() - started, 4),
+        attempts=attempt,
+        node=node or socket.gethostname(),
+    )
+    Dataset(Storage(summary_uri(job.output), job.storage)).commit_shard(shard, summary, None, stats)
+    return stats
+
+
+def _summarize_isolated(stage: Stage, batch: Batch) -> list[pd.DataFrame]:
+    """Summarize a batch; when it raises, find the rows at fault (like ``run_isolated``)."""
+    try:
+        return [_checked_summary(stage.summarize(batch), batch)]
+    except Exception as batch_error:
+        if len(batch.rows) == 1:
+            return [_summary_failures(batch.rows, "error", [_describe(batch_error)])]
+        frames, failures = [], 0
+        for i in range(len(batch.rows)):
+            single = Batch(rows=batch.rows.iloc[i : i + 1], media=batch.media)
+            try:
+                frames.append(_checked_summary(stage.summarize(single), single))
+            except Exception as row_error:
+                failures += 1
+                frames.append(_summary_failures(single.rows, "error", [_describe(row_error)]))
+        if failures == len(batch.rows):
+            raise batch_error
+        return frames  # concatenated in Arrow, so one failed row does not turn ints into floats
+
+
+def _checked_summary(frame: pd.DataFrame, batch: Batch) -> pd.DataFrame:
+    if "key" not in frame.columns:
+        raise ValueError("summarize() must return a frame with a 'key' column")
+    return frame
+
+
+def _summary_failures(rows: pd.DataFrame, reason: str, errors: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"key": list(rows["key"]), "_status": reason, "_error": errors})
+
+
+def _summary_table(frames: list[pd.DataFrame]) -> pa.Table:
+    tables = [pa.Table.from_pandas(f, preserve_index=False) for f in frames if len(f)]
+    if not tables:
+        tables = [pa.table({"key": pa.array([], pa.string())})]
+    table = pa.concat_tables(tables, promote_options="permissive")
+    table = table.set_column(0, "key", table.column("key").cast(pa.string()))
+    for name in ("_status", "_error"):
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+    return table.sort_by("key")
+
+
+@dataclass
+class _ShardPlan:
+    """The driver's decisions for one shard (pass 2), and the rows pass 1 could not summarize."""
+
+    rows: pd.DataFrame  # indexed by key
+    failures: dict[str, tuple[str, str]]  # key -> (reason, error)
+
+    @classmethod
+    def load(cls, job: StageJob, shard: int) -> _ShardPlan:
+        storage = Storage(plan_uri(job.output), job.storage)
+        name = f"{shard_name(shard)}.parquet"
+        if not storage.exists(name):
+            raise FileNotFoundError(f"no plan for shard {shard} in {storage.root}: the plan pass did not finish")
+        with storage.open_read(name) as f:
+            rows = pq.read_table(f).to_pandas().drop_duplicates("key").set_index("key")
+        summary = Dataset(Storage(summary_uri(job.output), job.storage)).read_shard(shard, ["key", "_status", "_error"])
+        columns = (summary.column(c).to_pylist() for c in ("key", "_status", "_error"))
+        failures = {key: (status, error or "") for key, status, error in zip(*columns, strict=True) if status}
+        return cls(rows=rows, failures=failures)
+
+    def attach(self, stage: str, rows: pd.DataFrame) -> tuple[Batch, pd.DataFrame]:
+        """The batch with its plan rows; rows pass 1 failed on (or the plan lacks) are rejected."""
+        failed: list[int] = []
+        reasons: list[str] = []
+        errors: list[str] = []
+        for position, key in enumerate(rows["key"]):
+            if key in self.failures:
+                reason, error = self.failures[key]
+            elif key not in self.rows.index:
+                reason, error = "error", f"the plan has no decision for row {key}"
+            else:
+                continue
+            failed.append(position)
+            reasons.append(reason)
+            errors.append(error)
+        rejected_rows = rows.iloc[failed].copy()
+        rejected_rows["status"] = [rejected(stage, reason) for reason in reasons]
+        rejected_rows["error"] = errors
+        keep = rows.drop(rows.index[failed]).reset_index(drop=True)
+        plan = self.rows.loc[list(keep["key"])].reset_index()
+        return Batch(rows=keep, plan=plan), rejected_rows
 
 
 def _split(job: StageJob, table: pa.Table, schema: pa.Schema, revisit: bool) -> tuple[pa.Table, pa.Table]:

@@ -100,3 +100,51 @@ class ReadBoth(Stage):
             for k, ik in zip(rows["key"], rows["image_key"], strict=True)
         ]
         return Output(rows=rows)
+
+
+class TopConfig(StageConfig):
+    keep: int = 10  # keep the rows with the longest media, across all shards
+    poison_marker: str | None = None  # a file: while it exists, summarizing shard 2's rows raises
+    bad_key: str | None = None  # a row whose summary always raises
+
+
+class KeepLongest(Stage):
+    """A global stage: keeps the ``keep`` rows with the longest image across the whole dataset."""
+
+    name = "keeplongest"
+    config_model = TopConfig
+    produces: ClassVar = {"length": pa.int64(), "rank": pa.int64()}
+    reads_media: ClassVar = {"jpg": "key"}
+    resources = Resources(cpus=1, batch_size=4)
+    setups = 0  # counted per process: the apply pass must not load models
+
+    @classmethod
+    def is_global(cls, config: StageConfig) -> bool:
+        return True
+
+    def setup(self) -> None:
+        type(self).setups += 1
+
+    def summarize(self, batch: Batch) -> pd.DataFrame:
+        marker = self.config.poison_marker
+        keys = list(batch.rows["key"])
+        if marker and os.path.exists(marker) and any(k.startswith("000000002") for k in keys):
+            raise RuntimeError("simulated fault in shard 2")
+        if self.config.bad_key in keys:
+            raise ValueError(f"cannot summarize {self.config.bad_key}")
+        return pd.DataFrame({"key": keys, "length": [len(batch.media_of("jpg", k)) for k in keys]})
+
+    @classmethod
+    def plan(cls, config: TopConfig, summaries) -> object:
+        table = summaries.read_all(["length"]).to_pandas()
+        table = table.sort_values(["length", "key"], ascending=[False, True]).reset_index(drop=True)
+        table["rank"] = range(len(table))
+        for shard, frame in table.groupby("shard"):
+            yield int(shard), frame[["key", "length", "rank"]]
+
+    def process(self, batch: Batch) -> Output:
+        rows = batch.rows.copy()
+        rows["length"] = list(batch.plan["length"])
+        rows["rank"] = list(batch.plan["rank"])
+        rows["status"] = ["ok" if r < self.config.keep else self.reject("not_top") for r in rows["rank"]]
+        return Output(rows=rows)
