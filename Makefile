@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test test-fast lint eval bench bench-ingest bench-download bench-detect clean
+.PHONY: setup chromium demo test test-fast lint eval bench bench-ingest bench-download bench-detect clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.demo
 
+# The report test renders in headless Chromium (Debian's package; installed here when root).
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)); } || \
+		echo "chromium is not installed: the report rendering test will fail (apt-get install chromium)" >&2
+
 # pytest exits 5 when it collected nothing: that must fail, not pass silently.
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -ra --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
