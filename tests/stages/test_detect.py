@@ -212,3 +212,28 @@ def test_default_crops_are_the_square_and_the_112_alignment(downloaded):
     assert {"square", "aligned112"} <= set(manifest.media) and "box" not in manifest.media
     detect(downloaded, "no_crops", min_score=0.8, min_face_side=20, crops=[])
     assert not (downloaded / "no_crops" / "part-00000.tar").exists()
+
+
+def test_crops_from_a_reduced_decode_match_full_resolution_crops(face_photos):
+    """Crops come from the coarsest decode that keeps their detail: the same pixels, within JPEG noise."""
+    from stages.detect import StoredImage, _crop_reduction
+    from stages.lib.align import aligned_crop, square_crop
+    from stages.lib.detectors import Face
+
+    data = (face_photos / "deepface/img1.jpg").read_bytes()  # 1382 x 1868
+    stored = StoredImage.open(data, 640)
+    assert stored.factor[0] > 1.9  # detection already works on a 1/2-scale decode
+    detector = DetectStage(DetectConfig(min_score=0.5, min_face_side=20))
+    detector.setup()
+    [face] = [f.scaled(*stored.factor) for f in detector.detector.detect_batch([stored.pixels])[0]][:1]
+    assert _crop_reduction(face, detector.config) == 2  # a 609 px face: its 512 crops need only half
+    crops, _ = detector._crops(stored, Face(face.box, face.score, face.landmarks))
+    full = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    expected = {
+        "square": square_crop(full, face.box, 1.5, 512)[0],
+        "aligned112": aligned_crop(full, face.landmarks, 112),
+    }
+    for name, reference in expected.items():
+        got = cv2.imdecode(np.frombuffer(crops[name], np.uint8), cv2.IMREAD_COLOR)
+        assert got.shape == reference.shape
+        assert cv2.PSNR(got, reference) > 30, name

@@ -1,0 +1,189 @@
+"""End-to-end soak: every stage of `facecap run` on a loopback corpus, with memory sampled throughout.
+
+Builds SOAK_URLS realistic JPEGs (default 50,000; several sizes, ~3% broken) from real photos,
+serves them from 127.0.0.1 (nginx when installed), runs `facecap run` through every registered
+stage with the template captioner, then exports WebDataset shards. Prints, per stage: rows, ok
+rows, wall seconds and rows/s; per process kind: peak RSS; and the memory trend (RSS of the
+driver and of the largest worker in each quarter of the run): flat means no growth with dataset
+size. Usage: `SOAK_URLS=5000 make bench-soak` for a shorter run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_download
+from common import machine
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench-out" / "soak"
+URLS = int(os.environ.get("SOAK_URLS", "50000"))
+SHARD = int(os.environ.get("SOAK_SHARD", "1000"))
+RESULT_LINE = re.compile(r"^(\w+): .*?([\d,]+) rows, ([\d,]+) ok, ([\d.]+)s ->")
+
+
+def recipe(stages: list[str]) -> dict:
+    config: dict = {
+        "name": "soak",
+        "stages": stages,
+        "ray": {"num_cpus": 2},
+        "ingest": {"shard_size": SHARD},
+        "download": {
+            "concurrency": 32,
+            "http": {"per_host_concurrency": 64, "retries": 0},
+            "safety": {"allow_private_networks": True},
+            "image": {"resize_mode": "keep_ratio_largest", "image_size": 1024},
+        },
+        "detect": {"detector": "yunet", "min_face_side": 64},
+    }
+    if "caption" in stages:
+        config["caption"] = {"captioner": "template"}
+    return config
+
+
+class Sampler:
+    """RSS of every process in the run's tree (and Ray's), once a second, by kind."""
+
+    def __init__(self, root: int):
+        self.root = root
+        self.samples: list[tuple[float, dict[str, float], float]] = []  # time, kind -> max RSS MB, driver MB
+        self.peaks: dict[str, float] = defaultdict(float)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        while not self._stop.is_set():
+            by_kind: dict[str, float] = defaultdict(float)
+            driver = 0.0
+            try:
+                root = psutil.Process(self.root)
+                driver = root.memory_info().rss / 2**20
+                for proc in root.children(recursive=True):
+                    try:
+                        kind = _kind(proc)
+                        by_kind[kind] = max(by_kind[kind], proc.memory_info().rss / 2**20)
+                    except psutil.Error:
+                        continue
+            except psutil.Error:
+                pass
+            for kind, rss in by_kind.items():
+                self.peaks[kind] = max(self.peaks[kind], rss)
+            self.peaks["driver (facecap run)"] = max(self.peaks["driver (facecap run)"], driver)
+            self.samples.append((time.perf_counter() - started, dict(by_kind), driver))
+            self._stop.wait(1.0)
+
+
+def _kind(proc: psutil.Process) -> str:
+    name = " ".join(proc.cmdline()[:3]) if proc.cmdline() else proc.name()
+    for marker, kind in (
+        ("ray::", "ray worker"),
+        ("default_worker", "ray worker"),
+        ("raylet", "raylet"),
+        ("gcs_server", "gcs"),
+        ("dashboard", "ray dashboard/agents"),
+        ("agent", "ray dashboard/agents"),
+    ):
+        if marker in name:
+            return kind
+    return proc.name()
+
+
+def main() -> None:
+    from stages import REGISTRY
+
+    shutil.rmtree(OUT, ignore_errors=True)
+    (OUT / "ntmp").mkdir(parents=True)
+    bench_download.OUT = OUT
+    bench_download.TARGET = URLS
+    print(f"building {URLS:,} images ...", flush=True)
+    started = time.perf_counter()
+    names = bench_download.build_corpus(OUT / "corpus")
+    print(f"corpus ready in {time.perf_counter() - started:.0f}s", flush=True)
+    server, base, kind = bench_download.start_server(OUT / "corpus")
+    stages = [s for s in ("ingest", "download", "detect", "quality", "tag", "caption", "dedup") if s in REGISTRY]
+    (OUT / "soak.yaml").write_text(yaml.safe_dump(recipe(stages), sort_keys=False))
+    pq.write_table(
+        pa.table({"url": [f"{base}/{n}" for n in names], "caption": ["a photo"] * len(names)}), OUT / "urls.parquet"
+    )
+    facecap = str(Path(sys.executable).with_name("facecap"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    command = [facecap, "run", "-c", str(OUT / "soak.yaml"), "-i", str(OUT / "urls.parquet"), "-o", str(OUT / "work")]
+    try:
+        started = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        with Sampler(proc.pid) as sampler:
+            output, _ = proc.communicate()
+        wall = time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.wait()
+    export_seconds = None
+    if proc.returncode == 0 and "export" in subprocess.run([facecap, "--help"], capture_output=True, text=True).stdout:
+        t0 = time.perf_counter()
+        exported = subprocess.run(
+            [facecap, "export", str(OUT / "work" / stages[-1]), str(OUT / "export"), "--format", "webdataset", "-q"],
+            env=env,
+        )
+        export_seconds = time.perf_counter() - t0 if exported.returncode == 0 else None
+    report(output, proc.returncode, wall, sampler, kind, export_seconds)
+
+
+def report(output: str, returncode: int, wall: float, sampler: Sampler, server: str, export_seconds) -> None:
+    print(f"\nmachine: {machine()}; corpus served by {server}; {URLS:,} URLs, shards of {SHARD}")
+    print(f"facecap run exit code {returncode}, wall time {wall:.0f}s")
+    print(f"\n{'stage':<10}{'rows':>9}{'ok':>9}{'seconds':>9}{'rows/s':>9}")
+    for line in output.splitlines():
+        match = RESULT_LINE.match(line.strip())
+        if match:
+            stage, rows, ok, seconds = match.groups()
+            rows_n, seconds_f = int(rows.replace(",", "")), float(seconds)
+            rate = rows_n / seconds_f if seconds_f else 0.0
+            print(f"{stage:<10}{rows_n:>9,}{int(ok.replace(',', '')):>9,}{seconds_f:>9.1f}{rate:>9.1f}")
+    if export_seconds is not None:
+        print(f"{'export':<10}{'':>18}{export_seconds:>9.1f}")
+    print(f"\n{'process kind':<24}{'peak RSS MB':>12}")
+    for kind, peak in sorted(sampler.peaks.items(), key=lambda kv: -kv[1]):
+        print(f"{kind:<24}{peak:>12.0f}")
+    quarters = _quarters(sampler.samples)
+    if quarters:
+        print("\nmemory trend by quarter of the run (MB): driver | largest Ray worker")
+        for index, (driver, worker) in enumerate(quarters, 1):
+            print(f"  Q{index}: {driver:8.0f} | {worker:8.0f}")
+
+
+def _quarters(samples: list[tuple[float, dict[str, float], float]]) -> list[tuple[float, float]]:
+    if len(samples) < 4:
+        return []
+    size = len(samples) // 4
+    result = []
+    for q in range(4):
+        chunk = samples[q * size : (q + 1) * size if q < 3 else len(samples)]
+        result.append((max(s[2] for s in chunk), max(s[1].get("ray worker", 0.0) for s in chunk)))
+    return result
+
+
+if __name__ == "__main__":
+    main()
