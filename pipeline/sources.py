@@ -189,11 +189,13 @@ def _unified_schema(
 ) -> pa.Schema:
     """One schema for every shard: url, alt_text, the kept extra columns, provenance."""
     extras: dict[str, pa.DataType] = {}
+    without_urls: dict[str, list[str]] = {}
     for uri in files:
         columns = _input_columns(uri, formats[uri], options)
         names = [name for name, _ in columns]
         if names and config.url_column not in names:
-            raise _no_url_column(uri, names, config)  # fail before any output is written
+            without_urls[uri] = names
+            continue
         for name, dtype in columns:
             out = _output_name(name, config)
             if out in ("url", "alt_text") or not config.keep_columns:
@@ -202,6 +204,10 @@ def _unified_schema(
                 extras[out] = pa.string()  # files disagree on the type: keep text, lose nothing
             else:
                 extras.setdefault(out, dtype)
+    if without_urls and len(without_urls) == len(files):
+        # Most likely a wrong --url-column: say so before any output is written.
+        uri, names = next(iter(without_urls.items()))
+        raise _no_url_column(uri, names, config)
     fields = [
         pa.field("key", pa.string()),
         pa.field("status", pa.string()),
@@ -223,8 +229,35 @@ def _output_name(name: str, config: SourceConfig) -> str:
     return f"input_{name}" if name in RESERVED else name
 
 
+class _NoUrlColumn(InputError):
+    pass
+
+
 def _no_url_column(uri: str, names: list[str], config: SourceConfig) -> InputError:
-    return InputError(f"{uri}: no column '{config.url_column}' (columns: {', '.join(names)}); set --url-column")
+    return _NoUrlColumn(f"{uri}: no column '{config.url_column}' (columns: {', '.join(names)}); set --url-column")
+
+
+def _rows_without_urls(uri: str, fmt: str, error: str, options: StorageOptions) -> Iterator[pa.Table]:
+    """One ``malformed_row`` per data row of a file that has no URL column."""
+    if fmt == "parquet":
+        with _open_parquet(uri, options) as handle:
+            count = pq.ParquetFile(handle).metadata.num_rows
+    else:
+        with open_input(uri, options) as stream:
+            text = io.TextIOWrapper(stream, encoding=TEXT_ENCODING, errors="surrogateescape", newline="")
+            if fmt == "jsonl":
+                count = sum(1 for line in text if line.strip())
+            else:
+                count = max(0, sum(1 for fields in _csv_reader(text, "," if fmt == "csv" else "\t") if fields) - 1)
+    for start in range(0, count, READ_BATCH):
+        n = min(READ_BATCH, count - start)
+        yield pa.table(
+            {
+                "source_row": pa.array(range(start, start + n), pa.int64()),
+                "status": pa.array([MALFORMED] * n, pa.string()),
+                "error": pa.array([error] * n, pa.string()),
+            }
+        )
 
 
 def _input_columns(uri: str, fmt: str, options: StorageOptions) -> list[tuple[str, pa.DataType]]:
@@ -270,9 +303,14 @@ def _iter_url_batches(
 ) -> Iterator[pa.Table]:
     for uri in files:
         fmt = formats[uri]
-        tables = _read_parquet(uri, config, options) if fmt == "parquet" else _read_text(uri, fmt, config, options)
-        for table in tables:
-            yield _conform(table, schema, uri)
+        try:
+            tables = _read_parquet(uri, config, options) if fmt == "parquet" else _read_text(uri, fmt, config, options)
+            for table in tables:
+                yield _conform(table, schema, uri)
+        except _NoUrlColumn as missing:
+            # One file of many without the URL column: its rows are kept, each saying why.
+            for table in _rows_without_urls(uri, fmt, str(missing), options):
+                yield _conform(table, schema, uri)
 
 
 def _read_parquet(uri: str, config: SourceConfig, options: StorageOptions) -> Iterator[pa.Table]:
@@ -371,6 +409,14 @@ def _jsonl_records(text: io.TextIOBase, config: SourceConfig) -> Iterator[dict]:
             yield {
                 "status": MALFORMED,
                 "error": f"expected a JSON object, got {type(value).__name__}",
+                "source_row": number,
+            }
+            continue
+        if config.url_column not in value:
+            fields = ", ".join(map(str, value))[:200]
+            yield {
+                "status": MALFORMED,
+                "error": f"no '{config.url_column}' field (fields: {fields})",
                 "source_row": number,
             }
             continue

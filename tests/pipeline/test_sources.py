@@ -469,13 +469,30 @@ def test_missing_url_column_names_the_file_and_the_columns(tmp_path, name, body)
     assert "columns: link, caption" in message
 
 
-def test_missing_url_column_in_a_later_file_fails_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "parquet"])
+def test_a_file_without_the_url_column_among_others_gives_each_row_a_status(tmp_path, kind):
+    """One stray file in a big folder must not stop the run, nor lose its rows silently."""
     (tmp_path / "in").mkdir()
     write_urls(tmp_path / "in" / "a.csv", URLS, CAPTIONS)
-    write_text(tmp_path / "in" / "b.csv", "URL,TEXT\nhttp://b.example/1.jpg,x\n")
-    with pytest.raises(InputError, match=r"b\.csv: no column 'url' \(columns: URL, TEXT\)"):
-        ingest(tmp_path / "in", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    stray = tmp_path / "in" / f"b.{kind}"
+    if kind == "csv":
+        write_text(stray, "URL,TEXT\nhttp://b.example/1.jpg,x\nhttp://b.example/2.jpg,y\n")
+    elif kind == "jsonl":
+        write_text(stray, '{"URL": "http://b.example/1.jpg"}\n\n{"URL": "http://b.example/2.jpg"}\n')
+    else:
+        write_parquet(
+            stray, pa.table({"URL": ["http://b.example/1.jpg", "http://b.example/2.jpg"], "TEXT": ["x", "y"]})
+        )
+    result = ingest(tmp_path / "in", tmp_path / "out")
+    assert result.ok
+    rows = read_all(tmp_path / "out").to_pylist()
+    strays = [r for r in rows if r["source_file"].endswith(stray.name)]
+    assert len(rows) == len(URLS) + 2 and len(strays) == 2
+    assert {r["status"] for r in strays} == {"ingest:malformed_row"}
+    assert all(
+        "no column 'url' (columns: URL" in r["error"] or "no 'url' field (fields: URL" in r["error"] for r in strays
+    )
+    assert len({r["source_row"] for r in strays}) == 2
 
 
 @pytest.mark.parametrize("missing", ["nothing-here.csv", "no-folder/", "*.nomatch"])
