@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import pyarrow as pa
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -327,6 +328,94 @@ def detect(
         **_common(ray_address, executor, max_retries),
     }
     _stage_command("detect", input, output, config, set_, overrides, overwrite, quiet)
+
+
+FILTER_EXAMPLES = """Examples:
+
+* `facecap filter work/detect work/quality` (measures + the recipe's rules; default: reject explicit images)
+* `facecap filter work/detect work/quality -c configs/hq.yaml` (FaceCaptionHQ-4M's filters)
+* `facecap filter --explain work/quality` (what each rule rejects, and at other thresholds; no models run)
+* `facecap filter --explain work/quality --plot rules.png`
+"""
+
+
+@app.command(
+    name="filter",
+    help=REGISTRY["quality"].help + "\n\nIN: face rows (detect); OUT: the same rows with q_* measures, "
+    "quality_failed and statuses quality:RULE. With --explain DIR: report on a finished quality dataset.",
+    epilog=FILTER_EXAMPLES,
+)
+@friendly
+def filter_(
+    input: Annotated[str, typer.Argument(help="face dataset (detect), or with --explain a quality dataset")],
+    output: Annotated[str | None, typer.Argument(help="dataset folder to write (local or s3://)")] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="explain the rules of the quality dataset IN")] = False,
+    plot: Annotated[Path | None, typer.Option(help="with --explain: also save a bar chart (PNG)")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    ray_address: RayOpt = None,
+    executor: ExecutorOpt = None,
+    max_retries: RetriesOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    if explain:
+        _explain_quality(input, plot)
+        return
+    if output is None:
+        raise FacecapError("facecap filter IN OUT: give an output folder (or --explain DIR)")
+    _stage_command(
+        "quality", input, output, config, set_, _common(ray_address, executor, max_retries), overwrite, quiet
+    )
+
+
+def _explain_quality(directory: str, plot: Path | None) -> None:
+    from stages.lib.quality.explain import explain
+    from stages.quality import QualityConfig
+
+    dataset = Dataset(Storage(directory))
+    manifest = dataset.require_manifest()
+    if manifest.stage != "quality":
+        raise FacecapError(f"{directory} is a '{manifest.stage}' dataset; --explain reads the output of facecap filter")
+    rules = QualityConfig.model_validate(manifest.config).rules
+    tables = [dataset.read_shard(i) for i in dataset.done_shards()]
+    rows = pa.concat_tables(tables, promote_options="permissive").to_pandas() if tables else None
+    if rows is None:
+        raise FacecapError(f"{directory} has no finished shards yet")
+    judged, effects = explain(rows, rules)
+    table = Table(title=f"quality rules of {directory}: {judged:,} face rows judged")
+    for column in ("rule", "keeps rows where", "rejects alone", "fails", "at other thresholds: fails"):
+        table.add_column(column, overflow="fold")
+    for effect in effects:
+        others = "\n".join(f"{condition}: {count:,}" for condition, count in effect.alternatives) or "-"
+        table.add_row(effect.name, effect.condition, f"{effect.alone:,}", f"{effect.failing:,}", others)
+    out_console.print(table)
+    out_console.print(
+        "rows that failed a rule not needing BRISQUE/text/NSFW/cartoon were not given those measures "
+        "(quality.expensive_after_cheap), so counts for rules on them are lower bounds",
+        highlight=False,
+    )
+    if plot is not None:
+        _plot_rules(effects, judged, plot)
+        out_console.print(f"chart: {plot}", highlight=False)
+
+
+def _plot_rules(effects, judged: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [e.name for e in effects]
+    figure, axis = plt.subplots(figsize=(7, 0.5 + 0.45 * max(1, len(names))))
+    axis.barh(names, [e.failing for e in effects], color="#c9d6ea", label="fails the rule")
+    axis.barh(names, [e.alone for e in effects], color="#3a6fb0", label="rejected by it alone")
+    axis.set_xlabel(f"face rows (of {judged:,} judged)")
+    axis.invert_yaxis()
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 @app.command(

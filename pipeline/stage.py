@@ -107,6 +107,9 @@ class Stage(ABC):
     # ``media_extensions`` says otherwise, e.g. "image" stored as ".jpg").
     writes_media: ClassVar[tuple[str, ...]] = ()
     resources: ClassVar[Resources] = Resources()
+    # Rows with the same value of this column are never split across batches (all faces of one
+    # image, say). Rows arrive in key order, so face rows of an image are already adjacent.
+    batch_by: ClassVar[str | None] = None
     # `facecap run` skips the stage when its parent already holds all these media (an
     # img2dataset folder brings its images, so there is nothing to download).
     skip_if_parent_has: ClassVar[tuple[str, ...]] = ()

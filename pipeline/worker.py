@@ -145,9 +145,8 @@ def process_shard(
             }
             if revisit and spool is not None:
                 _carry_media(job, shard, kept, spool)
-            batch_size = max(1, job.resources.batch_size)
-            for start in range(0, todo_table.num_rows, batch_size):
-                rows = todo_table.slice(start, batch_size).to_pandas()
+            for start, stop in batch_bounds(todo_table, job.stage_cls.batch_by, job.resources.batch_size):
+                rows = todo_table.slice(start, stop - start).to_pandas()
                 t0 = time.perf_counter()
                 batch, missing = _attach_media(job, rows, readers) if plan is None else plan.attach(job.name, rows)
                 timings["read_media"] += time.perf_counter() - t0
@@ -187,6 +186,23 @@ def process_shard(
     return stats
 
 
+def batch_bounds(table: pa.Table, group_column: str | None, batch_size: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) row ranges of about ``batch_size`` rows that never split a group."""
+    size = max(1, batch_size)
+    if group_column is None or group_column not in table.column_names:
+        for start in range(0, table.num_rows, size):
+            yield start, min(start + size, table.num_rows)
+        return
+    groups = table.column(group_column).to_pylist()
+    start = 0
+    while start < len(groups):
+        stop = min(start + size, len(groups))
+        while stop < len(groups) and groups[stop] == groups[stop - 1]:
+            stop += 1
+        yield start, stop
+        start = stop
+
+
 def summarize_shard(job: StageJob, shard: int, attempt: int = 1, node: str | None = None) -> ShardStats:
     """Pass 1 of a global stage: per-row facts of the shard's ``ok`` rows into OUTPUT/_summary.
 
@@ -201,8 +217,8 @@ def summarize_shard(job: StageJob, shard: int, attempt: int = 1, node: str | Non
         stage = stage_for(job)
         with ExitStack() as stack:
             readers = {name: stack.enter_context(_media_reader(job, name, shard)) for name in job.stage_cls.reads_media}
-            for start in range(0, todo.num_rows, max(1, job.resources.batch_size)):
-                batch, missing = _attach_media(job, todo.slice(start, job.resources.batch_size).to_pandas(), readers)
+            for start, stop in batch_bounds(todo, job.stage_cls.batch_by, job.resources.batch_size):
+                batch, missing = _attach_media(job, todo.slice(start, stop - start).to_pandas(), readers)
                 if len(missing):
                     frames.append(_summary_failures(missing, "missing_media", list(missing["error"])))
                 if len(batch.rows):

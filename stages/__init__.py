@@ -4,11 +4,13 @@ from pipeline.stage import Stage
 from stages.detect import DetectStage
 from stages.download import DownloadStage
 from stages.ingest import IngestStage
+from stages.quality import QualityStage
 
 REGISTRY: dict[str, type[Stage]] = {
     IngestStage.name: IngestStage,
     DownloadStage.name: DownloadStage,
     DetectStage.name: DetectStage,
+    QualityStage.name: QualityStage,
 }
 
 __all__ = ["REGISTRY"]
