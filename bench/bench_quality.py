@@ -1,0 +1,128 @@
+"""Quality benchmark: faces/s per core for the whole stage and for each measure alone.
+
+Detects faces in the fixture photos (YuNet, default crops), then runs `facecap filter`'s stage in
+this process on one core (OMP_NUM_THREADS=1, as a Ray worker gets) twice: every measure on every
+row, and the default of running BRISQUE/text/NSFW/cartoon only on rows that pass the cheap rules.
+Each measure is also timed alone over the same faces, so the expensive ones are visible.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["OMP_NUM_THREADS"] = "1"  # one core, before OpenCV and onnxruntime start their pools
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(Path(__file__).parent))
+from bench_detect import build_img2dataset_folder, photos  # noqa: E402
+from common import machine  # noqa: E402
+
+OUT = REPO / "bench-out" / "quality"
+
+
+def faces_dataset() -> Path:
+    from pipeline.executors import LocalExecutor
+    from pipeline.runner import run_stage
+    from pipeline.sources import SourceConfig, open_source
+    from pipeline.worker import StageJob
+    from stages.detect import DetectConfig, DetectStage
+    from stages.ingest import IngestConfig, IngestStage
+
+    shutil.rmtree(OUT, ignore_errors=True)
+    build_img2dataset_folder(OUT / "i2d", photos())
+    config = IngestConfig(input=[str(OUT / "i2d")])
+    ingest = StageJob(stage_cls=IngestStage, config=config, output=str(OUT / "ingest"))
+    run_stage(ingest, LocalExecutor(), source=open_source(SourceConfig(input=config.input)))
+    detect = StageJob(
+        stage_cls=DetectStage,
+        config=DetectConfig(min_face_side=40),
+        output=str(OUT / "detect"),
+        parent=str(OUT / "ingest"),
+    )
+    run_stage(detect, LocalExecutor())
+    return OUT / "detect"
+
+
+def stage_rate(detect: Path, name: str, **config) -> tuple[float, int]:
+    from pipeline.dataset import Dataset
+    from pipeline.executors import LocalExecutor
+    from pipeline.runner import run_stage
+    from pipeline.storage import Storage
+    from pipeline.worker import StageJob
+    from stages.quality import QualityConfig, QualityStage
+
+    job = StageJob(stage_cls=QualityStage, config=QualityConfig(**config), output=str(OUT / name), parent=str(detect))
+    started = time.perf_counter()
+    run_stage(job, LocalExecutor())
+    seconds = time.perf_counter() - started
+    faces = Dataset(Storage(str(detect))).summary()["by_status"].get("ok", 0)
+    return seconds, faces
+
+
+def per_measure(detect: Path) -> list[tuple[str, float, int]]:
+    """Seconds and items for each measure alone over the stored crops and images."""
+    from pipeline.dataset import Dataset, TarShardReader
+    from pipeline.storage import Storage
+    from stages.lib.quality import measures
+    from stages.lib.quality.scorers import Brisque, NsfwDetector, TextDetector, cartoon_score
+
+    dataset = Dataset(Storage(str(detect)))
+    rows = dataset.read_shard(0).to_pandas()
+    rows = rows[rows.status == "ok"]
+    with TarShardReader(Storage(str(detect)), "part-00000.tar") as tar:
+        crops = [cv2.imdecode(np.frombuffer(tar.get(k)["aligned112.jpg"], np.uint8), 1) for k in rows.key]
+    with TarShardReader(Storage(str(OUT / "i2d")), "00000.tar") as tar:
+        images = {k: cv2.imdecode(np.frombuffer(tar.get(k)["jpg"], np.uint8), 1) for k in set(rows.image_key)}
+    timings = []
+
+    def timed(name: str, items, function) -> None:
+        started = time.perf_counter()
+        for item in items:
+            function(item)
+        timings.append((name, time.perf_counter() - started, len(items)))
+
+    boxes = [np.asarray(b, np.float32) for b in rows.box]
+    timed("sharpness (per face)", crops, measures.sharpness)
+    timed("exposure (per face)", crops, measures.exposure)
+    timed("pose (per face)", [np.asarray(lm, np.float32).reshape(5, 2) for lm in rows.landmarks], measures.head_pose)
+    timed("colour (per image)", list(images.values()), measures.channel_spread)
+    brisque, text, nsfw = Brisque(), TextDetector(), NsfwDetector()
+    timed("BRISQUE (per face)", crops, brisque.score)
+    faces = []
+    for box, key in zip(boxes, rows.image_key, strict=True):
+        x1, y1, x2, y2 = (max(0, int(v)) for v in box)
+        faces.append(images[key][y1:y2, x1:x2])
+    timed("cartoon (per face)", [f for f in faces if f.size], cartoon_score)
+    timed("text PP-OCRv4 (per image)", list(images.values()), text.text_fraction)
+    timed("NSFW NudeNet (per image)", list(images.values()), nsfw.nsfw_score)
+    return timings
+
+
+def main() -> None:
+    detect = faces_dataset()
+    print(f"machine: {machine()}; one core (OMP_NUM_THREADS=1), in-process")
+    every_seconds, faces = stage_rate(detect, "all", expensive_after_cheap=False)
+    cheap_first_seconds, _ = stage_rate(
+        detect,
+        "cheap_first",
+        rules=[{"name": "face", "expr": "q_face_side >= 128"}, {"name": "nsfw", "expr": "q_nsfw < 0.5"}],
+    )
+    print(f"\nwhole stage over {faces} faces:")
+    print(f"  every measure on every row      {faces / every_seconds:8.1f} faces/s")
+    print(f"  expensive only after cheap rules {faces / cheap_first_seconds:8.1f} faces/s (rule: q_face_side >= 128)")
+    print(f"\n{'measure alone':<28}{'items/s':>10}{'ms/item':>10}")
+    for name, seconds, items in per_measure(detect):
+        print(f"{name:<28}{items / seconds:>10.1f}{1000 * seconds / items:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
