@@ -42,6 +42,11 @@ def test_demo_runs_offline_and_every_funnel_adds_up(tmp_path, monkeypatch, ray_l
     assert detect["by_status"]["detect:no_face"] >= 5  # coffee, rocket, text, horse, motorcycle, ...
     faces = Dataset(Storage(str(work / "detect"))).read_shard(0).to_pandas()
     assert (faces[faces.status == "ok"].key.str.contains("_f")).all()
+    quality = Dataset(Storage(str(work / "quality"))).summary()
+    assert quality["complete"] and quality["rows"] == detect["rows"] == sum(quality["by_status"].values())
+    measured = Dataset(Storage(str(work / "quality"))).read_shard(0).to_pandas()
+    measured = measured[measured.status == "ok"]
+    assert len(measured) and measured.q_sharpness.notna().all() and (measured.q_nsfw < 0.5).all()
     manifest = json.loads((work / "download" / "_manifest.json").read_text())
     assert manifest["recipe"]["name"] == "demo" and manifest["parent"].endswith("ingest")
     assert "served at http://127.0.0.1:" in capsys.readouterr().out
