@@ -418,6 +418,46 @@ def _plot_rules(effects, judged: int, path: Path) -> None:
     plt.close(figure)
 
 
+TAG_EXAMPLES = """Examples:
+
+* `facecap tag work/quality work/tag` (offline: age/gender, pose, eyes/mouth/smile with the face mesh, skin tone)
+* `facecap tag work/quality work/tag --backends celeba,agegender,geometry --set tag.celeba_checkpoint=celeba_r50.pth`
+* `facecap tag work/quality work/tag --min-confident 3 --threshold 0.8`
+"""
+
+
+@app.command(
+    help=REGISTRY["tag"].help + "\n\nIN: face rows with crops (detect or quality); OUT: attribute columns "
+    "(attr_* for the 40 CelebA attributes, age, gender, emotion, pose, skin tone, ...) and tag:too_few_attributes.",
+    epilog=TAG_EXAMPLES,
+)
+@friendly
+def tag(
+    input: Annotated[str, typer.Argument(help="face dataset (detect or quality)")],
+    output: Annotated[str, typer.Argument(help="dataset folder to write (local or s3://)")],
+    config: ConfigOpt = None,
+    backends: Annotated[
+        str | None,
+        typer.Option(help="comma-separated, in order: agegender, genderage, emotion, geometry, skin, celeba, clip"),
+    ] = None,
+    threshold: Annotated[float | None, typer.Option(help="an attribute counts above this probability (0.85)")] = None,
+    min_confident: Annotated[int | None, typer.Option(help="keep faces with at least this many (5)")] = None,
+    set_: SetOpt = None,
+    ray_address: RayOpt = None,
+    executor: ExecutorOpt = None,
+    max_retries: RetriesOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    overrides = {
+        "tag.backends": [b.strip() for b in backends.split(",") if b.strip()] if backends else None,
+        "tag.threshold": threshold,
+        "tag.min_confident": min_confident,
+        **_common(ray_address, executor, max_retries),
+    }
+    _stage_command("tag", input, output, config, set_, overrides, overwrite, quiet)
+
+
 @app.command(
     help="Run a recipe's stages one after another, each into its own folder OUTPUT/STAGE. "
     "Rerunning resumes: finished shards are skipped.",

