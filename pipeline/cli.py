@@ -433,8 +433,12 @@ TAG_EXAMPLES = """Examples:
 )
 @friendly
 def tag(
-    input: Annotated[str, typer.Argument(help="face dataset (detect or quality)")],
-    output: Annotated[str, typer.Argument(help="dataset folder to write (local or s3://)")],
+    input: Annotated[str, typer.Argument(help="face dataset (detect or quality); with --calibrate a tag dataset")],
+    output: Annotated[str | None, typer.Argument(help="dataset folder to write (local or s3://)")] = None,
+    calibrate: Annotated[
+        Path | None,
+        typer.Option(help="labels CSV (key + 0/1 CelebA columns): print per-attribute thresholds for IN"),
+    ] = None,
     config: ConfigOpt = None,
     backends: Annotated[
         str | None,
@@ -449,6 +453,11 @@ def tag(
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
+    if calibrate is not None:
+        _calibrate_tags(input, calibrate)
+        return
+    if output is None:
+        raise FacecapError("facecap tag IN OUT: give an output folder (or --calibrate LABELS.csv IN)")
     overrides = {
         "tag.backends": [b.strip() for b in backends.split(",") if b.strip()] if backends else None,
         "tag.threshold": threshold,
@@ -456,6 +465,35 @@ def tag(
         **_common(ray_address, executor, max_retries),
     }
     _stage_command("tag", input, output, config, set_, overrides, overwrite, quiet)
+
+
+def _calibrate_tags(directory: str, labels_path: Path) -> None:
+    import pandas as pd
+
+    from stages.lib.attributes.calibrate import calibrate
+
+    dataset = Dataset(Storage(directory))
+    if dataset.require_manifest().stage != "tag":
+        raise FacecapError(f"{directory} is not a tag dataset; --calibrate reads the output of facecap tag")
+    tagged = pa.concat_tables([dataset.read_shard(i) for i in dataset.done_shards()]).to_pandas()
+    try:
+        labels = pd.read_csv(labels_path, dtype={"key": str})
+    except (OSError, ValueError) as exc:
+        raise FacecapError(f"{labels_path}: cannot read the labels ({exc})") from None
+    results = calibrate(tagged, labels)
+    if not results:
+        raise FacecapError(f"{labels_path}: no labelled CelebA attribute matches a tagged face key")
+    table = Table(title=f"calibrated on {labels_path}")
+    for column in ("attribute", "labelled", "threshold", "balanced acc.", "at 0.85"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(
+            r.attribute, str(r.labelled), f"{r.threshold:.3f}", f"{r.balanced_accuracy:.3f}", f"{r.at_default:.3f}"
+        )
+    out_console.print(table)
+    out_console.print("tag:\n  thresholds:", highlight=False)
+    for r in results:
+        out_console.print(f"    {r.attribute}: {r.threshold:.3f}", highlight=False)
 
 
 @app.command(

@@ -118,3 +118,24 @@ def test_tag_from_the_cli(faces, tmp_path):
     result = CliRunner().invoke(app, [*args, "--executor", "local"])
     assert result.exit_code == 0, result.output
     assert (face_rows(out).status == "ok").all()
+
+
+def test_calibration_picks_a_threshold_at_least_as_good_as_the_default(faces, tmp_path):
+    from stages.lib.attributes.calibrate import calibrate
+
+    assert run(TagStage, faces / "detect", faces / "tag_cal", TagConfig(backends=["agegender"], min_confident=0)).ok
+    rows = face_rows(faces / "tag_cal")
+    # Labels: the portrait is a woman, Obama a man, the group photo's faces labelled by the model
+    # itself at 0.5 (so a perfect threshold exists), the happy photo left out.
+    labels = pd.DataFrame({"key": rows.key, "Male": (rows.attr_Male > 0.5).astype(int)})
+    labels.loc[rows.alt_text.str.contains("img1").to_numpy(), "Male"] = 0
+    labels.loc[rows.alt_text.str.contains("obama").to_numpy(), "Male"] = 1
+    labels = labels[~rows.alt_text.str.contains("happy").to_numpy()]
+    [male] = calibrate(rows, labels)
+    assert male.attribute == "Male" and male.labelled == len(labels)
+    assert male.balanced_accuracy >= male.at_default
+    csv = tmp_path / "labels.csv"
+    labels.to_csv(csv, index=False)
+    result = CliRunner().invoke(app, ["tag", str(faces / "tag_cal"), "--calibrate", str(csv)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "thresholds:" in result.output and "Male:" in result.output

@@ -152,7 +152,7 @@ class ClipZeroShot(Backend):
             negative = self._text(tokenizer, list(NEGATIVE))
             positives = [self._text(tokenizer, [t.format(phrase(a)) for t in POSITIVE]) for a in CELEBA40]
         self._classes = torch.stack([torch.stack([p, negative]) for p in positives])  # [40, 2, D]
-        self._scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
+        self._scale = float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 100.0
 
     def _text(self, tokenizer, prompts: list[str]):
         features = self._model.encode_text(tokenizer(prompts).to(self._device)).float()
