@@ -47,6 +47,11 @@ def test_demo_runs_offline_and_every_funnel_adds_up(tmp_path, monkeypatch, ray_l
     measured = Dataset(Storage(str(work / "quality"))).read_shard(0).to_pandas()
     measured = measured[measured.status == "ok"]
     assert len(measured) and measured.q_sharpness.notna().all() and (measured.q_nsfw < 0.5).all()
+    tag = Dataset(Storage(str(work / "tag"))).summary()
+    assert tag["complete"] and tag["rows"] == quality["rows"] == sum(tag["by_status"].values())
+    tagged = Dataset(Storage(str(work / "tag"))).read_shard(0).to_pandas()
+    tagged = tagged[tagged.status == "ok"]
+    assert len(tagged) and tagged.age.notna().all() and tagged.gender.notna().all()
     manifest = json.loads((work / "download" / "_manifest.json").read_text())
     assert manifest["recipe"]["name"] == "demo" and manifest["parent"].endswith("ingest")
     assert "served at http://127.0.0.1:" in capsys.readouterr().out
