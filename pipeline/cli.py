@@ -496,6 +496,101 @@ def _calibrate_tags(directory: str, labels_path: Path) -> None:
         out_console.print(f"    {r.attribute}: {r.threshold:.3f}", highlight=False)
 
 
+CAPTION_EXAMPLES = """Examples:
+
+* `facecap caption work/tag work/caption` (FaceCaption-15M's grammar over the confident attributes; offline)
+* `facecap caption work/tag work/caption --captioner rewrite --base-url http://head:8000/v1
+  --model Qwen/Qwen2.5-7B-Instruct` (any OpenAI-compatible server, e.g. `vllm serve`)
+* `facecap caption work/tag work/caption --captioner vlm --engine vllm
+  --model Qwen/Qwen2.5-VL-7B-Instruct --set caption.gpus=1`
+"""
+RECAPTION_EXAMPLES = """Examples:
+
+* `facecap recaption work/caption work/caption-qwen --captioner vlm --base-url http://head:8000/v1
+  --model Qwen/Qwen2.5-VL-7B-Instruct`
+* `facecap recaption work/caption work/caption-v2 --captioner template --set caption.seed=1 --replace`
+"""
+CaptionerOpt = Annotated[str | None, typer.Option(help="template (default), rewrite or vlm")]
+EngineOpt = Annotated[
+    str | None, typer.Option(help="rewrite/vlm: openai (any OpenAI-compatible server), vllm or transformers")
+]
+ModelOpt = Annotated[str | None, typer.Option(help="rewrite/vlm: model name, or a local folder for transformers")]
+BaseUrlOpt = Annotated[str | None, typer.Option(help="openai engine: server URL, e.g. http://localhost:8000/v1")]
+
+
+def _caption_overrides(captioner, engine, model, base_url, replace=None) -> dict[str, Any]:
+    return {
+        "caption.captioner": captioner,
+        "caption.engine": engine,
+        "caption.model": model,
+        "caption.base_url": base_url,
+        "caption.replace": replace,
+    }
+
+
+@app.command(
+    help=REGISTRY["caption"].help + "\n\nIN: tagged face rows; OUT: caption (a list), caption_short, "
+    "caption_provenance; rows whose caption fails its checks twice get caption:invalid.",
+    epilog=CAPTION_EXAMPLES,
+)
+@friendly
+def caption(
+    input: Annotated[str, typer.Argument(help="face dataset with attributes (tag)")],
+    output: Annotated[str, typer.Argument(help="dataset folder to write (local or s3://)")],
+    config: ConfigOpt = None,
+    captioner: CaptionerOpt = None,
+    engine: EngineOpt = None,
+    model: ModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    set_: SetOpt = None,
+    ray_address: RayOpt = None,
+    executor: ExecutorOpt = None,
+    max_retries: RetriesOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    overrides = {
+        **_caption_overrides(captioner, engine, model, base_url),
+        **_common(ray_address, executor, max_retries),
+    }
+    _stage_command("caption", input, output, config, set_, overrides, overwrite, quiet)
+
+
+@app.command(
+    help="Caption a captioned dataset again (a new VLM, prompt or seed) into a new folder: Parquet only, "
+    "the images stay where they are; earlier captions are kept in caption_versions unless --replace.",
+    epilog=RECAPTION_EXAMPLES,
+)
+@friendly
+def recaption(
+    input: Annotated[str, typer.Argument(help="a dataset with captions (caption, or an earlier recaption)")],
+    output: Annotated[str, typer.Argument(help="dataset folder to write (local or s3://)")],
+    config: ConfigOpt = None,
+    captioner: CaptionerOpt = None,
+    engine: EngineOpt = None,
+    model: ModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="drop the earlier captions instead of keeping them")
+    ] = False,
+    set_: SetOpt = None,
+    ray_address: RayOpt = None,
+    executor: ExecutorOpt = None,
+    max_retries: RetriesOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    parent = Dataset(Storage(input))
+    done = parent.done_shards()
+    if not done or "caption" not in parent.read_shard(done[0]).column_names:
+        raise FacecapError(f"{input} has no captions yet: run `facecap caption` first")
+    overrides = {
+        **_caption_overrides(captioner, engine, model, base_url, replace or None),
+        **_common(ray_address, executor, max_retries),
+    }
+    _stage_command("caption", input, output, config, set_, overrides, overwrite, quiet)
+
+
 @app.command(
     help="Run a recipe's stages one after another, each into its own folder OUTPUT/STAGE. "
     "Rerunning resumes: finished shards are skipped.",

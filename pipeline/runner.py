@@ -69,7 +69,7 @@ def run_stage(
     if job.stage_cls.source and source is None:
         raise ValueError(f"stage {job.name} reads outside input: pass a Source")
     if parent is not None:
-        job = replace(job, media={ext: parent[1].media[ext] for ext in job.stage_cls.reads_media})
+        job = replace(job, media={ext: parent[1].media[ext] for ext in job.stage_cls.media_reads(job.config)})
     identity = config_hash(
         {
             "job": job.config_hash,
@@ -234,7 +234,7 @@ def _check_parent(job: StageJob) -> tuple[Dataset, Manifest]:
     manifest = parent.require_manifest()
     if manifest.num_shards is None:
         raise DatasetError(f"{parent.uri}: its '{manifest.stage}' run did not finish; run it again first")
-    missing_media = [ext for ext in job.stage_cls.reads_media if ext not in manifest.media]
+    missing_media = [ext for ext in job.stage_cls.media_reads(job.config) if ext not in manifest.media]
     if missing_media:
         raise DatasetError(
             f"stage {job.name} needs '{missing_media[0]}' media, but no stage up to {parent.uri} "

@@ -131,6 +131,11 @@ class Stage(ABC):
         return cls.resources
 
     @classmethod
+    def media_reads(cls, config: StageConfig) -> dict[str, str]:
+        """The media this stage reads under a config (a VLM captioner reads a crop, a grammar none)."""
+        return dict(cls.reads_media)
+
+    @classmethod
     def media_extensions(cls, config: StageConfig) -> dict[str, str]:
         """Tar member extension of each written media name (may depend on the config)."""
         return {name: name for name in cls.writes_media}

@@ -140,7 +140,7 @@ def process_shard(
         with ExitStack() as stack:
             readers = {
                 name: stack.enter_context(_media_reader(job, name, shard))
-                for name in job.stage_cls.reads_media
+                for name in job.stage_cls.media_reads(job.config)
                 if todo_table.num_rows and plan is None
             }
             if revisit and spool is not None:
@@ -216,7 +216,10 @@ def summarize_shard(job: StageJob, shard: int, attempt: int = 1, node: str | Non
     if todo.num_rows:
         stage = stage_for(job)
         with ExitStack() as stack:
-            readers = {name: stack.enter_context(_media_reader(job, name, shard)) for name in job.stage_cls.reads_media}
+            readers = {
+                name: stack.enter_context(_media_reader(job, name, shard))
+                for name in job.stage_cls.media_reads(job.config)
+            }
             for start, stop in batch_bounds(todo, job.stage_cls.batch_by, job.resources.batch_size):
                 batch, missing = _attach_media(job, todo.slice(start, stop - start).to_pandas(), readers)
                 if len(missing):
@@ -389,7 +392,7 @@ def _attach_media(job: StageJob, rows: pd.DataFrame, readers: dict[str, TarShard
     missing_reason: dict[int, str] = {}
     for name, reader in readers.items():
         ext = job.media[name].member_ext(name)
-        key_column = job.stage_cls.reads_media[name]
+        key_column = job.stage_cls.media_reads(job.config)[name]
         for position, media_key in enumerate(rows[key_column]):
             found = reader.get(media_key, [ext])
             if found and ext in found:

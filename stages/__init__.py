@@ -1,6 +1,7 @@
 """The stages facecap has, in pipeline order. A stage appears here (and in the CLI) once built."""
 
 from pipeline.stage import Stage
+from stages.caption import CaptionStage
 from stages.detect import DetectStage
 from stages.download import DownloadStage
 from stages.ingest import IngestStage
@@ -13,6 +14,7 @@ REGISTRY: dict[str, type[Stage]] = {
     DetectStage.name: DetectStage,
     QualityStage.name: QualityStage,
     TagStage.name: TagStage,
+    CaptionStage.name: CaptionStage,
 }
 
 __all__ = ["REGISTRY"]
