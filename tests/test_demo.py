@@ -52,6 +52,11 @@ def test_demo_runs_offline_and_every_funnel_adds_up(tmp_path, monkeypatch, ray_l
     tagged = Dataset(Storage(str(work / "tag"))).read_shard(0).to_pandas()
     tagged = tagged[tagged.status == "ok"]
     assert len(tagged) and tagged.age.notna().all() and tagged.gender.notna().all()
+    caption = Dataset(Storage(str(work / "caption"))).summary()
+    assert caption["complete"] and caption["rows"] == tag["rows"] == sum(caption["by_status"].values())
+    captioned = Dataset(Storage(str(work / "caption"))).read_shard(0).to_pandas()
+    captioned = captioned[captioned.status == "ok"]
+    assert len(captioned) and all(len(c) >= 1 for c in captioned.caption)
     manifest = json.loads((work / "download" / "_manifest.json").read_text())
     assert manifest["recipe"]["name"] == "demo" and manifest["parent"].endswith("ingest")
     assert "served at http://127.0.0.1:" in capsys.readouterr().out
