@@ -591,6 +591,45 @@ def recaption(
     _stage_command("caption", input, output, config, set_, overrides, overwrite, quiet)
 
 
+DEDUP_EXAMPLES = """Examples:
+
+* `facecap dedup work/caption work/dedup` (exact, perceptual and same-face duplicates)
+* `facecap dedup work/caption work/dedup --against eval-images/` (also drop anything close to a held-out eval set)
+* `facecap dedup work/caption work/dedup --kinds exact,near,embedding,identity --identity-cap 50`
+"""
+
+
+@app.command(
+    help=REGISTRY["dedup"].help + "\n\nIN: face rows (after detect, quality, tag or caption); OUT: the same rows, "
+    "duplicates marked dedup:exact / near_duplicate / identity_cap / eval_overlap with duplicate_of.",
+    epilog=DEDUP_EXAMPLES,
+)
+@friendly
+def dedup(
+    input: Annotated[str, typer.Argument(help="face dataset")],
+    output: Annotated[str, typer.Argument(help="dataset folder to write (local or s3://)")],
+    config: ConfigOpt = None,
+    kinds: Annotated[str | None, typer.Option(help="comma-separated: exact, near, embedding, identity")] = None,
+    against: Annotated[
+        str | None, typer.Option(help="folder of eval images (or a dataset's tars) to decontaminate")
+    ] = None,
+    identity_cap: Annotated[int | None, typer.Option(help="keep at most this many faces per identity")] = None,
+    set_: SetOpt = None,
+    ray_address: RayOpt = None,
+    executor: ExecutorOpt = None,
+    max_retries: RetriesOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    overrides = {
+        "dedup.kinds": [k.strip() for k in kinds.split(",") if k.strip()] if kinds else None,
+        "dedup.against": _absolute(against),
+        "dedup.identity_cap": identity_cap,
+        **_common(ray_address, executor, max_retries),
+    }
+    _stage_command("dedup", input, output, config, set_, overrides, overwrite, quiet)
+
+
 @app.command(
     help="Run a recipe's stages one after another, each into its own folder OUTPUT/STAGE. "
     "Rerunning resumes: finished shards are skipped.",

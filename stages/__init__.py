@@ -2,6 +2,7 @@
 
 from pipeline.stage import Stage
 from stages.caption import CaptionStage
+from stages.dedup import DedupStage
 from stages.detect import DetectStage
 from stages.download import DownloadStage
 from stages.ingest import IngestStage
@@ -15,6 +16,7 @@ REGISTRY: dict[str, type[Stage]] = {
     QualityStage.name: QualityStage,
     TagStage.name: TagStage,
     CaptionStage.name: CaptionStage,
+    DedupStage.name: DedupStage,
 }
 
 __all__ = ["REGISTRY"]

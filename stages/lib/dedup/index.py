@@ -1,0 +1,123 @@
+"""Grouping at scale without all-pairs comparison: union-find, multi-index hashing, LSH.
+
+- Near-duplicate 64-bit hashes within Hamming radius r: split the hash into r + 1 bands; two hashes
+  within r differ in at most r bands, so they agree exactly on at least one (pigeonhole). Sort by
+  each band, compare only hashes that share it, verify the full distance. Work is about
+  n log n plus the candidates of each bucket.
+- Embeddings above a cosine threshold: random-hyperplane LSH (several tables of a few bits), the
+  candidates that share a bucket in any table verified with the exact cosine.
+
+Both return pairs (i, j) of row positions; ``UnionFind`` turns pairs into clusters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+MAX_PAIRS_PER_STEP = 4_000_000  # candidate pairs verified at once: bounds memory (about 100 MB)
+
+
+class UnionFind:
+    def __init__(self, size: int):
+        self.parent = np.arange(size, dtype=np.int64)
+
+    def find(self, item: int) -> int:
+        root = item
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[item] != root:  # path compression
+            self.parent[item], item = root, self.parent[item]
+        return int(root)
+
+    def union_pairs(self, pairs: np.ndarray) -> None:
+        for a, b in pairs:
+            ra, rb = self.find(int(a)), self.find(int(b))
+            if ra != rb:
+                self.parent[max(ra, rb)] = min(ra, rb)
+
+    def roots(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))], np.int64)
+
+
+def equal_pairs(values: np.ndarray) -> np.ndarray:
+    """Pairs (first, other) of positions with equal values: each member joined to its group's first."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    same = np.flatnonzero(ordered[1:] == ordered[:-1]) + 1
+    if not len(same):
+        return np.empty((0, 2), np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+    group_start = starts[np.searchsorted(starts, same, side="right") - 1]
+    return np.stack([order[group_start], order[same]], axis=1)
+
+
+def _bands(radius: int) -> list[tuple[int, int]]:
+    """(shift, width) of radius + 1 bands covering the 64 bits."""
+    count = radius + 1
+    widths = [64 // count + (1 if i < 64 % count else 0) for i in range(count)]
+    shifts, start = [], 0
+    for width in widths:
+        shifts.append((start, width))
+        start += width
+    return shifts
+
+
+def _bucket_pairs(keys: np.ndarray) -> Iterator[np.ndarray]:
+    """All pairs of positions sharing a key, in chunks of at most MAX_PAIRS_PER_STEP."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+    sizes = np.diff(np.concatenate([starts, [len(keys)]]))
+    chunk: list[np.ndarray] = []
+    pending = 0
+    for start, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
+        members = order[start : start + size]
+        first, second = np.triu_indices(size, k=1)
+        chunk.append(np.stack([members[first], members[second]], axis=1))
+        pending += len(first)
+        if pending >= MAX_PAIRS_PER_STEP:
+            yield np.concatenate(chunk)
+            chunk, pending = [], 0
+    if chunk:
+        yield np.concatenate(chunk)
+
+
+def hamming_pairs(hashes: np.ndarray, radius: int) -> np.ndarray:
+    """Pairs of positions whose 64-bit hashes differ in at most ``radius`` bits."""
+    hashes = np.asarray(hashes, np.int64)
+    unsigned = hashes.view(np.uint64)
+    found = []
+    for shift, width in _bands(radius):
+        keys = (unsigned >> np.uint64(64 - shift - width)) & np.uint64((1 << width) - 1)
+        for pairs in _bucket_pairs(keys):
+            distance = np.bitwise_count(np.bitwise_xor(unsigned[pairs[:, 0]], unsigned[pairs[:, 1]]))
+            found.append(pairs[distance <= radius])
+    if not found:
+        return np.empty((0, 2), np.int64)
+    return np.unique(np.sort(np.concatenate(found), axis=1), axis=0)
+
+
+def cosine_pairs(vectors: np.ndarray, threshold: float, tables: int = 8, bits: int = 12, seed: int = 0) -> np.ndarray:
+    """Pairs of positions whose unit vectors have cosine >= threshold (random-hyperplane LSH).
+
+    Recall depends on the threshold: at cosine 0.9 a pair shares a 12-bit bucket in a table with
+    probability (1 - acos(0.9)/pi)^12 = 0.23, so 8 tables find it 88% of the time; raise
+    ``tables`` for lower thresholds (measured in bench/bench_dedup.py).
+    """
+    vectors = np.asarray(vectors, np.float32)
+    if len(vectors) < 2:
+        return np.empty((0, 2), np.int64)
+    rng = np.random.default_rng(seed)
+    found = []
+    weights = 1 << np.arange(bits, dtype=np.int64)
+    for _ in range(tables):
+        planes = rng.standard_normal((vectors.shape[1], bits)).astype(np.float32)
+        keys = ((vectors @ planes) > 0).astype(np.int64) @ weights
+        for pairs in _bucket_pairs(keys):
+            similarity = np.einsum("ij,ij->i", vectors[pairs[:, 0]], vectors[pairs[:, 1]])
+            found.append(pairs[similarity >= threshold])
+    if not found:
+        return np.empty((0, 2), np.int64)
+    return np.unique(np.sort(np.concatenate(found), axis=1), axis=0)
