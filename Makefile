@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup chromium demo test test-fast lint eval bench bench-ingest bench-download bench-detect bench-quality bench-tag bench-caption bench-soak clean
+.PHONY: setup chromium demo test test-fast lint eval bench bench-ingest bench-download bench-detect bench-quality bench-tag bench-caption bench-dedup bench-soak clean
 
 setup: $(STAMP)
 
@@ -40,7 +40,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline stages tests bench
 	$(BIN)/ruff format --check pipeline stages tests bench
 
-bench: bench-ingest bench-download bench-detect bench-quality bench-tag bench-caption bench-soak
+bench: bench-ingest bench-download bench-detect bench-quality bench-tag bench-caption bench-dedup bench-soak
 
 # Accuracy of each available detector on ../shared/data/faces (or FACECAP_SHARED).
 eval: $(STAMP)
@@ -50,6 +50,9 @@ eval: $(STAMP)
 
 bench-detect: $(STAMP)
 	$(BIN)/python bench/bench_detect.py
+
+bench-dedup: $(STAMP)
+	$(BIN)/python bench/bench_dedup.py
 
 bench-caption: $(STAMP)
 	$(BIN)/python bench/bench_caption.py

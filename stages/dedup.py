@@ -34,7 +34,7 @@ from pydantic import Field
 from pipeline.errors import ConfigError
 from pipeline.stage import Batch, Output, Resources, Stage, StageConfig, Summaries
 from stages.lib.dedup.hashing import FaceEmbedder, digest64, normalised_url, phash, pixel_digest
-from stages.lib.dedup.index import UnionFind, cosine_pairs, equal_pairs, hamming_pairs
+from stages.lib.dedup.index import UnionFind, cosine_pairs, equal_pairs, hamming_pairs, lsh_bits
 
 Kind = Literal["exact", "near", "embedding", "identity"]
 PRECEDENCE = ("eval_overlap", "exact", "near_duplicate", "identity_cap")
@@ -90,7 +90,7 @@ class DedupStage(Stage):
         from pipeline import models
 
         if {"embedding", "identity"} & set(config.kinds):
-            models.resolve("sface-int8")
+            models.resolve("mobilefacenet")
         if config.against and not Path(config.against).exists():
             raise ConfigError(f"dedup.against {config.against}: no such folder")
         if config.identity_cap and "identity" not in config.kinds:
@@ -207,11 +207,14 @@ def decide(
                 <= config.face_phash_radius
             )
             _mark_row_groups(frame, pairs[close], "near_duplicate", decision, duplicate_of)
+    _follow_chains(frame["key"].to_numpy(), decision, duplicate_of)
     cluster = np.arange(n, dtype=np.int64)
     sizes = np.ones(n, dtype=np.int32)
     if vectors is not None and "identity" in config.kinds:
         finder = UnionFind(n)
-        finder.union_pairs(cosine_pairs(vectors, config.identity_cosine, tables=config.lsh_tables, bits=8))
+        # Identity needs a low threshold: fewer bits per table keep such pairs in one bucket.
+        bits = min(8, lsh_bits(n))
+        finder.union_pairs(cosine_pairs(vectors, config.identity_cosine, tables=config.lsh_tables, bits=bits))
         cluster = finder.roots()
         counts = pd.Series(cluster).value_counts()
         sizes = counts.reindex(cluster).to_numpy(np.int32)
@@ -279,6 +282,17 @@ def _mark_row_groups(frame, pairs, kind, decision, duplicate_of) -> None:
             if member != survivor:
                 decision[member] = kind
                 duplicate_of[member] = frame.at[survivor, "key"]
+
+
+def _follow_chains(keys: np.ndarray, decision: np.ndarray, duplicate_of: np.ndarray) -> None:
+    """Point every duplicate at a kept row: a group's survivor may itself lose to another group."""
+    position = {key: i for i, key in enumerate(keys)}
+    for i in range(len(keys)):
+        target, seen = duplicate_of[i], 0
+        while target is not None and decision[position[target]] and seen < len(keys):
+            target, seen = duplicate_of[position[target]], seen + 1
+        if target is not None:
+            duplicate_of[i] = target
 
 
 def _cap_identities(frame, cluster, cap, decision, duplicate_of) -> None:

@@ -57,6 +57,8 @@ def test_demo_runs_offline_and_every_funnel_adds_up(tmp_path, monkeypatch, ray_l
     captioned = Dataset(Storage(str(work / "caption"))).read_shard(0).to_pandas()
     captioned = captioned[captioned.status == "ok"]
     assert len(captioned) and all(len(c) >= 1 for c in captioned.caption)
+    dedup = Dataset(Storage(str(work / "dedup"))).summary()
+    assert dedup["complete"] and dedup["rows"] == caption["rows"] == sum(dedup["by_status"].values())
     manifest = json.loads((work / "download" / "_manifest.json").read_text())
     assert manifest["recipe"]["name"] == "demo" and manifest["parent"].endswith("ingest")
     assert "served at http://127.0.0.1:" in capsys.readouterr().out

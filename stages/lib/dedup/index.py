@@ -99,13 +99,21 @@ def hamming_pairs(hashes: np.ndarray, radius: int) -> np.ndarray:
     return np.unique(np.sort(np.concatenate(found), axis=1), axis=0)
 
 
-def cosine_pairs(vectors: np.ndarray, threshold: float, tables: int = 8, bits: int = 12, seed: int = 0) -> np.ndarray:
+def lsh_bits(n: int) -> int:
+    """Bits per table so that a bucket holds about 16 rows: candidates grow with n, not n^2."""
+    return int(min(20, max(6, round(np.log2(max(n, 2) / 16)))))
+
+
+def cosine_pairs(
+    vectors: np.ndarray, threshold: float, tables: int = 8, bits: int | None = None, seed: int = 0
+) -> np.ndarray:
     """Pairs of positions whose unit vectors have cosine >= threshold (random-hyperplane LSH).
 
-    Recall depends on the threshold: at cosine 0.9 a pair shares a 12-bit bucket in a table with
-    probability (1 - acos(0.9)/pi)^12 = 0.23, so 8 tables find it 88% of the time; raise
-    ``tables`` for lower thresholds (measured in bench/bench_dedup.py).
+    A pair at cosine c shares a b-bit bucket in one table with probability (1 - acos(c)/pi)^b;
+    over T tables it is found with 1 - (1 - that)^T. Bits default to ``lsh_bits(n)``; recall at
+    several sizes is measured in bench/bench_dedup.py.
     """
+    bits = bits if bits is not None else lsh_bits(len(vectors))
     vectors = np.asarray(vectors, np.float32)
     if len(vectors) < 2:
         return np.empty((0, 2), np.int64)
