@@ -630,6 +630,61 @@ def dedup(
     _stage_command("dedup", input, output, config, set_, overrides, overwrite, quiet)
 
 
+EXPORT_EXAMPLES = """Examples:
+
+* `facecap export work/dedup shards/ --format webdataset` (KEY.jpg square crop, KEY.txt caption, KEY.json metadata)
+* `facecap export work/dedup shards/ --crop aligned --val-fraction 0.01 --split-by identity --seed 7`
+* `facecap export work/dedup facecaption/ --format parquet` (_id, url, caption, laion_caption, box + ours)
+"""
+
+
+@app.command(
+    help="Export the ok rows of a finished dataset for training: WebDataset shards with a wids index, "
+    "or FaceCaption v2-compatible Parquet.",
+    epilog=EXPORT_EXAMPLES,
+)
+@friendly
+def export(
+    directory: Annotated[str, typer.Argument(help="the last stage's dataset (e.g. work/dedup)")],
+    output: Annotated[str, typer.Argument(help="folder for the shards (local or s3://)")],
+    format: Annotated[str, typer.Option(help="webdataset or parquet")] = "webdataset",
+    crop: Annotated[
+        str, typer.Option(help="the image of each sample: square (1.5x, 512), aligned (512), box")
+    ] = "square",
+    caption: Annotated[str, typer.Option(help="first (of the caption list) or short")] = "first",
+    shard_samples: Annotated[int, typer.Option(help="samples per shard")] = 10_000,
+    shard_bytes: Annotated[int | None, typer.Option(help="aim for shards of about this many bytes")] = None,
+    seed: Annotated[int, typer.Option(help="global shuffle seed")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="share of samples in a validation split")] = 0.0,
+    split_by: Annotated[str, typer.Option(help="key (stable hash) or identity (no identity in both)")] = "key",
+    quiet: QuietOpt = False,
+) -> None:
+    from pipeline.export import ExportSettings
+    from pipeline.export import export as run_export
+
+    if format not in ("webdataset", "parquet") or crop not in ("square", "aligned", "box", "aligned112"):
+        raise FacecapError(f"export: unknown --format {format} or --crop {crop}")
+    if caption not in ("first", "short") or split_by not in ("key", "identity"):
+        raise FacecapError(f"export: unknown --caption {caption} or --split-by {split_by}")
+    settings = ExportSettings(
+        format=format,  # type: ignore[arg-type]
+        crop=crop,  # type: ignore[arg-type]
+        caption=caption,  # type: ignore[arg-type]
+        shard_samples=shard_samples,
+        shard_bytes=shard_bytes,
+        seed=seed,
+        val_fraction=val_fraction,
+        split_by=split_by,  # type: ignore[arg-type]
+    )
+    result = run_export(_absolute(directory) or directory, _absolute(output) or output, settings)
+    if not quiet:
+        for split, count in result.samples.items():
+            shards = len(result.shards[split])
+            out_console.print(
+                f"export: {split}: {count:,} samples in {shards} shard(s) -> {result.output}", highlight=False
+            )
+
+
 @app.command(
     help="Run a recipe's stages one after another, each into its own folder OUTPUT/STAGE. "
     "Rerunning resumes: finished shards are skipped.",
