@@ -686,6 +686,24 @@ def export(
 
 
 @app.command(
+    help="Write one self-contained HTML report of a run: funnel, rejection reasons with examples, "
+    "throughput, distributions, attributes, demographics, duplicates and a contact sheet.",
+    epilog="Examples: `facecap report work/ --out report.html` · `facecap report work/dedup --out r.html`",
+)
+@friendly
+def report(
+    directory: Annotated[str, typer.Argument(help="a run's work folder, or its last stage's dataset")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the HTML file to write")] = Path("report.html"),
+    quiet: QuietOpt = False,
+) -> None:
+    from pipeline.report import write_report
+
+    path = write_report(_absolute(directory) or directory, str(out))
+    if not quiet:
+        out_console.print(f"report: {path}", highlight=False)
+
+
+@app.command(
     help="Run a recipe's stages one after another, each into its own folder OUTPUT/STAGE. "
     "Rerunning resumes: finished shards are skipped.",
     epilog=RUN_EXAMPLES,
