@@ -110,9 +110,20 @@ def main() -> int:
         ]  # fmt: skip
         app(args, standalone_mode=False)
     app(["stats", str(work)], standalone_mode=False)
+    last = work / load_stages()[-1]
+    app(["export", str(last), str(OUT / "export"), "--shard-samples", "100"], standalone_mode=False)
+    app(["report", str(work), "--out", str(OUT / "report.html")], standalone_mode=False)
     print(f"\ndatasets: {work.resolve()}/<stage>/  (Parquet shards + WebDataset tars, _manifest.json, _stats/)")
+    print(f"training shards: {(OUT / 'export').resolve()}/train-*.tar, index train.json (WebDataset / wids)")
+    print(f"report: {(OUT / 'report.html').resolve()}  (open it in a browser; no network needed)")
     print(f"funnel as JSON: facecap stats {work} --json")
     return 0
+
+
+def load_stages() -> list[str]:
+    import yaml
+
+    return yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["stages"]
 
 
 if __name__ == "__main__":

@@ -59,6 +59,9 @@ def test_demo_runs_offline_and_every_funnel_adds_up(tmp_path, monkeypatch, ray_l
     assert len(captioned) and all(len(c) >= 1 for c in captioned.caption)
     dedup = Dataset(Storage(str(work / "dedup"))).summary()
     assert dedup["complete"] and dedup["rows"] == caption["rows"] == sum(dedup["by_status"].values())
+    index = json.loads((tmp_path / "demo-out" / "export" / "train.json").read_text())
+    assert sum(s["nsamples"] for s in index["shardlist"]) == dedup["by_status"]["ok"]
+    assert '<section id="contact-sheet">' in (tmp_path / "demo-out" / "report.html").read_text()
     manifest = json.loads((work / "download" / "_manifest.json").read_text())
     assert manifest["recipe"]["name"] == "demo" and manifest["parent"].endswith("ingest")
     assert "served at http://127.0.0.1:" in capsys.readouterr().out
