@@ -25,8 +25,14 @@ from stages.lib.detectors import worker_threads
 from stages.lib.quality import measures
 from stages.lib.quality.rules import Rule, failing, ranking_cutoff
 
-EXPENSIVE = ("brisque", "text", "nsfw", "cartoon")
-EXPENSIVE_COLUMNS = {"brisque": "q_brisque", "text": "q_text_fraction", "nsfw": "q_nsfw", "cartoon": "q_cartoon"}
+EXPENSIVE = ("brisque", "clip_iqa", "text", "nsfw", "cartoon")
+EXPENSIVE_COLUMNS = {
+    "brisque": "q_brisque",
+    "clip_iqa": "q_clip_iqa",
+    "text": "q_text_fraction",
+    "nsfw": "q_nsfw",
+    "cartoon": "q_cartoon",
+}
 MEASURES: dict[str, pa.DataType] = {
     "q_face_side": pa.float32(),
     "q_image_side": pa.float32(),
@@ -45,6 +51,7 @@ MEASURES: dict[str, pa.DataType] = {
     "q_roll": pa.float32(),
     "q_frontalness": pa.float32(),
     "q_brisque": pa.float32(),
+    "q_clip_iqa": pa.float32(),
     "q_text_fraction": pa.float32(),
     "q_cartoon": pa.float32(),
     "q_nsfw": pa.float32(),
@@ -64,6 +71,9 @@ class QualityConfig(StageConfig):
     colour: bool = Field(True, description="q_channel_std and q_grayscale of the whole image")
     pose: bool = Field(True, description="q_yaw, q_pitch, q_roll, q_frontalness from the 5 landmarks")
     brisque: bool = Field(True, description="q_brisque, no-reference quality of the face crop (lower is better)")
+    clip_iqa: bool = Field(False, description="q_clip_iqa: CLIP-IQA of the face crop (needs the clip extra)")
+    clip_model: str = Field("ViT-B-32", description="open_clip model for CLIP-IQA")
+    clip_pretrained: str | None = Field(None, description="open_clip pretrained tag or weights file for CLIP-IQA")
     text: bool = Field(True, description="q_text_fraction: image area covered by text (PP-OCRv4 detector)")
     cartoon: bool = Field(True, description="q_cartoon: 0 photograph-like .. 1 drawn")
     nsfw: bool = Field(True, description="q_nsfw: highest NudeNet score of an explicit class")
@@ -123,6 +133,10 @@ class QualityStage(Stage):
             self._scorers["text"] = TextDetector()
         if self.config.nsfw:
             self._scorers["nsfw"] = NsfwDetector()
+        if self.config.clip_iqa:
+            from stages.lib.quality.scorers import ClipIqa
+
+            self._scorers["clip_iqa"] = ClipIqa(self.config.clip_model, self.config.clip_pretrained)
 
     # -- the three entry points --------------------------------------------------------------
     def process(self, batch: Batch) -> Output:
@@ -210,6 +224,8 @@ class QualityStage(Stage):
         image = images.image(row["image_key"])
         if crop is not None and "brisque" in self._scorers:
             values["q_brisque"][i] = self._scorers["brisque"].score(crop)
+        if crop is not None and "clip_iqa" in self._scorers:
+            values["q_clip_iqa"][i] = self._scorers["clip_iqa"].score(crop)
         if image is None:
             return
         if "text" in self._scorers:

@@ -131,3 +131,35 @@ def cartoon_score(face_bgr: np.ndarray) -> float:
     noise, palette, flat = cartoon_features(face_bgr)
     z = (1.0 - noise) / 0.5 + (0.010 - palette) / 0.004 + (flat - 0.60) / 0.1
     return 1.0 / (1.0 + math.exp(-z))
+
+
+class ClipIqa:
+    """CLIP-IQA (Wang et al., 2023): how much closer the image is to "Good photo." than to "Bad photo."
+    under CLIP, as a softmax probability in [0, 1] (higher is better). Needs the clip extra and
+    weights (``quality.clip_pretrained``: an open_clip tag or a file; without one the model is
+    randomly initialised, which only the tests use)."""
+
+    PROMPTS = ("Good photo.", "Bad photo.")
+
+    def __init__(self, model_name: str, pretrained: str | None):
+        import open_clip
+        import torch
+
+        self._torch = torch
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
+        self._model, self._preprocess = model.eval(), preprocess
+        tokenizer = open_clip.get_tokenizer(model_name)
+        with torch.inference_mode():
+            text = model.encode_text(tokenizer(list(self.PROMPTS))).float()
+        self._text = text / text.norm(dim=-1, keepdim=True)
+
+    def score(self, bgr: np.ndarray) -> float:
+        from PIL import Image
+
+        torch = self._torch
+        image = self._preprocess(Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1])))[None]
+        with torch.inference_mode():
+            features = self._model.encode_image(image).float()
+            features = features / features.norm(dim=-1, keepdim=True)
+            probabilities = (100.0 * features @ self._text.T).softmax(dim=-1)
+        return float(probabilities[0, 0])

@@ -124,3 +124,12 @@ def test_cartoon_score_separates_the_drawn_faces_in_the_fixtures(face_photos, de
     drawn = [score("insightface/inspireface_bulk_kun_cartoon_crop.jpg"), score("masked/ultraface_img1.jpeg")]
     photos = [score(n) for n in ("deepface/img1.jpg", "deepface/img10.jpg", "deepface/img2.jpg", "deepface/img13.jpg")]
     assert min(drawn) > max(photos)
+
+
+@pytest.mark.slow
+def test_clip_iqa_runs_a_randomly_initialised_open_clip_model(aligned):
+    from stages.lib.quality.scorers import ClipIqa
+
+    scorer = ClipIqa("ViT-S-32", pretrained=None)  # no weights can be fetched here: the real code path
+    values = [scorer.score(aligned), scorer.score(cv2.GaussianBlur(aligned, (0, 0), 3))]
+    assert all(0.0 <= v <= 1.0 for v in values)
