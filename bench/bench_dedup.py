@@ -33,7 +33,7 @@ PLANTED = 0.05
 def synthetic(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     phashes = rng.integers(-(2**63), 2**63 - 1, size=n, dtype=np.int64)
-    vectors = rng.standard_normal((n, 128)).astype(np.float32)
+    vectors = rng.standard_normal((n, 128), dtype=np.float32)
     copies = rng.choice(n, size=int(n * PLANTED), replace=False)
     originals = rng.choice(np.setdiff1d(np.arange(n), copies), size=len(copies), replace=True)
     flips = rng.integers(1, 4, size=len(copies))

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-MAX_PAIRS_PER_STEP = 4_000_000  # candidate pairs verified at once: bounds memory (about 100 MB)
+MAX_PAIRS_PER_STEP = 4_000_000  # candidate pairs generated at once: bounds memory (about 100 MB)
+VERIFY_SLICE = 200_000  # embedding pairs compared at once (2 x 200k x 128 floats: 200 MB)
 
 
 class UnionFind:
@@ -124,8 +125,11 @@ def cosine_pairs(
         planes = rng.standard_normal((vectors.shape[1], bits)).astype(np.float32)
         keys = ((vectors @ planes) > 0).astype(np.int64) @ weights
         for pairs in _bucket_pairs(keys):
-            similarity = np.einsum("ij,ij->i", vectors[pairs[:, 0]], vectors[pairs[:, 1]])
-            found.append(pairs[similarity >= threshold])
+            # Verify in slices: gathering both vectors of 4M pairs at once would take 4 GB.
+            for start in range(0, len(pairs), VERIFY_SLICE):
+                part = pairs[start : start + VERIFY_SLICE]
+                similarity = np.einsum("ij,ij->i", vectors[part[:, 0]], vectors[part[:, 1]])
+                found.append(part[similarity >= threshold])
     if not found:
         return np.empty((0, 2), np.int64)
     return np.unique(np.sort(np.concatenate(found), axis=1), axis=0)
