@@ -43,7 +43,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 class DedupConfig(StageConfig):
     kinds: list[Kind] = Field(
-        default_factory=lambda: ["exact", "near", "embedding"], description="which dedup kinds run"
+        # The embedding and identity kinds need MobileFaceNet (FACECAP_MODELS); recipes turn them on.
+        default_factory=lambda: ["exact", "near"],
+        description="which dedup kinds run: exact, near, embedding, identity",
     )
     phash_radius: int = Field(4, ge=0, le=12, description="images within this many pHash bits are near-duplicates")
     face_cosine: float = Field(0.9, ge=0, le=1, description="same face crop: embeddings at least this similar ...")

@@ -23,6 +23,9 @@ for _name, _value in (
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
+# The shared test models (MobileFaceNet, genderage, ...) for every process of the session, Ray
+# workers included: they inherit the environment Ray starts with.
+os.environ.setdefault("FACECAP_MODELS", str(Path(os.environ.get("FACECAP_SHARED", REPO.parent / "shared")) / "models"))
 
 
 def shared_dir() -> Path:

