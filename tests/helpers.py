@@ -52,3 +52,56 @@ def read_all(folder: Path | str) -> pa.Table:
 
 def read_parquet_dir(folder: Path) -> pa.Table:
     return pa.concat_tables(pq.read_table(p) for p in sorted(folder.glob("part-*.parquet")))
+
+
+def detected_faces(root: Path, photos: dict[str, bytes], shard_size: int = 3, **detect) -> Path:
+    """Serve ``photos`` (served name -> bytes) on loopback, then ingest, download and detect them.
+
+    The alt text of each row is its served name. Returns ``root``, with ``root/detect`` written.
+    """
+    from pipeline.corpus_server import CorpusServer
+    from stages.detect import DetectConfig, DetectStage
+    from stages.download import DownloadConfig, DownloadStage
+    from stages.lib.fetch import SafetySettings
+
+    served = root / "served"
+    served.mkdir(parents=True, exist_ok=True)
+    for name, data in photos.items():
+        (served / name).write_bytes(data)
+    with CorpusServer(served) as server:
+        csv = root / "urls.csv"
+        csv.write_text("url,caption\n" + "\n".join(f"{server.url('/files/' + n)},{n}" for n in photos) + "\n")
+        ingest(csv, root / "ingest", shard_size=shard_size)
+        config = DownloadConfig(safety=SafetySettings(allow_private_networks=True))
+        assert run(DownloadStage, root / "ingest", root / "download", config).ok
+    settings = {"min_score": 0.8, "min_face_side": 40, **detect}
+    assert run(DetectStage, root / "download", root / "detect", DetectConfig(**settings)).ok
+    return root
+
+
+def run_recipe(
+    root: Path, photos: dict[str, bytes], changes: dict[str, dict], extra_urls: tuple[str, ...] = ()
+) -> Path:
+    """``facecap run`` of the demo recipe (with ``changes`` per section) on ``photos``, in-process."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.corpus_server import CorpusServer
+
+    config = yaml.safe_load((Path(__file__).parent.parent / "configs" / "demo.yaml").read_text())
+    for section, values in changes.items():
+        config.setdefault(section, {}).update(values)
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    served = root / "served"
+    served.mkdir(parents=True, exist_ok=True)
+    for name, data in photos.items():
+        (served / name).write_bytes(data)
+    with CorpusServer(served) as server:
+        urls = [server.url(f"/files/{n}") for n in sorted(photos)] + [server.url(p) for p in extra_urls]
+        (root / "urls.csv").write_text("url,caption\n" + "\n".join(f"{u},alt {i}" for i, u in enumerate(urls)) + "\n")
+        args = ["run", "-c", str(recipe), "-i", str(root / "urls.csv"), "-o", str(root / "work"), "--executor", "local"]
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return root / "work" / config["stages"][-1]

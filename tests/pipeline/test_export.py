@@ -11,12 +11,10 @@ from pathlib import Path
 import insightface
 import pandas as pd
 import pytest
-import yaml
-from helpers import read_all
+from helpers import read_all, run_recipe
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.corpus_server import CorpusServer
 from pipeline.errors import FacecapError
 from pipeline.export import ExportSettings, export
 
@@ -27,26 +25,16 @@ GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, face_photos):
     """The demo recipe end to end (in-process) on a group photo and two portraits."""
-    root = tmp_path_factory.mktemp("export")
-    served = root / "served"
-    served.mkdir()
-    (served / "group.jpg").write_bytes(GROUP.read_bytes())
-    for name in ("deepface/img1.jpg", "face_recognition/obama.jpg"):
-        (served / name.replace("/", "_")).write_bytes((face_photos / name).read_bytes())
-    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    config["tag"]["min_confident"] = 0
-    config["detect"]["crops"] = ["square", "aligned112"]  # the default crops: no tight box
-    recipe = root / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(config))
-    with CorpusServer(served) as server:
-        urls = [server.url(f"/files/{p.name}") for p in sorted(served.iterdir())]
-        (root / "urls.csv").write_text("url,caption\n" + "\n".join(f"{u},alt {i}" for i, u in enumerate(urls)) + "\n")
-        result = CliRunner().invoke(
-            app,
-            ["run", "-c", str(recipe), "-i", str(root / "urls.csv"), "-o", str(root / "work"), "--executor", "local"],
-        )
-    assert result.exit_code == 0, result.output
-    final = root / "work" / config["stages"][-1]
+    photos = {"group.jpg": GROUP.read_bytes()}
+    photos.update(
+        {
+            n.replace("/", "_"): (face_photos / n).read_bytes()
+            for n in ("deepface/img1.jpg", "face_recognition/obama.jpg")
+        }
+    )
+    # The default crops (no tight box), and every face kept by tag.
+    changes = {"tag": {"min_confident": 0}, "detect": {"crops": ["square", "aligned112"]}}
+    final = run_recipe(tmp_path_factory.mktemp("export"), photos, changes)
     source = read_all(final).to_pandas()
     return final, source[source.status == "ok"].set_index("key")
 

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import insightface
 import pytest
-import yaml
+from helpers import run_recipe
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.corpus_server import CorpusServer
 
 REPO = Path(__file__).resolve().parent.parent.parent
 GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
@@ -41,24 +40,12 @@ CHROMIUM_FLAGS = [
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory, face_photos):
-    root = tmp_path_factory.mktemp("report")
-    served = root / "served"
-    served.mkdir()
-    (served / "group.jpg").write_bytes(GROUP.read_bytes())
-    for name in ("deepface/img1.jpg", "nonface/sheep.jpg"):
-        (served / name.replace("/", "_")).write_bytes((face_photos / name).read_bytes())
-    shutil.copyfile(served / "group.jpg", served / "group_copy.jpg")  # a duplicate for the dedup section
-    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    config["tag"]["min_confident"] = 0
-    recipe = root / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(config))
-    with CorpusServer(served) as server:
-        urls = [server.url(f"/files/{p.name}") for p in sorted(served.iterdir())] + [server.url("/status/404")]
-        (root / "urls.csv").write_text("url,caption\n" + "\n".join(f"{u},alt {i}" for i, u in enumerate(urls)) + "\n")
-        args = ["run", "-c", str(recipe), "-i", str(root / "urls.csv"), "-o", str(root / "work"), "--executor", "local"]
-        result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return root / "work"
+    photos = {"group.jpg": GROUP.read_bytes(), "group_copy.jpg": GROUP.read_bytes()}  # a duplicate for dedup
+    photos.update(
+        {n.replace("/", "_"): (face_photos / n).read_bytes() for n in ("deepface/img1.jpg", "nonface/sheep.jpg")}
+    )
+    final = run_recipe(tmp_path_factory.mktemp("report"), photos, {"tag": {"min_confident": 0}}, ("/status/404",))
+    return final.parent
 
 
 def test_report_has_every_section_and_needs_no_network(run_folder, tmp_path):

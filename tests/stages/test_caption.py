@@ -9,18 +9,14 @@ from pathlib import Path
 import insightface
 import pandas as pd
 import pytest
-from helpers import ingest, ray_executor, read_all, run
+from helpers import detected_faces, ray_executor, read_all, run
 from openai_server import OpenAIServer
 from tinymodels import tiny_llm, tiny_vlm
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.corpus_server import CorpusServer
 from pipeline.errors import ConfigError
 from stages.caption import CaptionConfig, CaptionStage
-from stages.detect import DetectConfig, DetectStage
-from stages.download import DownloadConfig, DownloadStage
-from stages.lib.fetch import SafetySettings
 from stages.tag import TagConfig, TagStage
 
 GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
@@ -28,26 +24,10 @@ GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 
 @pytest.fixture(scope="module")
 def tagged(tmp_path_factory, face_photos):
-    root = tmp_path_factory.mktemp("caption")
-    served = root / "served"
-    served.mkdir()
-    (served / "group.jpg").write_bytes(GROUP.read_bytes())
-    (served / "portrait.jpg").write_bytes((face_photos / "deepface" / "img1.jpg").read_bytes())
-    with CorpusServer(served) as server:
-        csv = root / "urls.csv"
-        lines = [f"{server.url('/files/' + n)},{n}" for n in ("group.jpg", "portrait.jpg")]
-        csv.write_text("url,caption\n" + "\n".join([*lines, "nope://broken,broken"]) + "\n")
-        ingest(csv, root / "ingest", shard_size=2)
-        run(
-            DownloadStage,
-            root / "ingest",
-            root / "download",
-            DownloadConfig(safety=SafetySettings(allow_private_networks=True)),
-        )
-    assert run(DetectStage, root / "download", root / "detect", DetectConfig(min_score=0.8, min_face_side=40)).ok
-    assert run(
-        TagStage, root / "detect", root / "tag", TagConfig(backends=["agegender", "geometry"], min_confident=0)
-    ).ok
+    photos = {"group.jpg": GROUP.read_bytes(), "portrait.jpg": (face_photos / "deepface" / "img1.jpg").read_bytes()}
+    root = detected_faces(tmp_path_factory.mktemp("caption"), photos, shard_size=2)
+    tag = TagConfig(backends=["agegender", "geometry"], min_confident=0)
+    assert run(TagStage, root / "detect", root / "tag", tag).ok
     return root
 
 

@@ -8,14 +8,10 @@ import cv2
 import insightface
 import numpy as np
 import pytest
-from helpers import ingest, ray_executor, read_all, run
+from helpers import detected_faces, ray_executor, read_all, run
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.corpus_server import CorpusServer
-from stages.detect import DetectConfig, DetectStage
-from stages.download import DownloadConfig, DownloadStage
-from stages.lib.fetch import SafetySettings
 from stages.lib.quality.rules import Rule
 from stages.quality import MEASURES, QualityConfig, QualityStage
 
@@ -48,28 +44,13 @@ def degraded(portrait: np.ndarray) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory, face_photos):
     """ingest -> download -> detect of a portrait, four degradations of it and a group photo."""
-    root = tmp_path_factory.mktemp("quality")
-    served = root / "served"
-    served.mkdir()
     portrait = cv2.imread(str(face_photos / "deepface" / "img1.jpg"))
-    names = []
-    for name, pixels in degraded(portrait).items():
-        cv2.imwrite(str(served / f"{name}.jpg"), pixels, [cv2.IMWRITE_JPEG_QUALITY, 92])
-        names.append(f"{name}.jpg")
-    (served / "group.jpg").write_bytes(GROUP.read_bytes())
-    names.append("group.jpg")
-    with CorpusServer(served) as server:
-        csv = root / "urls.csv"
-        csv.write_text("url,caption\n" + "\n".join(f"{server.url('/files/' + n)},{n}" for n in names) + "\n")
-        ingest(csv, root / "ingest", shard_size=3)
-        run(
-            DownloadStage,
-            root / "ingest",
-            root / "download",
-            DownloadConfig(safety=SafetySettings(allow_private_networks=True)),
-        )
-    assert run(DetectStage, root / "download", root / "detect", DetectConfig(min_score=0.8, min_face_side=40)).ok
-    return root
+    photos = {
+        f"{name}.jpg": cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()
+        for name, pixels in degraded(portrait).items()
+    }
+    photos["group.jpg"] = GROUP.read_bytes()
+    return detected_faces(tmp_path_factory.mktemp("quality"), photos)
 
 
 def by_source(rows):

@@ -8,16 +8,12 @@ from pathlib import Path
 import insightface
 import pandas as pd
 import pytest
-from helpers import ingest, ray_executor, read_all, run
+from helpers import detected_faces, ray_executor, read_all, run
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.corpus_server import CorpusServer
 from pipeline.errors import ConfigError
-from stages.detect import DetectConfig, DetectStage
-from stages.download import DownloadConfig, DownloadStage
 from stages.lib.attributes.schema import CELEBA40, COLUMNS
-from stages.lib.fetch import SafetySettings
 from stages.tag import TagConfig, TagStage
 
 GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
@@ -26,23 +22,9 @@ PHOTOS = ["deepface/img1.jpg", "face_recognition/obama.jpg", "insightface/inspir
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory, face_photos):
-    root = tmp_path_factory.mktemp("tag")
-    served = root / "served"
-    served.mkdir()
-    names = ["group.jpg"]
-    (served / "group.jpg").write_bytes(GROUP.read_bytes())
-    for name in PHOTOS:
-        flat = name.replace("/", "_")
-        (served / flat).write_bytes((face_photos / name).read_bytes())
-        names.append(flat)
-    with CorpusServer(served) as server:
-        csv = root / "urls.csv"
-        csv.write_text("url,caption\n" + "\n".join(f"{server.url('/files/' + n)},{n}" for n in names) + "\n")
-        ingest(csv, root / "ingest", shard_size=2)
-        config = DownloadConfig(safety=SafetySettings(allow_private_networks=True))
-        run(DownloadStage, root / "ingest", root / "download", config)
-    assert run(DetectStage, root / "download", root / "detect", DetectConfig(min_score=0.8, min_face_side=40)).ok
-    return root
+    photos = {"group.jpg": GROUP.read_bytes()}
+    photos.update({name.replace("/", "_"): (face_photos / name).read_bytes() for name in PHOTOS})
+    return detected_faces(tmp_path_factory.mktemp("tag"), photos, shard_size=2)
 
 
 @pytest.fixture(autouse=True)
