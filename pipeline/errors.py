@@ -20,3 +20,17 @@ class InputError(FacecapError):
 
 class DatasetError(FacecapError):
     """An output folder holds something the command must not overwrite or cannot use."""
+
+
+class StorageFull(FacecapError):
+    """The output storage ran out of space (or quota): every further shard would fail too."""
+
+    exit_code = 3
+
+
+# How a worker's error text says the disk or quota is full (errno 28 ENOSPC, 122 EDQUOT).
+FULL_MARKERS = ("No space left on device", "[Errno 28]", "Disk quota exceeded", "[Errno 122]")
+
+
+def storage_full(error: str | None) -> bool:
+    return bool(error) and any(marker in error for marker in FULL_MARKERS)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import RunnerConfig
 from pipeline.dataset import Dataset, Manifest, MediaRef, config_hash, shard_name
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, StorageFull, storage_full
 from pipeline.executors import Executor, Outcome
 from pipeline.progress import Quiet, StageProgress
 from pipeline.sources import Source
@@ -337,6 +337,12 @@ def _dispatch(
     def settle(outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
             item = in_flight.pop(outcome.ticket)
+            if outcome.stats is None and storage_full(outcome.error):
+                # Retrying or moving on to other shards would only fill the log with the same error.
+                raise StorageFull(
+                    f"the output storage is full ({outcome.error}); shard {item.shard} and later ones were not "
+                    f"written: free space under {out.uri} and rerun the same command to resume"
+                )
             if outcome.stats is not None:
                 result.processed += 1
                 progress.advance(outcome.stats.rows_out)

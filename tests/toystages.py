@@ -148,3 +148,30 @@ class KeepLongest(Stage):
         rows["rank"] = list(batch.plan["rank"])
         rows["status"] = ["ok" if r < self.config.keep else self.reject("not_top") for r in rows["rank"]]
         return Output(rows=rows)
+
+
+class SleepyConfig(StageConfig):
+    pid_folder: str  # each worker writes its pid here when it starts a shard
+    seconds: float = 3.0  # first attempts of a shard sleep this long, so a test can kill the worker
+
+
+class Sleepy(Stage):
+    """Copies rows through slowly on a shard's first attempt: a worker to be killed mid-shard."""
+
+    name = "sleepy"
+    config_model = SleepyConfig
+    produces: ClassVar = {"worker_pid": pa.int64()}
+    resources = Resources(cpus=1, batch_size=100)
+
+    def process(self, batch: Batch) -> Output:
+        import time
+
+        marker = os.path.join(self.config.pid_folder, f"{os.getpid()}.{batch.rows['key'].iloc[0]}")
+        first_attempt = not any(name.endswith(batch.rows["key"].iloc[0]) for name in os.listdir(self.config.pid_folder))
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        if first_attempt:
+            time.sleep(self.config.seconds)
+        rows = batch.rows.copy()
+        rows["worker_pid"] = os.getpid()
+        return Output(rows=rows)
