@@ -117,15 +117,13 @@ def run_stage(
 
     with progress:
         progress.set_total(manifest.num_shards)
-        planned = True
-        if parent is not None and job.stage_cls.is_global(job.config):
-            planned = _global_passes(job, parent, out, executor, runner, result, progress)
-        if not planned:
-            pass  # pass 1 left shards failed: they are recorded, and no row is decided without them
-        elif source:
+        if source:
             work = _source_work(job, source, out, runner, result, progress)
             _dispatch(job, work, executor, runner, out, result, progress)
-        else:
+        # A global stage whose pass 1 left shards failed decides nothing: those are recorded as failed.
+        elif not job.stage_cls.is_global(job.config) or _global_passes(
+            job, parent, out, executor, runner, result, progress
+        ):
             work = _parent_work(parent, out, runner, result, progress, job.stage_cls, job.revisit)
             _dispatch(job, work, executor, runner, out, result, progress)
         progress.set_total(result.shards)
