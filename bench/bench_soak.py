@@ -50,6 +50,8 @@ def recipe(stages: list[str]) -> dict:
         },
         "detect": {"detector": "yunet", "min_face_side": 64},
     }
+    if "tag" in stages:
+        config["tag"] = {"min_confident": 0}  # offline backends give few CelebA attributes: keep every face
     if "caption" in stages:
         config["caption"] = {"captioner": "template"}
     return config
