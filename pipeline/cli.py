@@ -18,7 +18,7 @@ from pipeline import __version__
 from pipeline.chain import Step, plan_chain, skip_stage
 from pipeline.config import RecipeBase, load_recipe, parse_set_options
 from pipeline.dataset import Dataset
-from pipeline.errors import FacecapError
+from pipeline.errors import FacecapError, storage_full
 from pipeline.progress import Bars, Quiet
 from pipeline.runner import StageResult, run_stage
 from pipeline.sources import open_source
@@ -72,6 +72,10 @@ def friendly(command):
         except FacecapError as error:
             err_console.print(f"[red]facecap: error:[/red] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(error.exit_code) from None
+        except OSError as error:  # storage refused (S3 AccessDenied, a full disk, a read-only folder)
+            text = " ".join(str(error).split())
+            err_console.print(f"[red]facecap: error:[/red] storage: {text}", highlight=False, soft_wrap=True)
+            raise typer.Exit(3 if storage_full(text) else EXIT_USAGE) from None
         except KeyboardInterrupt:
             err_console.print("facecap: interrupted; rerun the same command to resume")
             raise typer.Exit(EXIT_INTERRUPTED) from None
