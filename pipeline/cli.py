@@ -739,6 +739,8 @@ def run(
     if dry_run:
         _print_plan(recipe, steps)
         return
+    for step in steps:  # every stage's checks (models, servers) before hours of earlier stages run
+        step.stage.preflight(getattr(recipe, step.stage.name))
     results = []
     for index, step in enumerate(steps):
         if _skipped(recipe, step):

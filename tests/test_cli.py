@@ -258,3 +258,12 @@ def test_run_skips_download_for_an_img2dataset_folder(tmp_path):
     assert payload["stages"][0]["by_status"] == {"ok": 1, "download:http_404": 1}
     # detect read the image straight from the img2dataset tar (here 3 bytes that are no JPEG)
     assert payload["stages"][1]["by_status"] == {"detect:undecodable": 1, "download:http_404": 1}
+
+
+def test_run_checks_every_stage_before_running_any(tmp_path):
+    csv = write_url_csv(tmp_path / "urls.csv", 5)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages: [ingest, download, detect, quality, tag]\ntag:\n  backends: [celeba]\n")
+    result = cli("run", "-c", recipe, "--input", csv, "--output", tmp_path / "work")
+    assert result.exit_code == 2 and "tag.celeba_checkpoint" in result.stderr
+    assert not (tmp_path / "work").exists()  # nothing ran
