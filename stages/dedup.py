@@ -35,6 +35,7 @@ from pipeline.errors import ConfigError
 from pipeline.stage import Batch, Output, Resources, Stage, StageConfig, Summaries
 from stages.lib.dedup.hashing import FaceEmbedder, digest64, normalised_url, phash, pixel_digest
 from stages.lib.dedup.index import UnionFind, cosine_pairs, equal_pairs, hamming_pairs, lsh_bits
+from stages.lib.images import decode_bgr
 
 Kind = Literal["exact", "near", "embedding", "identity"]
 PRECEDENCE = ("eval_overlap", "exact", "near_duplicate", "identity_cap")
@@ -111,11 +112,11 @@ class DedupStage(Stage):
             image_key = row["image_key"]
             if image_key not in images:
                 data = batch.media_of("image", image_key)
-                pixels = _decode(data)
+                pixels = decode_bgr(data)
                 if pixels is None:
                     raise ValueError(f"image {image_key} does not decode")
                 images[image_key] = (digest64(data), pixel_digest(pixels), phash(pixels))
-            crop = _decode(batch.media_of("aligned112", row["key"]))
+            crop = decode_bgr(batch.media_of("aligned112", row["key"]))
             if crop is None:
                 raise ValueError(f"face crop {row['key']} does not decode")
             bytes_hash, pixel_hash, image_phash = images[image_key]
@@ -327,7 +328,7 @@ def _eval_hashes(against: str | None) -> np.ndarray:
         elif path.suffix == ".tar":
             for name, data in iter_tar_members(str(path)):
                 if name.lower().endswith(IMAGE_SUFFIXES):
-                    pixels = _decode(data)
+                    pixels = decode_bgr(data)
                     if pixels is not None:
                         hashes.append(phash(pixels))
     if not hashes:
@@ -350,13 +351,6 @@ def _score(row: dict, weights: dict[str, float]) -> float:
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
             total += weight * float(value)
     return total
-
-
-def _decode(data: bytes | None) -> np.ndarray | None:
-    if not data:
-        return None
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return pixels if pixels is not None and pixels.size else None
 
 
 def _reason(decision: str, duplicate_of: str | None) -> str | None:

@@ -22,8 +22,10 @@ from pydantic import Field
 
 from pipeline.stage import Batch, Output, Resources, Stage, StageConfig, Summaries
 from stages.lib.detectors import worker_threads
+from stages.lib.images import decode_bgr
 from stages.lib.quality import measures
 from stages.lib.quality.rules import Rule, failing, ranking_cutoff
+from stages.lib.values import missing
 
 EXPENSIVE = ("brisque", "clip_iqa", "text", "nsfw", "cartoon")
 EXPENSIVE_COLUMNS = {
@@ -215,7 +217,7 @@ class QualityStage(Stage):
             values["q_frontalness"][i] = measures.frontalness(yaw, pitch)
         others = [b for b in boxes[row["image_key"]] if not np.array_equal(b, np.asarray(row["box"], np.float32))]
         values["q_faces_in_image"][i] = _int_or_none(row.get("num_faces"))
-        values["q_is_largest"][i] = None if _missing(row.get("is_largest")) else bool(row["is_largest"])
+        values["q_is_largest"][i] = None if missing(row.get("is_largest")) else bool(row["is_largest"])
         values["q_max_overlap"][i] = measures.max_overlap(np.asarray(row["box"], np.float32), others)
 
     def _expensive(self, row: dict, i: int, values: dict, images: _ImageCache) -> None:
@@ -256,12 +258,12 @@ class _ImageCache:
 
     def image(self, key: str) -> np.ndarray | None:
         if key not in self._images:
-            self._images[key] = _decode(self.batch.media.get("image", {}).get(key))
+            self._images[key] = decode_bgr(self.batch.media.get("image", {}).get(key))
         return self._images[key]
 
     def crop(self, key: str) -> np.ndarray | None:
         if key not in self._crops:
-            self._crops[key] = _decode(self.batch.media.get("aligned112", {}).get(key))
+            self._crops[key] = decode_bgr(self.batch.media.get("aligned112", {}).get(key))
         return self._crops[key]
 
     def per_image(self, key: str, measure: str, compute) -> Any:
@@ -284,28 +286,17 @@ class _ImageCache:
         return image[top:bottom, left:right]
 
 
-def _decode(data: bytes | None) -> np.ndarray | None:
-    if not data:
-        return None
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return pixels if pixels is not None and pixels.size else None
-
-
 def _original_size(row: dict) -> tuple[int, int] | None:
     width, height = row.get("original_width"), row.get("original_height")
-    if _missing(width) or _missing(height) or not width or not height:
+    if missing(width) or missing(height) or not width or not height:
         width, height = row.get("width"), row.get("height")
-    if _missing(width) or _missing(height) or not width or not height:
+    if missing(width) or missing(height) or not width or not height:
         return None
     return int(width), int(height)
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
-
-
 def _int_or_none(value: Any) -> int | None:
-    return None if _missing(value) else int(value)
+    return None if missing(value) else int(value)
 
 
 def _with_statuses(

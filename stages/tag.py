@@ -11,7 +11,6 @@ is above ``threshold`` (0.85, or a per-attribute value from calibration), and a 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, ClassVar, Literal
 
 import cv2
@@ -25,6 +24,8 @@ from pipeline.stage import Batch, Output, Resources, Stage, StageConfig
 from stages.lib.attributes.offline import AgeGender, Backend, Emotion, Faces, Geometry, InsightGenderAge, Skin
 from stages.lib.attributes.schema import CELEBA40, COLUMNS, attribute_column
 from stages.lib.detectors import worker_threads
+from stages.lib.images import decode_bgr
+from stages.lib.values import missing
 
 BackendName = Literal["agegender", "genderage", "emotion", "geometry", "skin", "celeba", "clip"]
 OFFLINE: dict[str, type[Backend]] = {
@@ -120,7 +121,7 @@ class TagStage(Stage):
                 for offset, predicted in enumerate(backend.predict(chunk)):
                     row = usable[start + offset]
                     for attribute, value in predicted.items():
-                        if attribute not in values[row] and not _missing(value):
+                        if attribute not in values[row] and not missing(value):
                             values[row][attribute] = value
                             sources[row][attribute] = backend.name
         return Output(rows=self._rows(rows, values, sources, usable))
@@ -128,12 +129,12 @@ class TagStage(Stage):
     def _faces(self, batch: Batch, rows: pd.DataFrame) -> tuple[Faces, list[int]]:
         aligned, landmarks, squares, usable = [], [], [], []
         for i, (key, points) in enumerate(zip(rows["key"], rows["landmarks"], strict=True)):
-            crop = _decode(batch.media.get("aligned112", {}).get(key))
+            crop = decode_bgr(batch.media.get("aligned112", {}).get(key))
             if crop is None or points is None or len(points) != 10:
                 continue
             aligned.append(crop)
             landmarks.append(np.asarray(points, np.float32).reshape(5, 2))
-            squares.append(_decode(batch.media.get("square", {}).get(key)))
+            squares.append(decode_bgr(batch.media.get("square", {}).get(key)))
             usable.append(i)
         return Faces(aligned, landmarks, squares), usable
 
@@ -171,15 +172,4 @@ class TagStage(Stage):
 
 
 def _above(value: Any, threshold: float) -> bool:
-    return value is not None and not _missing(value) and float(value) > threshold
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _decode(data: bytes | None) -> np.ndarray | None:
-    if not data:
-        return None
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return pixels if pixels is not None and pixels.size else None
+    return value is not None and not missing(value) and float(value) > threshold

@@ -450,3 +450,11 @@ def _strip_webp(data: bytes) -> bytes:
             chunks += chunk
         pos += 8 + size + (size & 1)
     return b"RIFF" + (len(chunks) + 4).to_bytes(4, "little") + b"WEBP" + bytes(chunks)
+
+
+def decode_bgr(data: bytes | None) -> np.ndarray | None:
+    """Stored image or crop bytes as BGR pixels, or None when absent or undecodable."""
+    if not data:
+        return None
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return pixels if pixels is not None and pixels.size else None

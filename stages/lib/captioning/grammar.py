@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from stages.lib.values import missing
+
 # Noun phrases for "has ..." sentences (None: the attribute is said another way).
 FEATURES = {
     "Arched_Eyebrows": ("arched eyebrows", "nicely arched brows"),
@@ -116,7 +118,7 @@ class Grammar:
 
     def person(self, values: dict[str, Any]) -> Person:
         gender, score = values.get("gender"), values.get("gender_score")
-        confident = score is None or _missing(score) or float(score) >= self.min_gender_score
+        confident = score is None or missing(score) or float(score) >= self.min_gender_score
         if gender == "female" and confident:
             return WOMAN
         if gender == "male" and confident:
@@ -206,7 +208,7 @@ class Grammar:
 
     def _expression(self, who: Person, values: dict, confident: set[str], rng: random.Random) -> str | None:
         emotion, score = values.get("emotion"), values.get("emotion_score")
-        if not emotion or emotion not in EXPRESSIONS or _missing(score) or float(score) < self.min_emotion_score:
+        if not emotion or emotion not in EXPRESSIONS or missing(score) or float(score) < self.min_emotion_score:
             return None
         phrase = rng.choice(EXPRESSIONS[emotion])
         if who is ANYONE:
@@ -229,15 +231,11 @@ def confident_set(values: dict[str, Any]) -> set[str]:
     return set() if found is None or (isinstance(found, float) and math.isnan(found)) else {str(a) for a in found}
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def _age_word(values: dict) -> str | None:
     age, spread = values.get("age"), values.get("age_std")
-    if _missing(age):
+    if missing(age):
         return None
-    if not _missing(spread) and float(spread) > 15:
+    if not missing(spread) and float(spread) > 15:
         return None  # too unsure to say
     age = float(age)
     if age < 30:
