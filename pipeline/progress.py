@@ -23,7 +23,6 @@ class StageProgress(Protocol):
     def advance(self, rows: int, failed: bool = False, skipped: bool = False) -> None: ...
     def phase(self, label: str) -> None:
         """A new pass over the shards (global stages): restart the bar under this label."""
-        ...
 
 
 class Quiet:

@@ -168,28 +168,10 @@ class Stage(ABC):
         exception from it fails the shard (which the runner retries).
         """
 
-    # Global stages ---------------------------------------------------------------------
-    # Some decisions need the whole dataset: duplicates across shards, a top-k rule. Such a stage
-    # runs in three passes, each resumable: ``summarize`` on the workers (per shard, reading
-    # media, writing compact per-row facts), ``plan`` on the driver (reads only the summary
-    # columns it asks for, decides, writes one plan table per shard), then ``process`` on the
-    # workers with ``batch.plan`` (no media is read in that pass).
     @classmethod
     def is_global(cls, config: StageConfig) -> bool:
-        """Whether this config needs the summarize/plan passes (dedup always; quality for top-k)."""
+        """Whether this config needs whole-dataset passes; only a ``GlobalStage`` can say yes."""
         return False
-
-    def summarize(self, batch: Batch) -> pd.DataFrame:
-        """Pass 1: per-row facts for ``plan``: a frame with ``key`` and compact columns."""
-        raise NotImplementedError(f"stage {self.name} is global but has no summarize()")
-
-    @classmethod
-    def plan(cls, config: StageConfig, summaries: Summaries) -> Iterator[tuple[int, pd.DataFrame]]:
-        """Pass 2, on the driver: yield ``(shard, frame with key + plan columns)`` for each shard.
-
-        Keep memory to compact columns: ``summaries.read_all(columns)`` loads only those.
-        """
-        raise NotImplementedError(f"stage {cls.name} is global but has no plan()")
 
     # Helpers for subclasses -------------------------------------------------------------
     def reject(self, reason: str) -> str:
@@ -198,3 +180,30 @@ class Stage(ABC):
     @staticmethod
     def ok() -> str:
         return OK
+
+
+class GlobalStage(Stage):
+    """A stage whose decisions need the whole dataset: duplicates across shards, a top-k rule.
+
+    It runs in three passes, each resumable: ``summarize`` on the workers (per shard, reading
+    media, writing compact per-row facts), ``plan`` on the driver (reads only the summary columns
+    it asks for, decides, writes one plan table per shard), then ``process`` on the workers with
+    ``batch.plan`` (no media is read and ``setup`` is not called in that pass). A subclass may
+    override ``is_global`` to need the passes only under some configs (quality's ranking rules).
+    """
+
+    @classmethod
+    def is_global(cls, config: StageConfig) -> bool:
+        return True
+
+    @abstractmethod
+    def summarize(self, batch: Batch) -> pd.DataFrame:
+        """Pass 1: per-row facts for ``plan``: a frame with ``key`` and compact columns."""
+
+    @classmethod
+    @abstractmethod
+    def plan(cls, config: StageConfig, summaries: Summaries) -> Iterator[tuple[int, pd.DataFrame]]:
+        """Pass 2, on the driver: yield ``(shard, frame with key + plan columns)`` for each shard.
+
+        Keep memory to compact columns: ``summaries.read_all(columns)`` loads only those.
+        """

@@ -32,7 +32,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline.errors import ConfigError
-from pipeline.stage import Batch, Output, Resources, Stage, StageConfig, Summaries
+from pipeline.stage import Batch, GlobalStage, Output, Resources, StageConfig, Summaries
 from stages.lib.dedup.hashing import FaceEmbedder, digest64, normalised_url, phash, pixel_digest
 from stages.lib.dedup.index import UnionFind, cosine_pairs, equal_pairs, hamming_pairs, lsh_bits
 from stages.lib.images import decode_bgr
@@ -63,7 +63,7 @@ class DedupConfig(StageConfig):
     lsh_tables: int = Field(16, ge=1, le=64, description="LSH tables for embedding search (more: better recall)")
 
 
-class DedupStage(Stage):
+class DedupStage(GlobalStage):
     name = "dedup"
     help = "Remove exact, perceptual, same-face and over-represented-identity duplicates; decontaminate eval sets."
     config_model = DedupConfig
@@ -83,10 +83,6 @@ class DedupStage(Stage):
         super().__init__(config)
         self.config: DedupConfig = config
         self.embedder: FaceEmbedder | None = None
-
-    @classmethod
-    def is_global(cls, config: DedupConfig) -> bool:
-        return True
 
     @classmethod
     def preflight(cls, config: DedupConfig) -> None:

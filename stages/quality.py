@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import Field
 
-from pipeline.stage import Batch, Output, Resources, Stage, StageConfig, Summaries
+from pipeline.stage import Batch, GlobalStage, Output, Resources, StageConfig, Summaries
 from stages.lib.detectors import worker_threads
 from stages.lib.images import decode_bgr
 from stages.lib.quality import measures
@@ -89,7 +89,7 @@ class QualityConfig(StageConfig):
     )
 
 
-class QualityStage(Stage):
+class QualityStage(GlobalStage):
     name = "quality"
     help = "Measure face and image quality (sharpness, exposure, pose, BRISQUE, text, cartoon, NSFW) and apply rules."
     config_model = QualityConfig

@@ -12,7 +12,7 @@ from typing import ClassVar
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.stage import Batch, Output, Resources, Stage, StageConfig
+from pipeline.stage import Batch, GlobalStage, Output, Resources, Stage, StageConfig
 
 
 class MakeConfig(StageConfig):
@@ -108,7 +108,7 @@ class TopConfig(StageConfig):
     bad_key: str | None = None  # a row whose summary always raises
 
 
-class KeepLongest(Stage):
+class KeepLongest(GlobalStage):
     """A global stage: keeps the ``keep`` rows with the longest image across the whole dataset."""
 
     name = "keeplongest"
@@ -117,10 +117,6 @@ class KeepLongest(Stage):
     reads_media: ClassVar = {"jpg": "key"}
     resources = Resources(cpus=1, batch_size=4)
     setups = 0  # counted per process: the apply pass must not load models
-
-    @classmethod
-    def is_global(cls, config: StageConfig) -> bool:
-        return True
 
     def setup(self) -> None:
         type(self).setups += 1
