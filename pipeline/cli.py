@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -522,6 +523,11 @@ ModelOpt = Annotated[str | None, typer.Option(help="rewrite/vlm: model name, or 
 BaseUrlOpt = Annotated[str | None, typer.Option(help="openai engine: server URL, e.g. http://localhost:8000/v1")]
 
 
+def _columns_of(dataset: Dataset, shard: int) -> list[str]:
+    with dataset.storage.open_read(dataset.parquet_name(shard)) as f:
+        return pq.read_schema(f).names
+
+
 def _caption_overrides(captioner, engine, model, base_url, replace=None) -> dict[str, Any]:
     return {
         "caption.captioner": captioner,
@@ -586,7 +592,7 @@ def recaption(
 ) -> None:
     parent = Dataset(Storage(input))
     done = parent.done_shards()
-    if not done or "caption" not in parent.read_shard(done[0]).column_names:
+    if not done or "caption" not in _columns_of(parent, done[0]):
         raise FacecapError(f"{input} has no captions yet: run `facecap caption` first")
     overrides = {
         **_caption_overrides(captioner, engine, model, base_url, replace or None),
