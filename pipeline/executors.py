@@ -77,7 +77,15 @@ class LocalExecutor:
 
 
 class RayExecutor:
-    """Shards as Ray tasks, or on a pool of actors for stages with ``resources.actor``."""
+    """Shards as Ray tasks, or on a pool of actors for stages with ``resources.actor``.
+
+    An actor that dies (its worker killed, its node lost) takes only its shard with it: the runner
+    retries that shard, which waits for any live actor. A replacement is started beside the
+    survivors, but gets work only once Ray has placed it: after a node is lost the cluster may have
+    no CPU for it, and a shard bound to an actor that never starts would hang the run.
+    """
+
+    placement_timeout = 300.0  # seconds queued shards wait when no actor is alive and none can start
 
     def __init__(self, ray_config: RayConfig | None = None, max_in_flight: int | None = None):
         self.ray_config = ray_config or RayConfig()
@@ -85,6 +93,10 @@ class RayExecutor:
         self._tickets = itertools.count()
         self._pending: dict[Any, tuple[int, Any]] = {}  # ref -> (ticket, actor or None)
         self._idle: deque = deque()
+        self._queued: deque = deque()  # (ticket, shard, source, attempt) waiting for an idle actor
+        self._starting: dict[Any, Any] = {}  # ready ref -> replacement actor not yet placed
+        self._pool_size = 0
+        self._lost_reason = "no worker is alive for this stage"
         self._job: StageJob | None = None
 
     def start(self, job: StageJob) -> int:
@@ -95,55 +107,108 @@ class RayExecutor:
         cluster.connect(self.ray_config)  # only now: a run with nothing to do never starts Ray
         self._job = job
         resources = job.resources
+        self._job_ref = ray.put(job)
         if resources.actor:
-            size = cluster.pool_size(resources.cpus, resources.gpus, self.ray_config.reserve_cpus)
-            actor_cls = ray.remote(_ShardActor).options(num_cpus=resources.cpus, num_gpus=resources.gpus)
-            self._actor_cls = actor_cls
-            self._job_ref = ray.put(job)
-            self._idle = deque(actor_cls.remote(self._job_ref) for _ in range(size))
-            # Never more shards than actors: submit() would create an extra actor for each, and those
-            # wait forever for CPUs the pool holds (the run hangs).
-            return min(self.max_in_flight or size, size)
+            self._pool_size = cluster.pool_size(resources.cpus, resources.gpus, self.ray_config.reserve_cpus)
+            self._actor_cls = ray.remote(_ShardActor).options(num_cpus=resources.cpus, num_gpus=resources.gpus)
+            self._idle = deque(self._actor_cls.remote(self._job_ref) for _ in range(self._pool_size))
+            # Never more shards than actors: every extra one would only wait in the queue.
+            return min(self.max_in_flight or self._pool_size, self._pool_size)
         self._task = ray.remote(_run_shard_task).options(
             num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=0
         )
-        self._job_ref = ray.put(job)
         return self.max_in_flight or 2 * cluster.task_slots(resources.cpus, resources.gpus)
 
     def submit(self, shard: int, source: pa.Table | None, attempt: int) -> int:
         ticket = next(self._tickets)
         if self._job.resources.actor:
-            actor = self._idle.popleft() if self._idle else self._actor_cls.remote(self._job_ref)
-            ref = actor.process.remote(shard, source, attempt)
-            self._pending[ref] = (ticket, actor)
+            self._queued.append((ticket, shard, source, attempt))
+            self._dispatch()
         else:
             ref = self._task.remote(self._job_ref, shard, source, attempt)
             self._pending[ref] = (ticket, None)
         return ticket
 
+    def _dispatch(self) -> None:
+        while self._queued and self._idle:
+            ticket, shard, source, attempt = self._queued.popleft()
+            actor = self._idle.popleft()
+            self._pending[actor.process.remote(shard, source, attempt)] = (ticket, actor)
+
+    def _actors_alive(self) -> int:
+        return len(self._idle) + sum(1 for _, actor in self._pending.values() if actor is not None)
+
+    def _replace_lost_actor(self) -> None:
+        if self._actors_alive() + len(self._starting) < self._pool_size:
+            actor = self._actor_cls.remote(self._job_ref)
+            self._starting[actor.__ray_ready__.remote()] = actor
+
     def wait(self) -> list[Outcome]:
         import ray
 
-        if not self._pending:
-            return []
-        ready, _ = ray.wait(list(self._pending), num_returns=1)
-        rest = [ref for ref in self._pending if ref not in ready]
+        if self._queued and not self._pending and not self._starting:
+            self._replace_lost_actor()  # every actor is gone: one more try at a fresh one
+        refs = [*self._pending, *self._starting]
+        if not refs:
+            return self._give_up_queued()
+        # With no shard running, only a replacement can make progress: do not wait for it forever.
+        timeout = None if self._pending else self.placement_timeout
+        ready, rest = ray.wait(refs, num_returns=1, timeout=timeout)
+        if not ready:
+            self._lost_reason = (
+                f"no worker could start for this stage in {timeout:.0f}s (no free CPU/GPU left in the cluster?)"
+            )
+            return self._give_up_queued()
         if rest:
             ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-        outcomes = []
+        outcomes = [self._finished(ref) for ref in ready if ref in self._pending]
         for ref in ready:
-            ticket, actor = self._pending.pop(ref)
-            try:
-                outcomes.append(Outcome(ticket, stats=ray.get(ref)))
-                if actor is not None:
-                    self._idle.append(actor)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as exc:
-                # The actor is gone (killed, node lost); a fresh one replaces it on next submit.
-                outcomes.append(Outcome(ticket, error=describe_error(exc)))
-            except Exception as exc:
-                outcomes.append(Outcome(ticket, error=describe_error(exc)))
-                if actor is not None:
-                    self._idle.append(actor)
+            if ref in self._starting:
+                self._started(ref)
+        self._dispatch()
+        if self._queued and not (self._pending or self._starting or self._idle):
+            outcomes += self._give_up_queued()
+        return outcomes
+
+    def _started(self, ref: Any) -> None:
+        import ray
+
+        actor = self._starting.pop(ref)
+        try:
+            ray.get(ref)
+            self._idle.append(actor)
+        except Exception as exc:  # it could not start (its node is gone too, its models fail to load)
+            self._lost_reason = describe_error(exc)
+            ray.kill(actor)
+
+    def _finished(self, ref: Any) -> Outcome:
+        import ray
+
+        ticket, actor = self._pending.pop(ref)
+        try:
+            outcome = Outcome(ticket, stats=ray.get(ref))
+        except ray.exceptions.RayActorError as exc:
+            # The actor is gone (killed, node lost): its shard goes back to the runner for a retry.
+            self._lost_reason = describe_error(exc)
+            if actor is not None:
+                ray.kill(actor)
+                self._replace_lost_actor()
+            return Outcome(ticket, error=self._lost_reason)
+        except Exception as exc:
+            outcome = Outcome(ticket, error=describe_error(exc))
+        if actor is not None:
+            self._idle.append(actor)
+        return outcome
+
+    def _give_up_queued(self) -> list[Outcome]:
+        """Queued shards with no actor left to run them go back to the runner as failed attempts."""
+        import ray
+
+        outcomes = [Outcome(ticket, error=self._lost_reason) for ticket, *_ in self._queued]
+        self._queued.clear()
+        for actor in self._starting.values():
+            ray.kill(actor)
+        self._starting.clear()
         return outcomes
 
     def stop(self) -> None:
@@ -156,9 +221,11 @@ class RayExecutor:
                 # ray.cancel(force=True) raises ValueError for actor tasks; killing the actor stops its shard.
                 ray.kill(actor)
         self._pending.clear()
-        for actor in self._idle:
+        for actor in [*self._idle, *self._starting.values()]:
             ray.kill(actor)
         self._idle.clear()
+        self._starting.clear()
+        self._queued.clear()
         self._job = None
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -105,3 +110,25 @@ def run_recipe(
         result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return root / "work" / config["stages"][-1]
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(proc.pid) == sid:
+                found.append(proc)
+    return found
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL the process group, then anything else left in the session (Ray's processes), and wait."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while (left := session_processes(sid)) and time.monotonic() < deadline:
+        for proc in left:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        time.sleep(0.1)
+    assert not session_processes(sid), "processes of the killed run survived"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -13,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import kill_session
 
 pytestmark = pytest.mark.slow
 
@@ -50,28 +49,6 @@ def env() -> dict[str, str]:
 def command(source: Path, out: Path, executor: str, *extra: str) -> list[str]:
     args = [FACECAP, "ingest", str(source), str(out), "--shard-size", str(SHARD_SIZE), "--max-retries", "0", *extra]
     return args + (["--executor", "local"] if executor == "local" else [])
-
-
-def session_processes(sid: int) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["status"]):
-        with contextlib.suppress(psutil.Error, OSError):
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(proc.pid) == sid:
-                found.append(proc)
-    return found
-
-
-def kill_session(sid: int) -> None:
-    """SIGKILL the process group, then anything else left in the session (Ray's processes), and wait."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(sid, signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while (left := session_processes(sid)) and time.monotonic() < deadline:
-        for proc in left:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        time.sleep(0.1)
-    assert not session_processes(sid), "processes of the killed run survived"
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess:
