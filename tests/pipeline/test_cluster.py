@@ -28,12 +28,15 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import free_port
-from helpers import ingest, run, write_url_csv
+from helpers import ingest, kill_session, run, write_url_csv
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.corpus_server import CorpusServer
+from pipeline.dataset import Dataset
 from pipeline.executors import RayExecutor
 from pipeline.stage import Batch, Output, Resources, Stage, StageConfig
+from pipeline.storage import Storage
 from pipeline.worker import StageJob
 
 pytestmark = pytest.mark.slow
@@ -48,10 +51,11 @@ LIST_NODES = """
 import json, sys, time
 import ray
 ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+nodes, cpus = int(sys.argv[2]), float(sys.argv[3])
 deadline = time.monotonic() + 60
-while True:  # both nodes alive and their CPUs known cluster-wide (else the first shards all stay on the head)
+while True:  # all nodes alive and their CPUs known cluster-wide (else the first shards all stay on the head)
     alive = [n for n in ray.nodes() if n["Alive"]]
-    if (len(alive) >= 2 and ray.available_resources().get("CPU", 0) >= 2) or time.monotonic() > deadline:
+    if (len(alive) >= nodes and ray.available_resources().get("CPU", 0) >= cpus) or time.monotonic() > deadline:
         break
     time.sleep(0.2)
 time.sleep(1)  # let every raylet's view of the other node's resources catch up too
@@ -74,7 +78,8 @@ class Cluster:
         self.sessions.add(proc.pid)
         return proc
 
-    def ray_start(self, *args: str) -> None:
+    def ray_start(self, *args: str) -> int:
+        """``ray start ARGS``; returns the session id that the node's processes share."""
         log = Path(self.root) / "ray-start.log"
         proc = self.spawn([str(BIN / "ray"), "start", *args], log, env=self.env)
         try:
@@ -82,6 +87,20 @@ class Cluster:
         except subprocess.TimeoutExpired:
             pytest.fail(f"ray start {' '.join(args)} took over {START_TIMEOUT}s:\n{log.read_text()[-3000:]}")
         assert rc == 0, f"ray start {' '.join(args)} failed ({rc}):\n{log.read_text()[-3000:]}"
+        return proc.pid
+
+    def node_addresses(self, nodes: int, cpus: float) -> dict[str, str]:
+        """Node id -> IP of the live nodes, once ``nodes`` nodes with ``cpus`` CPUs are known."""
+        listing = subprocess.run(
+            [sys.executable, "-c", LIST_NODES, self.address, str(nodes), str(cpus)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            start_new_session=True,
+        )
+        assert listing.returncode == 0, listing.stderr[-3000:]
+        return json.loads(listing.stdout.strip().splitlines()[-1])
 
 
 def our_processes(sessions: set[int], root: str) -> list[psutil.Process]:
@@ -109,6 +128,10 @@ def stop(sessions: set[int], root: str) -> list[str]:
     return [" ".join(p.info["cmdline"] or [p.name()])[:200] for p in our_processes(sessions, root)]
 
 
+def node_options(temp_dir: str) -> list[str]:
+    return ["--object-store-memory=100000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+
+
 @pytest.fixture(scope="module")
 def cluster():
     # Short: Ray's unix socket paths (ROOT/ray/session_.../sockets/raylet.1) must fit in 107 bytes.
@@ -118,20 +141,11 @@ def cluster():
     port = free_port()
     c = Cluster(address=f"{HEAD_IP}:{port}", root=root, env=env)
     temp_dir = os.path.join(root, "ray")
-    common = ["--num-cpus=1", "--object-store-memory=100000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    common = ["--num-cpus=1", *node_options(temp_dir)]
     try:
         c.ray_start("--head", f"--node-ip-address={HEAD_IP}", f"--port={port}", "--include-dashboard=false", *common)
         c.ray_start(f"--address={c.address}", f"--node-ip-address={NODE_IP}", *common)
-        listing = subprocess.run(
-            [sys.executable, "-c", LIST_NODES, c.address],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            start_new_session=True,
-        )
-        assert listing.returncode == 0, listing.stderr[-3000:]
-        c.nodes = json.loads(listing.stdout.strip().splitlines()[-1])
+        c.nodes = c.node_addresses(2, 2)
         assert sorted(c.nodes.values()) == [HEAD_IP, NODE_IP], c.nodes
         yield c
     finally:
@@ -204,6 +218,83 @@ def test_without_an_address_facecap_starts_its_own_ray_even_beside_a_cluster(clu
     check_funnel(out)
     nodes = set(shard_nodes(out))
     assert len(nodes) == 1 and not nodes & set(cluster.nodes), f"shards ran on {nodes}, not on a new local Ray"
+
+
+LOST_IP = "127.0.0.4"
+
+
+def busy_actors(sid: int, method: str) -> list[str]:
+    """Titles of the node's Ray workers running ``method`` (Ray retitles a worker by what it runs)."""
+    titles = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            title = " ".join(proc.info["cmdline"] or [])
+            if os.getsid(proc.pid) == sid and title.startswith(f"ray::{method}"):
+                titles.append(title)
+    return titles
+
+
+def test_a_node_lost_mid_stage_leaves_the_run_to_finish_on_the_other_nodes(cluster, tmp_path, face_photos):
+    # A third node of this test's own, so the module's cluster stays whole; 2 CPUs, so it holds
+    # detect actors and losing it leaves fewer CPUs than the pool had actors.
+    lost = cluster.ray_start(
+        f"--address={cluster.address}",
+        f"--node-ip-address={LOST_IP}",
+        "--num-cpus=2",
+        *node_options(os.path.join(cluster.root, "ray")),
+    )
+    lost_ids = {node for node, ip in cluster.node_addresses(3, 4).items() if ip == LOST_IP}
+    assert lost_ids, f"the node at {LOST_IP} never joined"
+    photos = sorted((face_photos / "deepface").glob("*.jpg"))[:40]
+    served = tmp_path / "served"
+    served.mkdir()
+    for photo in photos:
+        shutil.copyfile(photo, served / photo.name)
+    recipe = {
+        "stages": ["ingest", "download", "detect"],
+        "ingest": {"shard_size": 4},
+        "download": {"safety": {"allow_private_networks": True}, "http": {"retries": 0}},
+        # Full-size detection and every crop: a shard takes long enough to be caught running.
+        "detect": {"detector": "yunet", "max_side": 4096, "crops": ["box", "square", "aligned", "aligned112"]},
+    }
+    (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))
+    out = tmp_path / "out"
+    log = tmp_path / "run.log"
+    with CorpusServer(served) as server:
+        urls = "\n".join(server.url(f"/files/{p.name}") for p in photos)
+        (tmp_path / "urls.txt").write_text(urls + "\n")
+        args = ["run", "-c", str(tmp_path / "recipe.yaml"), "-i", str(tmp_path / "urls.txt"), "-o", str(out)]
+        proc = cluster.spawn([str(BIN / "facecap"), *args, "--ray-address", cluster.address], log, env=cluster.env)
+        try:
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while not busy_actors(lost, "_ShardActor.process"):
+                assert proc.poll() is None, f"the run ended before a detect shard ran on {LOST_IP}:\n{log.read_text()}"
+                assert time.monotonic() < deadline, f"no detect shard ever ran on {LOST_IP}:\n{log.read_text()}"
+                time.sleep(0.02)
+            kill_session(lost)  # the node dies with a shard running on it
+            assert proc.wait(timeout=RUN_TIMEOUT) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    output = log.read_text()
+    shards = len(photos) // 4
+    assert f"detect: {shards}/{shards} shards done" in output, output
+    detect = Dataset(Storage(str(out / "detect")))
+    summary = detect.summary()
+    assert summary["complete"] and summary["shards"]["failed"] == 0
+    downloaded = Dataset(Storage(str(out / "download"))).summary()
+    assert downloaded["by_status"] == {"ok": len(photos)}
+    keys = [k for i in detect.shard_indices() for k in detect.read_shard(i, ["key"]).column("key").to_pylist()]
+    assert len(keys) == len(set(keys)) == summary["rows"]
+    assert {k.split("_f")[0] for k in keys} == set(keys_of(out / "download"))
+    retried = [s for s in detect.shard_stats().values() if s.attempts > 1]
+    assert retried, "no detect shard was retried after the node was lost"
+    assert all(s.node not in lost_ids for s in retried)
+
+
+def keys_of(folder: Path) -> list[str]:
+    dataset = Dataset(Storage(str(folder)))
+    return [k for i in dataset.shard_indices() for k in dataset.read_shard(i, ["key"]).column("key").to_pylist()]
 
 
 class Sleepy(Stage):
