@@ -6,10 +6,15 @@ stage with the template captioner, then exports WebDataset shards. Prints, per s
 rows, wall seconds and rows/s; per process kind: peak RSS; and the memory trend (RSS of the
 driver and of the largest worker in each quarter of the run): flat means no growth with dataset
 size. Usage: `SOAK_URLS=5000 make bench-soak` for a shorter run.
+
+Scaling: `SOAK_WORKERS=1,2,4,8,16 make bench-soak` runs the same soak once per worker count (a
+local Ray of W CPUs, all of them for the stage's workers) and prints rows/s per stage per count
+and the efficiency of each doubling.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -33,6 +38,9 @@ REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench-out" / "soak"
 URLS = int(os.environ.get("SOAK_URLS", "50000"))
 SHARD = int(os.environ.get("SOAK_SHARD", "1000"))
+WORKERS = [int(w) for w in os.environ.get("SOAK_WORKERS", "").split(",") if w.strip()]
+FACECAP = str(Path(sys.executable).with_name("facecap"))
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 RESULT_LINE = re.compile(r"^(\w+): .*?([\d,]+) rows, ([\d,]+) ok, ([\d.]+)s ->")
 
 
@@ -126,44 +134,88 @@ def main() -> None:
     print(f"corpus ready in {time.perf_counter() - started:.0f}s", flush=True)
     server, base, kind = bench_download.start_server(OUT / "corpus")
     stages = [s for s in ("ingest", "download", "detect", "quality", "tag", "caption", "dedup") if s in REGISTRY]
-    (OUT / "soak.yaml").write_text(yaml.safe_dump(recipe(stages), sort_keys=False))
     pq.write_table(
         pa.table({"url": [f"{base}/{n}" for n in names], "caption": ["a photo"] * len(names)}), OUT / "urls.parquet"
     )
-    facecap = str(Path(sys.executable).with_name("facecap"))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    command = [facecap, "run", "-c", str(OUT / "soak.yaml"), "-i", str(OUT / "urls.parquet"), "-o", str(OUT / "work")]
     try:
-        started = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-        with Sampler(proc.pid) as sampler:
-            output, _ = proc.communicate()
-        wall = time.perf_counter() - started
+        if WORKERS:
+            scaling(stages, kind)
+            return
+        config = recipe(stages)
+        output, returncode, wall, sampler = soak(config, OUT / "work")
     finally:
         server.terminate()
         server.wait()
     export_seconds = None
-    if proc.returncode == 0 and "export" in subprocess.run([facecap, "--help"], capture_output=True, text=True).stdout:
+    if returncode == 0:
         t0 = time.perf_counter()
         exported = subprocess.run(
-            [facecap, "export", str(OUT / "work" / stages[-1]), str(OUT / "export"), "--format", "webdataset", "-q"],
-            env=env,
+            [FACECAP, "export", str(OUT / "work" / stages[-1]), str(OUT / "export"), "--format", "webdataset", "-q"],
+            env=ENV,
         )
         export_seconds = time.perf_counter() - t0 if exported.returncode == 0 else None
-    report(output, proc.returncode, wall, sampler, kind, export_seconds)
+    report(output, returncode, wall, sampler, kind, export_seconds)
+
+
+def soak(config: dict, work: Path) -> tuple[str, int, float, Sampler]:
+    """One `facecap run` of ``config`` over the corpus, its memory sampled; (stdout, exit code, wall s, sampler)."""
+    path = work.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    command = [FACECAP, "run", "-c", str(path), "-i", str(OUT / "urls.parquet"), "-o", str(work)]
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+    with Sampler(proc.pid) as sampler:
+        output, _ = proc.communicate()
+    return output, proc.returncode, time.perf_counter() - started, sampler
+
+
+def scaling(stages: list[str], server: str) -> None:
+    """The same soak with each worker count of SOAK_WORKERS: rows/s per stage and efficiency per doubling."""
+    rates: dict[int, dict[str, float]] = {}
+    walls: dict[int, float] = {}
+    for workers in WORKERS:
+        config = recipe(stages)
+        # Every CPU of the local Ray goes to the pools here: W workers means W actors per stage.
+        config["ray"] = {"num_cpus": workers, "reserve_cpus": 0}
+        output, returncode, wall, _ = soak(config, OUT / f"work-{workers}")
+        print(f"{workers} workers: exit code {returncode}, wall {wall:.0f}s", flush=True)
+        walls[workers] = wall
+        rates[workers] = {stage: rows / seconds for stage, rows, _, seconds in stage_lines(output) if seconds}
+    print(f"\nmachine: {machine()}; corpus served by {server}; {URLS:,} URLs, shards of {SHARD}")
+    header = "".join(f"{w:>10}" for w in WORKERS)
+    print(f"\nrows/s by workers\n{'stage':<10}{header}")
+    for stage in stages:
+        print(f"{stage:<10}" + "".join(f"{rates[w].get(stage, 0.0):>10.1f}" for w in WORKERS))
+    print(f"{'wall s':<10}" + "".join(f"{walls[w]:>10.0f}" for w in WORKERS))
+    print("\nefficiency of each doubling: rows/s at 2W / (2 x rows/s at W); 1.00 is perfect")
+    for low, high in itertools.pairwise(WORKERS):
+        if high == 2 * low:
+            per_stage = ", ".join(
+                f"{stage} {rates[high][stage] / (2 * rates[low][stage]):.2f}"
+                for stage in stages
+                if rates[low].get(stage) and rates[high].get(stage)
+            )
+            print(f"  {low} -> {high}: whole run {walls[low] / (2 * walls[high]):.2f}; {per_stage}")
+
+
+def stage_lines(output: str) -> list[tuple[str, int, int, float]]:
+    """(stage, rows, ok rows, seconds) from each stage's result line of `facecap run`."""
+    found = []
+    for line in output.splitlines():
+        match = RESULT_LINE.match(line.strip())
+        if match:
+            stage, rows, ok, seconds = match.groups()
+            found.append((stage, int(rows.replace(",", "")), int(ok.replace(",", "")), float(seconds)))
+    return found
 
 
 def report(output: str, returncode: int, wall: float, sampler: Sampler, server: str, export_seconds) -> None:
     print(f"\nmachine: {machine()}; corpus served by {server}; {URLS:,} URLs, shards of {SHARD}")
     print(f"facecap run exit code {returncode}, wall time {wall:.0f}s")
     print(f"\n{'stage':<10}{'rows':>9}{'ok':>9}{'seconds':>9}{'rows/s':>9}")
-    for line in output.splitlines():
-        match = RESULT_LINE.match(line.strip())
-        if match:
-            stage, rows, ok, seconds = match.groups()
-            rows_n, seconds_f = int(rows.replace(",", "")), float(seconds)
-            rate = rows_n / seconds_f if seconds_f else 0.0
-            print(f"{stage:<10}{rows_n:>9,}{int(ok.replace(',', '')):>9,}{seconds_f:>9.1f}{rate:>9.1f}")
+    for stage, rows, ok, seconds in stage_lines(output):
+        rate = rows / seconds if seconds else 0.0
+        print(f"{stage:<10}{rows:>9,}{ok:>9,}{seconds:>9.1f}{rate:>9.1f}")
     if export_seconds is not None:
         print(f"{'export':<10}{'':>18}{export_seconds:>9.1f}")
     print(f"\n{'process kind':<24}{'peak RSS MB':>12}")

@@ -1,21 +1,30 @@
-"""Faults the runner survives: a full disk stops the run cleanly and a rerun resumes; a Ray
-worker killed mid-shard is replaced and the shard retried; truncated outputs are redone."""
+"""Faults the runner survives: a full disk (a real, small tmpfs where mounting is allowed; a
+simulated ENOSPC at the writer otherwise) stops the run cleanly and a rerun resumes; a Ray worker
+killed mid-shard is replaced and the shard retried; truncated outputs are redone."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import os
+import shutil
 import signal
+import subprocess
+import tarfile
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import yaml
 from helpers import ingest, ray_executor, read_all, run, write_url_csv
 from toystages import MakeMedia, Sleepy, SleepyConfig
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.corpus_server import CorpusServer
 from pipeline.dataset import Dataset
 from pipeline.errors import StorageFull
 from pipeline.storage import Storage
@@ -66,6 +75,73 @@ def test_a_full_disk_is_one_line_and_exit_code_3_on_the_cli(tmp_path, monkeypatc
     )
     assert result.exit_code == 3
     assert "output storage is full" in result.output and "Traceback" not in result.output
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, megabytes: int):
+    """A tmpfs of ``megabytes`` at ``path``; yields whether it could be mounted (root, CAP_SYS_ADMIN)."""
+    path.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)]
+    mounted = shutil.which("mount") is not None and subprocess.run(mount, capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def downloaded(work: Path) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """(key, status) of every download row, and sha256 of every tar member."""
+    dataset = Dataset(Storage(str(work / "download")))
+    rows = [(r["key"], r["status"]) for i in dataset.shard_indices() for r in dataset.read_shard(i).to_pylist()]
+    media = {}
+    for tar in sorted((work / "download").glob("part-*.tar")):
+        with tarfile.open(tar) as archive:
+            for member in archive.getmembers():
+                media[member.name] = hashlib.sha256(archive.extractfile(member).read()).hexdigest()
+    return sorted(rows), media
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_stops_facecap_run_and_a_rerun_after_freeing_space_resumes(
+    tmp_path, face_photos, monkeypatch
+):
+    photos = sorted((face_photos / "deepface").glob("*.jpg"))[:24]  # 7.8 MB, kept as they are
+    served = tmp_path / "served"
+    served.mkdir()
+    for photo in photos:
+        shutil.copyfile(photo, served / photo.name)
+    recipe = {
+        "stages": ["ingest", "download"],
+        "ingest": {"shard_size": 4},
+        "download": {"safety": {"allow_private_networks": True}, "image": {"resize_mode": "no"}},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+
+    def facecap_run(out: Path):
+        args = ["run", "-c", str(tmp_path / "recipe.yaml"), "-i", str(tmp_path / "urls.txt"), "-o", str(out)]
+        return CliRunner().invoke(app, [*args, "--executor", "local"])
+
+    with CorpusServer(served) as server:
+        (tmp_path / "urls.txt").write_text("".join(server.url(f"/files/{p.name}") + "\n" for p in photos))
+        assert facecap_run(tmp_path / "reference").exit_code == 0
+        with small_disk(tmp_path / "disk", megabytes=5) as real:
+            if not real:  # no permission to mount: the writer meets the same error the kernel gives
+                fill_disk_at(monkeypatch, "part-00002")
+            out = tmp_path / "disk" / "work"
+            full = facecap_run(out)
+            assert full.exit_code == 3, full.output
+            done = Dataset(Storage(str(out / "download"))).done_shards()
+            assert 0 < len(done) < 6 or not real, f"the disk filled at an unexpected point: {done} done"
+            assert "output storage is full" in full.output and "Traceback" not in full.output
+            if real:  # free space: the disk grows
+                subprocess.run(["mount", "-o", "remount,size=64m", str(tmp_path / "disk")], check=True)
+            else:
+                monkeypatch.undo()
+            resumed = facecap_run(out)
+            assert resumed.exit_code == 0, resumed.output
+            assert downloaded(out) == downloaded(tmp_path / "reference")
+            assert not list(out.rglob("*.tmp-*"))
 
 
 @pytest.mark.slow
