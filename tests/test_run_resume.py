@@ -131,10 +131,10 @@ def reference(corpus):
 
 
 def start(root: Path, out: Path, **extra_env: str) -> subprocess.Popen:
-    log = open(out.parent / f"{out.name}.log", "wb")  # noqa: SIM115 - closed when the process is reaped
-    return subprocess.Popen(
-        command(root, out), env=env(**extra_env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    with open(out.parent / f"{out.name}.log", "wb") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            command(root, out), env=env(**extra_env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def log_of(out: Path) -> str:
