@@ -63,7 +63,8 @@ bench-tag: $(STAMP)
 bench-quality: $(STAMP)
 	$(BIN)/python bench/bench_quality.py
 
-# Every stage end to end on a loopback corpus (SOAK_URLS, default 50000), memory sampled.
+# Every stage end to end on a loopback corpus (SOAK_URLS, default 50000), memory sampled;
+# SOAK_WORKERS=1,2,4,8,16 repeats it per worker count and prints the scaling efficiency.
 bench-soak: $(STAMP)
 	$(BIN)/python bench/bench_soak.py
 

@@ -82,8 +82,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(folder: Path) -> tuple[subprocess.Popen, str, str]:
-    port = free_port()
+def start_server(folder: Path, port: int | None = None) -> tuple[subprocess.Popen, str, str]:
+    port = port or free_port()
     if shutil.which("nginx"):
         conf = OUT / "nginx.conf"
         user = "user root;" if os.geteuid() == 0 else ""
