@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
+import tarfile
 import time
 from pathlib import Path
 
@@ -53,6 +55,16 @@ def read_all(folder: Path | str) -> pa.Table:
     dataset = Dataset(Storage(str(folder)))
     tables = [dataset.read_shard(i) for i in dataset.shard_indices()]
     return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def media_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every member of the dataset's tars, by member name."""
+    hashes = {}
+    for tar in sorted(folder.glob("part-*.tar")):
+        with tarfile.open(tar) as archive:
+            for member in archive.getmembers():
+                hashes[member.name] = hashlib.sha256(archive.extractfile(member).read()).hexdigest()
+    return hashes
 
 
 def read_parquet_dir(folder: Path) -> pa.Table:

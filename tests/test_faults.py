@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import shutil
 import signal
 import subprocess
-import tarfile
 import threading
 import time
 from collections import Counter
@@ -19,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ingest, ray_executor, read_all, run, write_url_csv
+from helpers import ingest, media_hashes, ray_executor, read_all, run, write_url_csv
 from toystages import MakeMedia, Sleepy, SleepyConfig
 from typer.testing import CliRunner
 
@@ -92,14 +90,8 @@ def small_disk(path: Path, megabytes: int):
 
 def downloaded(work: Path) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """(key, status) of every download row, and sha256 of every tar member."""
-    dataset = Dataset(Storage(str(work / "download")))
-    rows = [(r["key"], r["status"]) for i in dataset.shard_indices() for r in dataset.read_shard(i).to_pylist()]
-    media = {}
-    for tar in sorted((work / "download").glob("part-*.tar")):
-        with tarfile.open(tar) as archive:
-            for member in archive.getmembers():
-                media[member.name] = hashlib.sha256(archive.extractfile(member).read()).hexdigest()
-    return sorted(rows), media
+    rows = read_all(work / "download").select(["key", "status"]).to_pylist()
+    return sorted((r["key"], r["status"]) for r in rows), media_hashes(work / "download")
 
 
 @pytest.mark.slow

@@ -10,14 +10,12 @@ and no temporaries, failures or duplicate rows left behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import yaml
-from helpers import kill_session
+from helpers import kill_session, media_hashes
 
 from pipeline.corpus_server import CorpusServer
 from pipeline.dataset import Dataset
@@ -92,15 +90,10 @@ def stage_snapshot(folder: Path) -> dict:
     table = pa.concat_tables([dataset.read_shard(i) for i in dataset.shard_indices()])
     timings = [c for c in table.column_names if c.endswith("_seconds")]  # with provenance times, all that varies
     rows = [without_clock(row) for row in table.drop_columns(timings).sort_by("key").to_pylist()]
-    media = {}
-    for tar in sorted(folder.glob("part-*.tar")):
-        with tarfile.open(tar) as archive:
-            for member in archive.getmembers():
-                media[member.name] = hashlib.sha256(archive.extractfile(member).read()).hexdigest()
     return {
         "rows": rows,
         "unique_keys": len({r["key"] for r in rows}) == len(rows),
-        "media": media,
+        "media": media_hashes(folder),
         "by_status": summary["by_status"],
         "complete": summary["complete"],
         "shards": summary["shards"],

@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import free_port
-from helpers import ingest, kill_session, run, write_url_csv
+from helpers import ingest, kill_session, read_all, run, write_url_csv
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -284,17 +284,12 @@ def test_a_node_lost_mid_stage_leaves_the_run_to_finish_on_the_other_nodes(clust
     assert summary["complete"] and summary["shards"]["failed"] == 0
     downloaded = Dataset(Storage(str(out / "download"))).summary()
     assert downloaded["by_status"] == {"ok": len(photos)}
-    keys = [k for i in detect.shard_indices() for k in detect.read_shard(i, ["key"]).column("key").to_pylist()]
+    keys = read_all(out / "detect").column("key").to_pylist()
     assert len(keys) == len(set(keys)) == summary["rows"]
-    assert {k.split("_f")[0] for k in keys} == set(keys_of(out / "download"))
+    assert {k.split("_f")[0] for k in keys} == set(read_all(out / "download").column("key").to_pylist())
     retried = [s for s in detect.shard_stats().values() if s.attempts > 1]
     assert retried, "no detect shard was retried after the node was lost"
     assert all(s.node not in lost_ids for s in retried)
-
-
-def keys_of(folder: Path) -> list[str]:
-    dataset = Dataset(Storage(str(folder)))
-    return [k for i in dataset.shard_indices() for k in dataset.read_shard(i, ["key"]).column("key").to_pylist()]
 
 
 class Sleepy(Stage):
