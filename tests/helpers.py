@@ -124,6 +124,13 @@ def run_recipe(
     return root / "work" / config["stages"][-1]
 
 
+def facecap_env(**extra: str) -> dict[str, str]:
+    """The environment for a `facecap` subprocess: no Ray token, no usage stats, its own local Ray."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 def session_processes(sid: int) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["status"]):

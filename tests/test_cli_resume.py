@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import kill_session
+from helpers import facecap_env, kill_session
 
 pytestmark = pytest.mark.slow
 
@@ -40,19 +39,13 @@ def build_input(path: Path) -> Path:
     return path
 
 
-def env() -> dict[str, str]:
-    e = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    e.pop("RAY_ADDRESS", None)  # the default executor must start its own local Ray
-    return e
-
-
 def command(source: Path, out: Path, executor: str, *extra: str) -> list[str]:
     args = [FACECAP, "ingest", str(source), str(out), "--shard-size", str(SHARD_SIZE), "--max-retries", "0", *extra]
     return args + (["--executor", "local"] if executor == "local" else [])
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, env=facecap_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -70,7 +63,7 @@ def run_and_kill(args: list[str], out: Path) -> int:
     """Start the run in its own session; SIGKILL the whole group once KILL_AFTER shards are done."""
     log = out.parent / f"{out.name}.log"
     with open(log, "wb") as sink:
-        proc = subprocess.Popen(args, env=env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(args, env=facecap_env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
         while len(done_markers(out)) < KILL_AFTER:

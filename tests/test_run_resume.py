@@ -11,7 +11,6 @@ and no temporaries, failures or duplicate rows left behind.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import yaml
-from helpers import kill_session, media_hashes
+from helpers import facecap_env, kill_session, media_hashes
 
 from pipeline.corpus_server import CorpusServer
 from pipeline.dataset import Dataset
@@ -37,12 +36,6 @@ KILLPOINTS = Path(__file__).parent / "killpoint"
 PHOTOS = 30
 SHARD_SIZE = 6  # 36 URLs: 6 shards per stage
 RUN_TIMEOUT = 300
-
-
-def env(**extra: str) -> dict[str, str]:
-    e = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **extra}
-    e.pop("RAY_ADDRESS", None)
-    return e
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +65,7 @@ def command(root: Path, out: Path) -> list[str]:
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    result = subprocess.run(args, env=facecap_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert result.returncode == 0, f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -126,7 +119,11 @@ def reference(corpus):
 def start(root: Path, out: Path, **extra_env: str) -> subprocess.Popen:
     with open(out.parent / f"{out.name}.log", "wb") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            command(root, out), env=env(**extra_env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command(root, out),
+            env=facecap_env(**extra_env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 
