@@ -3,7 +3,7 @@
 - Every hop (the URL and each redirect) is resolved and checked before connecting: only
   http/https, and no loopback, private, link-local, multicast, reserved or cloud-metadata
   address unless private networks are allowed. We then connect to the checked address itself,
-  so a second DNS answer cannot swap in another one.
+  so a second DNS answer cannot swap in another one. HTTP itself is ``http1``'s lean client.
 - Connect, read and total timeouts; the body is read a socket read at a time, so a server that
   drips bytes is cut off at the total deadline, and a body larger than ``max_bytes`` (after
   gzip/deflate decoding, decoded in bounded steps) is refused while streaming.
@@ -18,25 +18,18 @@ import contextlib
 import ipaddress
 import random
 import socket
+import ssl
 import threading
 import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
-import urllib3
 from pydantic import BaseModel, ConfigDict, Field
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    HTTPError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-    SSLError,
-)
+
+from stages.lib import http1
 
 DEFAULT_USER_AGENT = "facecap/0.1 (face image-text dataset builder; honours X-Robots-Tag noai)"
 METADATA_ADDRESSES = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
@@ -140,18 +133,15 @@ class Fetcher:
         self.http = http
         self.safety = safety
         self.limiter = HostLimiter(http.per_host_concurrency, http.per_host_rate)
-        self._pools: OrderedDict[tuple, urllib3.HTTPConnectionPool] = OrderedDict()
-        self._pools_lock = threading.Lock()
-        self._max_pools = max_pools
+        self._idle = http1.ConnectionPool(http.per_host_concurrency, max_pools)
+        self._dns_lock = threading.Lock()
+        self._tls: ssl.SSLContext | None = None
         self._directives = {d.lower() for d in safety.opt_out_directives}
         self._dns: dict[tuple[str, int], tuple[float, list]] = {}
         self._agent = http.user_agent.split("/", 1)[0].strip().lower()
 
     def close(self) -> None:
-        with self._pools_lock:
-            for pool in self._pools.values():
-                pool.close()
-            self._pools.clear()
+        self._idle.close()
 
     def fetch(self, url: str) -> FetchResult:
         deadline = time.monotonic() + self.http.total_timeout
@@ -181,14 +171,14 @@ class Fetcher:
         try:
             for _hop in range(self.http.max_redirects + 1):
                 parts = urlsplit(current)
-                address = self._checked_address(parts)
+                target = self._checked_target(parts)
                 host = parts.hostname or ""
                 with self.limiter.slot(host, deadline):
-                    response = self._request(parts, address, deadline)
+                    response = self._request(parts, target, deadline)
                     status = response.status
                     if status in (301, 302, 303, 307, 308):
                         location = response.headers.get("Location")
-                        response.close()  # never reuse a connection whose body we did not read
+                        response.connection.close()  # never reuse a connection whose body we did not read
                         if not location:
                             raise Refused("bad_redirect", f"HTTP {status} without a Location header", status)
                         current = urljoin(current, location.strip())
@@ -203,20 +193,20 @@ class Fetcher:
                 final_url=current,
                 retry_after=refused.retry_after,
             )
-        except (ConnectTimeoutError, ReadTimeoutError, TimeoutError) as exc:
+        except TimeoutError as exc:
             return FetchResult("timeout", _short(exc), http_status=status, final_url=current)
-        except SSLError as exc:
+        except (ssl.SSLError, ssl.CertificateError) as exc:
             return FetchResult("tls_error", _short(exc), http_status=status, final_url=current)
-        except ProtocolError as exc:
-            # A body shorter than its Content-Length surfaces as IncompleteRead.
-            broken = "IncompleteRead" in repr(exc) or "length" in str(exc)
-            reason = "bad_content_length" if broken else "connection_error"
-            return FetchResult(reason, _short(exc), http_status=status, final_url=current)
-        except (NewConnectionError, HTTPError, OSError) as exc:
+        except http1.IncompleteBody as exc:
+            return FetchResult("bad_content_length", _short(exc), http_status=status, final_url=current)
+        except http1.ProtocolError as exc:
+            return FetchResult("bad_response", _short(exc), http_status=status, final_url=current)
+        except OSError as exc:
             return FetchResult("connection_error", _short(exc), http_status=status, final_url=current)
 
     # --- one hop ------------------------------------------------------------------------------
-    def _checked_address(self, parts) -> str:
+    def _checked_target(self, parts) -> tuple[int, tuple]:
+        """(address family, socket address) to connect to, once every address of the host passed."""
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
             raise Refused("blocked_address", f"scheme '{scheme}' is not http or https")
@@ -235,7 +225,7 @@ class Fetcher:
             problem = self._address_problem(address)
             if problem:
                 raise Refused("blocked_address", f"{host} resolves to {address} ({problem})")
-        return infos[0][4][0]
+        return infos[0][0], infos[0][4]
 
     def _resolve(self, host: str, port: int) -> list:
         """getaddrinfo, remembered for DNS_TTL seconds: LAION shards hit the same hosts again and again."""
@@ -248,7 +238,7 @@ class Fetcher:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:
             raise Refused("dns_error", f"cannot resolve {host}: {exc}") from None
-        with self._pools_lock:
+        with self._dns_lock:
             if len(self._dns) > 10_000:
                 self._dns.clear()
             self._dns[key] = (now + DNS_TTL, infos)
@@ -284,57 +274,66 @@ class Fetcher:
             return "reserved address"
         return None
 
-    def _pool(self, scheme: str, address: str, port: int, host: str) -> urllib3.HTTPConnectionPool:
-        key = (scheme, address, port, host)
-        with self._pools_lock:
-            pool = self._pools.get(key)
-            if pool is not None:
-                self._pools.move_to_end(key)
-                return pool
-            options = {"maxsize": self.http.per_host_concurrency, "block": False, "retries": False}
-            if scheme == "https":
-                pool = urllib3.HTTPSConnectionPool(
-                    address, port, server_hostname=host, assert_hostname=host, cert_reqs="CERT_REQUIRED", **options
-                )
-            else:
-                pool = urllib3.HTTPConnectionPool(address, port, **options)
-            self._pools[key] = pool
-            while len(self._pools) > self._max_pools:
-                self._pools.popitem(last=False)[1].close()
-            return pool
-
-    def _request(self, parts, address: str, deadline: float) -> urllib3.BaseHTTPResponse:
-        scheme = parts.scheme.lower()
-        port = parts.port or (443 if scheme == "https" else 80)
-        host = parts.hostname
-        host_header = f"[{host}]" if ":" in host else host
-        if parts.port:
-            host_header += f":{parts.port}"
+    def _connection(self, key: tuple, target: tuple, deadline: float, fresh: bool) -> http1.Connection:
+        """A kept-alive connection to ``key`` if one is idle (unless ``fresh``), else a new one."""
+        connection = None if fresh else self._idle.take(key)
+        if connection is not None:
+            return connection
+        scheme, _, host = key
+        family, sockaddr = target
         left = deadline - time.monotonic()
         if left <= 0:
             raise Refused("timeout", f"total timeout of {self.http.total_timeout}s reached")
-        timeout = urllib3.Timeout(connect=min(self.http.connect_timeout, left), read=min(self.http.read_timeout, left))
+        tls = http1.tls_wrapper(self._tls_context(), host) if scheme == "https" else None
+        return http1.connect(sockaddr, family, min(self.http.connect_timeout, left), self.http.read_timeout, tls)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            self._tls = ssl.create_default_context()
+        return self._tls
+
+    def _request(self, parts, target: tuple, deadline: float) -> http1.Response:
+        """Send the GET and read the response head; a pooled connection the server has meanwhile
+        closed is replaced once (nothing was received, so repeating the GET is safe)."""
+        scheme = parts.scheme.lower()
+        host = parts.hostname
+        host_header = f"[{host}]" if ":" in host else _ascii_host(host)
+        if parts.port:
+            host_header += f":{parts.port}"
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        return self._pool(scheme, address, port, host).urlopen(
-            "GET",
-            path,
-            headers={
+        message = http1.request_bytes(
+            _request_target(path),
+            {
                 "Host": host_header,
                 "User-Agent": self.http.user_agent,
                 "Accept": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8,*/*;q=0.5",
                 "Accept-Encoding": "gzip, deflate",
             },
-            redirect=False,
-            retries=False,
-            preload_content=False,
-            decode_content=False,
-            timeout=timeout,
-            assert_same_host=False,
         )
+        key = (scheme, target[1], host)
+        for fresh in (False, True):
+            connection = self._connection(key, target, deadline, fresh)
+            connection.deadline = deadline
+            try:
+                connection.send(message)
+                response = http1.read_response(connection)
+            except BaseException as exc:
+                connection.close()
+                if connection.reused and isinstance(exc, ConnectionError):
+                    continue
+                raise
+            if response is None:
+                connection.close()
+                if connection.reused:
+                    continue
+                raise ConnectionError("the server closed the connection without answering")
+            response.pool_key = key
+            return response
+        raise ConnectionError("the server closed a kept-alive and a new connection without answering")
 
-    def _read(self, response: urllib3.BaseHTTPResponse, url: str, deadline: float) -> FetchResult:
+    def _read(self, response: http1.Response, url: str, deadline: float) -> FetchResult:
         status = response.status
         headers = response.headers
         try:
@@ -344,34 +343,32 @@ class Fetcher:
                     raise Refused("opted_out_header", f"X-Robots-Tag: {directive}", status)
             if not 200 <= status < 300:
                 raise Refused(f"http_{status}", f"HTTP {status}", status, _retry_after(headers.get("Retry-After")))
-            declared = headers.get("Content-Length")
-            if (
-                declared
-                and declared.isdigit()
-                and int(declared) > self.http.max_bytes
-                and not headers.get("Content-Encoding")
-            ):
+            encoding = (headers.get("Content-Encoding") or "").lower().strip()
+            declared = response.content_length
+            if declared is not None and declared > self.http.max_bytes and encoding in ("", "identity"):
                 raise Refused("too_large", f"Content-Length {declared} exceeds max_bytes {self.http.max_bytes}", status)
-            body = self._body(response, headers.get("Content-Encoding", "").lower().strip(), deadline, status)
+            body = self._body(response, encoding, status)
         finally:
-            if response.isclosed():
-                response.release_conn()  # fully read: the connection can serve the next request
-            else:
-                response.close()
+            self._release(response)
         mime = (headers.get("Content-Type") or "").split(";", 1)[0].strip().lower() or None
         return FetchResult(None, data=body, http_status=status, final_url=url, mime=mime)
 
-    def _body(self, response: urllib3.BaseHTTPResponse, encoding: str, deadline: float, status: int) -> bytes:
+    def _release(self, response: http1.Response) -> None:
+        """A connection whose body was read to its end serves the next request; others are closed."""
+        if response.reusable:
+            self._idle.give_back(response.pool_key, response.connection)
+        else:
+            response.connection.close()
+
+    def _body(self, response: http1.Response, encoding: str, status: int) -> bytes:
         decoder = _decoder(encoding, status)
+        if decoder is None and response.content_length is not None:
+            return response.read_all_into(response.content_length)  # checked against max_bytes above
         limit = self.http.max_bytes
         parts: list[bytes] = []
         size = 0
         while True:
-            if time.monotonic() > deadline:
-                raise Refused(
-                    "timeout", f"body not complete within the total timeout of {self.http.total_timeout}s", status
-                )
-            chunk = response.read1(READ_CHUNK)
+            chunk = response.read(READ_CHUNK)
             if not chunk:
                 break
             if decoder is not None:
@@ -413,6 +410,24 @@ def _decoder(encoding: str, status: int):
     if encoding == "deflate":
         return zlib.decompressobj()
     raise Refused("unsupported_encoding", f"Content-Encoding {encoding!r} is not supported", status)
+
+
+PRINTABLE_ASCII = "".join(chr(code) for code in range(0x21, 0x7F))
+
+
+def _request_target(path: str) -> str:
+    """The path and query as sent: spaces, control characters (no header injection through a
+    CR LF in a URL) and non-ASCII percent-encoded as UTF-8, existing escapes left alone."""
+    return path if path.isascii() and path.isprintable() and " " not in path else quote(path, safe=PRINTABLE_ASCII)
+
+
+def _ascii_host(host: str) -> str:
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise Refused("dns_error", f"host {host!r} is not a valid name: {exc}") from None
 
 
 def _retry_after(value: str | None) -> float | None:
