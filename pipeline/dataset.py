@@ -278,15 +278,19 @@ class Dataset:
 
 
 class SpooledTar:
-    """Collects members in any order on local disk, then writes them as one tar sorted by key.
+    """Collects members in any order, then writes them as one tar sorted by key.
 
     Stages that finish rows out of order (downloads) still produce tars whose keys are sorted
-    and whose members of a sample are contiguous, with only an index held in memory.
+    and whose members of a sample are contiguous. Members stay in memory up to ``memory_bytes``
+    (a download shard of 1,000 images is about 60 MB; writing and rereading a temporary file cost
+    the download stage 5%), then the rest goes to a temporary file, so memory stays bounded.
     """
 
-    def __init__(self) -> None:
-        self._spool = tempfile.TemporaryFile(prefix="facecap-spool-")  # noqa: SIM115 - closed in close()
-        self._index: dict[str, list[tuple[str, int, int]]] = {}
+    def __init__(self, memory_bytes: int = 256 << 20) -> None:
+        self._memory_left = memory_bytes
+        self._spool: BinaryIO | None = None
+        # key -> [(ext, bytes held in memory, or (offset, size) in the spool file)]
+        self._index: dict[str, list[tuple[str, bytes | tuple[int, int]]]] = {}
 
     def __len__(self) -> int:
         return len(self._index)
@@ -295,28 +299,46 @@ class SpooledTar:
         entries = self._index.setdefault(key, [])
         for ext in sorted(members):
             data = members[ext]
+            if len(data) <= self._memory_left:
+                self._memory_left -= len(data)
+                entries.append((ext, data))
+                continue
+            if self._spool is None:
+                self._spool = tempfile.TemporaryFile(prefix="facecap-spool-")  # noqa: SIM115 - closed in close()
             offset = self._spool.seek(0, os.SEEK_END)
             self._spool.write(data)
-            entries.append((ext, offset, len(data)))
+            entries.append((ext, (offset, len(data))))
+
+    def _data(self, held: bytes | tuple[int, int]) -> bytes:
+        if isinstance(held, bytes):
+            return held
+        offset, size = held
+        self._spool.seek(offset)
+        return self._spool.read(size)
 
     def write_sorted(self, stream: BinaryIO) -> FileDigest:
         hashing = HashingWriter(stream)
-        buffer = bytearray()
+        pieces: list[bytes] = []
+        pending = 0
         for key in sorted(self._index):
-            for ext, offset, size in sorted(self._index[key]):
-                self._spool.seek(offset)
-                buffer += tar_member_bytes(f"{key}.{ext}", self._spool.read(size))
-            if len(buffer) >= 8 << 20:
-                hashing.write(bytes(buffer))
-                buffer.clear()
+            for ext, held in sorted(self._index[key], key=lambda entry: entry[0]):
+                data = self._data(held)
+                pieces += tar_member_pieces(f"{key}.{ext}", data)
+                pending += len(data)
+            if pending >= 8 << 20:
+                hashing.write(b"".join(pieces))
+                pieces.clear()
+                pending = 0
         # End of archive: two zero blocks, padded to a whole record, as tarfile writes it.
-        buffer += bytes(2 * tarfile.BLOCKSIZE)
-        buffer += bytes(-len(buffer) % tarfile.RECORDSIZE)
-        hashing.write(bytes(buffer))
+        written = hashing.size + sum(len(piece) for piece in pieces)
+        pieces.append(bytes(2 * tarfile.BLOCKSIZE + (-(written + 2 * tarfile.BLOCKSIZE) % tarfile.RECORDSIZE)))
+        hashing.write(b"".join(pieces))
         return hashing.digest()
 
     def close(self) -> None:
-        self._spool.close()
+        if self._spool is not None:
+            self._spool.close()
+        self._index.clear()
 
 
 class HashingWriter:
@@ -337,15 +359,15 @@ class HashingWriter:
         return FileDigest(self.size, self._hash.hexdigest())
 
 
-def tar_member_bytes(name: str, data: bytes) -> bytes:
-    """One ustar member (header, data, padding) as bytes: what TarFile.addfile writes, minus its
-    per-member Python overhead, which showed up in download profiles."""
+def tar_member_pieces(name: str, data: bytes) -> tuple[bytes, bytes, bytes]:
+    """One ustar member as (header, data, padding): what TarFile.addfile writes, minus its
+    per-member Python overhead and copies, which showed up in download profiles."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = 0
     info.mode = 0o644
     padding = -len(data) % tarfile.BLOCKSIZE
-    return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape") + data + bytes(padding)
+    return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"), data, bytes(padding)
 
 
 def tar_key_and_ext(member_name: str) -> tuple[str, str]:
