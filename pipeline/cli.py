@@ -19,7 +19,7 @@ from pipeline import __version__
 from pipeline.chain import Step, plan_chain, skip_stage
 from pipeline.config import RecipeBase, load_recipe, parse_set_options
 from pipeline.dataset import Dataset
-from pipeline.errors import FacecapError, storage_full
+from pipeline.errors import ConfigError, FacecapError, storage_full
 from pipeline.progress import Bars, Quiet
 from pipeline.runner import StageResult, run_stage
 from pipeline.sources import open_source
@@ -56,7 +56,12 @@ RayOpt = Annotated[
     typer.Option("--ray-address", envvar="RAY_ADDRESS", help="join this Ray cluster instead of a local one"),
 ]
 ExecutorOpt = Annotated[
-    str | None, typer.Option("--executor", help="'ray' (default) or 'local' (one process, for debugging)")
+    str | None,
+    typer.Option(
+        "--executor",
+        help="'ray' (default; local or --ray-address), 'processes' (a process pool on this machine: no Ray "
+        "start-up, CPU stages only) or 'local' (one process, for debugging)",
+    ),
 ]
 RetriesOpt = Annotated[int | None, typer.Option("--max-retries", help="retries of a failing shard")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an output made with different settings")]
@@ -95,10 +100,15 @@ def _common(ray_address: str | None, executor: str | None, max_retries: int | No
 
 
 def _make_executor(recipe: RecipeBase):
-    from pipeline.executors import LocalExecutor, RayExecutor
+    from pipeline.executors import LocalExecutor, ProcessExecutor, RayExecutor
 
     if recipe.runner.executor == "local":
         return LocalExecutor()
+    if recipe.runner.executor == "processes":
+        if recipe.ray.address:
+            raise ConfigError("--executor processes runs on this machine only: drop --ray-address (or RAY_ADDRESS)")
+        workers = recipe.runner.workers or recipe.ray.num_cpus
+        return ProcessExecutor(workers, max_in_flight=recipe.runner.max_in_flight)
     return RayExecutor(recipe.ray, max_in_flight=recipe.runner.max_in_flight)
 
 

@@ -33,8 +33,13 @@ class RayConfig(Section):
 
 
 class RunnerConfig(Section):
-    executor: Literal["ray", "local"] = Field(
-        "ray", description="'local' runs shards one by one in this process (debugging, tiny data)"
+    executor: Literal["ray", "processes", "local"] = Field(
+        "ray",
+        description="'ray' (local or a cluster), 'processes' (a process pool on this machine, no Ray start-up; "
+        "CPU stages), 'local' (shards one by one in this process: debugging, tiny data)",
+    )
+    workers: int | None = Field(
+        None, ge=1, description="worker CPUs of the 'processes' executor; default ray.num_cpus, else all cores"
     )
     max_retries: int = Field(2, ge=0, description="retries of a failing shard before it is marked failed")
     verify: Literal["none", "size", "sha256"] = Field(

@@ -1,4 +1,4 @@
-"""Where shards run: Ray tasks, a Ray actor pool, or this process (for debugging).
+"""Where shards run: Ray tasks, a Ray actor pool, a pool of local processes, or this process.
 
 An executor only runs ``process_shard`` and reports each outcome; deciding about retries,
 failures and progress is the runner's job.
@@ -7,7 +7,13 @@ failures and progress is the runner's job.
 from __future__ import annotations
 
 import itertools
+import multiprocessing
+import os
+import signal
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
+from concurrent.futures import wait as wait_futures
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -15,6 +21,7 @@ import pyarrow as pa
 
 from pipeline.config import RayConfig
 from pipeline.dataset import ShardStats
+from pipeline.errors import ConfigError
 from pipeline.worker import StageJob, process_shard
 
 
@@ -74,6 +81,98 @@ class LocalExecutor:
 
     def stop(self) -> None:
         self._job = None
+
+
+class ProcessExecutor:
+    """Shards on a pool of worker processes on this machine: no Ray to start (about 5 s and 1 GB
+    saved), for CPU work on one computer. Each process sets the stage up once and keeps it, like an
+    actor. Workers come from a fork server that imported the stage's modules once, so they start
+    in milliseconds without inheriting the driver's threads. A worker that dies fails only the
+    shards it held or had queued (the runner retries them) and the pool is rebuilt.
+    """
+
+    def __init__(self, workers: int | None = None, max_in_flight: int | None = None):
+        self.workers = workers
+        self.max_in_flight = max_in_flight
+        self._tickets = itertools.count()
+        self._pending: dict[Future, int] = {}
+        self._pool: ProcessPoolExecutor | None = None
+        self._job: StageJob | None = None
+
+    def start(self, job: StageJob) -> int:
+        resources = job.resources
+        if resources.gpus:
+            raise ConfigError(
+                f"stage '{job.name}' asks for {resources.gpus} GPU per worker, which the 'processes' executor "
+                "does not schedule: use --executor ray"
+            )
+        self._job = job
+        cpus = self.workers or os.cpu_count() or 1
+        self._size = max(1, int(cpus // resources.cpus)) if resources.cpus > 0 else cpus
+        return self.max_in_flight or 2 * self._size
+
+    def _ensure_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["pipeline.worker", self._job.stage_cls.__module__])
+            threads = str(max(1, int(self._job.resources.cpus)))
+            self._pool = ProcessPoolExecutor(
+                self._size, mp_context=context, initializer=_init_process_worker, initargs=(threads,)
+            )
+        return self._pool
+
+    def submit(self, shard: int, source: pa.Table | None, attempt: int) -> int:
+        ticket = next(self._tickets)
+        try:
+            future = self._ensure_pool().submit(process_shard, self._job, shard, source, attempt)
+        except BrokenProcessPool:
+            self._pool = None  # a worker died since the last wait: start afresh
+            future = self._ensure_pool().submit(process_shard, self._job, shard, source, attempt)
+        self._pending[future] = ticket
+        return ticket
+
+    def wait(self) -> list[Outcome]:
+        done, _ = wait_futures(list(self._pending), return_when=FIRST_COMPLETED)
+        outcomes = []
+        broken = False
+        for future in done:
+            ticket = self._pending.pop(future)
+            try:
+                outcomes.append(Outcome(ticket, stats=future.result()))
+            except BrokenProcessPool as exc:
+                broken = True
+                outcomes.append(Outcome(ticket, error=f"a worker process died ({exc})"))
+            except Exception as exc:
+                outcomes.append(Outcome(ticket, error=describe_error(exc)))
+        if broken:
+            self._discard_pool()
+        return outcomes
+
+    def _discard_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        # Shards still running in a broken pool's other workers would be lost anyway; end them now.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    def stop(self) -> None:
+        if self._pending:  # interrupted: do not wait for shards nobody will collect
+            for future in self._pending:
+                future.cancel()
+            self._pending.clear()
+            self._discard_pool()
+        elif self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._job = None
+
+
+def _init_process_worker(threads: str) -> None:
+    # The driver owns Ctrl-C: it stops the pool; workers that caught it too would print tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["OMP_NUM_THREADS"] = threads  # what Ray does: stages size their thread pools by it
 
 
 class RayExecutor:

@@ -60,6 +60,19 @@ def test_ingest_then_stats_then_noop(tmp_path):
     assert "ingest:invalid_url" in table and "total" in table
 
 
+def test_the_process_pool_executor_from_the_command_line(tmp_path):
+    csv = write_url_csv(tmp_path / "urls.csv", 95, broken_every=10)
+    result = cli("ingest", csv, tmp_path / "pool", "--shard-size", "20", "--executor", "processes", "-q")
+    assert result.exit_code == 0, result.output
+    assert cli("ingest", csv, tmp_path / "one", "--shard-size", "20", "--executor", "local", "-q").exit_code == 0
+    for shard in range(5):
+        name = f"part-{shard:05d}.parquet"
+        assert (tmp_path / "pool" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    refused = cli("ingest", csv, tmp_path / "x", "--executor", "processes", "--ray-address", "10.0.0.1:6379")
+    assert refused.exit_code == 2 and "drop --ray-address" in refused.stderr
+    assert "processes" in cli("ingest", "--help").stdout
+
+
 def test_quiet_prints_nothing_on_success(tmp_path):
     csv = write_url_csv(tmp_path / "urls.csv", 10)
     result = cli("ingest", csv, tmp_path / "out", "--executor", "local", "-q")

@@ -18,6 +18,7 @@ from PIL import Image
 
 from pipeline.corpus_server import CorpusServer
 from pipeline.dataset import Dataset, TarShardReader
+from pipeline.executors import ProcessExecutor
 from pipeline.storage import Storage
 from stages.download import DownloadConfig, DownloadStage
 from stages.lib.fetch import HttpSettings, SafetySettings
@@ -188,10 +189,16 @@ def test_retry_failed_redoes_only_transient_rows(tmp_path, face_photos):
 
 
 @pytest.mark.slow
-def test_download_on_ray(corpus, tmp_path, ray_local):
+@pytest.mark.parametrize("where", ["ray", "processes"])
+def test_download_on_ray_and_on_a_process_pool(corpus, tmp_path, where, request):
     _server, csv, expected = corpus
     ingest(csv, tmp_path / "ingest", shard_size=8)
-    result = run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=loopback_config(), executor=ray_executor())
+    if where == "ray":
+        request.getfixturevalue("ray_local")
+        executor = ray_executor()
+    else:
+        executor = ProcessExecutor(2)
+    result = run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=loopback_config(), executor=executor)
     assert result.ok and result.shards == 4
     rows = read_all(tmp_path / "dl").to_pandas()
     firsts = rows[rows.status != "ingest:duplicate_url"]

@@ -1,0 +1,102 @@
+"""The process-pool executor: same bytes as the others, retries, a killed worker, clear refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import pytest
+from helpers import ingest, media_hashes, read_all, run, write_url_csv
+from toystages import MakeConfig, MakeMedia, ReadBoth, Sleepy, SleepyConfig, SplitFaces
+
+from pipeline.config import RunnerConfig
+from pipeline.dataset import Dataset
+from pipeline.errors import ConfigError
+from pipeline.executors import ProcessExecutor
+from pipeline.stage import Resources
+from pipeline.storage import Storage
+from pipeline.worker import StageJob
+
+
+@pytest.fixture
+def ingested(tmp_path):
+    csv = write_url_csv(tmp_path / "urls.csv", 45, broken_every=9)
+    result = ingest(csv, tmp_path / "ingest", shard_size=10)
+    assert result.ok and result.shards == 5
+    return tmp_path / "ingest"
+
+
+def _same_output(left, right) -> None:
+    assert read_all(left).equals(read_all(right))
+    assert media_hashes(left) == media_hashes(right)
+
+
+def test_a_process_pool_writes_what_one_process_writes(ingested, tmp_path):
+    run(MakeMedia, ingested, tmp_path / "local")
+    result = run(MakeMedia, ingested, tmp_path / "pool", executor=ProcessExecutor(2))
+    assert result.ok and result.processed == 5
+    _same_output(tmp_path / "local", tmp_path / "pool")
+    stats = Dataset(Storage(str(tmp_path / "pool"))).shard_stats()
+    assert len({s.node for s in stats.values()}) == 1  # this machine
+    # Media flows on through an actor-style stage (set up once per process) and a reader of two media.
+    run(SplitFaces, tmp_path / "local", tmp_path / "local-faces")
+    assert run(SplitFaces, tmp_path / "pool", tmp_path / "pool-faces", executor=ProcessExecutor(2)).ok
+    _same_output(tmp_path / "local-faces", tmp_path / "pool-faces")
+    assert run(ReadBoth, tmp_path / "pool-faces", tmp_path / "both", executor=ProcessExecutor(2)).ok
+
+
+def test_failing_shards_are_retried_then_recorded(ingested, tmp_path):
+    marker = tmp_path / "crash"
+    marker.write_text("on")
+    config = MakeConfig(crash_marker=str(marker))
+    result = run(MakeMedia, ingested, tmp_path / "make", config, ProcessExecutor(2), runner=RunnerConfig(max_retries=1))
+    assert set(result.failed) == {0, 1, 2, 3, 4}
+    assert "simulated worker fault" in result.failed[0]
+    assert Dataset(Storage(str(tmp_path / "make"))).failed_shards()[0]["attempts"] == 2
+    marker.unlink()
+    assert run(MakeMedia, ingested, tmp_path / "make", config, ProcessExecutor(2)).processed == 5
+
+
+def test_a_worker_killed_mid_shard_costs_a_retry_not_the_run(ingested, tmp_path):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    outcome = {}
+
+    def go():
+        config = SleepyConfig(pid_folder=str(pids), seconds=4.0)
+        outcome["result"] = run(Sleepy, ingested, tmp_path / "sleepy", config=config, executor=ProcessExecutor(2))
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    deadline = time.time() + 60
+    while not list(pids.iterdir()) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(int(sorted(pids.iterdir())[0].read_text()), signal.SIGKILL)
+    thread.join(timeout=120)
+    result = outcome["result"]
+    assert result.ok and result.shards == 5
+    stats = Dataset(Storage(str(tmp_path / "sleepy"))).shard_stats()
+    assert max(s.attempts for s in stats.values()) == 2
+    rows = read_all(tmp_path / "sleepy").to_pandas()
+    assert len(rows) == 45 and rows.key.is_unique
+    assert Counter(rows.status)["ok"] == Counter(read_all(ingested).column("status").to_pylist())["ok"]
+
+
+def test_gpu_stages_are_refused_with_a_clear_message(ingested, tmp_path):
+    gpu_stage = type("GpuMedia", (MakeMedia,), {"resources": dataclasses.replace(MakeMedia.resources, gpus=0.5)})
+    job = StageJob(stage_cls=gpu_stage, config=MakeConfig(), output=str(tmp_path / "x"), parent=str(ingested))
+    with pytest.raises(ConfigError, match="--executor ray"):
+        ProcessExecutor(2).start(job)
+
+
+def test_workers_default_to_cpus_per_worker(ingested, tmp_path):
+    wide = type("WideMedia", (MakeMedia,), {"resources": Resources(cpus=2, batch_size=4)})
+    job = StageJob(stage_cls=wide, config=MakeConfig(), output=str(tmp_path / "x"), parent=str(ingested))
+    executor = ProcessExecutor(4, max_in_flight=3)
+    assert executor.start(job) == 3
+    assert executor._size == 2
+    executor.stop()
