@@ -9,7 +9,10 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import select
 import signal
+import threading
+import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -117,7 +120,7 @@ class ProcessExecutor:
             context.set_forkserver_preload(["pipeline.worker", self._job.stage_cls.__module__])
             threads = str(max(1, int(self._job.resources.cpus)))
             self._pool = ProcessPoolExecutor(
-                self._size, mp_context=context, initializer=_init_process_worker, initargs=(threads,)
+                self._size, mp_context=context, initializer=_init_process_worker, initargs=(threads, os.getpid())
             )
         return self._pool
 
@@ -169,10 +172,34 @@ class ProcessExecutor:
         self._job = None
 
 
-def _init_process_worker(threads: str) -> None:
+def _init_process_worker(threads: str, driver_pid: int) -> None:
     # The driver owns Ctrl-C: it stops the pool; workers that caught it too would print tracebacks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["OMP_NUM_THREADS"] = threads  # what Ray does: stages size their thread pools by it
+    threading.Thread(target=_exit_with_driver, args=(driver_pid,), daemon=True).start()
+
+
+def _exit_with_driver(driver_pid: int) -> None:
+    """Workers are the fork server's children, not the driver's: a driver killed with -9 would
+    leave them running (holding their memory) unless they leave with it. Half-written files are
+    temporaries that the next run removes, as after any kill."""
+    try:
+        handle = os.pidfd_open(driver_pid)
+        select.select([handle], [], [])  # readable once the driver has exited
+    except (AttributeError, OSError):  # no pidfd (old kernel): look once a second
+        while os.getppid() != 1 and _alive(driver_pid):
+            time.sleep(1.0)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class RayExecutor:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 
+import psutil
 import pytest
 from helpers import ingest, media_hashes, read_all, run, write_url_csv
 from toystages import MakeConfig, MakeMedia, ReadBoth, Sleepy, SleepyConfig, SplitFaces
@@ -100,3 +103,34 @@ def test_workers_default_to_cpus_per_worker(ingested, tmp_path):
     assert executor.start(job) == 3
     assert executor._size == 2
     executor.stop()
+
+
+DRIVER = """
+import sys
+sys.path[:0] = {paths!r}
+from helpers import run
+from toystages import Sleepy, SleepyConfig
+from pipeline.executors import ProcessExecutor
+
+if __name__ == "__main__":
+    config = SleepyConfig(pid_folder={pids!r}, seconds=30.0)
+    run(Sleepy, {parent!r}, {output!r}, config=config, executor=ProcessExecutor(2))
+"""
+
+
+def test_workers_leave_with_a_driver_killed_with_sigkill(ingested, tmp_path):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    script = tmp_path / "driver.py"
+    paths = [p for p in sys.path if p]
+    script.write_text(DRIVER.format(paths=paths, parent=str(ingested), output=str(tmp_path / "out"), pids=str(pids)))
+    driver = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.time() + 60
+    while len(list(pids.iterdir())) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    workers = {int(p.read_text()) for p in pids.iterdir()}
+    assert len(workers) == 2
+    driver.kill()
+    driver.wait()
+    _gone, alive = psutil.wait_procs([psutil.Process(pid) for pid in workers], timeout=10)
+    assert not alive, f"workers outlived their driver: {[p.pid for p in alive]}"
