@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, ClassVar
 
+import cv2
 import pandas as pd
 import pyarrow as pa
 from pydantic import Field
@@ -72,6 +73,9 @@ class DownloadStage(Stage):
         return stage == cls.name and is_transient(reason)
 
     def setup(self) -> None:
+        # The download threads already decode and encode images side by side; OpenCV splitting
+        # each resize over every core as well only adds overhead (20% more CPU per image here).
+        cv2.setNumThreads(1)
         self.fetcher = Fetcher(self.config.http, self.config.safety)
 
     def process(self, batch: Batch) -> Iterator[Output]:
