@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import cv2
@@ -82,31 +83,35 @@ class DownloadStage(Stage):
         if self.fetcher is None:
             self.setup()
         records = batch.rows.to_dict("records")
+        # Finished rows come back through a queue (not wait(FIRST_COMPLETED), which walks every
+        # pending future on each call) and at most 2 x concurrency rows are in flight.
+        finished_queue: queue.SimpleQueue = queue.SimpleQueue()
         window = self.config.concurrency * 2
         finished: list[tuple[dict, dict | None]] = []
+        in_flight = 0
         with ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="download") as pool:
-            pending: set[Future] = set()
-            rows = iter(records)
-            for row in rows:
-                pending.add(pool.submit(self._one, row))
-                if len(pending) >= window:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    finished.extend(f.result() for f in done)
-                    if len(finished) >= YIELD_EVERY:
-                        yield self._output(finished)
-                        finished = []
-            for future in pending:
-                finished.append(future.result())
+            for row in records:
+                pool.submit(self._one, row, finished_queue)
+                in_flight += 1
+                while in_flight >= window or (in_flight and not finished_queue.empty()):
+                    finished.append(finished_queue.get())
+                    in_flight -= 1
+                if len(finished) >= YIELD_EVERY:
+                    yield self._output(finished)
+                    finished = []
+            while in_flight:
+                finished.append(finished_queue.get())
+                in_flight -= 1
         if finished:
             yield self._output(finished)
 
-    def _one(self, row: dict[str, Any]) -> tuple[dict, dict | None]:
+    def _one(self, row: dict[str, Any], finished: queue.SimpleQueue) -> None:
         try:
-            return self._fetch_row(row)
-        except Exception as exc:  # a bug or a decoder crash on one file must not sink the shard
+            finished.put(self._fetch_row(row))
+        except BaseException as exc:  # a bug or a decoder crash on one file must not sink the shard
             out = dict(row)
             out.update(status=self.reject("error"), error=f"{type(exc).__name__}: {exc}"[:500])
-            return out, None
+            finished.put((out, None))
 
     def _fetch_row(self, row: dict[str, Any]) -> tuple[dict, dict | None]:
         started = time.perf_counter()
