@@ -282,8 +282,8 @@ class SpooledTar:
 
     Stages that finish rows out of order (downloads) still produce tars whose keys are sorted
     and whose members of a sample are contiguous. Members stay in memory up to ``memory_bytes``
-    (a download shard of 1,000 images is about 60 MB; writing and rereading a temporary file cost
-    the download stage 5%), then the rest goes to a temporary file, so memory stays bounded.
+    (a download shard of 1,000 images is about 60 MB; writing and rereading a temporary file took
+    about 4% of the download stage's time), then the rest goes to a temporary file, so memory stays bounded.
     """
 
     def __init__(self, memory_bytes: int = 256 << 20) -> None:

@@ -129,7 +129,7 @@ class ProcessExecutor:
         try:
             future = self._ensure_pool().submit(process_shard, self._job, shard, source, attempt)
         except BrokenProcessPool:
-            self._pool = None  # a worker died since the last wait: start afresh
+            self._discard_pool()  # a worker died since the last wait: start afresh
             future = self._ensure_pool().submit(process_shard, self._job, shard, source, attempt)
         self._pending[future] = ticket
         return ticket
