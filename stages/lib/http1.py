@@ -82,51 +82,37 @@ class Connection:
         self._wait()
         return self.sock.recv(size)
 
-    def read_until(self, marker: bytes, limit: int) -> bytes | None:
-        """Bytes up to and including ``marker``; None at a clean end of stream before any byte."""
+    def read_until(self, markers: tuple[bytes, ...], limit: int, what: str) -> bytes | None:
+        """Bytes up to and including the first of ``markers``; None at a clean end of stream
+        before any byte. More than ``limit`` bytes without one is a ProtocolError."""
         searched = 0
         while True:
-            found = self._buffer.find(marker, max(0, searched - len(marker) + 1))
-            if found >= 0:
-                end = found + len(marker)
+            ends = []
+            for marker in markers:
+                found = self._buffer.find(marker, max(0, searched - len(marker) + 1))
+                if found >= 0:
+                    ends.append(found + len(marker))
+            if ends or len(self._buffer) > limit:
+                end = min(ends, default=len(self._buffer))
                 if end > limit:
-                    raise ProtocolError(f"more than {limit} bytes without {marker!r}")
+                    raise ProtocolError(f"{what} longer than {limit} bytes")
                 data = bytes(self._buffer[:end])
                 del self._buffer[:end]
                 return data
-            if len(self._buffer) > limit:
-                raise ProtocolError(f"more than {limit} bytes without {marker!r}")
             searched = len(self._buffer)
             data = self._recv()
             if not data:
                 if not self._buffer:
                     return None
-                raise ProtocolError("connection closed in the middle of a line")
+                raise ProtocolError(f"connection closed in the middle of {what}")
             self._buffer += data
 
     def read_head(self) -> bytes | None:
         """A response head up to its empty line (CRLF or, from sloppy servers, bare LF line ends)."""
-        searched = 0
-        while True:
-            start = max(0, searched - 3)
-            crlf, lf = self._buffer.find(b"\n\r\n", start), self._buffer.find(b"\n\n", start)
-            ends = [found + size for found, size in ((crlf, 3), (lf, 2)) if found >= 0]
-            if ends:
-                end = min(ends)
-                if end > MAX_HEAD_BYTES:
-                    raise ProtocolError(f"response head longer than {MAX_HEAD_BYTES} bytes")
-                head = bytes(self._buffer[:end])
-                del self._buffer[:end]
-                return head
-            if len(self._buffer) > MAX_HEAD_BYTES:
-                raise ProtocolError(f"response head longer than {MAX_HEAD_BYTES} bytes")
-            searched = len(self._buffer)
-            data = self._recv()
-            if not data:
-                if not self._buffer:
-                    return None
-                raise ProtocolError("connection closed in the middle of the response head")
-            self._buffer += data
+        return self.read_until((b"\n\r\n", b"\n\n"), MAX_HEAD_BYTES, "the response head")
+
+    def read_line(self) -> bytes | None:
+        return self.read_until((b"\n",), MAX_LINE, "a line")
 
     def read_some(self, most: int) -> bytes:
         """Up to ``most`` bytes, whatever arrives first; b"" at end of stream."""
@@ -210,7 +196,7 @@ class Response:
 
     def _read_chunked(self, most: int) -> bytes:
         if self._chunk_left == 0:
-            line = self.connection.read_until(b"\n", MAX_LINE)
+            line = self.connection.read_line()
             if line is None:
                 raise IncompleteBody("connection closed before the last chunk")
             size_text = line.split(b";", 1)[0].strip()
@@ -228,13 +214,13 @@ class Response:
         if not data:
             raise IncompleteBody("connection closed inside a chunk")
         self._chunk_left -= len(data)
-        if self._chunk_left == 0 and self.connection.read_until(b"\n", MAX_LINE) is None:
+        if self._chunk_left == 0 and self.connection.read_line() is None:
             raise IncompleteBody("connection closed after a chunk")
         return data
 
     def _read_trailers(self) -> None:
         for _ in range(MAX_HEADERS):
-            line = self.connection.read_until(b"\n", MAX_LINE)
+            line = self.connection.read_line()
             if line is None or not line.strip():
                 return
         raise ProtocolError("too many trailer lines")
