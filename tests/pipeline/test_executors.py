@@ -13,7 +13,7 @@ from collections import Counter
 
 import psutil
 import pytest
-from helpers import ingest, media_hashes, read_all, run, write_url_csv
+from helpers import media_hashes, read_all, run
 from toystages import MakeConfig, MakeMedia, ReadBoth, Sleepy, SleepyConfig, SplitFaces
 
 from pipeline.config import RunnerConfig
@@ -23,14 +23,6 @@ from pipeline.executors import ProcessExecutor
 from pipeline.stage import Resources
 from pipeline.storage import Storage
 from pipeline.worker import StageJob
-
-
-@pytest.fixture
-def ingested(tmp_path):
-    csv = write_url_csv(tmp_path / "urls.csv", 45, broken_every=9)
-    result = ingest(csv, tmp_path / "ingest", shard_size=10)
-    assert result.ok and result.shards == 5
-    return tmp_path / "ingest"
 
 
 def _same_output(left, right) -> None:

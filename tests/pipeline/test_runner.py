@@ -7,21 +7,13 @@ import tarfile
 from collections import Counter
 
 import pytest
-from helpers import ingest, ray_executor, read_all, run, write_url_csv
+from helpers import ray_executor, read_all, run
 from toystages import MakeConfig, MakeMedia, ReadBoth, SplitFaces
 
 from pipeline.config import RunnerConfig
 from pipeline.dataset import Dataset
 from pipeline.errors import DatasetError
 from pipeline.storage import Storage
-
-
-@pytest.fixture
-def ingested(tmp_path):
-    csv = write_url_csv(tmp_path / "urls.csv", 45, broken_every=9)
-    result = ingest(csv, tmp_path / "ingest", shard_size=10)
-    assert result.ok and result.shards == 5
-    return tmp_path / "ingest"
 
 
 def test_rejected_rows_pass_through_untouched_and_funnel_adds_up(ingested, tmp_path):
