@@ -87,11 +87,12 @@ class LocalExecutor:
 
 
 class ProcessExecutor:
-    """Shards on a pool of worker processes on this machine: no Ray to start (about 5 s and 1 GB
-    saved), for CPU work on one computer. Each process sets the stage up once and keeps it, like an
-    actor. Workers come from a fork server that imported the stage's modules once, so they start
-    in milliseconds without inheriting the driver's threads. A worker that dies fails only the
-    shards it held or had queued (the runner retries them) and the pool is rebuilt.
+    """Shards on a pool of worker processes on this machine: no Ray to start (about 5 s and 0.6 GB
+    saved in the download benchmark), for CPU work on one computer. Each process sets the stage up
+    once and keeps it, like an actor. Workers come from a fork server that imported the stage's
+    modules once, so they start in milliseconds without inheriting the driver's threads. A worker
+    that dies fails only the shards it held or had queued (the runner retries them) and the pool
+    is rebuilt.
     """
 
     def __init__(self, workers: int | None = None, max_in_flight: int | None = None):

@@ -108,7 +108,9 @@ class DownloadStage(Stage):
     def _one(self, row: dict[str, Any], finished: queue.SimpleQueue) -> None:
         try:
             finished.put(self._fetch_row(row))
-        except BaseException as exc:  # a bug or a decoder crash on one file must not sink the shard
+        except BaseException as exc:
+            # A bug or a decoder crash on one file must not sink the shard, and process() waits
+            # for one answer per row: whatever happened, this row answers.
             out = dict(row)
             out.update(status=self.reject("error"), error=f"{type(exc).__name__}: {exc}"[:500])
             finished.put((out, None))
