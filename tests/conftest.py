@@ -95,3 +95,14 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def ingested(tmp_path):
+    """45 URLs (every 9th invalid) ingested into 5 shards of 10; test modules may define their own."""
+    from helpers import ingest, write_url_csv
+
+    csv = write_url_csv(tmp_path / "urls.csv", 45, broken_every=9)
+    result = ingest(csv, tmp_path / "ingest", shard_size=10)
+    assert result.ok and result.shards == 5
+    return tmp_path / "ingest"
