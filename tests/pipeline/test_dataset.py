@@ -12,7 +12,13 @@ from pipeline.storage import Storage
 
 
 def test_spooled_tar_is_byte_identical_to_tarfile_and_sorted(tmp_path):
-    members = {"k2": {"jpg": b"x" * 1000, "json": b"{}"}, "k0": {"jpg": b"y" * 513}, "k1": {"webp": b""}}
+    members = {
+        "k2": {"jpg": b"x" * 1000, "json": b"{}"},
+        "k0": {"jpg": b"y" * 513},
+        "k1": {"webp": b""},
+        "k\u00e9": {"png": b"z" * 512},  # a non-ASCII name
+        "d" * 60 + "/" + "e" * 50: {"jpg": b"w"},  # over ustar's 100 characters: split into a prefix
+    }
     spool = SpooledTar()
     for key, media in members.items():  # out of order, as a yielding stage finishes rows
         spool.add(key, media)
@@ -31,8 +37,8 @@ def test_spooled_tar_is_byte_identical_to_tarfile_and_sorted(tmp_path):
     path = tmp_path / "part-00000.tar"
     path.write_bytes(written.getvalue())
     samples = list(wds.WebDataset(str(path), shardshuffle=False))
-    assert [s["__key__"] for s in samples] == ["k0", "k1", "k2"]
-    assert samples[2]["jpg"] == b"x" * 1000
+    assert [s["__key__"] for s in samples] == sorted(members)
+    assert samples[3]["jpg"] == b"x" * 1000
 
 
 def test_empty_spool_writes_a_valid_empty_tar():
