@@ -1,0 +1,80 @@
+"""The `facecap` entry point: a process-pool run starts its fork server before the CLI imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pyarrow.parquet as pq
+from helpers import facecap_env, write_url_csv
+
+from pipeline.launch import STAGE_COMMANDS, fork_server_preload
+from stages import REGISTRY
+
+
+def test_stage_commands_are_the_registered_stages():
+    assert set(STAGE_COMMANDS) == set(REGISTRY)
+    for name, stage_cls in REGISTRY.items():
+        assert stage_cls.__module__ == f"stages.{name}"  # what the fork server is told to import
+
+
+def test_only_process_pool_runs_preload():
+    assert fork_server_preload(["download", "in", "out", "--executor", "processes"]) == [
+        "pipeline.worker",
+        "stages.download",
+    ]
+    assert fork_server_preload(["--executor=processes", "detect", "in", "out"]) == ["pipeline.worker", "stages.detect"]
+    assert fork_server_preload(["run", "-c", "r.yaml", "--executor", "processes"]) == ["pipeline.worker", "stages"]
+    assert fork_server_preload(["download", "in", "out"]) is None
+    assert fork_server_preload(["download", "in", "out", "--executor", "ray"]) is None
+    assert fork_server_preload(["stats", "out", "--executor", "processes"]) is None
+    assert fork_server_preload(["download", "in", "out", "--executor"]) is None
+    assert fork_server_preload([]) is None
+
+
+# Records whether the fork server was already running when pipeline.cli began to import, then
+# runs the real entry point; a subprocess, so this test run's own fork server is not involved.
+PROBE = textwrap.dedent(
+    """
+    import sys
+    from multiprocessing import forkserver
+    from pipeline import launch
+
+    class Probe:
+        def find_spec(self, name, path=None, target=None):
+            if name == "pipeline.cli":
+                running = forkserver._forkserver._forkserver_pid is not None
+                print(f"fork server running before the CLI imported: {running}", file=sys.stderr)
+                sys.meta_path.remove(self)
+            return None
+
+    sys.meta_path.insert(0, Probe())
+    sys.argv = ["facecap", *sys.argv[1:]]
+    launch.main()
+    """
+)
+
+
+def test_the_entry_point_starts_the_fork_server_first(tmp_path):
+    csv = write_url_csv(tmp_path / "urls.csv", 60, broken_every=10)
+    args = ["ingest", str(csv), str(tmp_path / "out"), "--shard-size", "20", "-q"]
+    pooled = subprocess.run(
+        [sys.executable, "-c", PROBE, *args, "--executor", "processes"],
+        env=facecap_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert pooled.returncode == 0, pooled.stderr
+    assert "fork server running before the CLI imported: True" in pooled.stderr
+    assert pq.read_table(tmp_path / "out").num_rows == 60
+    local = subprocess.run(
+        [sys.executable, "-c", PROBE, *args[:2], str(tmp_path / "local"), *args[3:], "--executor", "local"],
+        env=facecap_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert local.returncode == 0, local.stderr
+    assert "fork server running before the CLI imported: False" in local.stderr
