@@ -366,7 +366,7 @@ def tar_member_pieces(name: str, data: bytes) -> tuple[bytes, bytes, bytes]:
     encoded = name.encode("utf-8", "surrogateescape")
     if len(encoded) <= 100 and len(data) < 8 << 30:
         header = _ustar_header(encoded, len(data))
-    else:  # long names go into ustar's prefix field: rare enough for tarfile's own code
+    else:  # names split into ustar's prefix field, members of 8 GiB or more: tarfile's own code
         info = tarfile.TarInfo(name)
         info.size = len(data)
         info.mtime = 0
