@@ -378,8 +378,9 @@ def tar_member_pieces(name: str, data: bytes) -> tuple[bytes, bytes, bytes]:
 # The fields after the checksum: type "0" (a file), no link name, the ustar magic, no owner names,
 # no device numbers, no prefix; then the 12 unused bytes of the 512-byte block.
 _USTAR_AFTER_CHECKSUM = b"0" + bytes(100) + tarfile.POSIX_MAGIC + bytes(32 + 32 + 8 + 8 + 155 + 12)
-_USTAR_MODE_OWNER_MTIME = b"0000644\0" + b"0000000\0" * 2 + b"00000000000\0"
-_USTAR_CONSTANT_SUM = sum(_USTAR_MODE_OWNER_MTIME) + 8 * ord(" ") + sum(_USTAR_AFTER_CHECKSUM)
+_USTAR_MODE_UID_GID = b"0000644\0" + b"0000000\0" * 2
+_USTAR_MTIME = b"00000000000\0"
+_USTAR_CONSTANT_SUM = sum(_USTAR_MODE_UID_GID) + sum(_USTAR_MTIME) + 8 * ord(" ") + sum(_USTAR_AFTER_CHECKSUM)
 
 
 def _ustar_header(name: bytes, size: int) -> bytes:
@@ -389,11 +390,9 @@ def _ustar_header(name: bytes, size: int) -> bytes:
     return b"".join(
         (
             name.ljust(100, b"\0"),
-            b"0000644\0",  # mode
-            b"0000000\0",  # uid
-            b"0000000\0",  # gid
+            _USTAR_MODE_UID_GID,
             size_field,
-            b"00000000000\0",  # mtime
+            _USTAR_MTIME,
             b"%06o\0 " % checksum,
             _USTAR_AFTER_CHECKSUM,
         )

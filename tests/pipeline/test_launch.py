@@ -56,25 +56,19 @@ PROBE = textwrap.dedent(
 )
 
 
+def run_entry_point(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, *args], env=facecap_env(), capture_output=True, text=True, timeout=120
+    )
+
+
 def test_the_entry_point_starts_the_fork_server_first(tmp_path):
     csv = write_url_csv(tmp_path / "urls.csv", 60, broken_every=10)
     args = ["ingest", str(csv), str(tmp_path / "out"), "--shard-size", "20", "-q"]
-    pooled = subprocess.run(
-        [sys.executable, "-c", PROBE, *args, "--executor", "processes"],
-        env=facecap_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    pooled = run_entry_point(*args, "--executor", "processes")
     assert pooled.returncode == 0, pooled.stderr
     assert "fork server running before the CLI imported: True" in pooled.stderr
     assert pq.read_table(tmp_path / "out").num_rows == 60
-    local = subprocess.run(
-        [sys.executable, "-c", PROBE, *args[:2], str(tmp_path / "local"), *args[3:], "--executor", "local"],
-        env=facecap_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    local = run_entry_point(*args[:2], str(tmp_path / "local"), *args[3:], "--executor", "local")
     assert local.returncode == 0, local.stderr
     assert "fork server running before the CLI imported: False" in local.stderr
