@@ -1,4 +1,5 @@
-"""The `facecap` entry point: a process-pool run starts its fork server before the CLI imports."""
+"""The `facecap` entry point: a process-pool run starts its fork server before the CLI imports; a Ray run
+stops its embedded Ray itself rather than in Ray's exit hook."""
 
 from __future__ import annotations
 
@@ -72,3 +73,40 @@ def test_the_entry_point_starts_the_fork_server_first(tmp_path):
     local = run_entry_point(*args[:2], str(tmp_path / "local"), *args[3:], "--executor", "local")
     assert local.returncode == 0, local.stderr
     assert "fork server running before the CLI imported: False" in local.stderr
+
+
+# Wraps ray.shutdown to report who calls it: the CLI itself, or Ray's exit hook (which passes
+# _exiting_interpreter=True and first sleeps half a second).
+RAY_PROBE = textwrap.dedent(
+    """
+    import sys
+    import ray
+    from pipeline import launch
+
+    real_shutdown = ray.shutdown
+
+    def shutdown(*args, **kwargs):
+        caller = "exit hook" if kwargs.get("_exiting_interpreter") else "cli"
+        print(f"ray stopped by: {caller}, initialized: {ray.is_initialized()}", file=sys.stderr)
+        real_shutdown(*args, **kwargs)
+
+    ray.shutdown = shutdown
+    sys.argv = ["facecap", *sys.argv[1:]]
+    launch.main()
+    """
+)
+
+
+def test_a_ray_command_stops_its_embedded_ray_before_exit(tmp_path):
+    csv = write_url_csv(tmp_path / "urls.csv", 40, broken_every=10)
+    args = ["ingest", str(csv), str(tmp_path / "out"), "--shard-size", "20", "-q", "--executor", "ray"]
+    result = subprocess.run(
+        [sys.executable, "-c", RAY_PROBE, *args, "--set", "ray.num_cpus=2"],
+        env=facecap_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ray stopped by: cli, initialized: True" in result.stderr
+    assert pq.read_table(tmp_path / "out").num_rows == 40
