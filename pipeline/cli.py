@@ -942,21 +942,7 @@ def _version(
 
 
 def main() -> None:
-    try:
-        app()
-    finally:
-        _stop_embedded_ray()
-
-
-def _stop_embedded_ray() -> None:
-    """Stop the local Ray a command started, now rather than in Ray's exit hook.
-
-    The hook first sleeps half a second for log lines this CLI never forwards (log_to_driver is
-    off), so an explicit stop ends every Ray-run command that much sooner.
-    """
-    cluster = sys.modules.get("pipeline.cluster")  # imported only by a command that used Ray
-    if cluster is not None:
-        cluster.shutdown()
+    app()
 
 
 if __name__ == "__main__":

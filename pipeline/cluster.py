@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 
@@ -48,6 +49,11 @@ def shutdown() -> None:
     if _started_here and ray.is_initialized():
         ray.shutdown()
     _started_here = False
+
+
+# Registered after `import ray` registered Ray's own exit hook, so this one runs first: Ray's hook
+# sleeps half a second for log lines that are never forwarded here (log_to_driver is off).
+atexit.register(shutdown)
 
 
 def total_resources() -> tuple[float, float]:

@@ -1,5 +1,5 @@
 """The `facecap` entry point: a process-pool run starts its fork server before the CLI imports; a Ray run
-stops its embedded Ray itself rather than in Ray's exit hook."""
+stops its embedded Ray itself before Ray's exit hook would."""
 
 from __future__ import annotations
 
@@ -57,9 +57,9 @@ PROBE = textwrap.dedent(
 )
 
 
-def run_entry_point(*args: str) -> subprocess.CompletedProcess:
+def run_entry_point(*args: str, probe: str = PROBE) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", PROBE, *args], env=facecap_env(), capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", probe, *args], env=facecap_env(), capture_output=True, text=True, timeout=180
     )
 
 
@@ -75,8 +75,8 @@ def test_the_entry_point_starts_the_fork_server_first(tmp_path):
     assert "fork server running before the CLI imported: False" in local.stderr
 
 
-# Wraps ray.shutdown to report who calls it: the CLI itself, or Ray's exit hook (which passes
-# _exiting_interpreter=True and first sleeps half a second).
+# Wraps ray.shutdown to report who calls it: facecap (pipeline.cluster), or Ray's exit hook (which
+# passes _exiting_interpreter=True and first sleeps half a second).
 RAY_PROBE = textwrap.dedent(
     """
     import sys
@@ -100,13 +100,7 @@ RAY_PROBE = textwrap.dedent(
 def test_a_ray_command_stops_its_embedded_ray_before_exit(tmp_path):
     csv = write_url_csv(tmp_path / "urls.csv", 40, broken_every=10)
     args = ["ingest", str(csv), str(tmp_path / "out"), "--shard-size", "20", "-q", "--executor", "ray"]
-    result = subprocess.run(
-        [sys.executable, "-c", RAY_PROBE, *args, "--set", "ray.num_cpus=2"],
-        env=facecap_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    result = run_entry_point(*args, "--set", "ray.num_cpus=2", probe=RAY_PROBE)
     assert result.returncode == 0, result.stderr
     assert "ray stopped by: cli, initialized: True" in result.stderr
     assert pq.read_table(tmp_path / "out").num_rows == 40
