@@ -23,24 +23,19 @@ ARCFACE_TEMPLATE_112 = np.array(
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """The 2x3 least-squares similarity (rotation, uniform scale, shift) taking src points to dst (Umeyama).
+    """The 2x3 least-squares similarity (rotation, uniform scale, shift) taking src points to dst.
 
-    Exact and deterministic, unlike cv2.estimateAffinePartial2D, whose RANSAC may drop a landmark.
+    In 2D the matrix [[a, -b], [b, a]] spans every rotation with scale, so the least-squares fit
+    has a closed form (Umeyama's result without its SVD, a third of the time). Exact and
+    deterministic, unlike cv2.estimateAffinePartial2D, whose RANSAC may drop a landmark.
     """
     src = np.asarray(src, np.float64).reshape(-1, 2)
     dst = np.asarray(dst, np.float64).reshape(-1, 2)
     src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    covariance = dst_c.T @ src_c / len(src)
-    u, singular, vt = np.linalg.svd(covariance)
-    sign = np.eye(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:  # a reflection: flip the weakest axis instead
-        sign[1, 1] = -1
-    rotation = u @ sign @ vt
-    variance = (src_c**2).sum() / len(src)
-    scale = (singular * np.diag(sign)).sum() / variance if variance > 0 else 1.0
-    matrix = np.empty((2, 3))
-    matrix[:, :2] = scale * rotation
+    (x, y), (u, v) = (src - src_mean).T, (dst - dst_mean).T
+    spread = float(x @ x + y @ y)
+    a, b = (float(x @ u + y @ v) / spread, float(x @ v - y @ u) / spread) if spread > 0 else (1.0, 0.0)
+    matrix = np.array([[a, -b, 0.0], [b, a, 0.0]])
     matrix[:, 2] = dst_mean - matrix[:, :2] @ src_mean
     return matrix
 

@@ -57,6 +57,23 @@ def test_similarity_transform_recovers_a_known_one():
     assert np.allclose(similarity_transform(points, apply(truth, points)), truth, atol=1e-9)
 
 
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_similarity_transform_is_the_least_squares_fit_of_noisy_points(mirrored):
+    """Against a generic solver over (a, b, tx, ty); mirrored landmarks get the best rotation, never a flip."""
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        src = rng.normal(0, 80, (5, 2))
+        dst = apply(similarity(rng.uniform(-180, 180), rng.uniform(0.2, 5), (30.0, -8.0)), src)
+        dst += rng.normal(0, 6, dst.shape)
+        if mirrored:
+            dst[:, 0] *= -1
+        design = np.zeros((10, 4))
+        design[0::2] = np.column_stack([src[:, 0], -src[:, 1], np.ones(5), np.zeros(5)])
+        design[1::2] = np.column_stack([src[:, 1], src[:, 0], np.zeros(5), np.ones(5)])
+        (a, b, tx, ty), *_ = np.linalg.lstsq(design, dst.reshape(-1), rcond=None)
+        assert np.allclose(similarity_transform(src, dst), [[a, -b, tx], [b, a, ty]], atol=1e-9)
+
+
 @pytest.mark.parametrize("size", [112, 512])
 def test_aligned_crop_puts_landmarks_on_the_template(size):
     """A spot at each landmark of a rotated, scaled, shifted face lands on its template point."""
