@@ -27,7 +27,7 @@ from pydantic import Field
 from pipeline import models
 from pipeline.stage import Batch, Output, Resources, Stage, StageConfig
 from stages.lib.align import aligned_crop, alignment_matrix, box_crop, square_crop
-from stages.lib.detectors import Face, make_detector, worker_threads
+from stages.lib.detectors import Face, downscale, make_detector, worker_threads
 
 CropName = Literal["box", "square", "aligned", "aligned112"]
 DEFAULT_MODELS = {"yunet": "yunet-int8", "scrfd": "scrfd-500m", "retinaface": "retinaface-mnet025"}
@@ -291,18 +291,11 @@ class StoredImage:
     def detection_view(self, max_side: int) -> tuple[np.ndarray, tuple[float, float]]:
         """The image at most ``max_side`` pixels for the detector, and full pixels per its pixel.
 
-        The DCT decode leaves up to 2x too many pixels. For a shrink of less than 1.5x, bilinear
-        is much cheaper than INTER_AREA (whose non-integer path the detector's own downscale
-        takes) and aliases too little to change detections; larger shrinks keep INTER_AREA.
+        The DCT decode leaves up to 2x too many pixels; below 1.5x the rest of the shrink is
+        bilinear, not the area averaging the detector's own downscale uses (which stays beyond).
         """
-        height, width = self.pixels.shape[:2]
-        ratio = max(height, width) / max_side
-        if ratio <= 1.0:
-            return self.pixels, self.factor
-        new_w, new_h = max(1, round(width / ratio)), max(1, round(height / ratio))
-        interpolation = cv2.INTER_LINEAR if ratio < 1.5 else cv2.INTER_AREA
-        small = cv2.resize(self.pixels, (new_w, new_h), interpolation=interpolation)
-        return small, (self.size[0] / new_w, self.size[1] / new_h)
+        small, fx, fy = downscale(self.pixels, max_side, linear_below=1.5)
+        return small, (self.factor[0] * fx, self.factor[1] * fy)
 
     def full(self) -> np.ndarray:
         if self._full is None:

@@ -348,14 +348,19 @@ def as_bgr(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def downscale(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float, float]:
-    """The image shrunk so its longer side is at most max_side, and the factors back to the original."""
+def downscale(image: np.ndarray, max_side: int, linear_below: float = 1.0) -> tuple[np.ndarray, float, float]:
+    """The image shrunk so its longer side is at most max_side, and the factors back to the original.
+
+    Area averaging, except bilinear for a shrink of less than ``linear_below`` times: much cheaper
+    than INTER_AREA's non-integer path, and a small shrink aliases too little to matter.
+    """
     height, width = image.shape[:2]
     if max(height, width) <= max_side:
         return image, 1.0, 1.0
     scale = max_side / max(height, width)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    small = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    interpolation = cv2.INTER_LINEAR if 1 / scale < linear_below else cv2.INTER_AREA
+    small = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
     return small, width / new_w, height / new_h
 
 
