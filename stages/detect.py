@@ -13,7 +13,9 @@ Statuses: ``detect:no_face``, ``detect:low_score``, ``detect:face_too_small``,
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -28,6 +30,7 @@ from pipeline import models
 from pipeline.stage import Batch, Output, Resources, Stage, StageConfig
 from stages.lib.align import aligned_crop, alignment_matrix, box_crop, square_crop
 from stages.lib.detectors import Face, downscale, make_detector, worker_threads
+from stages.lib.jpeg import TurboJpeg, has_exif, scaled, turbojpeg
 
 CropName = Literal["box", "square", "aligned", "aligned112"]
 DEFAULT_MODELS = {"yunet": "yunet-int8", "scrfd": "scrfd-500m", "retinaface": "retinaface-mnet025"}
@@ -195,9 +198,9 @@ class DetectStage(Stage):
         largest = max(sized, key=_area)
         kept = [largest] if cfg.multi_face == "largest" else sized
         rows = []
-        for face_index, face in enumerate(kept):
+        crops_by_face = self._crops(image, kept) if cfg.crops else [({}, False)] * len(kept)
+        for face_index, (face, (crops, padded)) in enumerate(zip(kept, crops_by_face, strict=True)):
             key = f"{record['key']}_f{face_index}"
-            crops, padded = self._crops(image, face) if cfg.crops else ({}, False)
             media[key] = crops
             rows.append(
                 {
@@ -230,11 +233,22 @@ class DetectStage(Stage):
             "detector_sha256": self.model_sha256,
         }
 
-    def _crops(self, stored: StoredImage, face: Face) -> tuple[dict[str, bytes], bool]:
+    def _crops(self, stored: StoredImage, faces: list[Face]) -> list[tuple[dict[str, bytes], bool]]:
+        """Each face's encoded crops and whether any reached outside the image; one decode per
+        scale serves every face that needs it."""
+        plans = [(stored.crop_scale(limit), bounds) for limit, bounds in (_crop_plan(f, self.config) for f in faces)]
+        sources = {
+            scale: stored.crop_source(scale, _union([bounds for s, bounds in plans if s == scale]))
+            for scale in {s for s, _ in plans}
+        }
+        return [self._face_crops(sources[scale], face) for face, (scale, _) in zip(faces, plans, strict=True)]
+
+    def _face_crops(self, source: CropSource, face: Face) -> tuple[dict[str, bytes], bool]:
         cfg = self.config
-        image, (fx, fy) = stored.pixels_for(_crop_reduction(face, cfg))
-        box = face.box / np.array([fx, fy, fx, fy], np.float32)
-        landmarks = face.landmarks / np.array([fx, fy], np.float32)
+        (fx, fy), (ox, oy) = source.factor, source.origin
+        box = face.box / np.array([fx, fy, fx, fy], np.float32) - np.array([ox, oy, ox, oy], np.float32)
+        landmarks = face.landmarks / np.array([fx, fy], np.float32) - np.array([ox, oy], np.float32)
+        image = source.pixels
         crops: dict[str, np.ndarray] = {}
         padded = False
         if "box" in cfg.crops:
@@ -259,33 +273,61 @@ def _model_path(name: str) -> Path:
 
 
 REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+OPENCV_SCALES = [Fraction(1, 8), Fraction(1, 4), Fraction(1, 2), Fraction(1)]
+JPEG_START = b"\xff\xd8"
+ORIENTATION_TAG = 0x0112
+# Pixels kept around a crop's source rectangle, so interpolation at its edge reads real pixels.
+CROP_MARGIN = 2
+
+
+@dataclass(frozen=True)
+class CropSource:
+    """Decoded pixels the crops are cut from: full pixels per pixel, and where pixels[0, 0] lies."""
+
+    pixels: np.ndarray
+    factor: tuple[float, float]
+    origin: tuple[int, int] = (0, 0)
 
 
 @dataclass
 class StoredImage:
-    """A stored image decoded for detection at the scale it needs, and in full only for crops.
+    """A stored image decoded for detection at the scale it needs, and again only where crops need more.
 
-    Detection runs at most ``max_side`` pixels, so a large JPEG is decoded at 1/2, 1/4 or 1/8
-    scale (libjpeg's DCT scaling): decoding, not the detector, was the stage's main cost.
+    Detection runs at most ``max_side`` pixels, so a large JPEG is decoded at a reduced DCT scale
+    (libjpeg's scaling): decoding, not the detector, was the stage's main cost. With TurboJPEG
+    (stages/lib/jpeg.py) that is the smallest of its M/8 scales that keeps ``max_side`` pixels and
+    crops decode only the region around the faces; without it, OpenCV's 1/2, 1/4 and 1/8.
     """
 
     data: bytes
-    size: tuple[int, int]  # full width, height
-    pixels: np.ndarray  # the decode: a large JPEG's at 1/2, 1/4 or 1/8 scale
+    size: tuple[int, int]  # full width, height (upright)
+    pixels: np.ndarray  # the detection decode, at a reduced scale when the image is large
     factor: tuple[float, float]  # full pixels per pixel of ``pixels``, x and y
-    _full: np.ndarray | None = None
-    _reduced: dict[int, np.ndarray] = field(default_factory=dict)
+    turbo: TurboJpeg | None = None  # set when TurboJPEG decoded it (an upright JPEG)
+    _decodes: dict[int, np.ndarray] = field(default_factory=dict)  # OpenCV decodes by reduction
 
     @classmethod
     def open(cls, data: bytes, max_side: int) -> StoredImage | None:
-        buffer = np.frombuffer(data, np.uint8)
+        turbo = turbojpeg()
+        if turbo is not None and data[:2] == JPEG_START and _upright(data):
+            header = turbo.header(data)
+            decoded = turbo.decode(data, turbo.scale_at_least(header, max_side)) if header else None
+            if decoded is not None:
+                pixels = decoded.pixels
+                factor = (header.width / pixels.shape[1], header.height / pixels.shape[0])
+                return cls(data, (header.width, header.height), pixels, factor, turbo)
+        return cls._open_with_opencv(data, max_side)
+
+    @classmethod
+    def _open_with_opencv(cls, data: bytes, max_side: int) -> StoredImage | None:
         reduction = _reduction(data, max_side)
-        pixels = cv2.imdecode(buffer, REDUCED[reduction] if reduction > 1 else cv2.IMREAD_COLOR)
+        pixels = _opencv_decode(data, reduction)
         if pixels is None or not pixels.size:
             return None
         if reduction == 1:
-            return cls(data, (pixels.shape[1], pixels.shape[0]), pixels, (1.0, 1.0), pixels)
-        size = _header_size(data)
+            return cls(data, (pixels.shape[1], pixels.shape[0]), pixels, (1.0, 1.0), _decodes={1: pixels})
+        size = (pixels.shape[1] * reduction, pixels.shape[0] * reduction)
+        size = _upright_size(data) or size
         return cls(data, size, pixels, (size[0] / pixels.shape[1], size[1] / pixels.shape[0]))
 
     def detection_view(self, max_side: int) -> tuple[np.ndarray, tuple[float, float]]:
@@ -297,61 +339,109 @@ class StoredImage:
         small, fx, fy = downscale(self.pixels, max_side, linear_below=1.5)
         return small, (self.factor[0] * fx, self.factor[1] * fy)
 
-    def full(self) -> np.ndarray:
-        if self._full is None:
-            self._full = cv2.imdecode(np.frombuffer(self.data, np.uint8), cv2.IMREAD_COLOR)
-        return self._full
+    def crop_scale(self, limit: float) -> Fraction:
+        """The coarsest decode scale with at most ``limit`` full pixels per pixel (crops keep every
+        detail they store); 0 when the detection decode already is that fine."""
+        if max(self.factor) <= limit + 1e-6:
+            return Fraction(0)
+        scales = self.turbo.scales if self.turbo is not None else OPENCV_SCALES
+        return next(s for s in scales if s >= 1 / limit - 1e-9) if limit >= 1 else Fraction(1)
 
-    def pixels_for(self, reduction: int) -> tuple[np.ndarray, tuple[float, float]]:
-        """Pixels at most ``reduction`` times smaller than full size, and full pixels per pixel.
+    def crop_source(self, scale: Fraction, bounds: tuple[float, float, float, float]) -> CropSource:
+        """Pixels at ``scale`` (from ``crop_scale``) covering ``bounds`` (x1, y1, x2, y2 in full
+        pixels; parts outside the image need no pixels).
 
         Crops rarely need full resolution: a 512 crop of an 1100 px face square is as sharp from
-        a 1/2-scale decode, which the detection image often already is. Decoding the full image
-        again for crops cost more than the detector itself.
+        a 1/2-scale decode, which the detection image often already is. Where they need more,
+        TurboJPEG decodes only the faces' region: a second whole decode cost more than detecting.
         """
-        if reduction >= max(self.factor) - 1e-6:
-            return self.pixels, self.factor
-        if reduction == 1 or self.data[:2] != b"\xff\xd8":
-            full = self.full()
-            return full, (self.size[0] / full.shape[1], self.size[1] / full.shape[0])
-        pixels = self._reduced.get(reduction)
+        if scale == 0:
+            return CropSource(self.pixels, self.factor)
+        if self.turbo is not None:
+            width, height = (scaled(side, scale) for side in self.size)
+            fx, fy = self.size[0] / width, self.size[1] / height
+            x1, y1, x2, y2 = bounds
+            region = (
+                math.floor(x1 / fx) - CROP_MARGIN,
+                math.floor(y1 / fy) - CROP_MARGIN,
+                math.ceil(x2 / fx) + CROP_MARGIN,
+                math.ceil(y2 / fy) + CROP_MARGIN,
+            )
+            decoded = self.turbo.decode(self.data, scale, region)
+            if decoded is not None:
+                return CropSource(decoded.pixels, (fx, fy), decoded.origin)
+        reduction = scale.denominator if scale.numerator == 1 and self.data[:2] == JPEG_START else 1
+        pixels = self._decodes.get(reduction)
         if pixels is None:
-            pixels = cv2.imdecode(np.frombuffer(self.data, np.uint8), REDUCED[reduction])
-            self._reduced[reduction] = pixels
-        return pixels, (self.size[0] / pixels.shape[1], self.size[1] / pixels.shape[0])
+            pixels = self._decodes[reduction] = _opencv_decode(self.data, reduction)
+        return CropSource(pixels, (self.size[0] / pixels.shape[1], self.size[1] / pixels.shape[0]))
 
 
-def _crop_reduction(face: Face, cfg: DetectConfig) -> int:
-    """The coarsest decode scale (1, 2, 4, 8) that still gives every configured crop full detail."""
+def _opencv_decode(data: bytes, reduction: int) -> np.ndarray | None:
+    flag = REDUCED[reduction] if reduction > 1 else cv2.IMREAD_COLOR
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+
+
+def _crop_plan(face: Face, cfg: DetectConfig) -> tuple[float, tuple[float, float, float, float]]:
+    """How many full pixels per decoded pixel still give every configured crop full detail, and
+    the rectangle (full pixels) the crops take pixels from."""
     x1, y1, x2, y2 = (float(v) for v in face.box[:4])
     side = max(x2 - x1, y2 - y1)
     allowed = [8.0]
+    xs, ys = [x1, x2], [y1, y2]
     if "box" in cfg.crops:
         allowed.append(1.0)  # the tight crop is stored at original resolution
     if "square" in cfg.crops:
         allowed.append(cfg.square_scale * side / cfg.crop_size)
+        half = cfg.square_scale * side / 2 + 1  # + rounding
+        xs += [(x1 + x2) / 2 - half, (x1 + x2) / 2 + half]
+        ys += [(y1 + y2) / 2 - half, (y1 + y2) / 2 + half]
     for size in [cfg.crop_size] * ("aligned" in cfg.crops) + [112] * ("aligned112" in cfg.crops):
+        matrix = alignment_matrix(face.landmarks, size)
         # Source pixels per crop pixel of the alignment: 1 / its scale.
-        scale = float(np.linalg.norm(alignment_matrix(face.landmarks, size)[:, 0]))
+        scale = float(np.linalg.norm(matrix[:, 0]))
         allowed.append(1.0 / scale if scale > 0 else 1.0)
-    limit = min(allowed)
-    return next((f for f in (8, 4, 2) if f <= limit), 1)
+        corners = cv2.invertAffineTransform(matrix) @ np.array([[0, size, 0, size], [0, 0, size, size], [1, 1, 1, 1]])
+        xs += list(corners[0])
+        ys += list(corners[1])
+    return min(allowed), (min(xs), min(ys), max(xs), max(ys))
 
 
-def _header_size(data: bytes) -> tuple[int, int]:
-    with Image.open(io.BytesIO(data)) as image:
-        return image.size
+def _union(rectangles: list[tuple[float, float, float, float]]) -> tuple[float, float, float, float]:
+    x1s, y1s, x2s, y2s = zip(*rectangles, strict=True)
+    return min(x1s), min(y1s), max(x2s), max(y2s)
+
+
+def _upright(data: bytes) -> bool:
+    """Whether the JPEG needs no EXIF rotation (OpenCV applies it; libjpeg alone does not)."""
+    if not has_exif(data):
+        return True
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.getexif().get(ORIENTATION_TAG, 1) == 1
+    except Exception:  # a damaged EXIF block: let OpenCV decide how to read it
+        return False
+
+
+def _upright_size(data: bytes) -> tuple[int, int] | None:
+    """The image's size as OpenCV returns it: EXIF orientations 5-8 swap width and height."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            turned = image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+    except Exception:
+        return None
+    return (height, width) if turned else (width, height)
 
 
 def _reduction(data: bytes, max_side: int) -> int:
     """The largest JPEG DCT reduction that still leaves at least ``max_side`` pixels."""
-    if data[:2] != b"\xff\xd8":
+    if data[:2] != JPEG_START:
         return 1
-    try:
-        side = max(_header_size(data))
-    except (OSError, ValueError):
+    size = _upright_size(data)
+    if size is None:
         return 1
-    return next((f for f in (8, 4, 2) if side // f >= max_side), 1)
+    return next((f for f in (8, 4, 2) if max(size) // f >= max_side), 1)
 
 
 def _scale_to_original(record: dict, width: int, height: int) -> tuple[float, float]:

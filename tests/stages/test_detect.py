@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -216,18 +217,20 @@ def test_default_crops_are_the_square_and_the_112_alignment(downloaded):
 
 def test_crops_from_a_reduced_decode_match_full_resolution_crops(face_photos):
     """Crops come from the coarsest decode that keeps their detail: the same pixels, within JPEG noise."""
-    from stages.detect import StoredImage, _crop_reduction
+    from stages.detect import StoredImage, _crop_plan
     from stages.lib.align import aligned_crop, square_crop
     from stages.lib.detectors import Face
 
     data = (face_photos / "deepface/img1.jpg").read_bytes()  # 1382 x 1868
     stored = StoredImage.open(data, 640)
-    assert stored.factor[0] > 1.9  # detection already works on a 1/2-scale decode
+    assert stored.factor[0] > 2.5  # detection works on a 3/8-scale decode (701 px)
     detector = DetectStage(DetectConfig(min_score=0.5, min_face_side=20))
     detector.setup()
     [face] = [f.scaled(*stored.factor) for f in detector.detector.detect_batch([stored.pixels])[0]][:1]
-    assert _crop_reduction(face, detector.config) == 2  # a 609 px face: its 512 crops need only half
-    crops, _ = detector._crops(stored, Face(face.box, face.score, face.landmarks))
+    limit, _ = _crop_plan(face, detector.config)
+    assert limit > 2  # an 800 px square for a 512 crop: a 1/2-scale decode has every detail needed
+    assert 0 < stored.crop_scale(limit) <= Fraction(1, 2)  # detection's 3/8 has not; full scale is not needed
+    [(crops, _)] = detector._crops(stored, [Face(face.box, face.score, face.landmarks)])
     full = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     expected = {
         "square": square_crop(full, face.box, 1.5, 512)[0],
@@ -256,3 +259,104 @@ def test_the_detection_view_finds_the_faces_the_detector_finds_in_the_full_image
     assert len(ours) == len(reference) >= 6
     for face in reference:
         assert max(iou(face.box, other.box) for other in ours) > 0.85
+
+
+def _enlarged_group(scale: float) -> bytes:
+    group = cv2.imread(str(GROUP))
+    size = (round(group.shape[1] * scale), round(group.shape[0] * scale))
+    return cv2.imencode(".jpg", cv2.resize(group, size, interpolation=cv2.INTER_CUBIC), [cv2.IMWRITE_JPEG_QUALITY, 95])[
+        1
+    ].tobytes()
+
+
+def _faces_and_crops(stage: DetectStage, data: bytes) -> tuple[list, list]:
+    from stages.detect import StoredImage
+
+    stored = StoredImage.open(data, stage.config.max_side)
+    view, factor = stored.detection_view(stage.config.max_side)
+    faces = [face.scaled(*factor) for face in stage.detector.detect(view) if face.score >= 0.8]
+    return faces, stage._crops(stored, faces)
+
+
+def test_full_resolution_crops_come_from_a_region_decode_with_the_same_pixels(monkeypatch):
+    """Crops that need every pixel decode only the faces' region: the same crops as from a whole decode."""
+    from stages import detect as detect_module
+    from stages.lib.align import aligned_crop, box_crop, square_crop
+
+    data = _enlarged_group(2.5)  # 3200 px wide: faces of 150-250 px, detected at 1/4 scale
+    stage = DetectStage(DetectConfig(crops=["box", "square", "aligned", "aligned112"]))
+    stage.setup()
+    regions = []
+    decode = detect_module.turbojpeg().decode
+    monkeypatch.setattr(
+        detect_module.TurboJpeg,
+        "decode",
+        lambda self, d, scale=1, region=None: regions.append(region) or decode(d, scale, region),
+    )
+    faces, crops = _faces_and_crops(stage, data)
+    assert len(faces) == 6
+    assert len([r for r in regions if r is not None]) == 1  # one region for all six faces
+    x1, y1, x2, y2 = regions[-1]
+    assert (x2 - x1) * (y2 - y1) < 0.6 * 3200 * 2140  # less than the whole photo
+    full = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    for face, (ours, _) in zip(faces, crops, strict=True):
+        expected = {
+            "box": box_crop(full, face.box)[0],
+            "square": square_crop(full, face.box, 1.5, 512)[0],
+            "aligned": aligned_crop(full, face.landmarks, 512),
+            "aligned112": aligned_crop(full, face.landmarks, 112),
+        }
+        for name, reference in expected.items():
+            got = cv2.imdecode(np.frombuffer(ours[name], np.uint8), cv2.IMREAD_COLOR)
+            assert got.shape == reference.shape, name
+            assert cv2.PSNR(got, reference) > 35, name  # the crop's own JPEG encode is the difference
+
+
+def test_without_turbojpeg_opencv_decodes_the_same_faces_and_crops(monkeypatch):
+    from stages import detect as detect_module
+
+    data = _enlarged_group(1.6)  # 2048 px: detected from a reduced decode either way
+    stage = DetectStage(DetectConfig(crops=["square", "aligned112"]))
+    stage.setup()
+    faces, crops = _faces_and_crops(stage, data)
+    monkeypatch.setattr(detect_module, "turbojpeg", lambda: None)
+    faces_cv, crops_cv = _faces_and_crops(stage, data)
+    assert len(faces) == len(faces_cv) == 6
+    for face in faces:
+        assert max(iou(face.box, other.box) for other in faces_cv) > 0.9
+    nearest = [max(range(6), key=lambda j: iou(face.box, faces_cv[j].box)) for face in faces]
+    for (ours, _), j in zip(crops, nearest, strict=True):
+        for name in ("square", "aligned112"):
+            got, reference = (
+                cv2.imdecode(np.frombuffer(c[name], np.uint8), cv2.IMREAD_COLOR) for c in (ours, crops_cv[j][0])
+            )
+            assert cv2.PSNR(got, reference) > 25, name  # boxes differ by a pixel or two
+
+
+@pytest.mark.parametrize("orientation", [6, 3])
+def test_an_exif_rotated_jpeg_is_detected_upright(orientation):
+    """Boxes are in the upright image's pixels, as OpenCV shows it (libjpeg alone would not turn it)."""
+    from PIL import Image
+
+    from stages.detect import StoredImage
+
+    group = cv2.imread(str(GROUP))
+    big = cv2.resize(group, (group.shape[1] * 2, group.shape[0] * 2), interpolation=cv2.INTER_CUBIC)
+    # Stored turned back, with the EXIF tag that turns it upright again.
+    stored_pixels = cv2.rotate(big, cv2.ROTATE_90_COUNTERCLOCKWISE if orientation == 6 else cv2.ROTATE_180)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(cv2.cvtColor(stored_pixels, cv2.COLOR_BGR2RGB)).save(buffer, "JPEG", quality=95, exif=exif)
+    data = buffer.getvalue()
+    stored = StoredImage.open(data, 640)
+    assert stored.size == (big.shape[1], big.shape[0])
+    stage = DetectStage(DetectConfig(crops=["square"]))
+    stage.setup()
+    faces, crops = _faces_and_crops(stage, data)
+    reference = stage.detector.detect(big)
+    assert len(faces) == 6
+    for face in faces:
+        assert max(iou(face.box, other.box) for other in reference) > 0.85
+    for ours, _ in crops:
+        assert cv2.imdecode(np.frombuffer(ours["square"], np.uint8), cv2.IMREAD_COLOR).shape == (512, 512, 3)
