@@ -360,3 +360,15 @@ def test_an_exif_rotated_jpeg_is_detected_upright(orientation):
         assert max(iou(face.box, other.box) for other in reference) > 0.85
     for ours, _ in crops:
         assert cv2.imdecode(np.frombuffer(ours["square"], np.uint8), cv2.IMREAD_COLOR).shape == (512, 512, 3)
+
+
+def test_a_cmyk_jpeg_is_decoded_by_opencv(face_photos):
+    from PIL import Image
+
+    from stages.detect import StoredImage
+
+    buffer = io.BytesIO()
+    Image.open(face_photos / PORTRAITS[0]).convert("CMYK").save(buffer, "JPEG", quality=95)
+    stored = StoredImage.open(buffer.getvalue(), 640)
+    assert stored is not None and stored.turbo is None
+    assert stored.size == (1382, 1868) and stored.pixels.shape[2] == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from fractions import Fraction
 
 import cv2
@@ -110,3 +111,28 @@ def test_it_can_be_switched_off_and_pointed_at_a_library(monkeypatch, turbo):
     finally:
         monkeypatch.delenv("FACECAP_TURBOJPEG")
         turbojpeg.cache_clear()
+
+
+def test_grey_and_progressive_jpegs_decode_and_cmyk_is_left_to_opencv(turbo, face_photos):
+    from PIL import Image
+
+    image = cv2.imread(str(face_photos / PORTRAIT))
+    grey = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))[1].tobytes()
+    part = turbo.decode(grey, region=(100, 100, 300, 300))
+    x, y = part.origin
+    reference = cv2.imdecode(np.frombuffer(grey, np.uint8), cv2.IMREAD_COLOR)
+    assert np.array_equal(part.pixels, reference[y : y + part.pixels.shape[0], x : x + part.pixels.shape[1]])
+
+    def saved(**options) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).convert(options.pop("mode", "RGB")).save(
+            buffer, "JPEG", **options
+        )
+        return buffer.getvalue()
+
+    progressive = saved(progressive=True)
+    whole = turbo.decode(progressive).pixels
+    part = turbo.decode(progressive, region=(100, 100, 300, 300))
+    x, y = part.origin
+    assert cv2.PSNR(part.pixels, whole[y : y + part.pixels.shape[0], x : x + part.pixels.shape[1]]) > 45
+    assert turbo.decode(saved(mode="CMYK")) is None  # no CMYK to BGR in TurboJPEG: OpenCV converts it
