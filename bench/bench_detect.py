@@ -8,9 +8,11 @@ defaults (the FaceCaption-15M policy and default crops). Both sides detect at th
 so they find the same faces; the overhead is the stage's extra time over the bare loop's, and
 faces/s counts detections. The target for YuNet is at most 15% over the bare loop.
 
-BENCH_DETECTORS (comma-separated registry names) picks detectors; BENCH_REPEATS (default 1)
-repeats bare loop and stage runs interleaved and keeps each one's best, because this machine's
-speed drifts by 10% and more over minutes.
+BENCH_DETECTORS (comma-separated registry names) picks detectors; BENCH_RUNS (comma-separated:
+nocrops, crops, allcrops, defaults) picks stage runs; BENCH_REPEATS (default 1) repeats bare loop
+and stage runs interleaved and keeps each one's best, because this machine's speed drifts by 10%
+and more over minutes; the overhead of each repeat (against the bare loop just before it) is
+printed too.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ RUNS = {
     "every face, all 4 crops": [*EVERY_FACE, "--set", "detect.crops=[box,square,aligned,aligned112]"],
     "stage defaults": [],
 }
+# BENCH_RUNS picks stage runs by these names (default: all).
+RUN_NAMES = dict(zip(("nocrops", "crops", "allcrops", "defaults"), RUNS, strict=True))
 DETECTORS = (
     ("yunet", "yunet-int8"),
     ("yunet", "yunet"),
@@ -54,6 +58,14 @@ DETECTORS = (
     ("scrfd", "scrfd-2.5g"),
     ("retinaface", "retinaface-mnet025"),
 )
+
+
+def chosen_runs() -> dict[str, list[str]]:
+    names = [n.strip() for n in os.environ.get("BENCH_RUNS", "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUN_NAMES]
+    if unknown:
+        sys.exit(f"BENCH_RUNS: unknown {', '.join(unknown)} (choose from {', '.join(RUN_NAMES)})")
+    return {RUN_NAMES[n]: RUNS[RUN_NAMES[n]] for n in names} if names else RUNS
 
 
 def photos() -> list[Path]:
@@ -149,6 +161,8 @@ def in_stage(detector_kind: str, model: str, label: str, extra: list[str]) -> tu
 def main() -> None:
     from pipeline import models
 
+    runs = chosen_runs()  # a typo fails before the images are built
+
     shutil.rmtree(OUT, ignore_errors=True)
     files = photos()
     datas = build_img2dataset_folder(OUT / "images", files)
@@ -161,7 +175,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"images: {len(datas)} JPEGs ({len(files)} fixture photos x {COPIES}), one worker (one core)")
     print(f"best of {REPEATS} interleaved run(s) of the bare loop and of each stage run")
-    print(f"{'detector':<20}{'run':<28}{'faces/s':>9}{'overhead':>10}{'kept':>6}{'seconds (all runs)':>22}")
+    print(f"{'detector':<20}{'run':<28}{'faces/s':>9}{'overhead':>10}{'kept':>6}  seconds (all runs) [overhead each]")
     for kind, name in DETECTORS:
         if wanted and name not in wanted:
             continue
@@ -170,20 +184,23 @@ def main() -> None:
         except models.ModelMissing as missing:
             print(f"{name:<20}skipped: {missing}")
             continue
-        times: dict[str, list[float]] = {label: [] for label in ("bare loop", *RUNS)}
+        times: dict[str, list[float]] = {label: [] for label in ("bare loop", *runs)}
         kept: dict[str, int] = {}
         for _ in range(REPEATS):
             bare_seconds, faces = bare_loop(kind, path, datas)
             times["bare loop"].append(bare_seconds)
             kept["bare loop"] = faces
-            for index, (label, extra) in enumerate(RUNS.items()):
-                seconds, _, kept[label] = in_stage(kind, name, f"{name}-{index}", extra)
+            for label, extra in runs.items():
+                seconds, _, kept[label] = in_stage(kind, name, f"{name}-{list(RUNS).index(label)}", extra)
                 times[label].append(seconds)
         bare = min(times["bare loop"])
-        for label, runs in times.items():
-            best = min(runs)
+        for label, seconds in times.items():
+            best = min(seconds)
             overhead = "" if label == "bare loop" else f"{100 * (best / bare - 1):.0f}%"
-            runs_text = ", ".join(f"{t:.1f}" for t in runs)
+            runs_text = ", ".join(f"{t:.1f}" for t in seconds)
+            if label != "bare loop":
+                each = (f"{100 * (t / b - 1):.0f}%" for t, b in zip(seconds, times["bare loop"], strict=True))
+                runs_text += f" [{', '.join(each)}]"
             print(f"{name:<20}{label:<28}{faces / best:>9.1f}{overhead:>10}{kept[label]:>6}  {runs_text}")
     print(
         "faces/s: the bare loop's detections per second (both sides find the same faces); overhead: the stage's"
