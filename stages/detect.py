@@ -326,8 +326,7 @@ class StoredImage:
             return None
         if reduction == 1:
             return cls(data, (pixels.shape[1], pixels.shape[0]), pixels, (1.0, 1.0), _decodes={1: pixels})
-        size = (pixels.shape[1] * reduction, pixels.shape[0] * reduction)
-        size = _upright_size(data) or size
+        size = _upright_size(data) or (pixels.shape[1] * reduction, pixels.shape[0] * reduction)
         return cls(data, size, pixels, (size[0] / pixels.shape[1], size[1] / pixels.shape[0]))
 
     def detection_view(self, max_side: int) -> tuple[np.ndarray, tuple[float, float]]:

@@ -34,8 +34,6 @@ TJPF_BGR = 1
 # The MCU width of each chroma subsampling (TJSAMP_444, 422, 420, GRAY, 440, 411, 441): a cropping
 # region must start on a scaled MCU boundary.
 MCU_WIDTHS = (8, 16, 16, 8, 8, 32, 8)
-# An EXIF APP1 block sits in the first 64 KiB; without one the orientation is upright.
-EXIF_SEARCH_BYTES = 65536
 
 
 class _Scaling(ctypes.Structure):
@@ -71,7 +69,22 @@ def scaled(length: int, scale: Fraction) -> int:
 
 
 def has_exif(data: bytes) -> bool:
-    return b"Exif\x00\x00" in data[:EXIF_SEARCH_BYTES]
+    """Whether an Exif APP1 segment comes before the image data; True when the headers do not parse
+    (the caller then asks a full EXIF parser). Walks the marker segments: a few reads an image."""
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return True
+        marker = data[position + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            position += 1
+            continue
+        if marker == 0xDA:  # start of scan: the headers are over
+            return False
+        if marker == 0xE1 and data[position + 4 : position + 10] == b"Exif\x00\x00":
+            return True
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return True
 
 
 class TurboJpeg:

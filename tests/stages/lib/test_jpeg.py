@@ -136,3 +136,20 @@ def test_grey_and_progressive_jpegs_decode_and_cmyk_is_left_to_opencv(turbo, fac
     x, y = part.origin
     assert cv2.PSNR(part.pixels, whole[y : y + part.pixels.shape[0], x : x + part.pixels.shape[1]]) > 45
     assert turbo.decode(saved(mode="CMYK")) is None  # no CMYK to BGR in TurboJPEG: OpenCV converts it
+
+
+def test_exif_is_found_among_the_header_segments(face_photos):
+    from PIL import Image
+
+    data = (face_photos / PORTRAIT).read_bytes()
+    assert not jpeg.has_exif(cv2.imencode(".jpg", cv2.imread(str(face_photos / PORTRAIT)))[1].tobytes())
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(buffer, "JPEG", exif=exif)
+    with_exif = buffer.getvalue()
+    assert jpeg.has_exif(with_exif)
+    # Two big APP2 segments (ICC profiles can be this large) before it: found by segment lengths.
+    padding = (b"\xff\xe2" + (65_000).to_bytes(2, "big") + b"\0" * 64_998) * 2
+    assert jpeg.has_exif(with_exif[:2] + padding + with_exif[2:])
+    assert jpeg.has_exif(b"\xff\xd8garbage")  # unparsable headers: the caller checks properly
