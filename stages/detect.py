@@ -30,6 +30,7 @@ from pipeline import models
 from pipeline.stage import Batch, Output, Resources, Stage, StageConfig
 from stages.lib.align import aligned_crop, alignment_matrix, box_crop, square_crop
 from stages.lib.detectors import Face, downscale, make_detector, worker_threads
+from stages.lib.images import ORIENTATION_TAG
 from stages.lib.jpeg import TurboJpeg, has_exif, scaled, turbojpeg
 
 CropName = Literal["box", "square", "aligned", "aligned112"]
@@ -275,7 +276,6 @@ def _model_path(name: str) -> Path:
 REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 OPENCV_SCALES = [Fraction(1, 8), Fraction(1, 4), Fraction(1, 2), Fraction(1)]
 JPEG_START = b"\xff\xd8"
-ORIENTATION_TAG = 0x0112
 # Pixels kept around a crop's source rectangle, so interpolation at its edge reads real pixels.
 CROP_MARGIN = 2
 
@@ -320,13 +320,13 @@ class StoredImage:
 
     @classmethod
     def _open_with_opencv(cls, data: bytes, max_side: int) -> StoredImage | None:
-        reduction = _reduction(data, max_side)
+        size = _upright_size(data)  # read once: it picks the reduction and maps boxes back
+        reduction = _reduction(size, max_side)
         pixels = _opencv_decode(data, reduction)
         if pixels is None or not pixels.size:
             return None
-        if reduction == 1:
+        if size is None or reduction == 1:
             return cls(data, (pixels.shape[1], pixels.shape[0]), pixels, (1.0, 1.0), _decodes={1: pixels})
-        size = _upright_size(data) or (pixels.shape[1] * reduction, pixels.shape[0] * reduction)
         return cls(data, size, pixels, (size[0] / pixels.shape[1], size[1] / pixels.shape[0]))
 
     def detection_view(self, max_side: int) -> tuple[np.ndarray, tuple[float, float]]:
@@ -415,29 +415,35 @@ def _upright(data: bytes) -> bool:
     """Whether the JPEG needs no EXIF rotation (OpenCV applies it; libjpeg alone does not)."""
     if not has_exif(data):
         return True
+    header = _pil_header(data)
+    return header is not None and header[1] == 1  # unreadable: let OpenCV decide how to read it
+
+
+def _pil_header(data: bytes) -> tuple[tuple[int, int], int | None] | None:
+    """Pillow's reading of the headers: the stored width and height, and the EXIF orientation
+    (None when the EXIF block is damaged); None when Pillow cannot open the image."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.getexif().get(ORIENTATION_TAG, 1) == 1
-    except Exception:  # a damaged EXIF block: let OpenCV decide how to read it
-        return False
+            size = image.size
+            try:
+                return size, image.getexif().get(ORIENTATION_TAG, 1)
+            except Exception:
+                return size, None
+    except Exception:
+        return None
 
 
 def _upright_size(data: bytes) -> tuple[int, int] | None:
     """The image's size as OpenCV returns it: EXIF orientations 5-8 swap width and height."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            turned = image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
-    except Exception:
+    header = _pil_header(data) if data[:2] == JPEG_START else None
+    if header is None or header[1] is None:
         return None
-    return (height, width) if turned else (width, height)
+    (width, height), orientation = header
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def _reduction(data: bytes, max_side: int) -> int:
-    """The largest JPEG DCT reduction that still leaves at least ``max_side`` pixels."""
-    if data[:2] != JPEG_START:
-        return 1
-    size = _upright_size(data)
+def _reduction(size: tuple[int, int] | None, max_side: int) -> int:
+    """The largest JPEG DCT reduction that still leaves at least ``max_side`` pixels (1 without a size)."""
     if size is None:
         return 1
     return next((f for f in (8, 4, 2) if max(size) // f >= max_side), 1)
