@@ -12,14 +12,14 @@ setup: $(STAMP)
 
 # Re-install whenever pyproject.toml changes; the stamp marks a finished install.
 # The test and demo extras: pytest, ruff, an S3 server (moto), psutil; scikit-image's photos.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m pipeline.demo
+	$(BIN)/python -m facecap.demo
 
 # The report test renders in headless Chromium (Debian's package; installed here when root).
 chromium:
@@ -37,8 +37,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline stages tests bench
-	$(BIN)/ruff format --check pipeline stages tests bench
+	$(BIN)/ruff check app pipeline stages tests bench setup.py
+	$(BIN)/ruff format --check app pipeline stages tests bench setup.py
 
 bench: bench-ingest bench-download bench-detect bench-quality bench-tag bench-caption bench-dedup bench-soak
 

@@ -28,8 +28,8 @@ from common import machine  # noqa: E402
 
 
 def template_rate(rows: int = 20000) -> float:
-    from stages.lib.attributes.schema import CELEBA40
-    from stages.lib.captioning.grammar import Grammar
+    from facecap.stages.caption.grammar import Grammar
+    from facecap.stages.tag.schema import CELEBA40
 
     rng = random.Random(0)
     records = [
@@ -51,7 +51,7 @@ def template_rate(rows: int = 20000) -> float:
 
 
 def engine_rates(model_folder: str, url: str | None) -> list[tuple[str, int, float, float]]:
-    from stages.lib.captioning.engines import HttpSettings, OpenAIEngine, Request, Sampling, TransformersEngine
+    from facecap.stages.caption.engines import HttpSettings, OpenAIEngine, Request, Sampling, TransformersEngine
 
     prompt = [{"role": "user", "content": "a young woman with wavy brown hair. she is wearing earrings."}]
     sampling = Sampling(max_tokens=32, temperature=0.7)

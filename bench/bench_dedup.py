@@ -1,4 +1,4 @@
-"""Dedup benchmark: the stage's grouping (``stages.dedup.decide``) on synthetic fingerprints.
+"""Dedup benchmark: the stage's grouping (``facecap.stages.dedup.stage.decide``) on synthetic fingerprints.
 
 For n rows: random 64-bit pHashes and 128-d unit embeddings, with 5% planted near-duplicates of
 other rows (pHash: 1-3 bits flipped; embedding: cosine about 0.95; the face pHash equal to the
@@ -61,7 +61,7 @@ def synthetic(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarr
 
 
 def measure(n: int, kinds: list[str]) -> dict:
-    from stages.dedup import DedupConfig, decide
+    from facecap.stages.dedup.stage import DedupConfig, decide
 
     frame, vectors, copies, originals = synthetic(n)
     config = DedupConfig(kinds=kinds)

@@ -109,7 +109,7 @@ def build_img2dataset_folder(folder: Path, files: list[Path]) -> list[bytes]:
 
 
 def bare_loop(detector_kind: str, model: Path, datas: list[bytes]) -> tuple[float, int]:
-    from stages.lib.detectors import make_detector
+    from facecap.stages.detect.detectors import make_detector
 
     # One core, like one stage worker (Ray sets OMP_NUM_THREADS=1; the stage passes it on).
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -159,7 +159,7 @@ def in_stage(detector_kind: str, model: str, label: str, extra: list[str]) -> tu
 
 
 def main() -> None:
-    from pipeline import models
+    from facecap.pipeline import models
 
     runs = chosen_runs()  # a typo fails before the images are built
 

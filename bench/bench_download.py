@@ -44,7 +44,7 @@ def source_photos() -> list[Path]:
     shared = Path(os.environ.get("FACECAP_SHARED", REPO.parent / "shared")) / "data" / "faces"
     if shared.is_dir():
         return sorted(p for p in shared.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    from pipeline.demo import package_photos
+    from facecap.demo import package_photos
 
     return package_photos()
 
@@ -131,7 +131,7 @@ def ensure_img2dataset() -> Path | None:
 
 
 def _floor_one(path: str) -> int:
-    from stages.lib.images import ImageRejected, ImageSettings, normalize
+    from facecap.stages.shared.images import ImageRejected, ImageSettings, normalize
 
     try:
         normalize(Path(path).read_bytes(), ImageSettings(resize_mode="keep_ratio", image_size=512, quality=95))

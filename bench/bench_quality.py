@@ -30,12 +30,12 @@ OUT = REPO / "bench-out" / "quality"
 
 
 def faces_dataset() -> Path:
-    from pipeline.executors import LocalExecutor
-    from pipeline.runner import run_stage
-    from pipeline.sources import SourceConfig, open_source
-    from pipeline.worker import StageJob
-    from stages.detect import DetectConfig, DetectStage
-    from stages.ingest import IngestConfig, IngestStage
+    from facecap.pipeline.executors import LocalExecutor
+    from facecap.pipeline.runner import run_stage
+    from facecap.pipeline.worker import StageJob
+    from facecap.stages.detect.stage import DetectConfig, DetectStage
+    from facecap.stages.ingest.readers import SourceConfig, open_source
+    from facecap.stages.ingest.stage import IngestConfig, IngestStage
 
     shutil.rmtree(OUT, ignore_errors=True)
     build_img2dataset_folder(OUT / "i2d", photos())
@@ -53,12 +53,12 @@ def faces_dataset() -> Path:
 
 
 def stage_rate(detect: Path, name: str, **config) -> tuple[float, int]:
-    from pipeline.dataset import Dataset
-    from pipeline.executors import LocalExecutor
-    from pipeline.runner import run_stage
-    from pipeline.storage import Storage
-    from pipeline.worker import StageJob
-    from stages.quality import QualityConfig, QualityStage
+    from facecap.pipeline.dataset import Dataset
+    from facecap.pipeline.executors import LocalExecutor
+    from facecap.pipeline.runner import run_stage
+    from facecap.pipeline.storage import Storage
+    from facecap.pipeline.worker import StageJob
+    from facecap.stages.quality.stage import QualityConfig, QualityStage
 
     job = StageJob(stage_cls=QualityStage, config=QualityConfig(**config), output=str(OUT / name), parent=str(detect))
     started = time.perf_counter()
@@ -70,10 +70,10 @@ def stage_rate(detect: Path, name: str, **config) -> tuple[float, int]:
 
 def per_measure(detect: Path) -> list[tuple[str, float, int]]:
     """Seconds and items for each measure alone over the stored crops and images."""
-    from pipeline.dataset import Dataset, TarShardReader
-    from pipeline.storage import Storage
-    from stages.lib.quality import measures
-    from stages.lib.quality.scorers import Brisque, NsfwDetector, TextDetector, cartoon_score
+    from facecap.pipeline.dataset import Dataset, TarShardReader
+    from facecap.pipeline.storage import Storage
+    from facecap.stages.quality import measures
+    from facecap.stages.quality.scorers import Brisque, NsfwDetector, TextDetector, cartoon_score
 
     dataset = Dataset(Storage(str(detect)))
     rows = dataset.read_shard(0).to_pandas()

@@ -129,7 +129,7 @@ def _kind(proc: psutil.Process) -> str:
 
 
 def main() -> None:
-    from stages import REGISTRY
+    from facecap.cli import REGISTRY
 
     bench_download.OUT = OUT
     bench_download.TARGET = URLS

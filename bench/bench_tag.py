@@ -28,9 +28,9 @@ from common import machine  # noqa: E402
 
 
 def fixture_faces(limit: int = 192):
-    from stages.detect import DetectConfig, DetectStage
-    from stages.lib.align import aligned_crop, square_crop
-    from stages.lib.attributes.offline import Faces
+    from facecap.stages.detect.align import aligned_crop, square_crop
+    from facecap.stages.detect.stage import DetectConfig, DetectStage
+    from facecap.stages.tag.offline import Faces
 
     stage = DetectStage(DetectConfig(min_score=0.5, min_face_side=40))
     stage.setup()
@@ -51,9 +51,8 @@ def fixture_faces(limit: int = 192):
 
 def backends(workdir: Path):
     import torch
-
-    from stages.lib.attributes.learned import CelebaResnet, ClipZeroShot, celeba_resnet50
-    from stages.lib.attributes.offline import AgeGender, Emotion, Geometry, InsightGenderAge, Skin
+    from facecap.stages.tag.learned import CelebaResnet, ClipZeroShot, celeba_resnet50
+    from facecap.stages.tag.offline import AgeGender, Emotion, Geometry, InsightGenderAge, Skin
 
     yield "agegender", AgeGender()
     yield "genderage", InsightGenderAge()
@@ -68,7 +67,7 @@ def backends(workdir: Path):
 
 
 def main() -> None:
-    from stages.lib.attributes.offline import Faces
+    from facecap.stages.tag.offline import Faces
 
     faces = fixture_faces()
     print(f"machine: {machine()}; one core; {len(faces)} faces, batches of 64")

@@ -35,8 +35,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from stages.detect import EQUIVALENT_MIN_SCORE  # noqa: E402
-from stages.lib.detectors import Face, FaceDetector, make_detector  # noqa: E402
+from facecap.stages.detect.detectors import Face, FaceDetector, make_detector  # noqa: E402
+from facecap.stages.detect.stage import EQUIVALENT_MIN_SCORE  # noqa: E402
 
 THRESHOLD = 0.6
 MAX_SIDE = int(os.environ.get("EVAL_MAX_SIDE", "640"))  # the detect stage's default

@@ -23,7 +23,7 @@ DRAWN_WORDS = ("cartoon", "paint", "illustrat")
 
 
 def labelled_faces():
-    from stages.detect import DetectConfig, DetectStage
+    from facecap.stages.detect.stage import DetectConfig, DetectStage
 
     detector = DetectStage(DetectConfig(min_score=0.5, min_face_side=20))
     detector.setup()
@@ -53,7 +53,7 @@ def with_caption_band(image: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    from stages.lib.quality.scorers import TextDetector, cartoon_score
+    from facecap.stages.quality.scorers import TextDetector, cartoon_score
 
     text = TextDetector()
     cartoon: dict[str, list[float]] = {"photo": [], "drawn": []}

@@ -53,8 +53,8 @@ def emotion_label(row: dict) -> str | None:
 
 
 def faces_of(detector, rows):
-    from stages.lib.align import aligned_crop, square_crop
-    from stages.lib.attributes.offline import Faces
+    from facecap.stages.detect.align import aligned_crop, square_crop
+    from facecap.stages.tag.offline import Faces
 
     for row in rows:
         image = cv2.imread(str(FACES / row["file"]))
@@ -73,9 +73,9 @@ def faces_of(detector, rows):
 
 
 def main() -> None:
-    from pipeline import models
-    from stages.detect import DetectConfig, DetectStage
-    from stages.lib.attributes.offline import AgeGender, Emotion, Geometry, InsightGenderAge
+    from facecap.pipeline import models
+    from facecap.stages.detect.stage import DetectConfig, DetectStage
+    from facecap.stages.tag.offline import AgeGender, Emotion, Geometry, InsightGenderAge
 
     stage = DetectStage(DetectConfig(min_score=0.5, min_face_side=20))
     stage.setup()
@@ -106,14 +106,14 @@ def main() -> None:
             flipped = stage.detector.detect_batch([mirrored])[0]
             if flipped and abs(yaw) > 8:
                 other = max(flipped, key=lambda f: float(f.box[2] - f.box[0]))
-                from stages.lib.quality.measures import head_pose
+                from facecap.stages.quality.measures import head_pose
 
                 yaw_flips.append(np.sign(head_pose(other.landmarks)[0]) == -np.sign(yaw))
             height, width = image.shape[:2]
             rotated = cv2.warpAffine(image, cv2.getRotationMatrix2D((width / 2, height / 2), -20, 1.0), (width, height))
             turned = stage.detector.detect_batch([rotated])[0]
             if turned:
-                from stages.lib.quality.measures import head_pose
+                from facecap.stages.quality.measures import head_pose
 
                 roll_before = head_pose(face.landmarks)[2]
                 roll_after = head_pose(max(turned, key=lambda f: float(f.box[2] - f.box[0])).landmarks)[2]

@@ -1,7 +1,7 @@
-"""facecap's framework: dataset format, storage, config, runner, CLI.
+"""facecap's framework: stage contract, runner, workers, executors, dataset format, storage, config,
+model registry and thread budget.
 
-Stages (the work) live in the sibling package ``stages``; this package owns Ray, storage,
-resume, retries and statistics, so that a stage stays a small class with a batch function.
+It names no stage: stages (the work) live in ``facecap.stages``, one folder each, and register
+themselves (``facecap.pipeline.registry``). This package owns Ray, storage, resume, retries and
+statistics, so that a stage stays a small class with a batch function.
 """
-
-__version__ = "0.1.0"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config import RecipeBase
-from pipeline.errors import ConfigError
-from pipeline.stage import Stage
-from pipeline.storage import join
+from facecap.pipeline.config import RecipeBase
+from facecap.pipeline.errors import ConfigError
+from facecap.pipeline.stage import Stage
+from facecap.pipeline.storage import join
 
 
 @dataclass

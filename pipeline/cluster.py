@@ -6,7 +6,7 @@ import atexit
 import logging
 import os
 
-from pipeline.config import RayConfig
+from facecap.pipeline.config import RayConfig
 
 # Ray >= 2.5x writes ~/.ray/auth_token unless told not to; a local embedded Ray needs no token.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -6,17 +6,18 @@ Every error names the file, the key and what was expected, on one line.
 from __future__ import annotations
 
 import difflib
+import importlib.resources
 import os
 from collections.abc import Mapping, Sequence
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from facecap.pipeline.errors import ConfigError
+from facecap.pipeline.stage import Stage
+from facecap.pipeline.storage import StorageOptions
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
-
-from pipeline.errors import ConfigError
-from pipeline.stage import Stage
-from pipeline.storage import StorageOptions
 
 
 class Section(BaseModel):
@@ -86,12 +87,17 @@ def load_recipe(
     path: str | os.PathLike | None,
     stages: Mapping[str, type[Stage]],
     overrides: Mapping[str, Any] | None = None,
+    packaged: str | None = None,
 ) -> RecipeBase:
-    """Read a YAML recipe (or the defaults when ``path`` is None) and apply dotted overrides."""
+    """Read a YAML recipe (or the defaults when ``path`` is None) and apply dotted overrides.
+
+    ``path`` is a file, or the name of a recipe shipped in the package ``packaged`` (``demo``
+    for ``<packaged>/demo.yaml``), so an installed wheel runs its recipes from any folder.
+    """
     source = str(path) if path is not None else "<defaults>"
     data: dict[str, Any] = {}
     if path is not None:
-        data = _read_yaml(Path(path))
+        data = _read_yaml(recipe_source(path, packaged))
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
     model = recipe_model(stages)
@@ -151,9 +157,29 @@ def _closest_key(model: type[BaseModel], loc: Sequence[Any]) -> str | None:
     return ".".join([*(str(p) for p in loc[:-1]), match[0]])
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such recipe file")
+def packaged_recipes(packaged: str | None) -> list[str]:
+    """The names of the recipes shipped in the package ``packaged``."""
+    if packaged is None:
+        return []
+    root = importlib.resources.files(packaged)
+    return sorted(item.name[: -len(".yaml")] for item in root.iterdir() if item.name.endswith(".yaml"))
+
+
+def recipe_source(path: str | os.PathLike, packaged: str | None = None) -> Path | Traversable:
+    """A recipe file as given, else the packaged recipe of that name; one line when neither exists."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    name = given.name[: -len(".yaml")] if given.name.endswith(".yaml") else given.name
+    if packaged is not None and str(path) in (name, f"{name}.yaml"):
+        shipped = importlib.resources.files(packaged).joinpath(f"{name}.yaml")
+        if shipped.is_file():
+            return shipped
+    known = ", ".join(packaged_recipes(packaged))
+    raise ConfigError(f"{path}: no such recipe file" + (f" (packaged recipes: {known})" if known else ""))
+
+
+def _read_yaml(path: Path | Traversable) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.MarkedYAMLError as exc:

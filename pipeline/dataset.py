@@ -29,11 +29,10 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from pipeline import __version__
-from pipeline.errors import DatasetError
-from pipeline.status import OK
-from pipeline.storage import Storage
+from facecap import __version__
+from facecap.pipeline.errors import DatasetError
+from facecap.pipeline.status import OK
+from facecap.pipeline.storage import Storage
 
 FORMAT_VERSION = 1
 MANIFEST = "_manifest.json"

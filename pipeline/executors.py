@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyarrow as pa
-
-from pipeline.config import RayConfig
-from pipeline.dataset import ShardStats
-from pipeline.errors import ConfigError
-from pipeline.worker import StageJob, process_shard
+from facecap.pipeline.config import RayConfig
+from facecap.pipeline.dataset import ShardStats
+from facecap.pipeline.errors import ConfigError
+from facecap.pipeline.worker import StageJob, process_shard
 
 
 @dataclass
@@ -118,7 +117,7 @@ class ProcessExecutor:
     def _ensure_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["pipeline.worker", self._job.stage_cls.__module__])
+            context.set_forkserver_preload(["facecap.pipeline.worker", self._job.stage_cls.__module__])
             threads = str(max(1, int(self._job.resources.cpus)))
             self._pool = ProcessPoolExecutor(
                 self._size, mp_context=context, initializer=_init_process_worker, initargs=(threads, os.getpid())
@@ -228,8 +227,7 @@ class RayExecutor:
 
     def start(self, job: StageJob) -> int:
         import ray
-
-        from pipeline import cluster
+        from facecap.pipeline import cluster
 
         cluster.connect(self.ray_config)  # only now: a run with nothing to do never starts Ray
         self._job = job
@@ -371,7 +369,7 @@ def _run_shard_task(job: StageJob, shard: int, source: pa.Table | None, attempt:
 
 class _ShardActor:
     def __init__(self, job: StageJob):
-        from pipeline.worker import stage_for
+        from facecap.pipeline.worker import stage_for
 
         self.job = job
         stage_for(job)  # load models once, before the first shard arrives

@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import FacecapError
+from facecap.pipeline.errors import FacecapError
 
 
 class ModelMissing(FacecapError):

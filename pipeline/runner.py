@@ -16,16 +16,15 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from pipeline.config import RunnerConfig
-from pipeline.dataset import Dataset, Manifest, MediaRef, config_hash, shard_name
-from pipeline.errors import DatasetError, StorageFull, storage_full
-from pipeline.executors import Executor, Outcome
-from pipeline.progress import Quiet, StageProgress
-from pipeline.sources import Source
-from pipeline.stage import Stage, Summaries
-from pipeline.storage import Storage
-from pipeline.worker import PLAN_DIR, SUMMARY_DIR, StageJob, _from_pandas, plan_uri, summary_uri
+from facecap.pipeline.config import RunnerConfig
+from facecap.pipeline.dataset import Dataset, Manifest, MediaRef, config_hash, shard_name
+from facecap.pipeline.errors import DatasetError, StorageFull, storage_full
+from facecap.pipeline.executors import Executor, Outcome
+from facecap.pipeline.progress import Quiet, StageProgress
+from facecap.pipeline.source import Source
+from facecap.pipeline.stage import Stage, Summaries
+from facecap.pipeline.storage import Storage
+from facecap.pipeline.worker import PLAN_DIR, SUMMARY_DIR, StageJob, _from_pandas, plan_uri, summary_uri
 
 
 @dataclass

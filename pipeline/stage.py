@@ -14,9 +14,10 @@ from typing import ClassVar
 
 import pandas as pd
 import pyarrow as pa
+from facecap.pipeline.source import Source
+from facecap.pipeline.status import OK, rejected
+from facecap.pipeline.storage import StorageOptions
 from pydantic import BaseModel, ConfigDict
-
-from pipeline.status import OK, rejected
 
 
 class StageConfig(BaseModel):
@@ -95,6 +96,8 @@ class Stage(ABC):
     """Base class. Subclasses set the class attributes and implement ``process``."""
 
     name: ClassVar[str]
+    # Position in the default chain (`facecap run` without a recipe, `facecap stats` of a run folder).
+    order: ClassVar[int] = 100
     config_model: ClassVar[type[StageConfig]] = StageConfig
     # Columns this stage needs from its parent dataset.
     consumes: ClassVar[tuple[str, ...]] = ()
@@ -124,6 +127,11 @@ class Stage(ABC):
     def preflight(cls, config: StageConfig) -> None:
         """Driver-side checks before any shard runs (a model file that is missing, say): raise a
         FacecapError with one clear line instead of failing every shard on the workers."""
+
+    @classmethod
+    def open_source(cls, config: StageConfig, storage: StorageOptions) -> Source:
+        """A source stage's outside input under this config (only source stages implement it)."""
+        raise TypeError(f"stage {cls.name} reads a parent dataset, not outside input")
 
     @classmethod
     def resources_for(cls, config: StageConfig) -> Resources:

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import pyarrow.fs as pafs
-
-from pipeline.errors import InputError
+from facecap.pipeline.errors import InputError
 
 
 @dataclass(frozen=True)

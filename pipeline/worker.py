@@ -18,8 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from pipeline.dataset import (
+from facecap.pipeline.dataset import (
     BASE_COLUMNS,
     Dataset,
     MediaRef,
@@ -29,9 +28,9 @@ from pipeline.dataset import (
     config_hash,
     shard_name,
 )
-from pipeline.stage import Batch, Output, Resources, Stage, StageConfig
-from pipeline.status import OK, rejected
-from pipeline.storage import Storage, StorageOptions, join
+from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig
+from facecap.pipeline.status import OK, rejected
+from facecap.pipeline.storage import Storage, StorageOptions, join
 
 MAX_ERROR_CHARS = 500
 SUMMARY_DIR, PLAN_DIR = "_summary", "_plan"

@@ -1,22 +1,7 @@
-"""The stages facecap has, in pipeline order. A stage appears here (and in the CLI) once built."""
+"""facecap's stages, one folder each: the stage class, its helpers and its command-line options.
 
-from pipeline.stage import Stage
-from stages.caption import CaptionStage
-from stages.dedup import DedupStage
-from stages.detect import DetectStage
-from stages.download import DownloadStage
-from stages.ingest import IngestStage
-from stages.quality import QualityStage
-from stages.tag import TagStage
+Each folder registers its stage on import (``facecap.pipeline.registry.register``); ``shared``
+holds the helpers that several stages use (image codecs, JPEG parsing, value checks).
+"""
 
-REGISTRY: dict[str, type[Stage]] = {
-    IngestStage.name: IngestStage,
-    DownloadStage.name: DownloadStage,
-    DetectStage.name: DetectStage,
-    QualityStage.name: QualityStage,
-    TagStage.name: TagStage,
-    CaptionStage.name: CaptionStage,
-    DedupStage.name: DedupStage,
-}
-
-__all__ = ["REGISTRY"]
+STAGES_PACKAGE = __name__

@@ -14,15 +14,14 @@ import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from pipeline.config import RunnerConfig
-from pipeline.dataset import Dataset
-from pipeline.executors import LocalExecutor, RayExecutor
-from pipeline.runner import StageResult, run_stage
-from pipeline.sources import open_source
-from pipeline.storage import Storage
-from pipeline.worker import StageJob
-from stages.ingest import IngestConfig, IngestStage
+from facecap.pipeline.config import RunnerConfig
+from facecap.pipeline.dataset import Dataset
+from facecap.pipeline.executors import LocalExecutor, RayExecutor
+from facecap.pipeline.runner import StageResult, run_stage
+from facecap.pipeline.storage import Storage
+from facecap.pipeline.worker import StageJob
+from facecap.stages.ingest.readers import open_source
+from facecap.stages.ingest.stage import IngestConfig, IngestStage
 
 
 def write_url_csv(path: Path, n: int, broken_every: int = 0) -> Path:
@@ -77,10 +76,10 @@ def detected_faces(root: Path, photos: dict[str, bytes], shard_size: int = 3, **
 
     The alt text of each row is its served name. Returns ``root``, with ``root/detect`` written.
     """
-    from pipeline.corpus_server import CorpusServer
-    from stages.detect import DetectConfig, DetectStage
-    from stages.download import DownloadConfig, DownloadStage
-    from stages.lib.fetch import SafetySettings
+    from facecap.corpus_server import CorpusServer
+    from facecap.stages.detect.stage import DetectConfig, DetectStage
+    from facecap.stages.download.fetch import SafetySettings
+    from facecap.stages.download.stage import DownloadConfig, DownloadStage
 
     served = root / "served"
     served.mkdir(parents=True, exist_ok=True)
@@ -102,10 +101,9 @@ def run_recipe(
 ) -> Path:
     """``facecap run`` of the demo recipe (with ``changes`` per section) on ``photos``, in-process."""
     import yaml
+    from facecap.cli import app
+    from facecap.corpus_server import CorpusServer
     from typer.testing import CliRunner
-
-    from pipeline.cli import app
-    from pipeline.corpus_server import CorpusServer
 
     config = yaml.safe_load((Path(__file__).parent.parent / "configs" / "demo.yaml").read_text())
     for section, values in changes.items():

@@ -11,7 +11,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from stages.lib.captioning.engines import Request, Sampling, TransformersEngine
+from facecap.stages.caption.engines import Request, Sampling, TransformersEngine
 
 
 class OpenAIServer:

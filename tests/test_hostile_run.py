@@ -21,12 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from facecap.cli import app
+from facecap.corpus_server import CorpusServer
+from facecap.pipeline.dataset import Dataset
+from facecap.pipeline.storage import Storage
 from typer.testing import CliRunner
-
-from pipeline.cli import app
-from pipeline.corpus_server import CorpusServer
-from pipeline.dataset import Dataset
-from pipeline.storage import Storage
 
 REPO = Path(__file__).resolve().parent.parent
 GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"

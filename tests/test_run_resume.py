@@ -22,11 +22,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import yaml
+from facecap.corpus_server import CorpusServer
+from facecap.pipeline.dataset import Dataset
+from facecap.pipeline.storage import Storage
 from helpers import facecap_env, kill_session, media_hashes
-
-from pipeline.corpus_server import CorpusServer
-from pipeline.dataset import Dataset
-from pipeline.storage import Storage
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,7 @@ from typing import ClassVar
 
 import pandas as pd
 import pyarrow as pa
-
-from pipeline.stage import Batch, GlobalStage, Output, Resources, Stage, StageConfig
+from facecap.pipeline.stage import Batch, GlobalStage, Output, Resources, Stage, StageConfig
 
 
 class MakeConfig(StageConfig):

@@ -16,7 +16,7 @@ if _SPEC:
     import time
     from pathlib import Path
 
-    from pipeline.storage import Storage
+    from facecap.pipeline.storage import Storage
 
     _target, _flag = _SPEC.split(":", 1)
     _stage, _file = _target.split("/", 1)

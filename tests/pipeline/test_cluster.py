@@ -28,16 +28,15 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import free_port
+from facecap.cli import app
+from facecap.corpus_server import CorpusServer
+from facecap.pipeline.dataset import Dataset
+from facecap.pipeline.executors import RayExecutor
+from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig
+from facecap.pipeline.storage import Storage
+from facecap.pipeline.worker import StageJob
 from helpers import ingest, kill_session, read_all, run, write_url_csv
 from typer.testing import CliRunner
-
-from pipeline.cli import app
-from pipeline.corpus_server import CorpusServer
-from pipeline.dataset import Dataset
-from pipeline.executors import RayExecutor
-from pipeline.stage import Batch, Output, Resources, Stage, StageConfig
-from pipeline.storage import Storage
-from pipeline.worker import StageJob
 
 pytestmark = pytest.mark.slow
 

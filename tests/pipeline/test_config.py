@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from pipeline.config import load_recipe, parse_set_options
-from pipeline.errors import ConfigError
-from stages import REGISTRY
+from facecap.cli import REGISTRY
+from facecap.pipeline.config import load_recipe, parse_set_options
+from facecap.pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

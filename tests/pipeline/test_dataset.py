@@ -6,9 +6,8 @@ import io
 import tarfile
 
 import webdataset as wds
-
-from pipeline.dataset import SpooledTar, TarShardReader
-from pipeline.storage import Storage
+from facecap.pipeline.dataset import SpooledTar, TarShardReader
+from facecap.pipeline.storage import Storage
 
 
 def test_spooled_tar_is_byte_identical_to_tarfile_and_sorted(tmp_path):

@@ -13,16 +13,15 @@ from collections import Counter
 
 import psutil
 import pytest
+from facecap.pipeline.config import RunnerConfig
+from facecap.pipeline.dataset import Dataset
+from facecap.pipeline.errors import ConfigError
+from facecap.pipeline.executors import ProcessExecutor
+from facecap.pipeline.stage import Resources
+from facecap.pipeline.storage import Storage
+from facecap.pipeline.worker import StageJob
 from helpers import media_hashes, read_all, run
 from toystages import MakeConfig, MakeMedia, ReadBoth, Sleepy, SleepyConfig, SplitFaces
-
-from pipeline.config import RunnerConfig
-from pipeline.dataset import Dataset
-from pipeline.errors import ConfigError
-from pipeline.executors import ProcessExecutor
-from pipeline.stage import Resources
-from pipeline.storage import Storage
-from pipeline.worker import StageJob
 
 
 def _same_output(left, right) -> None:
@@ -102,7 +101,7 @@ import sys
 sys.path[:0] = {paths!r}
 from helpers import run
 from toystages import Sleepy, SleepyConfig
-from pipeline.executors import ProcessExecutor
+from facecap.pipeline.executors import ProcessExecutor
 
 if __name__ == "__main__":
     config = SleepyConfig(pid_folder={pids!r}, seconds=30.0)

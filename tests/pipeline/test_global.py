@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from facecap.pipeline.config import RunnerConfig
+from facecap.pipeline.dataset import Dataset
+from facecap.pipeline.storage import Storage
 from helpers import ingest, ray_executor, read_all, run, write_url_csv
 from toystages import KeepLongest, MakeMedia, TopConfig
-
-from pipeline.config import RunnerConfig
-from pipeline.dataset import Dataset
-from pipeline.storage import Storage
 
 
 @pytest.fixture

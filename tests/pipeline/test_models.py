@@ -9,11 +9,10 @@ import zipfile
 from dataclasses import replace
 
 import pytest
+from facecap.cli import app
+from facecap.corpus_server import CorpusServer
+from facecap.pipeline import models
 from typer.testing import CliRunner
-
-from pipeline import models
-from pipeline.cli import app
-from pipeline.corpus_server import CorpusServer
 
 
 @pytest.fixture

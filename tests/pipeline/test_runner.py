@@ -7,13 +7,12 @@ import tarfile
 from collections import Counter
 
 import pytest
+from facecap.pipeline.config import RunnerConfig
+from facecap.pipeline.dataset import Dataset
+from facecap.pipeline.errors import DatasetError
+from facecap.pipeline.storage import Storage
 from helpers import ray_executor, read_all, run
 from toystages import MakeConfig, MakeMedia, ReadBoth, SplitFaces
-
-from pipeline.config import RunnerConfig
-from pipeline.dataset import Dataset
-from pipeline.errors import DatasetError
-from pipeline.storage import Storage
 
 
 def test_rejected_rows_pass_through_untouched_and_funnel_adds_up(ingested, tmp_path):

@@ -11,10 +11,9 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from facecap.cli import app
+from facecap.pipeline.storage import Storage
 from typer.testing import CliRunner
-
-from pipeline.cli import app
-from pipeline.storage import Storage
 
 pytestmark = pytest.mark.slow
 

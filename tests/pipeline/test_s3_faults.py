@@ -6,13 +6,12 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from facecap.cli import app
+from facecap.pipeline.dataset import Dataset
+from facecap.pipeline.storage import Storage, StorageOptions
 from faultproxy import FaultProxy
 from helpers import write_url_csv
 from typer.testing import CliRunner
-
-from pipeline.cli import app
-from pipeline.dataset import Dataset
-from pipeline.storage import Storage, StorageOptions
 
 pytestmark = pytest.mark.slow
 

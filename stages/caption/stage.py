@@ -1,0 +1,307 @@
+"""Caption: the text half of every pair, from a grammar, an LLM rewrite, or a vision-language model.
+
+- ``template``: FaceCaption-15M's probabilistic grammar over the confident attributes; offline,
+  seeded per row, several variants per face (``caption`` is a list, FaceCaption v2's convention).
+- ``rewrite``: the grammar's text rewritten by an LLM under a prompt that forbids adding facts
+  (configs/prompts/rewrite.yaml).
+- ``vlm``: a vision-language model describes the face crop, with the attributes as hints
+  (configs/prompts/vlm.yaml).
+
+Every caption is cleaned (chat artefacts, markdown, repeats) and checked (refusals, length,
+language); a failing one is generated again once with another seed, then the row gets
+``caption:invalid`` with the reason. ``caption_provenance`` records captioner, engine, model and
+revision, prompt hash, sampling and time. Run on a dataset that already has captions (``facecap
+recaption``), the previous captions move to ``caption_versions`` unless ``replace`` is set; no
+image is copied (the stage writes Parquet only; tars stay where they are).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+import yaml
+from facecap.pipeline.errors import ConfigError
+from facecap.pipeline.registry import register
+from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig
+from facecap.stages.caption.engines import Engine, Generation, HttpSettings, Request, Sampling
+from facecap.stages.caption.grammar import Grammar, confident_set
+from facecap.stages.caption.hygiene import clean, problem
+from pydantic import Field, model_validator
+
+# Package data, so an installed wheel (every Ray worker node) has the prompts too.
+PROMPTS = importlib.resources.files("facecap.configs") / "prompts"
+
+
+class TemplateSettings(StageConfig):
+    """The grammar captioner (FaceCaption-15M's sentences over the confident attributes)."""
+
+    variants: int = Field(3, ge=1, le=10, description="template captions per face (the caption list)")
+
+
+class SamplingSettings(StageConfig):
+    """How rewrite and vlm captions are sampled (every engine)."""
+
+    max_tokens: int = Field(120, ge=8, le=4096)
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.9, gt=0, le=1)
+
+
+class VlmSettings(StageConfig):
+    """What a vision-language captioner sees and writes."""
+
+    image: Literal["square", "aligned112", "image"] = Field("square", description="which crop it sees")
+    long_max_words: int | None = Field(None, ge=20, description="also ask for a long caption of this length")
+
+
+class OpenAISettings(StageConfig):
+    """The openai engine: any OpenAI-compatible server (`vllm serve`, a hosted API)."""
+
+    base_url: str | None = Field(None, description="server URL, e.g. http://head:8000/v1")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="env var holding the key")
+    concurrency: int = Field(8, ge=1, le=512, description="requests in flight per worker")
+    timeout: float = Field(60.0, gt=0)
+    retries: int = Field(3, ge=0, le=10)
+
+
+# Keys of the flat section recipes used before it was nested: still read, moved to their section.
+LEGACY_KEYS = {
+    "variants": "template",
+    "max_tokens": "sampling",
+    "temperature": "sampling",
+    "top_p": "sampling",
+    "image": "vlm",
+    "long_max_words": "vlm",
+    "base_url": "openai",
+    "api_key_env": "openai",
+    "concurrency": "openai",
+    "timeout": "openai",
+    "retries": "openai",
+}
+
+
+class CaptionConfig(StageConfig):
+    captioner: Literal["template", "rewrite", "vlm"] = "template"
+    seed: int = Field(0, description="grammar and sampling seed; a row's captions depend only on it and the key")
+    max_words: int = Field(70, ge=5, le=400, description="longer captions are invalid")
+    replace: bool = Field(False, description="recaption: drop earlier versions instead of keeping them")
+    template: TemplateSettings = Field(default_factory=TemplateSettings)
+    # rewrite and vlm: which engine runs which model under which prompt.
+    engine: Literal["transformers", "openai", "vllm"] = Field("openai", description="for rewrite and vlm")
+    model: str | None = Field(None, description="model name (openai, vllm) or local folder (transformers)")
+    prompt: str | None = Field(None, description="prompt YAML (default: the packaged prompts/<captioner>.yaml)")
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    vlm: VlmSettings = Field(default_factory=VlmSettings)
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
+    gpus: float = Field(0.0, ge=0, le=8, description="GPU share per worker (transformers, vllm)")
+    batch_size: int = Field(16, ge=1, le=1024)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_legacy_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not LEGACY_KEYS.keys() & data.keys():
+            return data
+        data = dict(data)
+        for key in LEGACY_KEYS.keys() & data.keys():
+            section = dict(data.get(LEGACY_KEYS[key]) or {})
+            section.setdefault(key, data.pop(key))
+            data[LEGACY_KEYS[key]] = section
+        return data
+
+
+@register
+class CaptionStage(Stage):
+    name = "caption"
+    order = 60
+    help = "Caption faces: grammar over the attributes, an LLM rewrite, or a vision-language model."
+    config_model = CaptionConfig
+    consumes = ()
+    produces: ClassVar[dict[str, pa.DataType]] = {
+        "caption": pa.list_(pa.string()),
+        "caption_short": pa.string(),
+        "caption_provenance": pa.string(),
+        "caption_versions": pa.string(),
+    }
+    reads_media: ClassVar[dict[str, str]] = {}
+    resources = Resources(cpus=1, batch_size=64, actor=True)
+
+    def __init__(self, config: CaptionConfig):
+        super().__init__(config)
+        self.config: CaptionConfig = config
+        self.grammar = Grammar(seed=config.seed)
+        self.engine: Engine | None = None
+        self.prompt: dict[str, str] = {}
+
+    @classmethod
+    def media_reads(cls, config: CaptionConfig) -> dict[str, str]:
+        if config.captioner != "vlm":
+            return {}  # grammar and rewrite work from the columns alone: no tar is opened
+        return {config.vlm.image: "image_key" if config.vlm.image == "image" else "key"}
+
+    @classmethod
+    def resources_for(cls, config: CaptionConfig) -> Resources:
+        return Resources(cpus=1, gpus=config.gpus, batch_size=config.batch_size, actor=True)
+
+    @classmethod
+    def preflight(cls, config: CaptionConfig) -> None:
+        if config.captioner == "template":
+            return
+        if not config.model:
+            raise ConfigError(f"caption.captioner {config.captioner} needs caption.model (a model name or folder)")
+        if config.engine == "openai" and not config.openai.base_url:
+            raise ConfigError("caption.engine openai needs caption.openai.base_url, e.g. http://localhost:8000/v1")
+        _load_prompt(config)
+
+    def setup(self) -> None:
+        if self.config.captioner == "template":
+            return
+        self.prompt = _load_prompt(self.config)
+        self.engine = _make_engine(self.config)
+
+    def process(self, batch: Batch) -> Output:
+        if self.config.captioner != "template" and self.engine is None:
+            self.setup()
+        rows = batch.rows.reset_index(drop=True)
+        records = rows.to_dict("records")
+        started = time.time()
+        if self.config.captioner == "template":
+            captions = [self._template(r) for r in records]
+            invalid: list[str | None] = [None] * len(records)
+        else:
+            captions, invalid = self._generated(records, batch)
+        provenance = json.dumps(self._provenance(started), sort_keys=True)
+        out = rows.copy()
+        out["caption"] = [c[0] for c in captions]
+        out["caption_short"] = [c[1] for c in captions]
+        out["caption_provenance"] = [None if bad else provenance for bad in invalid]
+        out["caption_versions"] = [_versions(r, self.config.replace) for r in records]
+        out["status"] = [self.reject("invalid") if bad else self.ok() for bad in invalid]
+        out["error"] = invalid
+        return Output(rows=out)
+
+    # -- captioners ---------------------------------------------------------------------------
+    def _template(self, record: dict) -> tuple[list[str], str]:
+        key = record["key"]
+        variants = [self.grammar.caption(record, key, v) for v in range(self.config.template.variants)]
+        return list(dict.fromkeys(variants)), self.grammar.short(record, key)
+
+    def _generated(self, records: list[dict], batch: Batch) -> tuple[list[tuple[list[str] | None, str | None]], list]:
+        requests = [self._request(r, batch, self.config.max_words) for r in records]
+        texts, problems = self._with_retry(requests, self.config.max_words)
+        long_texts: list[str | None] = [None] * len(records)
+        if self.config.captioner == "vlm" and self.config.vlm.long_max_words:
+            long_requests = [self._request(r, batch, self.config.vlm.long_max_words) for r in records]
+            long_texts, _ = self._with_retry(long_requests, self.config.vlm.long_max_words)
+        captions = []
+        for text, long_text in zip(texts, long_texts, strict=True):
+            if text is None:
+                captions.append((None, None))
+            else:
+                captions.append(([text, long_text] if long_text else [text], text))
+        return captions, problems
+
+    def _with_retry(self, requests: list[Request], max_words: int) -> tuple[list[str | None], list[str | None]]:
+        sampling = Sampling(**self.config.sampling.model_dump())
+        results: list[str | None] = [None] * len(requests)
+        problems: list[str | None] = ["not generated"] * len(requests)
+        pending = list(range(len(requests)))
+        for attempt in range(2):  # one retry with another seed for captions that fail the checks
+            for request in (requests[i] for i in pending):
+                request.seed = self.config.seed + attempt
+            generations: list[Generation] = self.engine.generate([requests[i] for i in pending], sampling)
+            still = []
+            for index, generation in zip(pending, generations, strict=True):
+                text = clean(generation.text)
+                why = problem(text, max_words)
+                if why is None:
+                    results[index], problems[index] = text, None
+                else:
+                    problems[index] = f"{why} after {attempt + 1} tries: {text[:80]!r}"
+                    still.append(index)
+            pending = still
+            if not pending:
+                break
+        return results, problems
+
+    def _request(self, record: dict, batch: Batch, max_words: int) -> Request:
+        cfg = self.config
+        if cfg.captioner == "rewrite":
+            template = self.grammar.caption(record, record["key"], 0)
+            user = self.prompt["user"].format(template=template, max_words=max_words)
+            messages = [
+                {"role": "system", "content": self.prompt["system"].format(max_words=max_words)},
+                {"role": "user", "content": user},
+            ]
+            return Request(messages=messages, seed=cfg.seed)
+        attributes = ", ".join(sorted(confident_set(record))) or "none"
+        user = self.prompt["user"].format(attributes=attributes.replace("_", " "), max_words=max_words)
+        messages = [
+            {"role": "system", "content": self.prompt["system"].format(max_words=max_words)},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user}]},
+        ]
+        media_key = record["image_key"] if cfg.vlm.image == "image" else record["key"]
+        return Request(messages=messages, image=batch.media_of(cfg.vlm.image, media_key), seed=cfg.seed)
+
+    def _provenance(self, started: float) -> dict[str, Any]:
+        cfg = self.config
+        info: dict[str, Any] = {"captioner": cfg.captioner, "seed": cfg.seed, "time": round(started, 3)}
+        if cfg.captioner == "template":
+            info.update(engine="grammar", variants=cfg.template.variants)
+            return info
+        prompt_text = json.dumps(self.prompt, sort_keys=True)
+        info.update(
+            engine=cfg.engine,
+            model=cfg.model,
+            revision=getattr(self.engine, "revision", None),
+            prompt_sha256=hashlib.sha256(prompt_text.encode()).hexdigest()[:16],
+            sampling=cfg.sampling.model_dump(),
+        )
+        return info
+
+
+def _load_prompt(config: CaptionConfig) -> dict[str, str]:
+    path = Path(config.prompt) if config.prompt else PROMPTS.joinpath(f"{config.captioner}.yaml")
+    try:
+        prompt = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"caption prompt {path}: cannot read it ({exc})") from None
+    if not isinstance(prompt, dict) or not {"system", "user"} <= set(prompt):
+        raise ConfigError(f"caption prompt {path}: needs 'system' and 'user' texts")
+    return {"system": str(prompt["system"]).strip(), "user": str(prompt["user"]).strip()}
+
+
+def _make_engine(config: CaptionConfig) -> Engine:
+    from facecap.stages.caption import engines
+
+    if config.engine == "openai":
+        settings = HttpSettings(**{**config.openai.model_dump(), "base_url": config.openai.base_url or ""})
+        return engines.OpenAIEngine(config.model or "", settings)
+    if config.engine == "transformers":
+        return engines.TransformersEngine(config.model or "", vision=config.captioner == "vlm")
+    return engines.VllmEngine(config.model or "")
+
+
+def _versions(record: dict, replace: bool) -> str | None:
+    """Earlier captions of a recaptioned row, newest last (None on a first captioning)."""
+    earlier = record.get("caption")
+    if replace or earlier is None or (isinstance(earlier, float) and math.isnan(earlier)):
+        return None
+    previous = record.get("caption_versions")
+    history = json.loads(previous) if isinstance(previous, str) and previous else []
+    history.append(
+        {
+            "caption": [str(c) for c in (earlier.tolist() if isinstance(earlier, np.ndarray) else earlier)],
+            "caption_short": record.get("caption_short"),
+            "provenance": json.loads(record["caption_provenance"])
+            if isinstance(record.get("caption_provenance"), str)
+            else None,
+        }
+    )
+    return json.dumps(history)

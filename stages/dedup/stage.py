@@ -1,0 +1,359 @@
+"""Dedup: exact, perceptual, embedding and identity duplicates across the whole dataset.
+
+A global stage (docs/architecture.md): every shard is fingerprinted on the workers (pass 1: a
+digest of the stored image bytes, a digest of the decoded pixels, the normalised URL, a
+64-bit pHash of the image and of the face crop, an SFace embedding of the aligned face, and a
+survivor score); the driver groups the compact fingerprints of all rows (pass 2) and every shard
+then gets its decisions (pass 3). Kinds, in order of precedence:
+
+- ``eval_overlap``: the image is a near-duplicate of an image in ``against`` (held-out eval data).
+- ``exact``: same bytes, same decoded pixels, or same normalised URL as an image kept elsewhere.
+- ``near_duplicate``: image pHashes within ``phash_radius`` bits (resized, re-encoded, lightly
+  cropped copies), or the same face re-cropped: face embeddings with cosine >= ``face_cosine``
+  whose face crops' pHashes are within ``face_phash_radius`` (two photos of one person differ there).
+- ``identity_cap``: more than ``identity_cap`` faces of one identity cluster (cosine >=
+  ``identity_cosine``); the best-scored are kept.
+
+Exact and perceptual kinds group images: every face of a duplicate image is a duplicate of the
+face with the same index in the survivor image (or of its first face). Within a group the row
+with the highest score survives; the others say which key they duplicate in ``duplicate_of``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from facecap.pipeline.errors import ConfigError
+from facecap.pipeline.registry import register
+from facecap.pipeline.stage import Batch, GlobalStage, Output, Resources, StageConfig, Summaries
+from facecap.stages.dedup.hashing import FaceEmbedder, digest64, normalised_url, phash, pixel_digest
+from facecap.stages.dedup.index import UnionFind, cosine_pairs, equal_pairs, hamming_pairs, lsh_bits
+from facecap.stages.shared.images import decode_bgr
+from pydantic import Field
+
+Kind = Literal["exact", "near", "embedding", "identity"]
+PRECEDENCE = ("eval_overlap", "exact", "near_duplicate", "identity_cap")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class DedupConfig(StageConfig):
+    kinds: list[Kind] = Field(
+        # The embedding and identity kinds need MobileFaceNet (FACECAP_MODELS); recipes turn them on.
+        default_factory=lambda: ["exact", "near"],
+        description="which dedup kinds run: exact, near, embedding, identity",
+    )
+    phash_radius: int = Field(4, ge=0, le=12, description="images within this many pHash bits are near-duplicates")
+    face_cosine: float = Field(0.9, ge=0, le=1, description="same face crop: embeddings at least this similar ...")
+    face_phash_radius: int = Field(10, ge=0, le=32, description="... and face-crop pHashes within this many bits")
+    identity_cosine: float = Field(0.5, ge=0, le=1, description="faces of one identity (SFace cosine)")
+    identity_cap: int | None = Field(None, ge=1, description="keep at most this many faces per identity cluster")
+    against: str | None = Field(
+        None, description="folder of held-out eval images (or a facecap dataset) to decontaminate against"
+    )
+    score: dict[str, float] = Field(
+        default_factory=lambda: {"face_width": 1.0, "face_height": 1.0, "det_score": 100.0, "q_brisque": -1.0},
+        description="survivor score: weighted sum of these columns (missing ones count 0)",
+    )
+    lsh_tables: int = Field(16, ge=1, le=64, description="LSH tables for embedding search (more: better recall)")
+
+
+@register
+class DedupStage(GlobalStage):
+    name = "dedup"
+    order = 70
+    help = "Remove exact, perceptual, same-face and over-represented-identity duplicates; decontaminate eval sets."
+    config_model = DedupConfig
+    consumes = ("image_key",)
+    produces: ClassVar[dict[str, pa.DataType]] = {
+        "phash": pa.int64(),
+        "pixel_sha256": pa.string(),
+        "duplicate_of": pa.string(),
+        "identity_cluster": pa.int64(),
+        "identity_cluster_size": pa.int32(),
+    }
+    reads_media: ClassVar[dict[str, str]] = {"image": "image_key", "aligned112": "key"}
+    batch_by = "image_key"
+    resources = Resources(cpus=1, batch_size=64, actor=True)
+
+    def __init__(self, config: DedupConfig):
+        super().__init__(config)
+        self.config: DedupConfig = config
+        self.embedder: FaceEmbedder | None = None
+
+    @classmethod
+    def preflight(cls, config: DedupConfig) -> None:
+        from facecap.pipeline import models
+
+        if {"embedding", "identity"} & set(config.kinds):
+            models.resolve("mobilefacenet")
+        if config.against and not Path(config.against).exists():
+            raise ConfigError(f"dedup.against {config.against}: no such folder")
+        if config.identity_cap and "identity" not in config.kinds:
+            raise ConfigError("dedup.identity_cap needs 'identity' in dedup.kinds")
+
+    def setup(self) -> None:
+        if {"embedding", "identity"} & set(self.config.kinds):
+            self.embedder = FaceEmbedder()
+
+    # -- pass 1 -------------------------------------------------------------------------------
+    def summarize(self, batch: Batch) -> pd.DataFrame:
+        rows = batch.rows.reset_index(drop=True)
+        images: dict[str, tuple[int, int]] = {}
+        out: dict[str, list[Any]] = {name: [] for name in _SUMMARY}
+        for row in rows.to_dict("records"):
+            image_key = row["image_key"]
+            if image_key not in images:
+                data = batch.media_of("image", image_key)
+                pixels = decode_bgr(data)
+                if pixels is None:
+                    raise ValueError(f"image {image_key} does not decode")
+                images[image_key] = (digest64(data), pixel_digest(pixels), phash(pixels))
+            crop = decode_bgr(batch.media_of("aligned112", row["key"]))
+            if crop is None:
+                raise ValueError(f"face crop {row['key']} does not decode")
+            bytes_hash, pixel_hash, image_phash = images[image_key]
+            embedding = self.embedder.embed(crop).astype(np.float16).tobytes() if self.embedder else None
+            values = {
+                "key": row["key"],
+                "image_key": image_key,
+                "face_index": int(row.get("face_index") or 0),
+                "bytes_hash": bytes_hash,
+                "pixel_hash": pixel_hash,
+                "url_hash": digest64(normalised_url(str(row.get("url") or "")).encode()),
+                "phash": image_phash,
+                "face_phash": phash(crop),
+                "embedding": embedding,
+                "score": _score(row, self.config.score),
+            }
+            for name, value in values.items():
+                out[name].append(value)
+        return pd.DataFrame(out)
+
+    # -- pass 2 -------------------------------------------------------------------------------
+    @classmethod
+    def plan(cls, config: DedupConfig, summaries: Summaries):
+        compact = ["image_key", "face_index", "bytes_hash", "pixel_hash", "url_hash", "phash", "face_phash", "score"]
+        wants_vectors = bool({"embedding", "identity"} & set(config.kinds))
+        table = summaries.read_all(compact + (["embedding"] if wants_vectors else []))
+        if table.num_rows == 0:
+            return  # no face reached this stage: nothing to decide
+        frame = table.drop_columns(["embedding"]).to_pandas() if wants_vectors else table.to_pandas()
+        vectors = _vectors(table.column("embedding")) if wants_vectors else None
+        decisions = decide(frame, vectors, config, _eval_hashes(config.against))
+        frame = pd.concat([frame[["key", "shard", "phash"]], decisions], axis=1)
+        for shard, part in frame.groupby("shard"):
+            yield int(shard), part.drop(columns=["shard"])
+
+    # -- pass 3 -------------------------------------------------------------------------------
+    def process(self, batch: Batch) -> Output:
+        rows = batch.rows.copy()
+        plan = batch.plan
+        for column in ("phash", "pixel_sha256", "duplicate_of", "identity_cluster", "identity_cluster_size"):
+            rows[column] = list(plan[column]) if column in plan.columns else None
+        rows["status"] = ["ok" if not s else self.reject(s) for s in plan["decision"]]
+        rows["error"] = [_reason(s, d) for s, d in zip(plan["decision"], plan["duplicate_of"], strict=True)]
+        return Output(rows=rows)
+
+
+_SUMMARY = (
+    "key",
+    "image_key",
+    "face_index",
+    "bytes_hash",
+    "pixel_hash",
+    "url_hash",
+    "phash",
+    "face_phash",
+    "embedding",
+    "score",
+)
+
+
+def decide(
+    frame: pd.DataFrame, vectors: np.ndarray | None, config: DedupConfig, eval_hashes: np.ndarray
+) -> pd.DataFrame:
+    """Each row's decision ('' keeps it), the key it duplicates, and its identity cluster."""
+    n = len(frame)
+    decision = np.array([""] * n, dtype=object)
+    duplicate_of = np.array([None] * n, dtype=object)
+    images = frame.groupby("image_key", sort=False)
+    first = images.head(1).reset_index()  # one row per image: its fingerprints
+    image_rows = first["index"].to_numpy()
+    if len(eval_hashes):
+        combined = np.concatenate([first["phash"].to_numpy(np.int64), eval_hashes])
+        pairs = hamming_pairs(combined, config.phash_radius)
+        hits = pairs[(pairs[:, 0] < len(first)) & (pairs[:, 1] >= len(first))][:, 0]
+        contaminated = set(first.loc[hits, "image_key"])
+        mask = frame["image_key"].isin(contaminated).to_numpy()
+        decision[mask] = "eval_overlap"
+    image_scores = frame.groupby("image_key", sort=False)["score"].max().reindex(first["image_key"]).to_numpy()
+    for kind, pairs in _image_pairs(first, config):
+        _mark_image_groups(frame, first, image_rows, image_scores, pairs, kind, decision, duplicate_of)
+    if vectors is not None and "embedding" in config.kinds:
+        pairs = cosine_pairs(vectors, config.face_cosine, tables=config.lsh_tables)
+        if len(pairs):
+            close = (
+                np.bitwise_count(
+                    np.bitwise_xor(
+                        frame["face_phash"].to_numpy(np.int64)[pairs[:, 0]],
+                        frame["face_phash"].to_numpy(np.int64)[pairs[:, 1]],
+                    ).view(np.uint64)
+                )
+                <= config.face_phash_radius
+            )
+            _mark_row_groups(frame, pairs[close], "near_duplicate", decision, duplicate_of)
+    _follow_chains(frame["key"].to_numpy(), decision, duplicate_of)
+    cluster = np.arange(n, dtype=np.int64)
+    sizes = np.ones(n, dtype=np.int32)
+    if vectors is not None and "identity" in config.kinds:
+        finder = UnionFind(n)
+        # Identity needs a low threshold: fewer bits per table keep such pairs in one bucket.
+        bits = min(8, lsh_bits(n))
+        finder.union_pairs(cosine_pairs(vectors, config.identity_cosine, tables=config.lsh_tables, bits=bits))
+        cluster = finder.roots()
+        counts = pd.Series(cluster).value_counts()
+        sizes = counts.reindex(cluster).to_numpy(np.int32)
+        if config.identity_cap:
+            _cap_identities(frame, cluster, config.identity_cap, decision, duplicate_of)
+    return pd.DataFrame(
+        {
+            "pixel_sha256": [f"{int(v) & ((1 << 64) - 1):016x}" for v in frame["pixel_hash"]],
+            "decision": decision,
+            "duplicate_of": duplicate_of,
+            "identity_cluster": cluster,
+            "identity_cluster_size": sizes,
+        }
+    )
+
+
+def _image_pairs(first: pd.DataFrame, config: DedupConfig):
+    if "exact" in config.kinds:
+        for column in ("bytes_hash", "pixel_hash", "url_hash"):
+            yield "exact", equal_pairs(first[column].to_numpy(np.int64))
+    if "near" in config.kinds:
+        yield "near_duplicate", hamming_pairs(first["phash"].to_numpy(np.int64), config.phash_radius)
+
+
+def _mark_image_groups(frame, first, image_rows, image_scores, pairs, kind, decision, duplicate_of) -> None:
+    """Union images over the pairs; every face of a non-survivor image points at the survivor image."""
+    if not len(pairs):
+        return
+    finder = UnionFind(len(first))
+    finder.union_pairs(pairs)
+    roots = finder.roots()
+    groups = pd.DataFrame({"root": roots, "score": image_scores, "pos": np.arange(len(first))})
+    groups = groups[groups.groupby("root")["root"].transform("size") > 1]
+    if groups.empty:
+        return
+    best = (
+        groups.sort_values(["score", "pos"], ascending=[False, True]).groupby("root").head(1).set_index("root")["pos"]
+    )
+    faces_by_image = frame.groupby("image_key", sort=False)
+    for pos, root in zip(groups["pos"], groups["root"], strict=True):
+        survivor = int(best[root])
+        if pos == survivor:
+            continue
+        survivor_faces = faces_by_image.get_group(first.at[survivor, "image_key"])
+        keys_by_index = dict(zip(survivor_faces["face_index"], survivor_faces["key"], strict=True))
+        for index in faces_by_image.indices[first.at[pos, "image_key"]]:
+            if decision[index] and PRECEDENCE.index(decision[index]) <= PRECEDENCE.index(kind):
+                continue
+            decision[index] = kind
+            duplicate_of[index] = keys_by_index.get(frame.at[index, "face_index"], survivor_faces["key"].iloc[0])
+
+
+def _mark_row_groups(frame, pairs, kind, decision, duplicate_of) -> None:
+    finder = UnionFind(len(frame))
+    finder.union_pairs(pairs)
+    roots = finder.roots()
+    scores = frame["score"].to_numpy()
+    for root in np.unique(roots[pairs.ravel()]) if len(pairs) else []:
+        members = np.flatnonzero(roots == root)
+        live = [m for m in members if not decision[m]]
+        if len(live) < 2:
+            continue
+        survivor = max(live, key=lambda m: (scores[m], -m))
+        for member in live:
+            if member != survivor:
+                decision[member] = kind
+                duplicate_of[member] = frame.at[survivor, "key"]
+
+
+def _follow_chains(keys: np.ndarray, decision: np.ndarray, duplicate_of: np.ndarray) -> None:
+    """Point every duplicate at a kept row: a group's survivor may itself lose to another group."""
+    position = {key: i for i, key in enumerate(keys)}
+    for i in range(len(keys)):
+        target, seen = duplicate_of[i], 0
+        while target is not None and decision[position[target]] and seen < len(keys):
+            target, seen = duplicate_of[position[target]], seen + 1
+        if target is not None:
+            duplicate_of[i] = target
+
+
+def _cap_identities(frame, cluster, cap, decision, duplicate_of) -> None:
+    scores = frame["score"].to_numpy()
+    live = pd.DataFrame({"cluster": cluster, "score": scores, "pos": np.arange(len(frame))})
+    live = live[[not d for d in decision]]
+    for _, members in live.groupby("cluster"):
+        if len(members) <= cap:
+            continue
+        ranked = members.sort_values(["score", "pos"], ascending=[False, True])
+        best_key = frame.at[int(ranked["pos"].iloc[0]), "key"]
+        for pos in ranked["pos"].iloc[cap:]:
+            decision[pos] = "identity_cap"
+            duplicate_of[pos] = best_key
+
+
+def _eval_hashes(against: str | None) -> np.ndarray:
+    """pHashes of every image under ``against`` (a folder of images, or a dataset's tar shards)."""
+    if not against:
+        return np.empty(0, np.int64)
+    from facecap.pipeline.dataset import iter_tar_members
+
+    hashes = []
+    root = Path(against)
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            pixels = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if pixels is not None:
+                hashes.append(phash(pixels))
+        elif path.suffix == ".tar":
+            for name, data in iter_tar_members(str(path)):
+                if name.lower().endswith(IMAGE_SUFFIXES):
+                    pixels = decode_bgr(data)
+                    if pixels is not None:
+                        hashes.append(phash(pixels))
+    if not hashes:
+        raise ConfigError(f"dedup.against {against}: no images found there")
+    return np.array(hashes, np.int64)
+
+
+def _vectors(column: pa.ChunkedArray) -> np.ndarray:
+    values = column.to_pylist()
+    width = next((len(v) for v in values if v), 256) // 2
+    return np.stack(
+        [np.frombuffer(v, np.float16).astype(np.float32) if v else np.zeros(width, np.float32) for v in values]
+    )
+
+
+def _score(row: dict, weights: dict[str, float]) -> float:
+    total = 0.0
+    for column, weight in weights.items():
+        value = row.get(column)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            total += weight * float(value)
+    return total
+
+
+def _reason(decision: str, duplicate_of: str | None) -> str | None:
+    if not decision:
+        return None
+    if decision == "eval_overlap":
+        return "near-duplicate of an image in the held-out eval set (dedup.against)"
+    return f"{decision.replace('_', ' ')} of {duplicate_of}"

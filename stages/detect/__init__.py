@@ -1,0 +1,5 @@
+"""Detect: find faces, apply the face policy, store box/square/aligned crops."""
+
+from facecap.stages.detect.stage import DetectStage
+
+__all__ = ["DetectStage"]

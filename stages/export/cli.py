@@ -1,0 +1,65 @@
+"""``facecap export``: a finished dataset's ok rows as training shards (a sink, not a stage)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import typer
+from facecap.pipeline.storage import is_remote
+
+EXAMPLES = """Examples:
+
+* `facecap export work/dedup shards/ --format webdataset` (KEY.jpg square crop, KEY.txt caption, KEY.json metadata)
+* `facecap export work/dedup shards/ --crop aligned --val-fraction 0.01 --split-by identity --seed 7`
+* `facecap export work/dedup facecaption/ --format parquet` (_id, url, caption, laion_caption, box + ours)
+"""
+
+
+def export(
+    directory: Annotated[str, typer.Argument(help="the last stage's dataset (e.g. work/dedup)")],
+    output: Annotated[str, typer.Argument(help="folder for the shards (local or s3://)")],
+    format: Annotated[Literal["webdataset", "parquet"], typer.Option(help="shard format")] = "webdataset",
+    crop: Annotated[
+        Literal["square", "aligned", "box", "aligned112"],
+        typer.Option(help="the image of each sample: square (1.5x, 512), aligned (512), box"),
+    ] = "square",
+    caption: Annotated[Literal["first", "short"], typer.Option(help="first (of the caption list) or short")] = "first",
+    shard_samples: Annotated[int, typer.Option(help="samples per shard")] = 10_000,
+    shard_bytes: Annotated[int | None, typer.Option(help="aim for shards of about this many bytes")] = None,
+    seed: Annotated[int, typer.Option(help="global shuffle seed")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="share of samples in a validation split")] = 0.0,
+    split_by: Annotated[
+        Literal["key", "identity"], typer.Option(help="key (stable hash) or identity (no identity in both)")
+    ] = "key",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or tables (for scripts)")] = False,
+) -> None:
+    """Export the ok rows of a finished dataset for training: WebDataset shards with a wids index, or
+    FaceCaption v2-compatible Parquet."""
+    from facecap.stages.export.export import ExportSettings
+    from facecap.stages.export.export import export as run_export
+
+    settings = ExportSettings(
+        format=format,
+        crop=crop,
+        caption=caption,
+        shard_samples=shard_samples,
+        shard_bytes=shard_bytes,
+        seed=seed,
+        val_fraction=val_fraction,
+        split_by=split_by,
+    )
+    result = run_export(_absolute(directory), _absolute(output), settings)
+    if not quiet:
+        for split, count in result.samples.items():
+            shards = len(result.shards[split])
+            typer.echo(f"export: {split}: {count:,} samples in {shards} shard(s) -> {result.output}")
+
+
+def _absolute(path: str) -> str:
+    import os
+
+    return path if is_remote(path) else os.path.abspath(path)
+
+
+# Commands that are not a stage run: (function, epilog).
+EXTRA_COMMANDS = ((export, EXAMPLES),)

@@ -1,0 +1,291 @@
+"""Export a finished dataset for trainers: WebDataset shards with a wids index, or FaceCaption
+v2-compatible Parquet.
+
+Only ``ok`` rows are exported. WebDataset samples are ``KEY.jpg`` (the chosen crop), ``KEY.txt``
+(the chosen caption) and ``KEY.json`` (every metadata column: box, landmarks, attributes, quality,
+provenance, source URL, licence where known). Rows are shuffled globally with a seed and dealt
+into shards of ``shard_samples`` (or fewer when ``shard_bytes`` is reached); within a shard members
+are sorted by key, so each sample's files are contiguous. An optional validation split is taken by
+a stable hash of the key, or of the identity cluster so no identity is in both splits.
+
+Memory: the metadata of every exported row is held once (about 1-2 KB a face); images are
+streamed shard by shard from the stage tars they live in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from facecap.pipeline.dataset import Dataset, SpooledTar, TarShardReader, config_hash
+from facecap.pipeline.errors import FacecapError
+from facecap.pipeline.status import OK
+from facecap.pipeline.storage import Storage, StorageOptions
+
+SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# Columns not worth a trainer's JSON: internal bookkeeping of the stages.
+SKIP_COLUMNS = {"status", "error", "source_file", "source_row", "fetch_seconds", "attempts", "reencoded"}
+MAX_SHARD_SAMPLES = 1_000_000
+
+
+@dataclass
+class ExportSettings:
+    format: Literal["webdataset", "parquet"] = "webdataset"
+    crop: Literal["square", "aligned", "box", "aligned112"] = "square"
+    caption: Literal["first", "short"] = "first"
+    shard_samples: int = 10_000
+    shard_bytes: int | None = None
+    seed: int = 0
+    val_fraction: float = 0.0
+    split_by: Literal["key", "identity"] = "key"
+    prefix: str = ""
+
+    def check(self) -> None:
+        if not 1 <= self.shard_samples <= MAX_SHARD_SAMPLES:
+            raise FacecapError(f"export: shard size {self.shard_samples} must be 1..{MAX_SHARD_SAMPLES}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise FacecapError("export: the validation fraction must be in [0, 1)")
+
+
+@dataclass
+class ExportResult:
+    output: str
+    samples: dict[str, int] = field(default_factory=dict)
+    shards: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    skipped_existing: int = 0
+
+
+def export(source: str, output: str, settings: ExportSettings, options: StorageOptions | None = None) -> ExportResult:
+    settings.check()
+    options = options or StorageOptions.from_env()
+    dataset = Dataset(Storage(source, options))
+    manifest = dataset.require_manifest()
+    if not manifest.complete:
+        raise FacecapError(f"{source}: its '{manifest.stage}' run did not finish; run it again before exporting")
+    rows, origin = _ok_rows(dataset)
+    out = Storage(output, options)
+    identity = config_hash({"source": dataset.uri, "source_config": manifest.config_hash, "settings": asdict(settings)})
+    previous = _read_json(out, "_manifest.json")
+    if previous and previous.get("config_hash") != identity:
+        raise FacecapError(f"{output} holds an export made from other settings or input; choose another folder")
+    splits = _split(rows, settings)
+    result = ExportResult(output=out.root)
+    for split, positions in splits.items():
+        order = np.random.default_rng(settings.seed).permutation(positions) if len(positions) else positions
+        if settings.format == "webdataset":
+            shards = _write_webdataset(dataset, manifest, rows, origin, order, split, out, settings, result)
+            index = {
+                "__kind__": "wids-shard-index-v1",
+                "wids_version": 1,
+                "name": f"{manifest.recipe.get('name', 'facecap') if manifest.recipe else 'facecap'}-{split}",
+                "shardlist": shards,
+            }
+            out.write_bytes(f"{settings.prefix}{split}.json", json.dumps(index, indent=1).encode())
+        else:
+            shards = _write_parquet(rows, order, split, out, settings)
+        result.shards[split] = shards
+        result.samples[split] = int(sum(s["nsamples"] for s in shards))
+    out.write_bytes(
+        "_manifest.json",
+        json.dumps(
+            {
+                "kind": "facecap-export",
+                "format": settings.format,
+                "source": dataset.uri,
+                "source_stage": manifest.stage,
+                "settings": asdict(settings),
+                "config_hash": identity,
+                "samples": result.samples,
+                "shards": result.shards,
+                "time": time.time(),
+            },
+            indent=1,
+        ).encode(),
+    )
+    return result
+
+
+def _ok_rows(dataset: Dataset) -> tuple[pa.Table, np.ndarray]:
+    """Every ok row (all columns) and the shard each came from."""
+    tables, origin = [], []
+    for shard in dataset.done_shards():
+        table = dataset.read_shard(shard)
+        table = table.filter(pc.equal(table.column("status"), OK))
+        tables.append(table)
+        origin.append(np.full(table.num_rows, shard, np.int32))
+    if not tables:
+        raise FacecapError(f"{dataset.uri}: no finished shards to export")
+    rows = pa.concat_tables(tables, promote_options="permissive")
+    bad = [k for k in rows.column("key").to_pylist() if not SAFE_KEY.match(k)]
+    if bad:
+        raise FacecapError(f"unsafe sample key {bad[0]!r}: keys must be letters, digits, '_' or '-'")
+    return rows, np.concatenate(origin)
+
+
+def _split(rows: pa.Table, settings: ExportSettings) -> dict[str, np.ndarray]:
+    positions = np.arange(rows.num_rows)
+    if settings.val_fraction <= 0:
+        return {"train": positions}
+    if settings.split_by == "identity":
+        if "identity_cluster" not in rows.column_names:
+            raise FacecapError("export --split-by identity needs identity clusters: run dedup with kind 'identity'")
+        basis = [str(v) for v in rows.column("identity_cluster").to_pylist()]
+    else:
+        basis = rows.column("key").to_pylist()
+    bucket = np.array([int.from_bytes(hashlib.sha256(b.encode()).digest()[:4], "big") / 2**32 for b in basis])
+    validation = bucket < settings.val_fraction
+    return {"train": positions[~validation], "val": positions[validation]}
+
+
+def _caption_of(row: dict[str, Any], settings: ExportSettings) -> tuple[str, str]:
+    captions = row.get("caption")
+    if settings.caption == "short" and row.get("caption_short"):
+        return str(row["caption_short"]), "caption_short"
+    if captions is not None and len(captions):
+        return str(captions[0]), "caption"
+    if row.get("caption_short"):
+        return str(row["caption_short"]), "caption_short"
+    return str(row.get("alt_text") or ""), "alt_text"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, bytes):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _metadata(row: dict[str, Any], caption_source: str) -> dict[str, Any]:
+    meta = {k: _json_safe(v) for k, v in row.items() if k not in SKIP_COLUMNS}
+    for column in ("caption_provenance", "attr_backends", "caption_versions"):
+        if isinstance(meta.get(column), str):
+            with contextlib.suppress(ValueError):  # not JSON after all: keep the text
+                meta[column] = json.loads(meta[column])
+    meta["caption_source"] = caption_source
+    return meta
+
+
+def _crop_reader_factory(dataset: Dataset, manifest, settings: ExportSettings):
+    ref = manifest.media.get(settings.crop)
+    if ref is None:
+        stored = ", ".join(sorted(n for n in manifest.media if n != "image")) or "none"
+        raise FacecapError(
+            f"export --crop {settings.crop}: the dataset stores no '{settings.crop}' crops (stored: {stored}); "
+            "choose one of those or rerun detect with it in detect.crops"
+        )
+    member = ref.member_ext(settings.crop)
+
+    def reader(shard: int) -> TarShardReader:
+        from facecap.pipeline.dataset import shard_name
+
+        return TarShardReader(
+            Storage(ref.root, dataset.storage.options), ref.tar_for(shard) or f"{shard_name(shard)}.tar"
+        )
+
+    return reader, member
+
+
+def _write_webdataset(dataset, manifest, rows, origin, order, split, out, settings, result) -> list[dict[str, Any]]:
+    open_reader, member = _crop_reader_factory(dataset, manifest, settings)
+    shards: list[dict[str, Any]] = []
+    for number, chunk in enumerate(_chunks(rows, order, settings)):
+        name = f"{settings.prefix}{split}-{number:06d}.tar"
+        done = _read_json(out, f"_done/{name}.json")
+        if done and out.size(name) == done["size"]:
+            shards.append({"url": name, "nsamples": done["nsamples"]})
+            result.skipped_existing += 1
+            continue
+        spool = SpooledTar()
+        try:
+            by_shard: dict[int, list[int]] = {}
+            for position in chunk:
+                by_shard.setdefault(int(origin[position]), []).append(int(position))
+            for shard, positions in sorted(by_shard.items()):
+                with open_reader(shard) as reader:
+                    for row in rows.take(pa.array(positions)).to_pylist():
+                        crop = reader.get(row["key"], [member]) or {}
+                        if member not in crop:
+                            raise FacecapError(f"{row['key']}: its {settings.crop} crop is missing from shard {shard}")
+                        text, source = _caption_of(row, settings)
+                        meta = json.dumps(_metadata(row, source), ensure_ascii=False, default=str).encode()
+                        spool.add(row["key"], {"jpg": crop[member], "txt": text.encode(), "json": meta})
+            with out.open_write(name) as stream:
+                digest = spool.write_sorted(stream)
+        finally:
+            spool.close()
+        out.write_bytes(f"_done/{name}.json", json.dumps({"size": digest.size, "nsamples": len(chunk)}).encode())
+        shards.append({"url": name, "nsamples": len(chunk)})
+    return shards
+
+
+def _chunks(rows: pa.Table, order: np.ndarray, settings: ExportSettings) -> Iterator[np.ndarray]:
+    if settings.shard_bytes is None:
+        for start in range(0, len(order), settings.shard_samples):
+            yield order[start : start + settings.shard_samples]
+        return
+    # A byte target: estimate each sample by its crop size class; fill until the target or the count.
+    start = 0
+    estimate = 40_000  # bytes a 512 px JPEG crop and its metadata take, roughly
+    while start < len(order):
+        count = max(1, min(settings.shard_samples, settings.shard_bytes // estimate))
+        yield order[start : start + count]
+        start += count
+
+
+def _write_parquet(rows, order, split, out, settings) -> list[dict[str, Any]]:
+    shards = []
+    for number, start in enumerate(range(0, len(order), settings.shard_samples)):
+        part = rows.take(pa.array(order[start : start + settings.shard_samples]))
+        table = facecaption_table(part)
+        name = f"{settings.prefix}{split}-{number:06d}.parquet"
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        out.write_bytes(name, buffer.getvalue())
+        shards.append({"url": name, "nsamples": table.num_rows})
+    return shards
+
+
+def facecaption_table(part: pa.Table) -> pa.Table:
+    """FaceCaption v2 columns first (_id, url, caption, laion_caption, box as a JSON string), then ours."""
+    n = part.num_rows
+    boxes = part.column("box").to_pylist() if "box" in part.column_names else [None] * n
+    captions = part.column("caption").to_pylist() if "caption" in part.column_names else [None] * n
+    alt = part.column("alt_text").to_pylist() if "alt_text" in part.column_names else [None] * n
+    columns: dict[str, pa.Array] = {
+        "_id": part.column("key").combine_chunks(),
+        "url": part.column("url").combine_chunks() if "url" in part.column_names else pa.nulls(n, pa.string()),
+        "caption": pa.array([list(c) if c is not None else [] for c in captions], pa.list_(pa.string())),
+        "laion_caption": pa.array([[a] if a else [] for a in alt], pa.list_(pa.string())),
+        "box": pa.array([json.dumps([round(v) for v in b[:4]]) if b else None for b in boxes], pa.string()),
+    }
+    for name in part.column_names:
+        if name in columns or name in SKIP_COLUMNS or name in ("key", "alt_text"):
+            continue
+        columns[name] = part.column(name).combine_chunks()
+    return pa.table(columns)
+
+
+def _read_json(storage: Storage, name: str) -> dict | None:
+    if not storage.exists(name):
+        return None
+    try:
+        return json.loads(storage.read_bytes(name))
+    except ValueError:
+        return None

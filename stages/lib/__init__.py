@@ -1,1 +1,0 @@
-"""Code shared by stages (image codecs, HTTP fetching); not stages themselves."""

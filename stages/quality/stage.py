@@ -1,0 +1,329 @@
+"""Quality: measure every face row, then apply a rule list; measures are always stored.
+
+Measures (``q_*`` columns, docs/quality.md gives each range): resolution, sharpness, exposure,
+colour (grayscale), head pose, BRISQUE, text area (PP-OCRv4), cartoon score, NSFW (NudeNet), and
+the multi-face context. Rules only set statuses: the first failing rule gives
+``quality:<rule-name>`` and ``quality_failed`` lists every failing rule, so a dataset can be
+re-thresholded later (``facecap filter --explain``) without running a model again. A ranking rule
+(keep the top fraction by resolution, FaceCaptionHQ-4M style) makes the stage global: it
+measures every shard first, then cuts at the dataset-wide threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from facecap.pipeline.registry import register
+from facecap.pipeline.stage import Batch, GlobalStage, Output, Resources, StageConfig, Summaries
+from facecap.stages.detect.detectors import worker_threads
+from facecap.stages.quality import measures
+from facecap.stages.quality.rules import Rule, failing, ranking_cutoff
+from facecap.stages.shared.images import decode_bgr
+from facecap.stages.shared.values import missing
+from pydantic import Field
+
+EXPENSIVE = ("brisque", "clip_iqa", "text", "nsfw", "cartoon")
+EXPENSIVE_COLUMNS = {
+    "brisque": "q_brisque",
+    "clip_iqa": "q_clip_iqa",
+    "text": "q_text_fraction",
+    "nsfw": "q_nsfw",
+    "cartoon": "q_cartoon",
+}
+MEASURES: dict[str, pa.DataType] = {
+    "q_face_side": pa.float32(),
+    "q_image_side": pa.float32(),
+    "q_relative_area": pa.float32(),
+    "q_aspect": pa.float32(),
+    "q_sharpness": pa.float32(),
+    "q_gradient": pa.float32(),
+    "q_brightness": pa.float32(),
+    "q_dark_fraction": pa.float32(),
+    "q_bright_fraction": pa.float32(),
+    "q_contrast": pa.float32(),
+    "q_channel_std": pa.float32(),
+    "q_grayscale": pa.bool_(),
+    "q_yaw": pa.float32(),
+    "q_pitch": pa.float32(),
+    "q_roll": pa.float32(),
+    "q_frontalness": pa.float32(),
+    "q_brisque": pa.float32(),
+    "q_clip_iqa": pa.float32(),
+    "q_text_fraction": pa.float32(),
+    "q_cartoon": pa.float32(),
+    "q_nsfw": pa.float32(),
+    "q_faces_in_image": pa.int16(),
+    "q_is_largest": pa.bool_(),
+    "q_max_overlap": pa.float32(),
+}
+
+
+def default_rules() -> list[Rule]:
+    return [Rule(name="nsfw", expr="q_nsfw < 0.5")]
+
+
+class QualityConfig(StageConfig):
+    sharpness: bool = Field(True, description="q_sharpness, q_gradient on the aligned 112 crop")
+    exposure: bool = Field(True, description="q_brightness, q_dark/bright_fraction, q_contrast of the face")
+    colour: bool = Field(True, description="q_channel_std and q_grayscale of the whole image")
+    pose: bool = Field(True, description="q_yaw, q_pitch, q_roll, q_frontalness from the 5 landmarks")
+    brisque: bool = Field(True, description="q_brisque, no-reference quality of the face crop (lower is better)")
+    clip_iqa: bool = Field(False, description="q_clip_iqa: CLIP-IQA of the face crop (needs the clip extra)")
+    clip_model: str = Field("ViT-B-32", description="open_clip model for CLIP-IQA")
+    clip_pretrained: str | None = Field(None, description="open_clip pretrained tag or weights file for CLIP-IQA")
+    text: bool = Field(True, description="q_text_fraction: image area covered by text (PP-OCRv4 detector)")
+    cartoon: bool = Field(True, description="q_cartoon: 0 photograph-like .. 1 drawn")
+    nsfw: bool = Field(True, description="q_nsfw: highest NudeNet score of an explicit class")
+    grayscale_below: float = Field(3.0, ge=0, description="q_grayscale when q_channel_std is below this (0-255)")
+    expensive_after_cheap: bool = Field(
+        True,
+        description="run BRISQUE, text, NSFW and cartoon only on rows that pass the rules not needing them",
+    )
+    rules: list[Rule] = Field(
+        default_factory=default_rules, description="keep-rules, first failing one names the status"
+    )
+
+
+@register
+class QualityStage(GlobalStage):
+    name = "quality"
+    order = 40
+    help = "Measure face and image quality (sharpness, exposure, pose, BRISQUE, text, cartoon, NSFW) and apply rules."
+    config_model = QualityConfig
+    consumes = ("image_key", "box", "landmarks", "face_width", "face_height")
+    produces: ClassVar[dict[str, pa.DataType]] = {**MEASURES, "quality_failed": pa.list_(pa.string())}
+    reads_media: ClassVar[dict[str, str]] = {"image": "image_key", "aligned112": "key"}
+    batch_by = "image_key"  # all faces of an image in one batch: overlap and per-image measures
+    resources = Resources(cpus=1, batch_size=64, actor=True)
+
+    def __init__(self, config: QualityConfig):
+        super().__init__(config)
+        self.config: QualityConfig = config
+        self._scorers: dict[str, Any] = {}
+
+    @classmethod
+    def is_global(cls, config: QualityConfig) -> bool:
+        return any(rule.ranking for rule in config.rules)
+
+    @classmethod
+    def preflight(cls, config: QualityConfig) -> None:
+        from facecap.pipeline import models
+
+        for measure, model in (("brisque", "brisque-svm"), ("text", "ppocr-det"), ("nsfw", "nudenet-320n")):
+            if getattr(config, measure):
+                models.resolve(model)  # one clear line when a wheel's model file is missing
+        known = set(MEASURES) | set(_DETECT_COLUMNS)
+        for rule in config.rules:
+            unknown = sorted(c for c in rule.columns() if c not in known)
+            if unknown:
+                from facecap.pipeline.errors import ConfigError
+
+                raise ConfigError(f"quality rule {rule.name}: unknown column(s) {', '.join(unknown)}")
+
+    def setup(self) -> None:
+        from facecap.stages.quality.scorers import Brisque, NsfwDetector, TextDetector
+
+        threads = worker_threads()
+        if threads:
+            cv2.setNumThreads(threads)
+        if self.config.brisque:
+            self._scorers["brisque"] = Brisque()
+        if self.config.text:
+            self._scorers["text"] = TextDetector()
+        if self.config.nsfw:
+            self._scorers["nsfw"] = NsfwDetector()
+        if self.config.clip_iqa:
+            from facecap.stages.quality.scorers import ClipIqa
+
+            self._scorers["clip_iqa"] = ClipIqa(self.config.clip_model, self.config.clip_pretrained)
+
+    # -- the three entry points --------------------------------------------------------------
+    def process(self, batch: Batch) -> Output:
+        if batch.plan is not None:  # the apply pass of a global run: decisions are made
+            rows = batch.rows.copy()
+            for column in [*self.produces, "status", "error"]:
+                rows[column] = list(batch.plan[column])
+            return Output(rows=rows)
+        rows = self._measure(batch)
+        failed = failing(self.config.rules, rows)
+        return Output(rows=_with_statuses(rows, failed, self.config.rules))
+
+    def summarize(self, batch: Batch) -> pd.DataFrame:
+        return self._measure(batch)[["key", "image_key", *_DETECT_COLUMNS, *MEASURES]]
+
+    @classmethod
+    def plan(cls, config: QualityConfig, summaries: Summaries):
+        ranking = [r for r in config.rules if r.ranking]
+        columns = sorted({r.by for r in ranking})
+        everything = summaries.read_all(columns).to_pandas()
+        cutoffs = {r.name: ranking_cutoff(everything[r.by], r) for r in ranking}
+        for shard in summaries.shards:
+            rows = summaries.read(shard).to_pandas()
+            if not len(rows):
+                continue
+            failed = failing(config.rules, rows, cutoffs)
+            decided = _with_statuses(rows, failed, config.rules, cutoffs)
+            yield shard, decided[["key", *MEASURES, "quality_failed", "status", "error"]]
+
+    # -- measuring ---------------------------------------------------------------------------
+    def _measure(self, batch: Batch) -> pd.DataFrame:
+        rows = batch.rows.copy().reset_index(drop=True)
+        cfg = self.config
+        images = _ImageCache(batch)
+        values: dict[str, list[Any]] = {name: [None] * len(rows) for name in MEASURES}
+        boxes_by_image: dict[str, list[np.ndarray]] = {}
+        for box, image_key in zip(rows["box"], rows["image_key"], strict=True):
+            boxes_by_image.setdefault(image_key, []).append(np.asarray(box, np.float32))
+        for i, row in enumerate(rows.to_dict("records")):
+            self._cheap(row, i, values, images, boxes_by_image)
+        frame = rows.assign(**values)
+        passing = np.ones(len(frame), bool)
+        if cfg.expensive_after_cheap:
+            cheap_rules = [
+                r for r in cfg.rules if not r.ranking and not (r.columns() & set(EXPENSIVE_COLUMNS.values()))
+            ]
+            passing = np.array([not names for names in failing(cheap_rules, frame)], bool)
+        for i, row in enumerate(rows.to_dict("records")):
+            if passing[i]:
+                self._expensive(row, i, values, images)
+        return rows.assign(**values)
+
+    def _cheap(self, row: dict, i: int, values: dict, images: _ImageCache, boxes: dict) -> None:
+        cfg = self.config
+        width, height = float(row["face_width"]), float(row["face_height"])
+        values["q_face_side"][i] = min(width, height)
+        original = _original_size(row)
+        if original:
+            values["q_image_side"][i] = float(min(original))
+            values["q_aspect"][i] = float(max(original) / max(1, min(original)))
+            values["q_relative_area"][i] = width * height / float(original[0] * original[1])
+        crop = images.crop(row["key"])
+        if crop is not None and cfg.sharpness:
+            values["q_sharpness"][i], values["q_gradient"][i] = measures.sharpness(crop)
+        if crop is not None and cfg.exposure:
+            for name, value in measures.exposure(crop).items():
+                values[name][i] = value
+        image = images.image(row["image_key"])
+        if image is not None and cfg.colour:
+            spread = images.per_image(row["image_key"], "spread", lambda: measures.channel_spread(image))
+            values["q_channel_std"][i] = spread
+            values["q_grayscale"][i] = bool(spread < cfg.grayscale_below)
+        if cfg.pose and row.get("landmarks") is not None and len(row["landmarks"]) == 10:
+            yaw, pitch, roll = measures.head_pose(np.asarray(row["landmarks"], np.float32).reshape(5, 2))
+            values["q_yaw"][i], values["q_pitch"][i], values["q_roll"][i] = yaw, pitch, roll
+            values["q_frontalness"][i] = measures.frontalness(yaw, pitch)
+        others = [b for b in boxes[row["image_key"]] if not np.array_equal(b, np.asarray(row["box"], np.float32))]
+        values["q_faces_in_image"][i] = _int_or_none(row.get("num_faces"))
+        values["q_is_largest"][i] = None if missing(row.get("is_largest")) else bool(row["is_largest"])
+        values["q_max_overlap"][i] = measures.max_overlap(np.asarray(row["box"], np.float32), others)
+
+    def _expensive(self, row: dict, i: int, values: dict, images: _ImageCache) -> None:
+        cfg = self.config
+        crop = images.crop(row["key"])
+        image = images.image(row["image_key"])
+        if crop is not None and "brisque" in self._scorers:
+            values["q_brisque"][i] = self._scorers["brisque"].score(crop)
+        if crop is not None and "clip_iqa" in self._scorers:
+            values["q_clip_iqa"][i] = self._scorers["clip_iqa"].score(crop)
+        if image is None:
+            return
+        if "text" in self._scorers:
+            text = self._scorers["text"]
+            values["q_text_fraction"][i] = images.per_image(row["image_key"], "text", lambda: text.text_fraction(image))
+        if "nsfw" in self._scorers:
+            nsfw = self._scorers["nsfw"]
+            values["q_nsfw"][i] = images.per_image(row["image_key"], "nsfw", lambda: nsfw.nsfw_score(image))
+        if cfg.cartoon:
+            from facecap.stages.quality.scorers import cartoon_score
+
+            face = images.face_region(row)
+            if face is not None:
+                values["q_cartoon"][i] = cartoon_score(face)
+
+
+_DETECT_COLUMNS = ("det_score", "face_width", "face_height", "face_area_ratio", "num_faces", "is_largest")
+
+
+class _ImageCache:
+    """Decoded images and crops of one batch, and per-image measures shared by its faces."""
+
+    def __init__(self, batch: Batch):
+        self.batch = batch
+        self._images: dict[str, np.ndarray | None] = {}
+        self._crops: dict[str, np.ndarray | None] = {}
+        self._per_image: dict[tuple[str, str], Any] = {}
+
+    def image(self, key: str) -> np.ndarray | None:
+        if key not in self._images:
+            self._images[key] = decode_bgr(self.batch.media.get("image", {}).get(key))
+        return self._images[key]
+
+    def crop(self, key: str) -> np.ndarray | None:
+        if key not in self._crops:
+            self._crops[key] = decode_bgr(self.batch.media.get("aligned112", {}).get(key))
+        return self._crops[key]
+
+    def per_image(self, key: str, measure: str, compute) -> Any:
+        if (key, measure) not in self._per_image:
+            self._per_image[(key, measure)] = compute()
+        return self._per_image[(key, measure)]
+
+    def face_region(self, row: dict) -> np.ndarray | None:
+        """The face box in the stored image's pixels (boxes are in original pixels)."""
+        image = self.image(row["image_key"])
+        if image is None:
+            return None
+        original = _original_size(row) or (image.shape[1], image.shape[0])
+        sx, sy = image.shape[1] / original[0], image.shape[0] / original[1]
+        x1, y1, x2, y2 = (float(v) for v in row["box"][:4])
+        left, top = max(0, int(x1 * sx)), max(0, int(y1 * sy))
+        right, bottom = min(image.shape[1], math.ceil(x2 * sx)), min(image.shape[0], math.ceil(y2 * sy))
+        if right - left < 8 or bottom - top < 8:
+            return None
+        return image[top:bottom, left:right]
+
+
+def _original_size(row: dict) -> tuple[int, int] | None:
+    width, height = row.get("original_width"), row.get("original_height")
+    if missing(width) or missing(height) or not width or not height:
+        width, height = row.get("width"), row.get("height")
+    if missing(width) or missing(height) or not width or not height:
+        return None
+    return int(width), int(height)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if missing(value) else int(value)
+
+
+def _with_statuses(
+    rows: pd.DataFrame, failed: list[list[str]], rules: list[Rule], cutoffs: dict[str, float] | None = None
+) -> pd.DataFrame:
+    by_name = {rule.name: rule for rule in rules}
+    out = rows.copy()
+    out["quality_failed"] = failed
+    out["status"] = ["ok" if not names else f"quality:{names[0]}" for names in failed]
+    out["error"] = [
+        None if not names else _explain(by_name[names[0]], row, cutoffs)
+        for names, row in zip(failed, out.to_dict("records"), strict=True)
+    ]
+    return out
+
+
+def _explain(rule: Rule, row: dict, cutoffs: dict[str, float] | None) -> str:
+    if rule.ranking:
+        cutoff = (cutoffs or {}).get(rule.name)
+        return f"{rule.by}={_fmt(row.get(rule.by))} is below the dataset's top cut-off {_fmt(cutoff)}"
+    shown = ", ".join(f"{c}={_fmt(row.get(c))}" for c in sorted(rule.columns()))
+    return f"failed '{rule.expr}' ({shown})"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,1 @@
+"""Helpers used by several stages: image normalising and decoding, JPEG parsing, missing values."""

@@ -1,0 +1,173 @@
+"""Attribute backends with learned heads for all 40 CelebA attributes (need the torch extra).
+
+- ``celeba``: FaceCaption-15M's classifier: a torchvision ResNet-50 whose fc maps 2048 -> 40,
+  sigmoid outputs; input the centre square of the face crop, resized to 256 (bicubic),
+  normalised with mean 0.5 and std 0.5. Loaded from a user checkpoint (a state dict, optionally
+  under ``state_dict``/``model`` and with ``module.`` prefixes from DataParallel) or an ONNX export.
+  The real weights are not public; tests save and load a randomly initialised one.
+- ``clip``: open_clip zero-shot: for each attribute a prompt ensemble for "has it" and one for "does
+  not", and the probability of the first under a softmax of the two similarities.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from facecap.stages.tag.offline import Backend, Faces, session
+from facecap.stages.tag.schema import CELEBA40
+
+CELEBA_SIZE = 256
+
+
+def celeba_input(squares: list[np.ndarray]) -> np.ndarray:
+    """[N, 3, 256, 256] float32: centre square, bicubic 256, RGB, (x/255 - 0.5) / 0.5."""
+    batch = []
+    for crop in squares:
+        height, width = crop.shape[:2]
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        square = cv2.resize(crop[top : top + side, left : left + side], (CELEBA_SIZE, CELEBA_SIZE), cv2.INTER_CUBIC)
+        batch.append(((square[..., ::-1].astype(np.float32) / 255.0) - 0.5) / 0.5)
+    return np.ascontiguousarray(np.stack(batch).transpose(0, 3, 1, 2))
+
+
+def celeba_resnet50():
+    """The architecture: torchvision's ResNet-50 with a 40-way fc (sigmoid applied outside)."""
+    import torch
+    import torchvision
+
+    model = torchvision.models.resnet50(weights=None)
+    model.fc = torch.nn.Linear(2048, len(CELEBA40))
+    return model
+
+
+def load_celeba_checkpoint(path: Path):
+    """A ResNet-50 CelebA-40 model from a checkpoint file, in eval mode."""
+    import torch
+
+    payload = torch.load(str(path), map_location="cpu", weights_only=False)
+    if hasattr(payload, "state_dict") and not isinstance(payload, dict):
+        payload = payload.state_dict()  # a whole pickled model
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+    state = {k.removeprefix("module."): v for k, v in payload.items()}
+    model = celeba_resnet50()
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit
+        raise ValueError(f"{path}: not a ResNet-50 with a 40-way fc ({str(exc).splitlines()[-1].strip()})") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: not a ResNet-50 with a 40-way fc "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    return model.eval()
+
+
+class CelebaResnet(Backend):
+    name = "celeba"
+
+    def __init__(self, checkpoint: str, use_gpu: bool = False):
+        path = Path(checkpoint).expanduser()
+        self._onnx = session(path, use_gpu) if path.suffix == ".onnx" else None
+        self._torch = None if self._onnx is not None else load_celeba_checkpoint(path)
+        self._device = "cuda" if use_gpu and self._torch is not None and _cuda() else "cpu"
+        if self._torch is not None:
+            self._torch.to(self._device)
+
+    def probabilities(self, squares: list[np.ndarray]) -> np.ndarray:
+        batch = celeba_input(squares)
+        if self._onnx is not None:
+            logits = self._onnx.run(None, {self._onnx.get_inputs()[0].name: batch})[0]
+        else:
+            import torch
+
+            with torch.inference_mode():
+                logits = self._torch(torch.from_numpy(batch).to(self._device)).float().cpu().numpy()
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    def predict(self, faces: Faces) -> list[dict[str, Any]]:
+        usable = [i for i, s in enumerate(faces.squares) if s is not None]
+        out: list[dict[str, Any]] = [{} for _ in range(len(faces))]
+        if usable:
+            probabilities = self.probabilities([faces.squares[i] for i in usable])
+            for i, row in zip(usable, probabilities, strict=True):
+                out[i] = {name: float(p) for name, p in zip(CELEBA40, row, strict=True)}
+        return out
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Readable phrases for the zero-shot prompts; the rest are the CelebA names with spaces.
+PHRASES = {
+    "5_o_Clock_Shadow": "a five o'clock shadow",
+    "Male": "a man",
+    "Young": "a young person",
+    "Attractive": "an attractive person",
+    "Bald": "a bald person",
+    "Blurry": "a blurry photo",
+    "Chubby": "a chubby person",
+    "Smiling": "a smiling person",
+    "No_Beard": "a person without a beard",
+    "Pale_Skin": "a person with pale skin",
+}
+POSITIVE = ("a photo of {}.", "a close-up photo of {}.", "a face photo showing {}.")
+NEGATIVE = ("a photo of a face.", "a close-up photo of a person.", "a face photo.")
+
+
+def phrase(attribute: str) -> str:
+    if attribute in PHRASES:
+        return PHRASES[attribute]
+    words = attribute.replace("_", " ").lower()
+    return (
+        f"a person wearing {words.removeprefix('wearing ')}"
+        if words.startswith("wearing")
+        else f"a person with {words}"
+    )
+
+
+class ClipZeroShot(Backend):
+    name = "clip"
+
+    def __init__(self, model_name: str, pretrained: str | None, use_gpu: bool = False):
+        import open_clip
+        import torch
+
+        self._torch = torch
+        self._device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
+        self._model = model.eval().to(self._device)
+        self._preprocess = preprocess
+        tokenizer = open_clip.get_tokenizer(model_name)
+        with torch.inference_mode():
+            negative = self._text(tokenizer, list(NEGATIVE))
+            positives = [self._text(tokenizer, [t.format(phrase(a)) for t in POSITIVE]) for a in CELEBA40]
+        self._classes = torch.stack([torch.stack([p, negative]) for p in positives])  # [40, 2, D]
+        self._scale = float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 100.0
+
+    def _text(self, tokenizer, prompts: list[str]):
+        features = self._model.encode_text(tokenizer(prompts).to(self._device)).float()
+        features = features / features.norm(dim=-1, keepdim=True)
+        mean = features.mean(dim=0)
+        return mean / mean.norm()
+
+    def predict(self, faces: Faces) -> list[dict[str, Any]]:
+        from PIL import Image
+
+        torch = self._torch
+        images = [s if s is not None else a for s, a in zip(faces.squares, faces.aligned, strict=True)]
+        batch = torch.stack([self._preprocess(Image.fromarray(i[..., ::-1].copy())) for i in images]).to(self._device)
+        with torch.inference_mode():
+            features = self._model.encode_image(batch).float()
+            features = features / features.norm(dim=-1, keepdim=True)
+            logits = self._scale * torch.einsum("nd,akd->nak", features, self._classes)
+            probabilities = logits.softmax(dim=-1)[..., 0].cpu().numpy()
+        return [{name: float(p) for name, p in zip(CELEBA40, row, strict=True)} for row in probabilities]

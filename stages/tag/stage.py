@@ -1,0 +1,177 @@
+"""Tag: the 40 CelebA attributes and beyond for every face, from one or more backends.
+
+Backends run in the configured order and each fills only what the earlier ones left null, so
+``[celeba, agegender, geometry]`` takes the 40 attributes from FaceCaption-15M's classifier, age
+from dlib's network, pose from the landmarks. ``attr_backends`` records which backend produced
+each value. FaceCaption-15M's keep-rule is the default: an attribute counts when its probability
+is above ``threshold`` (0.85, or a per-attribute value from calibration), and a face needs
+``min_confident`` (5) of them or gets ``tag:too_few_attributes``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar, Literal
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from facecap.pipeline.errors import ConfigError
+from facecap.pipeline.registry import register
+from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig
+from facecap.stages.detect.detectors import worker_threads
+from facecap.stages.shared.images import decode_bgr
+from facecap.stages.shared.values import missing
+from facecap.stages.tag.offline import AgeGender, Backend, Emotion, Faces, Geometry, InsightGenderAge, Skin
+from facecap.stages.tag.schema import CELEBA40, COLUMNS, attribute_column
+from pydantic import Field
+
+BackendName = Literal["agegender", "genderage", "emotion", "geometry", "skin", "celeba", "clip"]
+OFFLINE: dict[str, type[Backend]] = {
+    "agegender": AgeGender,
+    "genderage": InsightGenderAge,
+    "emotion": Emotion,
+    "geometry": Geometry,
+    "skin": Skin,
+}
+
+
+class TagConfig(StageConfig):
+    backends: list[BackendName] = Field(
+        default_factory=lambda: ["agegender", "geometry", "skin"],
+        description="run in order; later ones fill what earlier ones left null",
+    )
+    threshold: float = Field(0.85, ge=0, le=1, description="an attribute counts when its probability is above this")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="per-attribute thresholds (CelebA names), e.g. from `facecap tag --calibrate`"
+    )
+    min_confident: int = Field(5, ge=0, description="faces with fewer confident CelebA attributes are rejected")
+    celeba_checkpoint: str | None = Field(None, description="ResNet-50 CelebA-40 checkpoint (.pt/.pth) or .onnx export")
+    clip_model: str = Field("ViT-B-32", description="open_clip model name for the clip backend")
+    clip_pretrained: str | None = Field(None, description="open_clip pretrained tag or weights path (needs the files)")
+    gpus: float = Field(0.0, ge=0, le=8, description="GPU share per worker (onnxruntime CUDA / torch)")
+    batch_size: int = Field(64, ge=1, le=1024, description="faces per model call")
+
+
+@register
+class TagStage(Stage):
+    name = "tag"
+    order = 50
+    help = "Tag attributes: the 40 CelebA attributes, age, gender, expression, pose, eyes/mouth, skin tone."
+    config_model = TagConfig
+    consumes = ("landmarks",)
+    produces: ClassVar[dict[str, pa.DataType]] = COLUMNS
+    reads_media: ClassVar[dict[str, str]] = {"aligned112": "key", "square": "key"}
+    resources = Resources(cpus=1, batch_size=64, actor=True)
+
+    def __init__(self, config: TagConfig):
+        super().__init__(config)
+        self.config: TagConfig = config
+        self.backends: list[Backend] = []
+
+    @classmethod
+    def resources_for(cls, config: TagConfig) -> Resources:
+        return Resources(cpus=1, gpus=config.gpus, batch_size=config.batch_size, actor=True)
+
+    @classmethod
+    def preflight(cls, config: TagConfig) -> None:
+        from facecap.pipeline import models
+
+        for name in config.backends:
+            for model in OFFLINE.get(name, Backend).models:
+                models.resolve(model)
+        if "celeba" in config.backends and not config.celeba_checkpoint:
+            raise ConfigError(
+                "tag backend celeba needs tag.celeba_checkpoint: a ResNet-50 CelebA-40 checkpoint or ONNX export "
+                "(FaceCaption-15M's classifier; docs/attributes.md says how to provide it)"
+            )
+        unknown = sorted(set(config.thresholds) - set(CELEBA40))
+        if unknown:
+            raise ConfigError(f"tag.thresholds: not CelebA attributes: {', '.join(unknown)}")
+
+    def setup(self) -> None:
+        threads = worker_threads()
+        if threads:
+            cv2.setNumThreads(threads)
+        use_gpu = self.config.gpus > 0
+        for name in self.config.backends:
+            if name in OFFLINE:
+                self.backends.append(OFFLINE[name](use_gpu=use_gpu))
+            elif name == "celeba":
+                from facecap.stages.tag.learned import CelebaResnet
+
+                self.backends.append(CelebaResnet(self.config.celeba_checkpoint or "", use_gpu=use_gpu))
+            else:
+                from facecap.stages.tag.learned import ClipZeroShot
+
+                self.backends.append(ClipZeroShot(self.config.clip_model, self.config.clip_pretrained, use_gpu))
+
+    def process(self, batch: Batch) -> Output:
+        rows = batch.rows.reset_index(drop=True)
+        faces, usable = self._faces(batch, rows)
+        values: list[dict[str, Any]] = [{} for _ in range(len(rows))]
+        sources: list[dict[str, str]] = [{} for _ in range(len(rows))]
+        for backend in self.backends:
+            for start in range(0, len(faces), self.config.batch_size):
+                chunk = Faces(
+                    *(
+                        part[start : start + self.config.batch_size]
+                        for part in (faces.aligned, faces.landmarks, faces.squares)
+                    )
+                )
+                for offset, predicted in enumerate(backend.predict(chunk)):
+                    row = usable[start + offset]
+                    for attribute, value in predicted.items():
+                        if attribute not in values[row] and not missing(value):
+                            values[row][attribute] = value
+                            sources[row][attribute] = backend.name
+        return Output(rows=self._rows(rows, values, sources, usable))
+
+    def _faces(self, batch: Batch, rows: pd.DataFrame) -> tuple[Faces, list[int]]:
+        aligned, landmarks, squares, usable = [], [], [], []
+        for i, (key, points) in enumerate(zip(rows["key"], rows["landmarks"], strict=True)):
+            crop = decode_bgr(batch.media.get("aligned112", {}).get(key))
+            if crop is None or points is None or len(points) != 10:
+                continue
+            aligned.append(crop)
+            landmarks.append(np.asarray(points, np.float32).reshape(5, 2))
+            squares.append(decode_bgr(batch.media.get("square", {}).get(key)))
+            usable.append(i)
+        return Faces(aligned, landmarks, squares), usable
+
+    def _rows(self, rows: pd.DataFrame, values: list[dict], sources: list[dict], usable: list[int]) -> pd.DataFrame:
+        out = rows.copy()
+        table = {column: [None] * len(rows) for column in COLUMNS}
+        statuses, errors = [], []
+        usable_set = set(usable)
+        for i in range(len(rows)):
+            for attribute, value in values[i].items():
+                column = attribute_column(attribute)
+                if column in table:
+                    table[column][i] = value
+            table["attr_backends"][i] = json.dumps(sources[i], sort_keys=True)
+            confident = [
+                a for a in CELEBA40 if _above(values[i].get(a), self.config.thresholds.get(a, self.config.threshold))
+            ]
+            table["confident_attributes"][i] = confident
+            if i not in usable_set:
+                statuses.append(self.reject("undecodable"))
+                errors.append("the aligned 112 crop or the landmarks of this face are unusable")
+            elif len(confident) < self.config.min_confident:
+                statuses.append(self.reject("too_few_attributes"))
+                errors.append(
+                    f"{len(confident)} attributes above {self.config.threshold} (need {self.config.min_confident})"
+                    + (f": {', '.join(confident)}" if confident else "")
+                )
+            else:
+                statuses.append(self.ok())
+                errors.append(None)
+        for column, column_values in table.items():
+            out[column] = column_values
+        out["status"], out["error"] = statuses, errors
+        return out
+
+
+def _above(value: Any, threshold: float) -> bool:
+    return value is not None and not missing(value) and float(value) > threshold

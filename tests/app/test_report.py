@@ -1,0 +1,82 @@
+"""The report: one self-contained HTML page that renders every section in headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import insightface
+import pytest
+from facecap.cli import app
+from helpers import run_recipe
+from typer.testing import CliRunner
+
+REPO = Path(__file__).resolve().parent.parent.parent
+GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+SECTIONS = (
+    "funnel",
+    "reasons",
+    "throughput",
+    "distributions",
+    "attributes",
+    "demographics",
+    "duplicates",
+    "contact-sheet",
+)
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory, face_photos):
+    photos = {"group.jpg": GROUP.read_bytes(), "group_copy.jpg": GROUP.read_bytes()}  # a duplicate for dedup
+    photos.update(
+        {n.replace("/", "_"): (face_photos / n).read_bytes() for n in ("deepface/img1.jpg", "nonface/sheep.jpg")}
+    )
+    final = run_recipe(tmp_path_factory.mktemp("report"), photos, {"tag": {"min_confident": 0}}, ("/status/404",))
+    return final.parent
+
+
+def test_report_has_every_section_and_needs_no_network(run_folder, tmp_path):
+    out = tmp_path / "report.html"
+    result = CliRunner().invoke(app, ["report", str(run_folder), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in page, section
+    assert "dedup:exact" in page and "detect:no_face" in page and "download:http_404" in page
+    assert "No data: run" not in page  # every stage ran, so every section has data
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert sources and all(s.startswith("data:") for s in sources)  # self-contained
+    assert "<script" not in page
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium_without_console_errors(run_folder, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Chromium is needed for this test: apt-get install chromium (make test installs it as root)"
+    out = tmp_path / "report.html"
+    assert CliRunner().invoke(app, ["report", str(run_folder), "--out", str(out)]).exit_code == 0
+    profile = tmp_path / "profile"
+    base = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0"]
+    dom = subprocess.run([*base, "--dump-dom", f"file://{out}"], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for section in SECTIONS:
+        assert f'id="{section}"' in dom.stdout, section
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+    shot = tmp_path / "report.png"
+    rendered = subprocess.run(
+        [*base, f"--screenshot={shot}", "--window-size=1200,2400", f"file://{out}"], capture_output=True, timeout=120
+    )
+    assert rendered.returncode == 0 and shot.stat().st_size > 50_000

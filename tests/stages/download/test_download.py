@@ -1,0 +1,269 @@
+"""The download stage end to end: a hostile loopback corpus, every row accounted for."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import threading
+import time
+from collections import Counter
+
+import hostile
+import psutil
+import pytest
+from facecap.corpus_server import CorpusServer
+from facecap.pipeline.dataset import Dataset, TarShardReader
+from facecap.pipeline.executors import ProcessExecutor
+from facecap.pipeline.storage import Storage
+from facecap.stages.download.fetch import HttpSettings, SafetySettings
+from facecap.stages.download.stage import DownloadConfig, DownloadStage
+from facecap.stages.shared.images import ImageSettings
+from helpers import ingest, ray_executor, read_all, run
+from PIL import Image
+
+PHOTOS = ["deepface/img1.jpg", "deepface/img10.jpg", "deepface/img11.jpg"]
+
+
+def loopback_config(**image) -> DownloadConfig:
+    return DownloadConfig(
+        concurrency=8,
+        http=HttpSettings(total_timeout=3, read_timeout=2, retries=1, backoff=0.05),
+        safety=SafetySettings(allow_private_networks=True),
+        image=ImageSettings(**{"max_aspect_ratio": 10, "min_image_size": 16, **image}),
+    )
+
+
+@pytest.fixture
+def corpus(tmp_path, face_photos):
+    """Real photos plus every hostile answer; returns (server, csv path, expected status per URL)."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    for name in PHOTOS:
+        (folder / name.replace("/", "_")).write_bytes((face_photos / name).read_bytes())
+    hostile.write_hostile_files(folder, (face_photos / PHOTOS[0]).read_bytes())
+    server = CorpusServer(folder).start()
+    server.add("/html-as-jpeg", b"<html><body>404</body></html>", headers={"Content-Type": "image/jpeg"})
+    server.add("/noai", (face_photos / PHOTOS[1]).read_bytes(), headers={"X-Robots-Tag": "noai"})
+    expected = {f"/files/{n.replace('/', '_')}": "ok" for n in PHOTOS}
+    expected.update(
+        {
+            "/files/truncated.jpg": "download:truncated_image",
+            "/files/page.jpg": "download:not_an_image",
+            "/html-as-jpeg": "download:not_an_image",
+            "/files/vector.svg": "download:unsupported_format",
+            "/files/empty.jpg": "download:empty_body",
+            "/files/one_pixel.png": "download:too_small",
+            "/files/sliver.png": "download:aspect_ratio",
+            "/files/bomb.png": "download:too_many_pixels",
+            "/files/garbage.jpg": "download:not_an_image",
+            "/files/cmyk.jpg": "ok",
+            "/files/sixteen_bit.png": "ok",
+            "/files/animated.gif": "ok",
+            "/files/rotated_gps.jpg": "ok",
+            "/files/upright_gps.jpg": "ok",
+            "/files/palette_alpha.png": "ok",
+            "/files/absent.jpg": "download:http_404",
+            "/status/500": "download:http_500",
+            "/status/429?retry_after=0": "download:http_429",
+            "/redirect-loop": "download:too_many_redirects",
+            "/slow-drip": "download:timeout",
+            "/endless": "download:too_large",
+            "/wrong-length": "download:bad_content_length",
+            "/gzip-bomb": "download:too_large",
+            "/noai": "download:opted_out_header",
+            "/redirect?to=http://169.254.169.254/latest/meta-data/": "download:blocked_address",
+        }
+    )
+    lines = ["url,caption"] + [f"{server.url(path)},caption for {path.replace(',', ' ')}" for path in expected]
+    lines += ["not a url,bad", f"{server.url('/files/cmyk.jpg')},a repeat"]
+    csv = tmp_path / "urls.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    yield server, csv, {server.url(p): s for p, s in expected.items()}
+    server.stop()
+
+
+def test_hostile_corpus_every_row_gets_its_own_status(corpus, tmp_path):
+    _server, csv, expected = corpus
+    assert ingest(csv, tmp_path / "ingest", shard_size=12).ok
+    peak = _peak_rss_while(lambda: run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=loopback_config()))
+    rows = read_all(tmp_path / "dl").to_pandas()
+    assert len(rows) == len(expected) + 2  # the funnel: every input row is still here
+    firsts = rows[rows.status != "ingest:duplicate_url"]
+    by_url = dict(zip(firsts.url, firsts.status, strict=True))
+    for url, status in expected.items():
+        assert by_url[url] == status, (url, rows[rows.url == url].error.tolist())
+    assert Counter(rows.status)["ingest:invalid_url"] == 1
+    assert Counter(rows.status)["ingest:duplicate_url"] == 1
+    failed = rows[rows.status.str.startswith("download:")]
+    assert failed.error.notna().all() and (failed.error.str.len() > 3).all()
+    assert peak < 600, f"worker memory grew by {peak:.0f} MB"
+    summary = Dataset(Storage(str(tmp_path / "dl"))).summary()
+    assert summary["rows"] == len(rows) == sum(summary["by_status"].values())
+
+
+def test_stored_images_are_clean_rgb_and_match_their_rows(corpus, tmp_path):
+    _server, csv, _ = corpus
+    ingest(csv, tmp_path / "ingest", shard_size=100)
+    run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=loopback_config())
+    rows = read_all(tmp_path / "dl").to_pandas().set_index("key")
+    ok = rows[rows.status == "ok"]
+    with TarShardReader(Storage(str(tmp_path / "dl")), "part-00000.tar") as tar:
+        assert tar.stored_keys() == sorted(ok.index)
+        for key, row in ok.iterrows():
+            members = tar.get(key)
+            assert set(members) == {"jpg", "json"}
+            assert hashlib.sha256(members["jpg"]).hexdigest() == row.sha256
+            assert len(members["jpg"]) == row.bytes
+            image = Image.open(io.BytesIO(members["jpg"]))
+            assert image.mode == "RGB" and image.size == (row.width, row.height)
+            assert not image.getexif(), f"{row.url} kept EXIF"
+            assert json.loads(members["json"])["url"] == row.url
+    rotated = ok[ok.url.str.endswith("rotated_gps.jpg")].iloc[0]
+    assert (rotated.width, rotated.height) == (200, 300) and rotated.reencoded
+    original = ok[ok.url.str.endswith("img10.jpg")].iloc[0]
+    assert not original.reencoded and original.http_status == 200 and original.mime == "image/jpeg"
+    assert (ok.fetch_seconds > 0).all() and (ok.attempts == 1).all()
+    with tarfile.open(tmp_path / "dl" / "part-00000.tar") as archive:
+        names = archive.getnames()
+    assert names == sorted(names)
+
+
+def test_resize_on_download_and_webp_output(corpus, tmp_path):
+    _server, csv, _ = corpus
+    ingest(csv, tmp_path / "ingest", shard_size=100)
+    config = loopback_config(resize_mode="keep_ratio_largest", image_size=128, output_format="webp")
+    run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=config)
+    rows = read_all(tmp_path / "dl").to_pandas()
+    ok = rows[rows.status == "ok"]
+    assert (ok[["width", "height"]].max(axis=1) <= 128).all()
+    manifest = Dataset(Storage(str(tmp_path / "dl"))).require_manifest()
+    assert manifest.media["image"].ext == "webp"
+    with TarShardReader(Storage(str(tmp_path / "dl")), "part-00000.tar") as tar:
+        first = tar.get(ok.key.iloc[0])
+    assert Image.open(io.BytesIO(first["webp"])).format == "WEBP"
+
+
+def test_private_networks_are_refused_by_default(corpus, tmp_path):
+    server, csv, _expected = corpus
+    ingest(csv, tmp_path / "ingest", shard_size=100)
+    run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=DownloadConfig())
+    rows = read_all(tmp_path / "dl").to_pandas()
+    judged = rows[~rows.status.str.startswith("ingest:")]
+    assert set(judged.status) == {"download:blocked_address"}
+    assert server.hits.total() == 0
+
+
+def test_retry_failed_redoes_only_transient_rows(tmp_path, face_photos):
+    folder = tmp_path / "served"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes((face_photos / PHOTOS[1]).read_bytes())
+    with CorpusServer(folder) as server:
+        urls = [server.url("/files/a.jpg"), server.url("/flaky/a.jpg?fail=3"), server.url("/files/gone.jpg")]
+        csv = tmp_path / "urls.csv"
+        csv.write_text("url,caption\n" + "\n".join(f"{u},c" for u in urls) + "\n")
+        ingest(csv, tmp_path / "ingest")
+        config = loopback_config()
+        config.http.retries = 0
+        run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=config)
+        first = read_all(tmp_path / "dl").to_pandas().set_index("url")
+        assert first.loc[urls[1], "status"] == "download:http_503"
+        tar_before = TarShardReader(Storage(str(tmp_path / "dl")), "part-00000.tar")
+        kept_member = tar_before.get(first.loc[urls[0], "key"])
+        tar_before.close()
+        server.hits.clear()
+        server.hits["/flaky/a.jpg"] = 3  # the flaky URL now answers
+        result = run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=config, revisit=True)
+        assert result.processed == 1
+        assert server.hits["/files/a.jpg"] == 0 and server.hits["/files/gone.jpg"] == 0  # nothing else refetched
+    second = read_all(tmp_path / "dl").to_pandas().set_index("url")
+    assert second.loc[urls[1], "status"] == "ok"
+    assert second.loc[urls[2], "status"] == "download:http_404"
+    assert second.loc[urls[0], "sha256"] == first.loc[urls[0], "sha256"]
+    with TarShardReader(Storage(str(tmp_path / "dl")), "part-00000.tar") as tar:
+        assert tar.get(first.loc[urls[0], "key"]) == kept_member
+        assert len(tar.stored_keys()) == 2
+    assert Dataset(Storage(str(tmp_path / "dl"))).summary()["rows"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["ray", "processes"])
+def test_download_on_ray_and_on_a_process_pool(corpus, tmp_path, where, request):
+    _server, csv, expected = corpus
+    ingest(csv, tmp_path / "ingest", shard_size=8)
+    if where == "ray":
+        request.getfixturevalue("ray_local")
+        executor = ray_executor()
+    else:
+        executor = ProcessExecutor(2)
+    result = run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=loopback_config(), executor=executor)
+    assert result.ok and result.shards == 4
+    rows = read_all(tmp_path / "dl").to_pandas()
+    firsts = rows[rows.status != "ingest:duplicate_url"]
+    by_url = dict(zip(firsts.url, firsts.status, strict=True))
+    assert {url: by_url[url] for url in expected} == expected
+
+
+def _peak_rss_while(action) -> float:
+    """Peak growth (MB) of this process's memory while ``action`` runs."""
+    process = psutil.Process()
+    base = process.memory_info().rss
+    peak = base
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        action()
+    finally:
+        done.set()
+        sampler.join()
+    return (peak - base) / 2**20
+
+
+@pytest.mark.slow
+def test_ten_thousand_loopback_urls_with_five_percent_broken(tmp_path, face_photos, ray_local):
+    folder = tmp_path / "served"
+    folder.mkdir()
+    photos = sorted((face_photos / "deepface").glob("img*.jpg"))[:20]
+    for i, photo in enumerate(photos):
+        with Image.open(photo) as image:
+            image.convert("RGB").resize((96, 120)).save(folder / f"p{i}.jpg", quality=80)
+    (folder / "cut.jpg").write_bytes((folder / "p0.jpg").read_bytes()[:900])
+    n = 10_000
+    urls, expected_broken = [], 0
+    with CorpusServer(folder) as server:
+        for i in range(n):
+            if i % 20 == 3:
+                urls.append(server.url(f"/files/missing{i}.jpg"))
+                expected_broken += 1
+            elif i % 40 == 11:
+                urls.append(server.url(f"/files/cut.jpg?n={i}"))
+                expected_broken += 1
+            else:
+                urls.append(server.url(f"/files/p{i % len(photos)}.jpg?n={i}"))
+        csv = tmp_path / "urls.csv"
+        csv.write_text("url,caption\n" + "\n".join(f"{u},photo {i}" for i, u in enumerate(urls)) + "\n")
+        ingest(csv, tmp_path / "ingest", shard_size=2500)
+        config = loopback_config()
+        config.concurrency = 16
+        config.http.per_host_concurrency = 16
+        result = run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=config, executor=ray_executor())
+    assert result.ok and result.shards == 4
+    summary = Dataset(Storage(str(tmp_path / "dl"))).summary()
+    assert summary["rows"] == n == sum(summary["by_status"].values())
+    assert summary["by_status"]["download:http_404"] == n // 20
+    assert summary["by_status"]["download:truncated_image"] == expected_broken - n // 20
+    assert summary["by_status"]["ok"] == n - expected_broken
+    keys = set()
+    for shard in range(4):
+        with TarShardReader(Storage(str(tmp_path / "dl")), f"part-{shard:05d}.tar") as tar:
+            keys.update(tar.stored_keys())
+    assert len(keys) == n - expected_broken

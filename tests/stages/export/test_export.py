@@ -1,0 +1,104 @@
+"""Exported shards load in the libraries trainers use: webdataset, a PyTorch DataLoader over
+workers, Hugging Face datasets and pandas; counts, keys and contents match the source."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import insightface
+import pandas as pd
+import pytest
+from facecap.cli import app
+from facecap.pipeline.errors import FacecapError
+from facecap.stages.export.export import ExportSettings, export
+from helpers import read_all, run_recipe
+from typer.testing import CliRunner
+
+REPO = Path(__file__).resolve().parent.parent.parent
+GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, face_photos):
+    """The demo recipe end to end (in-process) on a group photo and two portraits."""
+    photos = {"group.jpg": GROUP.read_bytes()}
+    photos.update(
+        {
+            n.replace("/", "_"): (face_photos / n).read_bytes()
+            for n in ("deepface/img1.jpg", "face_recognition/obama.jpg")
+        }
+    )
+    # The default crops (no tight box), and every face kept by tag.
+    changes = {"tag": {"min_confident": 0}, "detect": {"crops": ["square", "aligned112"]}}
+    final = run_recipe(tmp_path_factory.mktemp("export"), photos, changes)
+    source = read_all(final).to_pandas()
+    return final, source[source.status == "ok"].set_index("key")
+
+
+def test_webdataset_shards_read_back_with_webdataset_and_a_dataloader(finished, tmp_path):
+    import webdataset as wds
+    from torch.utils.data import DataLoader
+
+    final, ok = finished
+    out = tmp_path / "wds"
+    result = CliRunner().invoke(app, ["export", str(final), str(out), "--shard-samples", "3", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "train.json").read_text())
+    assert index["__kind__"] == "wids-shard-index-v1" and sum(s["nsamples"] for s in index["shardlist"]) == len(ok)
+    urls = [str(out / s["url"]) for s in index["shardlist"]]
+    for url in urls:
+        with tarfile.open(url) as tar:
+            names = tar.getnames()
+        assert names == sorted(names) and all("/" not in n and ".." not in n for n in names)
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
+    assert sorted(s["__key__"] for s in samples) == sorted(ok.index)
+    for sample in samples:
+        row = ok.loc[sample["__key__"]]
+        assert sample["txt"] == row.caption[0]
+        assert sample["json"]["url"] == row.url and sample["json"]["box"] == pytest.approx(list(row.box), abs=1e-3)
+        assert sample["jpg"].shape[:2] == (512, 512)
+    dataset = wds.WebDataset(
+        urls, shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker
+    )
+    loader = DataLoader(dataset.to_tuple("__key__", "txt"), batch_size=None, num_workers=2)
+    assert sorted(key for key, _ in loader) == sorted(ok.index)
+
+
+def test_the_shuffle_is_global_seeded_and_the_split_keeps_identities_apart(finished, tmp_path):
+    final, ok = finished
+    first = export(str(final), str(tmp_path / "a"), ExportSettings(shard_samples=2, seed=3, val_fraction=0.4))
+    again = export(str(final), str(tmp_path / "b"), ExportSettings(shard_samples=2, seed=3, val_fraction=0.4))
+    assert first.shards == again.shards
+    assert sum(first.samples.values()) == len(ok)
+    same = export(str(final), str(tmp_path / "a"), ExportSettings(shard_samples=2, seed=3, val_fraction=0.4))
+    assert same.skipped_existing == len(first.shards["train"]) + len(first.shards.get("val", []))  # resumed
+    with pytest.raises(FacecapError, match="other settings"):
+        export(str(final), str(tmp_path / "a"), ExportSettings(shard_samples=5))
+    with pytest.raises(FacecapError, match="stores no 'box' crops"):
+        export(str(final), str(tmp_path / "c"), ExportSettings(crop="box"))
+
+
+def test_parquet_export_loads_in_datasets_and_pandas(finished, tmp_path, monkeypatch):
+    final, ok = finished
+    out = tmp_path / "parquet"
+    result = CliRunner().invoke(app, ["export", str(final), str(out), "--format", "parquet"])
+    assert result.exit_code == 0, result.output
+    files = sorted(str(p) for p in out.glob("train-*.parquet"))
+    frame = pd.concat(pd.read_parquet(f) for f in files)
+    assert list(frame.columns[:5]) == ["_id", "url", "caption", "laion_caption", "box"]
+    assert sorted(frame._id) == sorted(ok.index)
+    row = frame.set_index("_id").loc[ok.index[0]]
+    assert json.loads(row.box) == [round(v) for v in ok.iloc[0].box] and list(row.laion_caption) == [
+        ok.iloc[0].alt_text
+    ]
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import datasets
+
+    loaded = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    assert loaded.num_rows == len(ok) and set(loaded["_id"]) == set(ok.index)
+    assert isinstance(loaded[0]["caption"], list)
+    os.environ.pop("HF_DATASETS_OFFLINE", None)
