@@ -137,7 +137,7 @@ def _print_result(result: StageResult) -> None:
     if result.nothing_to_do:
         out_console.print(f"{result.stage}: all {result.shards} shards already done in {result.output}; nothing to do")
         return
-    summary = Dataset(Storage(result.output)).summary()
+    summary = Dataset.at(result.output).summary()
     line = (
         f"{result.stage}: {summary['shards']['done']}/{result.shards} shards done "
         f"({result.processed} now, {result.skipped} already), {summary['rows']:,} rows, "
@@ -290,7 +290,7 @@ def _skipped(recipe: RecipeBase, step: Step) -> bool:
     """A stage whose media its parent already holds (download after an img2dataset ingest)."""
     if not step.stage.skip_if_parent_has or step.input is None:
         return False
-    manifest = Dataset(Storage(step.input, recipe.storage.options())).manifest()
+    manifest = Dataset.at(step.input, recipe.storage.options()).manifest()
     return manifest is not None and all(m in manifest.media for m in step.stage.skip_if_parent_has)
 
 
@@ -303,10 +303,10 @@ def _print_plan(recipe: RecipeBase, steps) -> None:
             skip_stage(steps, number - 1)
             table.add_row(str(number), step.stage.name, step.input, "-", "-", "skipped: media already there")
             continue
-        res = step.stage.resources_for(getattr(recipe, step.stage.name))
+        res = step.stage.spec(getattr(recipe, step.stage.name)).resources
         kind = "actors" if res.actor else "tasks"
         reads = step.input or ", ".join(getattr(recipe, step.stage.name).input) or "(input)"
-        manifest = Dataset(Storage(step.output, recipe.storage.options())).manifest()
+        manifest = Dataset.at(step.output, recipe.storage.options()).manifest()
         state = "new" if manifest is None else ("complete" if manifest.complete else "partial (will resume)")
         resources = f"{kind}, {res.cpus:g} cpu, {res.gpus:g} gpu, batch {res.batch_size}"
         table.add_row(str(number), step.stage.name, reads, step.output, resources, state)
@@ -342,7 +342,7 @@ def _summaries(storage: Storage) -> list[dict[str, Any]]:
         return [dataset.summary()]
     found = []
     for name in REGISTRY:  # a run folder: one dataset per stage, in pipeline order
-        child = Dataset(Storage(storage.uri(name), storage.options))
+        child = Dataset.at(storage.uri(name), storage.options)
         if child.manifest() is not None:
             found.append(child.summary())
     if not found:

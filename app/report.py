@@ -41,7 +41,7 @@ class StageData:
 def chain(directory: str, options: StorageOptions | None = None) -> list[StageData]:
     """The datasets from ingest to ``directory`` (a stage dataset, or a run folder: its last stage)."""
     options = options or StorageOptions.from_env()
-    dataset = Dataset(Storage(directory, options))
+    dataset = Dataset.at(directory, options)
     manifest = dataset.manifest()
     if manifest is None:
         manifest, dataset = _last_stage_of_run(directory, options)
@@ -50,7 +50,7 @@ def chain(directory: str, options: StorageOptions | None = None) -> list[StageDa
         stages.append(StageData(manifest.stage, dataset, manifest, _rows(dataset)))
         if not manifest.parent:
             break
-        dataset = Dataset(Storage(manifest.parent, options))
+        dataset = Dataset.at(manifest.parent, options)
         parent = dataset.manifest()
         if parent is None:
             break
@@ -63,7 +63,7 @@ def _last_stage_of_run(directory: str, options: StorageOptions) -> tuple[Manifes
     found = []
     for info in storage.fs.get_file_info(pafs.FileSelector(storage._base, recursive=False)):
         if info.type == pafs.FileType.Directory:
-            candidate = Dataset(Storage(f"{storage.root}/{info.base_name}", options))
+            candidate = Dataset.at(f"{storage.root}/{info.base_name}", options)
             manifest = candidate.manifest()
             if manifest is not None:
                 found.append((manifest, candidate))

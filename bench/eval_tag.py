@@ -106,14 +106,14 @@ def main() -> None:
             flipped = stage.detector.detect_batch([mirrored])[0]
             if flipped and abs(yaw) > 8:
                 other = max(flipped, key=lambda f: float(f.box[2] - f.box[0]))
-                from facecap.stages.quality.measures import head_pose
+                from facecap.stages.shared.geometry import head_pose
 
                 yaw_flips.append(np.sign(head_pose(other.landmarks)[0]) == -np.sign(yaw))
             height, width = image.shape[:2]
             rotated = cv2.warpAffine(image, cv2.getRotationMatrix2D((width / 2, height / 2), -20, 1.0), (width, height))
             turned = stage.detector.detect_batch([rotated])[0]
             if turned:
-                from facecap.stages.quality.measures import head_pose
+                from facecap.stages.shared.geometry import head_pose
 
                 roll_before = head_pose(face.landmarks)[2]
                 roll_after = head_pose(max(turned, key=lambda f: float(f.box[2] - f.box[0])).landmarks)[2]

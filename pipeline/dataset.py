@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from facecap import __version__
 from facecap.pipeline.errors import DatasetError
 from facecap.pipeline.status import OK
-from facecap.pipeline.storage import Storage
+from facecap.pipeline.storage import Storage, StorageOptions
 
 FORMAT_VERSION = 1
 MANIFEST = "_manifest.json"
@@ -124,6 +124,11 @@ class Dataset:
 
     def __init__(self, storage: Storage):
         self.storage = storage
+
+    @classmethod
+    def at(cls, uri: str, options: StorageOptions | None = None) -> Dataset:
+        """The dataset in folder ``uri`` (local or ``s3://``)."""
+        return cls(Storage(uri, options))
 
     @property
     def uri(self) -> str:

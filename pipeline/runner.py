@@ -44,6 +44,18 @@ class StageResult:
 
 
 @dataclass
+class _Run:
+    """One pass of a stage over its shards: what runs, where, and what it has done so far."""
+
+    job: StageJob
+    executor: Executor
+    runner: RunnerConfig
+    out: Dataset
+    result: StageResult
+    progress: StageProgress
+
+
+@dataclass
 class _Work:
     shard: int
     source: pa.Table | None
@@ -63,12 +75,12 @@ def run_stage(
     progress = progress or Quiet()
     started = time.perf_counter()
     job.stage_cls.preflight(job.config)
-    out = Dataset(Storage(job.output, job.storage))
+    out = Dataset.at(job.output, job.storage)
     parent = _check_parent(job) if not job.stage_cls.source else None
     if job.stage_cls.source and source is None:
         raise ValueError(f"stage {job.name} reads outside input: pass a Source")
     if parent is not None:
-        job = replace(job, media={ext: parent[1].media[ext] for ext in job.stage_cls.media_reads(job.config)})
+        job = replace(job, media={ext: parent[1].media[ext] for ext in job.spec.reads})
     identity = config_hash(
         {
             "job": job.config_hash,
@@ -99,7 +111,7 @@ def run_stage(
         return result
 
     media = dict(parent[1].media) if parent else dict(source.media if source else {})
-    for name, ext in job.stage_cls.media_extensions(job.config).items():
+    for name, ext in job.spec.writes.items():
         media[name] = MediaRef(root=out.uri, ext=None if ext == name else ext)
     manifest = Manifest(
         stage=job.name,
@@ -114,17 +126,14 @@ def run_stage(
     if not out.storage.remote:
         out.storage.remove_temporaries()
 
+    run = _Run(job, executor, runner, out, result, progress)
     with progress:
         progress.set_total(manifest.num_shards)
         if source:
-            work = _source_work(job, source, out, runner, result, progress)
-            _dispatch(job, work, executor, runner, out, result, progress)
+            _dispatch(run, _source_work(run, source))
         # A global stage whose pass 1 left shards failed decides nothing: those are recorded as failed.
-        elif not job.stage_cls.is_global(job.config) or _global_passes(
-            job, parent, out, executor, runner, result, progress
-        ):
-            work = _parent_work(parent, out, runner, result, progress, job.stage_cls, job.revisit)
-            _dispatch(job, work, executor, runner, out, result, progress)
+        elif not job.spec.global_passes or _global_passes(run, parent):
+            _dispatch(run, _parent_work(run, parent))
         progress.set_total(result.shards)
 
     manifest.num_shards = result.shards
@@ -134,26 +143,19 @@ def run_stage(
     return result
 
 
-def _global_passes(
-    job: StageJob,
-    parent: tuple[Dataset, Manifest],
-    out: Dataset,
-    executor: Executor,
-    runner: RunnerConfig,
-    result: StageResult,
-    progress: StageProgress,
-) -> bool:
+def _global_passes(run: _Run, parent: tuple[Dataset, Manifest]) -> bool:
     """Passes 1 and 2 of a global stage; False when some shard could not be summarized.
 
     Pass 1 resumes like any stage (per-shard done markers under ``_summary``). The plan is
     made again only when the summaries changed since the last plan, and a new plan
     invalidates the shards the last pass finished with the old one.
     """
-    summaries = Dataset(Storage(summary_uri(out.uri), job.storage))
+    job, out, result, runner, progress = run.job, run.out, run.result, run.runner, run.progress
+    summaries = Dataset.at(summary_uri(out.uri), job.storage)
     summary_result = StageResult(stage=job.name, output=summaries.uri)
     progress.phase(f"{job.name} 1/3 summarize")
-    work = _parent_work(parent, summaries, runner, summary_result, progress, job.stage_cls, False)
-    _dispatch(replace(job, phase="summarize"), work, executor, runner, summaries, summary_result, progress)
+    first = replace(run, job=replace(job, phase="summarize", revisit=False), out=summaries, result=summary_result)
+    _dispatch(first, _parent_work(first, parent))
     if summary_result.failed:
         for shard, error in summary_result.failed.items():
             out.mark_failed(shard, f"summarize: {error}", attempts=runner.max_retries + 1)
@@ -227,11 +229,11 @@ class _DatasetSummaries(Summaries):
 def _check_parent(job: StageJob) -> tuple[Dataset, Manifest]:
     if not job.parent:
         raise DatasetError(f"stage {job.name} needs an input dataset")
-    parent = Dataset(Storage(job.parent, job.storage))
+    parent = Dataset.at(job.parent, job.storage)
     manifest = parent.require_manifest()
     if manifest.num_shards is None:
         raise DatasetError(f"{parent.uri}: its '{manifest.stage}' run did not finish; run it again first")
-    missing_media = [ext for ext in job.stage_cls.media_reads(job.config) if ext not in manifest.media]
+    missing_media = [ext for ext in job.spec.reads if ext not in manifest.media]
     if missing_media:
         raise DatasetError(
             f"stage {job.name} needs '{missing_media[0]}' media, but no stage up to {parent.uri} "
@@ -250,16 +252,10 @@ def _check_parent(job: StageJob) -> tuple[Dataset, Manifest]:
     return parent, manifest
 
 
-def _parent_work(
-    parent: tuple[Dataset, Manifest],
-    out: Dataset,
-    runner: RunnerConfig,
-    result: StageResult,
-    progress: StageProgress,
-    stage_cls: type[Stage],
-    revisit: bool,
-) -> Iterator[_Work]:
+def _parent_work(run: _Run, parent: tuple[Dataset, Manifest]) -> Iterator[_Work]:
     dataset, manifest = parent
+    out, runner, result, progress = run.out, run.runner, run.result, run.progress
+    stage_cls, revisit = run.job.stage_cls, run.job.revisit
     for shard in range(manifest.num_shards or 0):
         result.shards += 1
         if out.is_done(shard, runner.verify):
@@ -284,14 +280,8 @@ def _has_retryable_rows(out: Dataset, shard: int, stage_cls: type[Stage]) -> boo
     return stats is None or any(stage_cls.retryable(status) for status in stats.by_status)
 
 
-def _source_work(
-    job: StageJob,
-    source: Source,
-    out: Dataset,
-    runner: RunnerConfig,
-    result: StageResult,
-    progress: StageProgress,
-) -> Iterator[_Work]:
+def _source_work(run: _Run, source: Source) -> Iterator[_Work]:
+    job, out, runner, result, progress = run.job, run.out, run.runner, run.result, run.progress
     driver_stage = job.stage_cls(job.config)  # only for prepare_in_order: no models loaded here
     for piece in source.shards():
         result.shards += 1
@@ -319,16 +309,9 @@ def _prepared_table(frame, schema: pa.Schema) -> pa.Table:
     return _from_pandas(frame, pa.schema(fields))
 
 
-def _dispatch(
-    job: StageJob,
-    work: Iterator[_Work],
-    executor: Executor,
-    runner: RunnerConfig,
-    out: Dataset,
-    result: StageResult,
-    progress: StageProgress,
-) -> None:
-    capacity = executor.start(job)
+def _dispatch(run: _Run, work: Iterator[_Work]) -> None:
+    executor, runner, out, result, progress = run.executor, run.runner, run.out, run.result, run.progress
+    capacity = executor.start(run.job)
     in_flight: dict[int, _Work] = {}
 
     def settle(outcomes: list[Outcome]) -> None:

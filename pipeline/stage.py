@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import pandas as pd
@@ -39,6 +39,21 @@ class Resources:
     gpus: float = 0.0
     batch_size: int = 256
     actor: bool = False
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage needs and makes under one config: the one answer runner, workers and executors use.
+
+    ``reads``: media name -> the column holding its key; ``writes``: media name -> tar extension
+    (``image`` stored as ``.jpg``, say); ``global_passes``: summarize, plan and apply instead of one
+    pass per shard.
+    """
+
+    resources: Resources
+    reads: dict[str, str] = field(default_factory=dict)
+    writes: dict[str, str] = field(default_factory=dict)
+    global_passes: bool = False
 
 
 @dataclass
@@ -107,7 +122,7 @@ class Stage(ABC):
     # comes from whichever ancestor dataset (or img2dataset folder) stored it.
     reads_media: ClassVar[dict[str, str]] = {}
     # Media it writes into its own tar shards (a name is also the tar extension unless
-    # ``media_extensions`` says otherwise, e.g. "image" stored as ".jpg").
+    # ``spec`` says otherwise, e.g. "image" stored as ".jpg").
     writes_media: ClassVar[tuple[str, ...]] = ()
     resources: ClassVar[Resources] = Resources()
     # Rows with the same value of this column are never split across batches (all faces of one
@@ -134,19 +149,17 @@ class Stage(ABC):
         raise TypeError(f"stage {cls.name} reads a parent dataset, not outside input")
 
     @classmethod
-    def resources_for(cls, config: StageConfig) -> Resources:
-        """What a worker needs under this config (a stage may ask for a GPU fraction by config)."""
-        return cls.resources
+    def spec(cls, config: StageConfig) -> StageSpec:
+        """What the stage needs and makes under ``config``: by default its class attributes.
 
-    @classmethod
-    def media_reads(cls, config: StageConfig) -> dict[str, str]:
-        """The media this stage reads under a config (a VLM captioner reads a crop, a grammar none)."""
-        return dict(cls.reads_media)
-
-    @classmethod
-    def media_extensions(cls, config: StageConfig) -> dict[str, str]:
-        """Tar member extension of each written media name (may depend on the config)."""
-        return {name: name for name in cls.writes_media}
+        A stage whose resources or media depend on its config (a GPU share, the crops it stores,
+        a VLM captioner that reads a crop) overrides this one method.
+        """
+        return StageSpec(
+            resources=cls.resources,
+            reads=dict(cls.reads_media),
+            writes={name: name for name in cls.writes_media},
+        )
 
     @classmethod
     def retryable(cls, status: str) -> bool:
@@ -176,11 +189,6 @@ class Stage(ABC):
         exception from it fails the shard (which the runner retries).
         """
 
-    @classmethod
-    def is_global(cls, config: StageConfig) -> bool:
-        """Whether this config needs whole-dataset passes; only a ``GlobalStage`` can say yes."""
-        return False
-
     # Helpers for subclasses -------------------------------------------------------------
     def reject(self, reason: str) -> str:
         return rejected(self.name, reason)
@@ -196,13 +204,13 @@ class GlobalStage(Stage):
     It runs in three passes, each resumable: ``summarize`` on the workers (per shard, reading
     media, writing compact per-row facts), ``plan`` on the driver (reads only the summary columns
     it asks for, decides, writes one plan table per shard), then ``process`` on the workers with
-    ``batch.plan`` (no media is read and ``setup`` is not called in that pass). A subclass may
-    override ``is_global`` to need the passes only under some configs (quality's ranking rules).
+    ``batch.plan`` (no media is read and ``setup`` is not called in that pass). A subclass's
+    ``spec`` may turn the passes off under some configs (quality without ranking rules).
     """
 
     @classmethod
-    def is_global(cls, config: StageConfig) -> bool:
-        return True
+    def spec(cls, config: StageConfig) -> StageSpec:
+        return replace(super().spec(config), global_passes=True)
 
     @abstractmethod
     def summarize(self, batch: Batch) -> pd.DataFrame:

@@ -6,13 +6,15 @@ actor or the current process.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import pandas as pd
 import pyarrow as pa
@@ -28,9 +30,12 @@ from facecap.pipeline.dataset import (
     config_hash,
     shard_name,
 )
-from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig
+from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
 from facecap.pipeline.status import OK, rejected
 from facecap.pipeline.storage import Storage, StorageOptions, join
+from facecap.pipeline.threads import apply_thread_budget
+
+T = TypeVar("T")
 
 MAX_ERROR_CHARS = 500
 SUMMARY_DIR, PLAN_DIR = "_summary", "_plan"
@@ -56,9 +61,14 @@ class StageJob:
     def name(self) -> str:
         return self.stage_cls.name
 
+    @functools.cached_property
+    def spec(self) -> StageSpec:
+        """Resources, media read and written, global or not: asked of the stage once per job."""
+        return self.stage_cls.spec(self.config)
+
     @property
     def resources(self) -> Resources:
-        return self.stage_cls.resources_for(self.config)
+        return self.spec.resources
 
     @property
     def config_hash(self) -> str:
@@ -73,13 +83,14 @@ def stage_for(job: StageJob) -> Stage:
 
     The last pass of a global stage only applies its plan, so it loads no models.
     """
-    applies_plan = job.phase == "process" and job.stage_cls.is_global(job.config)
+    applies_plan = job.phase == "process" and job.spec.global_passes
     cache_key = (job.stage_cls, job.config_hash, applies_plan)
     stage = _STAGE_CACHE.get(cache_key)
     if stage is None:
         _STAGE_CACHE.clear()  # one stage (and its models) in memory per worker
         stage = job.stage_cls(job.config)
         if not applies_plan:
+            apply_thread_budget()  # before setup: the models it loads size their pools by it
             stage.setup()
         _STAGE_CACHE[cache_key] = stage
     return stage
@@ -121,44 +132,34 @@ def process_shard(
         return summarize_shard(job, shard, attempt, node)
     started = time.perf_counter()
     timings: Counter[str] = Counter()
-    out = Dataset(Storage(job.output, job.storage))
+    out = Dataset.at(job.output, job.storage)
     revisit = job.revisit and source_table is None and out.is_done(shard, "none")
     table = source_table
     if table is None:
-        table = out.read_shard(shard) if revisit else Dataset(Storage(job.parent, job.storage)).read_shard(shard)
+        table = out.read_shard(shard) if revisit else Dataset.at(job.parent, job.storage).read_shard(shard)
     timings["read"] += time.perf_counter() - started
 
     schema = output_schema(table.schema, job.stage_cls)
     todo_table, kept = _split(job, table, schema, revisit)
     stage = stage_for(job) if todo_table.num_rows else None
     pieces: list[pa.Table] = [kept]
-    extensions = job.stage_cls.media_extensions(job.config)
+    extensions = job.spec.writes
     spool = SpooledTar() if extensions else None
-    plan = _ShardPlan.load(job, shard) if job.stage_cls.is_global(job.config) and todo_table.num_rows else None
+    plan = _ShardPlan.load(job, shard) if job.spec.global_passes and todo_table.num_rows else None
     try:
-        with ExitStack() as stack:
-            readers = {
-                name: stack.enter_context(_media_reader(job, name, shard))
-                for name in job.stage_cls.media_reads(job.config)
-                if todo_table.num_rows and plan is None
-            }
-            if revisit and spool is not None:
-                _carry_media(job, shard, kept, spool)
-            for start, stop in batch_bounds(todo_table, job.stage_cls.batch_by, job.resources.batch_size):
-                rows = todo_table.slice(start, stop - start).to_pandas()
-                t0 = time.perf_counter()
-                batch, missing = _attach_media(job, rows, readers) if plan is None else plan.attach(job.name, rows)
-                timings["read_media"] += time.perf_counter() - t0
-                if len(missing):
-                    pieces.append(_from_pandas(missing, schema))
-                t0 = time.perf_counter()
-                for result in _outputs(stage, batch):
-                    if len(result.rows):
-                        pieces.append(_from_pandas(result.rows, schema))
-                    if spool is not None:
-                        for key, media in result.media.items():
-                            spool.add(key, {extensions[name]: data for name, data in media.items()})
-                timings["process"] += time.perf_counter() - t0
+        if revisit and spool is not None:
+            _carry_media(job, shard, kept, spool)
+        for batch, missing in _batches(job, todo_table, shard, timings, plan):
+            if len(missing):
+                pieces.append(_from_pandas(missing, schema))
+            t0 = time.perf_counter()
+            for result in _outputs(stage, batch):
+                if len(result.rows):
+                    pieces.append(_from_pandas(result.rows, schema))
+                if spool is not None:
+                    for key, media in result.media.items():
+                        spool.add(key, {extensions[name]: data for name, data in media.items()})
+            timings["process"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         tar_digest = None
         if spool is not None:
@@ -185,6 +186,26 @@ def process_shard(
     return stats
 
 
+def _batches(
+    job: StageJob, table: pa.Table, shard: int, timings: Counter[str], plan: _ShardPlan | None = None
+) -> Iterator[tuple[Batch, pd.DataFrame]]:
+    """The stage's batches over ``table`` with what they need attached: their media (or, in a global
+    stage's last pass, their plan rows), and apart the rows whose media or decision is missing.
+
+    The one loop of both the per-shard pass and a global stage's summary pass.
+    """
+    if not table.num_rows:
+        return
+    with ExitStack() as stack:
+        readers = {} if plan else {n: stack.enter_context(_media_reader(job, n, shard)) for n in job.spec.reads}
+        for start, stop in batch_bounds(table, job.stage_cls.batch_by, job.resources.batch_size):
+            rows = table.slice(start, stop - start).to_pandas()
+            t0 = time.perf_counter()
+            attached = plan.attach(job.name, rows) if plan else _attach_media(job, rows, readers)
+            timings["read_media"] += time.perf_counter() - t0
+            yield attached
+
+
 def batch_bounds(table: pa.Table, group_column: str | None, batch_size: int) -> Iterator[tuple[int, int]]:
     """(start, stop) row ranges of about ``batch_size`` rows that never split a group."""
     size = max(1, batch_size)
@@ -209,22 +230,15 @@ def summarize_shard(job: StageJob, shard: int, attempt: int = 1, node: str | Non
     ``_error`` instead, so the last pass can give it that status; the shard still completes.
     """
     started = time.perf_counter()
-    table = Dataset(Storage(job.parent, job.storage)).read_shard(shard)
+    table = Dataset.at(job.parent, job.storage).read_shard(shard)
     todo = table.filter(pc.equal(table.column("status"), OK).fill_null(False))
     frames: list[pd.DataFrame] = []
-    if todo.num_rows:
-        stage = stage_for(job)
-        with ExitStack() as stack:
-            readers = {
-                name: stack.enter_context(_media_reader(job, name, shard))
-                for name in job.stage_cls.media_reads(job.config)
-            }
-            for start, stop in batch_bounds(todo, job.stage_cls.batch_by, job.resources.batch_size):
-                batch, missing = _attach_media(job, todo.slice(start, stop - start).to_pandas(), readers)
-                if len(missing):
-                    frames.append(_summary_failures(missing, "missing_media", list(missing["error"])))
-                if len(batch.rows):
-                    frames.extend(_summarize_isolated(stage, batch))
+    stage = stage_for(job) if todo.num_rows else None
+    for batch, missing in _batches(job, todo, shard, Counter()):
+        if len(missing):
+            frames.append(_summary_failures(missing, "missing_media", list(missing["error"])))
+        if len(batch.rows):
+            frames.extend(_summarize_isolated(stage, batch))
     summary = _summary_table(frames)
     statuses = summary.column("_status").to_pylist()
     stats = ShardStats(
@@ -236,31 +250,26 @@ def summarize_shard(job: StageJob, shard: int, attempt: int = 1, node: str | Non
         attempts=attempt,
         node=node or socket.gethostname(),
     )
-    Dataset(Storage(summary_uri(job.output), job.storage)).commit_shard(shard, summary, None, stats)
+    Dataset.at(summary_uri(job.output), job.storage).commit_shard(shard, summary, None, stats)
     return stats
 
 
 def _summarize_isolated(stage: Stage, batch: Batch) -> list[pd.DataFrame]:
-    """Summarize a batch; when it raises, find the rows at fault (like ``run_isolated``)."""
-    try:
-        return [_checked_summary(stage.summarize(batch), batch)]
-    except Exception as batch_error:
-        if len(batch.rows) == 1:
-            return [_summary_failures(batch.rows, "error", [_describe(batch_error)])]
-        frames, failures = [], 0
-        for i in range(len(batch.rows)):
-            single = Batch(rows=batch.rows.iloc[i : i + 1], media=batch.media)
-            try:
-                frames.append(_checked_summary(stage.summarize(single), single))
-            except Exception as row_error:
-                failures += 1
-                frames.append(_summary_failures(single.rows, "error", [_describe(row_error)]))
-        if failures == len(batch.rows):
-            raise batch_error
-        return frames  # concatenated in Arrow, so one failed row does not turn ints into floats
+    """Summarize a batch; when it raises, find the rows at fault (like ``run_isolated``).
+
+    Unlike the per-shard pass, a lone row that fails is recorded, not raised: pass 1 must finish
+    the shard so that the last pass can give that row its status. The frames are concatenated in
+    Arrow, so one failed row does not turn ints into floats.
+    """
+    return _isolated(
+        lambda part: _checked_summary(stage.summarize(part)),
+        batch,
+        lambda rows, error: _summary_failures(rows, "error", [_describe(error)]),
+        lone_row_raises=False,
+    )
 
 
-def _checked_summary(frame: pd.DataFrame, batch: Batch) -> pd.DataFrame:
+def _checked_summary(frame: pd.DataFrame) -> pd.DataFrame:
     if "key" not in frame.columns:
         raise ValueError("summarize() must return a frame with a 'key' column")
     return frame
@@ -297,7 +306,7 @@ class _ShardPlan:
             raise FileNotFoundError(f"no plan for shard {shard} in {storage.root}: the plan pass did not finish")
         with storage.open_read(name) as f:
             rows = pq.read_table(f).to_pandas().drop_duplicates("key").set_index("key")
-        summary = Dataset(Storage(summary_uri(job.output), job.storage)).read_shard(shard, ["key", "_status", "_error"])
+        summary = Dataset.at(summary_uri(job.output), job.storage).read_shard(shard, ["key", "_status", "_error"])
         columns = (summary.column(c).to_pylist() for c in ("key", "_status", "_error"))
         failures = {key: (status, error or "") for key, status, error in zip(*columns, strict=True) if status}
         return cls(rows=rows, failures=failures)
@@ -362,25 +371,47 @@ def run_isolated(stage: Stage, batch: Batch) -> Output:
     When every row fails alone too, the fault is not in the rows (a broken model, no memory),
     so the error is raised and the runner retries or fails the shard.
     """
+    outputs = _isolated(
+        stage.process,
+        batch,
+        lambda rows, error: Output(rows=_rejected_rows(rows, stage.name, "error", _describe(error))),
+        lone_row_raises=True,
+    )
+    if len(outputs) == 1:
+        return outputs[0]
+    return Output(
+        rows=pd.concat([o.rows for o in outputs], ignore_index=True),
+        media={k: v for o in outputs for k, v in o.media.items()},
+    )
+
+
+def _isolated(
+    call: Callable[[Batch], T],
+    batch: Batch,
+    row_failed: Callable[[pd.DataFrame, Exception], T],
+    lone_row_raises: bool,
+) -> list[T]:
+    """``call(batch)``; when it raises, ``call`` each row alone and turn the failing ones into
+    ``row_failed(rows, error)``. When every row fails alone the fault is not in the rows, and the
+    batch's error is raised."""
     try:
-        return stage.process(batch)
+        return [call(batch)]
     except Exception as batch_error:
         if len(batch.rows) == 1:
-            raise
-        outputs, failures = [], 0
+            if lone_row_raises:
+                raise
+            return [row_failed(batch.rows, batch_error)]
+        results, failures = [], 0
         for i in range(len(batch.rows)):
             single = Batch(rows=batch.rows.iloc[i : i + 1], media=batch.media)
             try:
-                outputs.append(stage.process(single))
+                results.append(call(single))
             except Exception as row_error:
                 failures += 1
-                outputs.append(Output(rows=_rejected_rows(single.rows, stage.name, "error", _describe(row_error))))
+                results.append(row_failed(single.rows, row_error))
         if failures == len(batch.rows):
             raise batch_error
-        return Output(
-            rows=pd.concat([o.rows for o in outputs], ignore_index=True),
-            media={k: v for o in outputs for k, v in o.media.items()},
-        )
+        return results
 
 
 def _attach_media(job: StageJob, rows: pd.DataFrame, readers: dict[str, TarShardReader]) -> tuple[Batch, pd.DataFrame]:
@@ -391,7 +422,7 @@ def _attach_media(job: StageJob, rows: pd.DataFrame, readers: dict[str, TarShard
     missing_reason: dict[int, str] = {}
     for name, reader in readers.items():
         ext = job.media[name].member_ext(name)
-        key_column = job.stage_cls.media_reads(job.config)[name]
+        key_column = job.spec.reads[name]
         for position, media_key in enumerate(rows[key_column]):
             found = reader.get(media_key, [ext])
             if found and ext in found:

@@ -6,7 +6,6 @@ import pyarrow.parquet as pq
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.options import Flag, Invocation, StageCommand
-from facecap.pipeline.storage import Storage
 
 CAPTIONER_FLAGS = (
     Flag("captioner", help="template (default), rewrite or vlm"),
@@ -18,7 +17,7 @@ CAPTIONER_FLAGS = (
 
 def require_captions(call: Invocation) -> bool:
     """Recaption reads a captioned dataset: say so in one line when IN has no captions."""
-    parent = Dataset(Storage(call.input))
+    parent = Dataset.at(call.input)
     done = parent.done_shards()
     if done:
         with parent.storage.open_read(parent.parquet_name(done[0])) as f:

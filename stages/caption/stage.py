@@ -30,7 +30,7 @@ import pyarrow as pa
 import yaml
 from facecap.pipeline.errors import ConfigError
 from facecap.pipeline.registry import register
-from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig
+from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
 from facecap.stages.caption.engines import Engine, Generation, HttpSettings, Request, Sampling
 from facecap.stages.caption.grammar import Grammar, confident_set
 from facecap.stages.caption.hygiene import clean, problem
@@ -140,14 +140,13 @@ class CaptionStage(Stage):
         self.prompt: dict[str, str] = {}
 
     @classmethod
-    def media_reads(cls, config: CaptionConfig) -> dict[str, str]:
-        if config.captioner != "vlm":
-            return {}  # grammar and rewrite work from the columns alone: no tar is opened
-        return {config.vlm.image: "image_key" if config.vlm.image == "image" else "key"}
-
-    @classmethod
-    def resources_for(cls, config: CaptionConfig) -> Resources:
-        return Resources(cpus=1, gpus=config.gpus, batch_size=config.batch_size, actor=True)
+    def spec(cls, config: CaptionConfig) -> StageSpec:
+        # Grammar and rewrite work from the columns alone: no tar is opened.
+        image = config.vlm.image
+        reads = {image: "image_key" if image == "image" else "key"} if config.captioner == "vlm" else {}
+        return StageSpec(
+            resources=Resources(cpus=1, gpus=config.gpus, batch_size=config.batch_size, actor=True), reads=reads
+        )
 
     @classmethod
     def preflight(cls, config: CaptionConfig) -> None:
@@ -166,8 +165,6 @@ class CaptionStage(Stage):
         self.engine = _make_engine(self.config)
 
     def process(self, batch: Batch) -> Output:
-        if self.config.captioner != "template" and self.engine is None:
-            self.setup()
         rows = batch.rows.reset_index(drop=True)
         records = rows.to_dict("records")
         started = time.time()

@@ -69,7 +69,7 @@ class FaceEmbedder:
     def __init__(self) -> None:
         import onnxruntime as ort
         from facecap.pipeline import models
-        from facecap.stages.detect.detectors import worker_threads
+        from facecap.pipeline.threads import worker_threads
 
         options = ort.SessionOptions()
         if worker_threads():

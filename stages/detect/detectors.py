@@ -19,7 +19,6 @@ SCRFD-500M and 0.92 for SCRFD-2.5G, while RetinaFace scores clear faces at 0.99-
 from __future__ import annotations
 
 import logging
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import ClassVar
 import cv2
 import numpy as np
 import onnxruntime as ort
+from facecap.pipeline.threads import worker_threads
 
 log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
@@ -51,18 +51,6 @@ def onnx_providers(use_gpu: bool | None) -> list[str]:
     if use_gpu and not cuda:
         log.warning("a GPU was asked for but this onnxruntime has no CUDA provider; running on CPU")
     return [CUDA, CPU] if cuda and use_gpu is not False else [CPU]
-
-
-def worker_threads() -> int:
-    """Threads one inference may use: Ray sets OMP_NUM_THREADS to a worker's CPUs (0 = all cores).
-
-    onnxruntime and OpenCV ignore that variable and would each start a thread per core in every
-    worker, so two 1-CPU workers on a 2-core machine would fight over four threads.
-    """
-    try:
-        return max(0, int(os.environ.get("OMP_NUM_THREADS", "0")))
-    except ValueError:
-        return 0
 
 
 def session_options() -> ort.SessionOptions:

@@ -25,9 +25,9 @@ import pandas as pd
 import pyarrow as pa
 from facecap.pipeline import models
 from facecap.pipeline.registry import register
-from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig
+from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
 from facecap.stages.detect.align import aligned_crop, alignment_matrix, box_crop, square_crop
-from facecap.stages.detect.detectors import Face, downscale, make_detector, worker_threads
+from facecap.stages.detect.detectors import Face, downscale, make_detector
 from facecap.stages.shared.images import ORIENTATION_TAG
 from facecap.stages.shared.jpeg import TurboJpeg, has_exif, scaled, turbojpeg
 from PIL import Image
@@ -109,21 +109,18 @@ class DetectStage(Stage):
         self.model_sha256: str | None = None
 
     @classmethod
-    def resources_for(cls, config: DetectConfig) -> Resources:
-        return Resources(cpus=1, gpus=config.gpus, batch_size=32, actor=True)
+    def spec(cls, config: DetectConfig) -> StageSpec:
+        return StageSpec(
+            resources=Resources(cpus=1, gpus=config.gpus, batch_size=32, actor=True),
+            reads=dict(cls.reads_media),
+            writes={name: f"{name}.jpg" for name in config.crops},
+        )
 
     @classmethod
     def preflight(cls, config: DetectConfig) -> None:
         _model_path(config.model_name())  # a missing model fails here, once, with what to do
 
-    @classmethod
-    def media_extensions(cls, config: DetectConfig) -> dict[str, str]:
-        return {name: f"{name}.jpg" for name in config.crops}
-
     def setup(self) -> None:
-        threads = worker_threads()
-        if threads:
-            cv2.setNumThreads(threads)  # YuNet and the crops: stay within this worker's CPUs
         path = _model_path(self.config.model_name())
         self.model_sha256 = models.sha256_of(path)
         self.detector = make_detector(
@@ -137,8 +134,6 @@ class DetectStage(Stage):
         )
 
     def process(self, batch: Batch) -> Output:
-        if self.detector is None:
-            self.setup()
         records = batch.rows.to_dict("records")
         images = [StoredImage.open(batch.media_of("image", r["key"]), self.config.max_side) for r in records]
         decodable = [i for i, image in enumerate(images) if image is not None]

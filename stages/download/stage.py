@@ -20,7 +20,7 @@ import cv2
 import pandas as pd
 import pyarrow as pa
 from facecap.pipeline.registry import register
-from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig
+from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
 from facecap.stages.download.fetch import Fetcher, HttpSettings, SafetySettings, is_transient
 from facecap.stages.shared.images import ImageRejected, ImageSettings, normalize
 from pydantic import Field
@@ -67,8 +67,8 @@ class DownloadStage(Stage):
         self.fetcher: Fetcher | None = None
 
     @classmethod
-    def media_extensions(cls, config: DownloadConfig) -> dict[str, str]:
-        return {"image": config.image.output_format, "json": "json"}
+    def spec(cls, config: DownloadConfig) -> StageSpec:
+        return StageSpec(resources=cls.resources, writes={"image": config.image.output_format, "json": "json"})
 
     @classmethod
     def retryable(cls, status: str) -> bool:
@@ -82,8 +82,6 @@ class DownloadStage(Stage):
         self.fetcher = Fetcher(self.config.http, self.config.safety)
 
     def process(self, batch: Batch) -> Iterator[Output]:
-        if self.fetcher is None:
-            self.setup()
         records = batch.rows.to_dict("records")
         # Finished rows come back through a queue (not wait(FIRST_COMPLETED), which walks every
         # pending future on each call) and at most 2 x concurrency rows are in flight.

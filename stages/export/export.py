@@ -70,7 +70,7 @@ class ExportResult:
 def export(source: str, output: str, settings: ExportSettings, options: StorageOptions | None = None) -> ExportResult:
     settings.check()
     options = options or StorageOptions.from_env()
-    dataset = Dataset(Storage(source, options))
+    dataset = Dataset.at(source, options)
     manifest = dataset.require_manifest()
     if not manifest.complete:
         raise FacecapError(f"{source}: its '{manifest.stage}' run did not finish; run it again before exporting")

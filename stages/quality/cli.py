@@ -8,7 +8,6 @@ import pyarrow as pa
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.options import Invocation, StageCommand, Switch
-from facecap.pipeline.storage import Storage
 from facecap.stages.quality.explain import RuleEffect, explain
 from facecap.stages.quality.stage import QualityConfig
 from rich.table import Table
@@ -19,7 +18,7 @@ def explain_rules(call: Invocation) -> bool:
     if not call.switches.get("explain"):
         return False
     directory, plot = call.input, call.switches.get("plot")
-    dataset = Dataset(Storage(directory))
+    dataset = Dataset.at(directory)
     manifest = dataset.require_manifest()
     if manifest.stage != "quality":
         raise FacecapError(f"{directory} is a '{manifest.stage}' dataset; --explain reads facecap quality's output")

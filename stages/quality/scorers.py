@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 from facecap.pipeline import models
-from facecap.stages.detect.detectors import worker_threads
+from facecap.pipeline.threads import worker_threads
 
 # NudeNet classes that make an image explicit (covered parts and faces do not).
 EXPLICIT = {

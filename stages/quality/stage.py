@@ -12,15 +12,14 @@ measures every shard first, then cuts at the dataset-wide threshold.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, ClassVar
 
-import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 from facecap.pipeline.registry import register
-from facecap.pipeline.stage import Batch, GlobalStage, Output, Resources, StageConfig, Summaries
-from facecap.stages.detect.detectors import worker_threads
+from facecap.pipeline.stage import Batch, GlobalStage, Output, Resources, StageConfig, StageSpec, Summaries
 from facecap.stages.quality import measures
 from facecap.stages.quality.rules import Rule, failing, ranking_cutoff
 from facecap.stages.shared.images import decode_bgr
@@ -107,8 +106,9 @@ class QualityStage(GlobalStage):
         self._scorers: dict[str, Any] = {}
 
     @classmethod
-    def is_global(cls, config: QualityConfig) -> bool:
-        return any(rule.ranking for rule in config.rules)
+    def spec(cls, config: QualityConfig) -> StageSpec:
+        # Ranking rules (keep the top 40% by ...) need every row's measure: only they need the passes.
+        return replace(super().spec(config), global_passes=any(rule.ranking for rule in config.rules))
 
     @classmethod
     def preflight(cls, config: QualityConfig) -> None:
@@ -128,9 +128,6 @@ class QualityStage(GlobalStage):
     def setup(self) -> None:
         from facecap.stages.quality.scorers import Brisque, NsfwDetector, TextDetector
 
-        threads = worker_threads()
-        if threads:
-            cv2.setNumThreads(threads)
         if self.config.brisque:
             self._scorers["brisque"] = Brisque()
         if self.config.text:

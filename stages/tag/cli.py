@@ -9,7 +9,6 @@ import pyarrow as pa
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.options import Flag, Invocation, StageCommand, Switch
-from facecap.pipeline.storage import Storage
 from facecap.stages.tag.calibrate import calibrate
 from rich.table import Table
 
@@ -20,7 +19,7 @@ def calibrate_thresholds(call: Invocation) -> bool:
     if labels_path is None:
         return False
     directory = call.input
-    dataset = Dataset(Storage(directory))
+    dataset = Dataset.at(directory)
     if dataset.require_manifest().stage != "tag":
         raise FacecapError(f"{directory} is not a tag dataset; --calibrate reads the output of facecap tag")
     tagged = pa.concat_tables([dataset.read_shard(i) for i in dataset.done_shards()]).to_pandas()

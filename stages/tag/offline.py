@@ -24,8 +24,8 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 from facecap.pipeline import models
-from facecap.stages.detect.detectors import worker_threads
-from facecap.stages.quality.measures import head_pose
+from facecap.pipeline.threads import worker_threads
+from facecap.stages.shared.geometry import head_pose
 
 
 @dataclass

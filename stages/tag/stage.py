@@ -13,14 +13,12 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar, Literal
 
-import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 from facecap.pipeline.errors import ConfigError
 from facecap.pipeline.registry import register
-from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig
-from facecap.stages.detect.detectors import worker_threads
+from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
 from facecap.stages.shared.images import decode_bgr
 from facecap.stages.shared.values import missing
 from facecap.stages.tag.offline import AgeGender, Backend, Emotion, Faces, Geometry, InsightGenderAge, Skin
@@ -71,8 +69,9 @@ class TagStage(Stage):
         self.backends: list[Backend] = []
 
     @classmethod
-    def resources_for(cls, config: TagConfig) -> Resources:
-        return Resources(cpus=1, gpus=config.gpus, batch_size=config.batch_size, actor=True)
+    def spec(cls, config: TagConfig) -> StageSpec:
+        resources = Resources(cpus=1, gpus=config.gpus, batch_size=config.batch_size, actor=True)
+        return StageSpec(resources=resources, reads=dict(cls.reads_media))
 
     @classmethod
     def preflight(cls, config: TagConfig) -> None:
@@ -91,9 +90,6 @@ class TagStage(Stage):
             raise ConfigError(f"tag.thresholds: not CelebA attributes: {', '.join(unknown)}")
 
     def setup(self) -> None:
-        threads = worker_threads()
-        if threads:
-            cv2.setNumThreads(threads)
         use_gpu = self.config.gpus > 0
         for name in self.config.backends:
             if name in OFFLINE:

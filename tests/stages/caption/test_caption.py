@@ -99,8 +99,8 @@ def test_vlm_through_the_transformers_engine_reads_the_square_crop(tagged, model
     config = CaptionConfig(
         captioner="vlm", engine="transformers", model=models["vlm"], sampling={"max_tokens": 16}, max_words=40
     )
-    assert CaptionStage.media_reads(config) == {"square": "key"}
-    assert CaptionStage.media_reads(CaptionConfig()) == {}
+    assert CaptionStage.spec(config).reads == {"square": "key"}
+    assert CaptionStage.spec(CaptionConfig()).reads == {}
     assert run(CaptionStage, tagged / "tag", tagged / "vlm_tf", config).ok
     assert set(faces(tagged / "vlm_tf").status) <= {"ok", "caption:invalid"}
 
