@@ -74,6 +74,7 @@ def per_measure(detect: Path) -> list[tuple[str, float, int]]:
     from facecap.pipeline.storage import Storage
     from facecap.stages.quality import measures
     from facecap.stages.quality.scorers import Brisque, NsfwDetector, TextDetector, cartoon_score
+    from facecap.stages.shared.geometry import head_pose
 
     dataset = Dataset(Storage(str(detect)))
     rows = dataset.read_shard(0).to_pandas()
@@ -93,7 +94,7 @@ def per_measure(detect: Path) -> list[tuple[str, float, int]]:
     boxes = [np.asarray(b, np.float32) for b in rows.box]
     timed("sharpness (per face)", crops, measures.sharpness)
     timed("exposure (per face)", crops, measures.exposure)
-    timed("pose (per face)", [np.asarray(lm, np.float32).reshape(5, 2) for lm in rows.landmarks], measures.head_pose)
+    timed("pose (per face)", [np.asarray(lm, np.float32).reshape(5, 2) for lm in rows.landmarks], head_pose)
     timed("colour (per image)", list(images.values()), measures.channel_spread)
     brisque, text, nsfw = Brisque(), TextDetector(), NsfwDetector()
     timed("BRISQUE (per face)", crops, brisque.score)

@@ -22,6 +22,7 @@ from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, GlobalStage, Output, Resources, StageConfig, StageSpec, Summaries
 from facecap.stages.quality import measures
 from facecap.stages.quality.rules import Rule, failing, ranking_cutoff
+from facecap.stages.shared.geometry import head_pose
 from facecap.stages.shared.images import decode_bgr
 from facecap.stages.shared.values import missing
 from pydantic import Field
@@ -211,7 +212,7 @@ class QualityStage(GlobalStage):
             values["q_channel_std"][i] = spread
             values["q_grayscale"][i] = bool(spread < cfg.grayscale_below)
         if cfg.pose and row.get("landmarks") is not None and len(row["landmarks"]) == 10:
-            yaw, pitch, roll = measures.head_pose(np.asarray(row["landmarks"], np.float32).reshape(5, 2))
+            yaw, pitch, roll = head_pose(np.asarray(row["landmarks"], np.float32).reshape(5, 2))
             values["q_yaw"][i], values["q_pitch"][i], values["q_roll"][i] = yaw, pitch, roll
             values["q_frontalness"][i] = measures.frontalness(yaw, pitch)
         others = [b for b in boxes[row["image_key"]] if not np.array_equal(b, np.asarray(row["box"], np.float32))]

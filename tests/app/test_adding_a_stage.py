@@ -80,4 +80,4 @@ def test_a_stage_in_its_own_folder_runs_through_facecap_run(tmp_path):
 
     missing = subprocess.run([FACECAP, "run", "-c", str(recipe), "-o", str(tmp_path / "w2"), "--dry-run"],
                              env=facecap_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert missing.returncode == 2 and "unknown stage 'shout'" in missing.stderr
+    assert missing.returncode == 2 and "unknown key 'shout'" in missing.stderr  # one line, not a traceback

@@ -9,6 +9,7 @@ from facecap.stages.detect.align import aligned_crop
 from facecap.stages.detect.stage import DetectConfig, DetectStage
 from facecap.stages.quality import measures
 from facecap.stages.quality.scorers import Brisque, NsfwDetector, TextDetector, cartoon_score
+from facecap.stages.shared.geometry import head_pose
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +60,12 @@ def test_grayscale_has_no_channel_spread(portrait):
 
 
 def test_head_pose_signs_follow_mirroring_and_rotation(portrait, detector):
-    yaw, pitch, roll = measures.head_pose(largest_face(detector, portrait).landmarks)
+    yaw, pitch, roll = head_pose(largest_face(detector, portrait).landmarks)
     assert abs(yaw) < 15 and abs(roll) < 5
     height, width = portrait.shape[:2]
     rotation = cv2.getRotationMatrix2D((width / 2, height / 2), -20, 1.0)  # clockwise on screen
     rotated = cv2.warpAffine(portrait, rotation, (width, height))
-    _, _, rolled = measures.head_pose(largest_face(detector, rotated).landmarks)
+    _, _, rolled = head_pose(largest_face(detector, rotated).landmarks)
     assert rolled == pytest.approx(roll + 20, abs=5)
     # A synthetic turn: move the nose point towards the image's right, then the left.
     points = largest_face(detector, portrait).landmarks.copy()
@@ -72,10 +73,10 @@ def test_head_pose_signs_follow_mirroring_and_rotation(portrait, detector):
     right, left = points.copy(), points.copy()
     right[2, 0] += 0.3 * eye_distance
     left[2, 0] -= 0.3 * eye_distance
-    assert measures.head_pose(right)[0] > yaw + 15 and measures.head_pose(left)[0] < yaw - 15
+    assert head_pose(right)[0] > yaw + 15 and head_pose(left)[0] < yaw - 15
     up = points.copy()
     up[2, 1] -= 0.15 * eye_distance
-    assert measures.head_pose(up)[1] > pitch + 10
+    assert head_pose(up)[1] > pitch + 10
     assert measures.frontalness(0.0, 0.0) == 1.0 > measures.frontalness(yaw + 40, pitch)
 
 
