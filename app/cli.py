@@ -18,6 +18,9 @@ from types import ModuleType
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
 from facecap import __version__
 from facecap.commands import RUNNER_OPTIONS, absolute, build_stage_command, command_help, runner_overrides
 from facecap.pipeline.chain import Step, plan_chain, skip_stage
@@ -32,8 +35,6 @@ from facecap.pipeline.stage import Stage
 from facecap.pipeline.storage import Storage
 from facecap.pipeline.worker import StageJob
 from facecap.stages import STAGES_PACKAGE
-from rich.console import Console
-from rich.table import Table
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 RECIPES_PACKAGE = "facecap.configs"
@@ -392,7 +393,7 @@ def models_list(
     from facecap.pipeline import models
 
     rows = []
-    for spec in models.SPECS:
+    for spec in models.specs():
         status, path = models.state(spec)
         rows.append(
             {
@@ -435,7 +436,7 @@ def models_verify() -> None:
     from facecap.pipeline import models
 
     bad = 0
-    for spec in models.SPECS:
+    for spec in models.specs():
         status, path = models.state(spec)
         if status == "bad checksum":
             bad += 1

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from pydantic import BaseModel
+
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.options import Flag, Invocation, StageCommand, Switch
 from facecap.pipeline.stage import Stage
 from facecap.pipeline.storage import is_remote
-from pydantic import BaseModel
 
 # What a command does once its options are gathered: (stage, parent, output, runner options, overrides).
 RunStage = Callable[..., None]

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
+
 from facecap.pipeline.dataset import Dataset, Manifest, TarShardReader, shard_name
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.storage import Storage, StorageOptions

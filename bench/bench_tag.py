@@ -51,6 +51,7 @@ def fixture_faces(limit: int = 192):
 
 def backends(workdir: Path):
     import torch
+
     from facecap.stages.tag.learned import CelebaResnet, ClipZeroShot, celeba_resnet50
     from facecap.stages.tag.offline import AgeGender, Emotion, Geometry, InsightGenderAge, Skin
 

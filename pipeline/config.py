@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
 from facecap.pipeline.errors import ConfigError
 from facecap.pipeline.stage import Stage
 from facecap.pipeline.storage import StorageOptions
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 
 class Section(BaseModel):

@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from facecap import __version__
 from facecap.pipeline.errors import DatasetError
 from facecap.pipeline.status import OK

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyarrow as pa
+
 from facecap.pipeline.config import RayConfig
 from facecap.pipeline.dataset import ShardStats
 from facecap.pipeline.errors import ConfigError
@@ -227,6 +228,7 @@ class RayExecutor:
 
     def start(self, job: StageJob) -> int:
         import ray
+
         from facecap.pipeline import cluster
 
         cluster.connect(self.ray_config)  # only now: a run with nothing to do never starts Ray

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from facecap.pipeline.config import RunnerConfig
 from facecap.pipeline.dataset import Dataset, Manifest, MediaRef, config_hash, shard_name
 from facecap.pipeline.errors import DatasetError, StorageFull, storage_full

@@ -14,10 +14,11 @@ from typing import ClassVar
 
 import pandas as pd
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
 from facecap.pipeline.source import Source
 from facecap.pipeline.status import OK, rejected
 from facecap.pipeline.storage import StorageOptions
-from pydantic import BaseModel, ConfigDict
 
 
 class StageConfig(BaseModel):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import pyarrow.fs as pafs
+
 from facecap.pipeline.errors import InputError
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from facecap.pipeline.dataset import (
     BASE_COLUMNS,
     Dataset,

@@ -53,9 +53,10 @@ def ray_local():
     """One embedded 2-CPU Ray for the whole session (ray.init costs seconds and a GB)."""
     import ray
     import toystages
+    from ray import cloudpickle
+
     from facecap.pipeline import cluster
     from facecap.pipeline.config import RayConfig
-    from ray import cloudpickle
 
     # Ray workers cannot import modules from tests/; ship the toy stages by value instead.
     cloudpickle.register_pickle_by_value(toystages)

@@ -14,6 +14,7 @@ import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from facecap.pipeline.config import RunnerConfig
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.executors import LocalExecutor, RayExecutor
@@ -101,9 +102,10 @@ def run_recipe(
 ) -> Path:
     """``facecap run`` of the demo recipe (with ``changes`` per section) on ``photos``, in-process."""
     import yaml
+    from typer.testing import CliRunner
+
     from facecap.cli import app
     from facecap.corpus_server import CorpusServer
-    from typer.testing import CliRunner
 
     config = yaml.safe_load((Path(__file__).parent.parent / "configs" / "demo.yaml").read_text())
     for section, values in changes.items():

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ingest, media_hashes, ray_executor, read_all, run, write_url_csv
+from toystages import MakeMedia, Sleepy, SleepyConfig
+from typer.testing import CliRunner
+
 from facecap.cli import app
 from facecap.corpus_server import CorpusServer
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.errors import StorageFull
 from facecap.pipeline.storage import Storage
-from helpers import ingest, media_hashes, ray_executor, read_all, run, write_url_csv
-from toystages import MakeMedia, Sleepy, SleepyConfig
-from typer.testing import CliRunner
 
 
 @pytest.fixture

@@ -21,11 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from typer.testing import CliRunner
+
 from facecap.cli import app
 from facecap.corpus_server import CorpusServer
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.storage import Storage
-from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parent.parent
 GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"

@@ -22,10 +22,11 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import yaml
+from helpers import facecap_env, kill_session, media_hashes
+
 from facecap.corpus_server import CorpusServer
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.storage import Storage
-from helpers import facecap_env, kill_session, media_hashes
 
 pytestmark = pytest.mark.slow
 

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import pandas as pd
 import pyarrow as pa
+
 from facecap.pipeline.stage import Batch, GlobalStage, Output, Resources, Stage, StageConfig
 
 

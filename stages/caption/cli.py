@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
+
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.options import Flag, Invocation, StageCommand

@@ -28,13 +28,14 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pyarrow as pa
 import yaml
+from pydantic import Field, model_validator
+
 from facecap.pipeline.errors import ConfigError
 from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
 from facecap.stages.caption.engines import Engine, Generation, HttpSettings, Request, Sampling
 from facecap.stages.caption.grammar import Grammar, confident_set
 from facecap.stages.caption.hygiene import clean, problem
-from pydantic import Field, model_validator
 
 # Package data, so an installed wheel (every Ray worker node) has the prompts too.
 PROMPTS = importlib.resources.files("facecap.configs") / "prompts"

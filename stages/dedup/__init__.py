@@ -1,5 +1,6 @@
 """Dedup: exact, perceptual, same-face and identity-cap duplicates; eval-set decontamination."""
 
+from facecap.stages.dedup import models  # registers its model files
 from facecap.stages.dedup.stage import DedupStage
 
-__all__ = ["DedupStage"]
+__all__ = ["DedupStage", "models"]

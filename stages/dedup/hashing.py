@@ -68,6 +68,7 @@ class FaceEmbedder:
 
     def __init__(self) -> None:
         import onnxruntime as ort
+
         from facecap.pipeline import models
         from facecap.pipeline.threads import worker_threads
 

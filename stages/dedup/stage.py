@@ -29,13 +29,14 @@ import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from pydantic import Field
+
 from facecap.pipeline.errors import ConfigError
 from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, GlobalStage, Output, Resources, StageConfig, Summaries
 from facecap.stages.dedup.hashing import FaceEmbedder, digest64, normalised_url, phash, pixel_digest
 from facecap.stages.dedup.index import UnionFind, cosine_pairs, equal_pairs, hamming_pairs, lsh_bits
 from facecap.stages.shared.images import decode_bgr
-from pydantic import Field
 
 Kind = Literal["exact", "near", "embedding", "identity"]
 PRECEDENCE = ("eval_overlap", "exact", "near_duplicate", "identity_cap")

@@ -27,6 +27,7 @@ from typing import ClassVar
 import cv2
 import numpy as np
 import onnxruntime as ort
+
 from facecap.pipeline.threads import worker_threads
 
 log = logging.getLogger(__name__)

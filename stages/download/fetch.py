@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from urllib.parse import quote, urljoin, urlsplit
 
-from facecap.stages.download import http1
 from pydantic import BaseModel, ConfigDict, Field
+
+from facecap.stages.download import http1
 
 DEFAULT_USER_AGENT = "facecap/0.1 (face image-text dataset builder; honours X-Robots-Tag noai)"
 METADATA_ADDRESSES = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}

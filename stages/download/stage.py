@@ -19,11 +19,12 @@ from typing import Any, ClassVar
 import cv2
 import pandas as pd
 import pyarrow as pa
+from pydantic import Field
+
 from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
 from facecap.stages.download.fetch import Fetcher, HttpSettings, SafetySettings, is_transient
 from facecap.stages.shared.images import ImageRejected, ImageSettings, normalize
-from pydantic import Field
 
 YIELD_EVERY = 64
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import typer
+
 from facecap.pipeline.storage import is_remote
 
 EXAMPLES = """Examples:

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from facecap.pipeline.dataset import Dataset, SpooledTar, TarShardReader, config_hash
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.status import OK

@@ -27,13 +27,14 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import Field, field_validator
+
 from facecap.pipeline.dataset import MediaRef
 from facecap.pipeline.errors import InputError
 from facecap.pipeline.source import Source, SourceShard
 from facecap.pipeline.stage import StageConfig
 from facecap.pipeline.status import OK
 from facecap.pipeline.storage import Storage, StorageOptions, is_remote, open_input, split
-from pydantic import Field, field_validator
 
 TEXT_FORMATS = {"csv", "tsv", "jsonl", "txt"}
 SUFFIXES = {

@@ -15,12 +15,13 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
+
 from facecap.pipeline.registry import register
 from facecap.pipeline.source import Source
 from facecap.pipeline.stage import Batch, Output, Resources, Stage
 from facecap.pipeline.storage import StorageOptions
 from facecap.stages.ingest.readers import SourceConfig, open_source
-from pydantic import Field
 
 
 class IngestConfig(SourceConfig):

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+from rich.table import Table
+
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.options import Invocation, StageCommand, Switch
 from facecap.stages.quality.explain import RuleEffect, explain
 from facecap.stages.quality.stage import QualityConfig
-from rich.table import Table
 
 
 def explain_rules(call: Invocation) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pandas as pd
+
 from facecap.stages.quality.rules import Rule, evaluate, ranking_cutoff, threshold_of
 
 FACTORS = (0.5, 0.75, 1.25, 1.5)

@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import onnxruntime as ort
+
 from facecap.pipeline import models
 from facecap.pipeline.threads import worker_threads
 

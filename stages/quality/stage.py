@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from pydantic import Field
+
 from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, GlobalStage, Output, Resources, StageConfig, StageSpec, Summaries
 from facecap.stages.quality import measures
@@ -25,7 +27,6 @@ from facecap.stages.quality.rules import Rule, failing, ranking_cutoff
 from facecap.stages.shared.geometry import head_pose
 from facecap.stages.shared.images import decode_bgr
 from facecap.stages.shared.values import missing
-from pydantic import Field
 
 EXPENSIVE = ("brisque", "clip_iqa", "text", "nsfw", "cartoon")
 EXPENSIVE_COLUMNS = {

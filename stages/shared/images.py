@@ -24,6 +24,8 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
+from facecap.stages.shared.jpeg import header_segments
+
 # We check pixel counts ourselves, before decoding, against the configured limit.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -396,25 +398,16 @@ def strip_metadata(data: bytes, fmt: str) -> bytes:
 def _strip_jpeg(data: bytes) -> bytes:
     if data[:2] != b"\xff\xd8":
         return data
+    segments, stop, _ = header_segments(data)
     out = bytearray(data[:2])
-    pos = 2
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if marker == 0xDA:  # start of scan: the rest is image data
-            break
-        if marker == 0xFF:  # fill byte
-            pos += 1
+    for segment in segments:
+        body = data[segment.start : segment.end]
+        icc = segment.marker == 0xE2 and body[4:16] == b"ICC_PROFILE\x00"
+        if segment.marker == 0xFE:  # comment
             continue
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        segment = data[pos : pos + 2 + length]
-        is_app = 0xE0 <= marker <= 0xEF
-        keep = not is_app or marker in JPEG_KEEP_APP or (marker == 0xE2 and segment[4:16] == b"ICC_PROFILE\x00")
-        if marker == 0xFE:  # comment
-            keep = False
-        if keep:
-            out += segment
-        pos += 2 + length
-    out += data[pos:]
+        if not 0xE0 <= segment.marker <= 0xEF or segment.marker in JPEG_KEEP_APP or icc:
+            out += body
+    out += data[stop:]
     return bytes(out)
 
 

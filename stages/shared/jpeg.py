@@ -68,23 +68,42 @@ def scaled(length: int, scale: Fraction) -> int:
     return -(-length * scale.numerator // scale.denominator)
 
 
-def has_exif(data: bytes) -> bool:
-    """Whether an Exif APP1 segment comes before the image data; True when the headers do not parse
-    (the caller then asks a full EXIF parser). Walks the marker segments: a few reads an image."""
+@dataclass(frozen=True)
+class Segment:
+    """One marker segment of a JPEG's headers: its marker and where it lies in the file."""
+
+    marker: int
+    start: int
+    end: int
+
+
+def header_segments(data: bytes) -> tuple[list[Segment], int, bool]:
+    """The marker segments after SOI, up to the first scan: (segments, where the walk stopped,
+    whether it stopped at a start-of-scan). Fill bytes are skipped; a walk that meets a byte that
+    is not a marker, or runs out of data, stops there with False."""
+    segments: list[Segment] = []
     position = 2
     while position + 4 <= len(data):
         if data[position] != 0xFF:
-            return True
+            return segments, position, False
         marker = data[position + 1]
         if marker == 0xFF:  # a fill byte before a marker
             position += 1
             continue
         if marker == 0xDA:  # start of scan: the headers are over
-            return False
-        if marker == 0xE1 and data[position + 4 : position + 10] == b"Exif\x00\x00":
-            return True
-        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-    return True
+            return segments, position, True
+        end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        segments.append(Segment(marker, position, end))
+        position = end
+    return segments, position, False
+
+
+def has_exif(data: bytes) -> bool:
+    """Whether an Exif APP1 segment comes before the image data; True when the headers do not parse
+    (the caller then asks a full EXIF parser). A few reads an image."""
+    segments, _, at_scan = header_segments(data)
+    exif = any(s.marker == 0xE1 and data[s.start + 4 : s.start + 10] == b"Exif\x00\x00" for s in segments)
+    return exif or not at_scan
 
 
 class TurboJpeg:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
 from facecap.stages.tag.schema import CELEBA40
 
 

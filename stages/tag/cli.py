@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+from rich.table import Table
+
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.options import Flag, Invocation, StageCommand, Switch
 from facecap.stages.tag.calibrate import calibrate
-from rich.table import Table
 
 
 def calibrate_thresholds(call: Invocation) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from facecap.stages.tag.offline import Backend, Faces, session
 from facecap.stages.tag.schema import CELEBA40
 

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 import onnxruntime as ort
+
 from facecap.pipeline import models
 from facecap.pipeline.threads import worker_threads
 from facecap.stages.shared.geometry import head_pose

@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from pydantic import Field
+
 from facecap.pipeline.errors import ConfigError
 from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
@@ -23,7 +25,6 @@ from facecap.stages.shared.images import decode_bgr
 from facecap.stages.shared.values import missing
 from facecap.stages.tag.offline import AgeGender, Backend, Emotion, Faces, Geometry, InsightGenderAge, Skin
 from facecap.stages.tag.schema import CELEBA40, COLUMNS, attribute_column
-from pydantic import Field
 
 BackendName = Literal["agegender", "genderage", "emotion", "geometry", "skin", "celeba", "clip"]
 OFFLINE: dict[str, type[Backend]] = {

@@ -9,10 +9,11 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from facecap.cli import app
-from facecap.corpus_server import CorpusServer
 from helpers import write_url_csv
 from typer.testing import CliRunner
+
+from facecap.cli import app
+from facecap.corpus_server import CorpusServer
 
 runner = CliRunner()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from facecap import demo
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.storage import Storage

@@ -8,9 +8,10 @@ import sys
 import textwrap
 
 import pyarrow.parquet as pq
+from helpers import facecap_env, write_url_csv
+
 from facecap.cli import REGISTRY
 from facecap.launch import fork_server_preload, stage_folders
-from helpers import facecap_env, write_url_csv
 
 
 def test_every_registered_stage_lives_in_the_folder_its_command_names():

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import insightface
 import pytest
-from facecap.cli import app
 from helpers import run_recipe
 from typer.testing import CliRunner
+
+from facecap.cli import app
 
 REPO = Path(__file__).resolve().parent.parent.parent
 GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"

@@ -28,6 +28,9 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import free_port
+from helpers import ingest, kill_session, read_all, run, write_url_csv
+from typer.testing import CliRunner
+
 from facecap.cli import app
 from facecap.corpus_server import CorpusServer
 from facecap.pipeline.dataset import Dataset
@@ -35,8 +38,6 @@ from facecap.pipeline.executors import RayExecutor
 from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig
 from facecap.pipeline.storage import Storage
 from facecap.pipeline.worker import StageJob
-from helpers import ingest, kill_session, read_all, run, write_url_csv
-from typer.testing import CliRunner
 
 pytestmark = pytest.mark.slow
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from facecap.cli import REGISTRY
 from facecap.pipeline.config import load_recipe, parse_set_options
 from facecap.pipeline.errors import ConfigError

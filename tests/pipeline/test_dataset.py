@@ -6,6 +6,7 @@ import io
 import tarfile
 
 import webdataset as wds
+
 from facecap.pipeline.dataset import SpooledTar, TarShardReader
 from facecap.pipeline.storage import Storage
 

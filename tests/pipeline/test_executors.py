@@ -13,6 +13,9 @@ from collections import Counter
 
 import psutil
 import pytest
+from helpers import media_hashes, read_all, run
+from toystages import MakeConfig, MakeMedia, ReadBoth, Sleepy, SleepyConfig, SplitFaces
+
 from facecap.pipeline.config import RunnerConfig
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.errors import ConfigError
@@ -20,8 +23,6 @@ from facecap.pipeline.executors import ProcessExecutor
 from facecap.pipeline.stage import Resources
 from facecap.pipeline.storage import Storage
 from facecap.pipeline.worker import StageJob
-from helpers import media_hashes, read_all, run
-from toystages import MakeConfig, MakeMedia, ReadBoth, Sleepy, SleepyConfig, SplitFaces
 
 
 def _same_output(left, right) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from helpers import ingest, ray_executor, read_all, run, write_url_csv
+from toystages import KeepLongest, MakeMedia, TopConfig
+
 from facecap.pipeline.config import RunnerConfig
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.storage import Storage
-from helpers import ingest, ray_executor, read_all, run, write_url_csv
-from toystages import KeepLongest, MakeMedia, TopConfig
 
 
 @pytest.fixture

@@ -7,12 +7,13 @@ import tarfile
 from collections import Counter
 
 import pytest
+from helpers import ray_executor, read_all, run
+from toystages import MakeConfig, MakeMedia, ReadBoth, SplitFaces
+
 from facecap.pipeline.config import RunnerConfig
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.errors import DatasetError
 from facecap.pipeline.storage import Storage
-from helpers import ray_executor, read_all, run
-from toystages import MakeConfig, MakeMedia, ReadBoth, SplitFaces
 
 
 def test_rejected_rows_pass_through_untouched_and_funnel_adds_up(ingested, tmp_path):

@@ -11,9 +11,10 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
+
 from facecap.cli import app
 from facecap.pipeline.storage import Storage
-from typer.testing import CliRunner
 
 pytestmark = pytest.mark.slow
 

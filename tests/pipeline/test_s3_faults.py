@@ -6,12 +6,13 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from facecap.cli import app
-from facecap.pipeline.dataset import Dataset
-from facecap.pipeline.storage import Storage, StorageOptions
 from faultproxy import FaultProxy
 from helpers import write_url_csv
 from typer.testing import CliRunner
+
+from facecap.cli import app
+from facecap.pipeline.dataset import Dataset
+from facecap.pipeline.storage import Storage, StorageOptions
 
 pytestmark = pytest.mark.slow
 

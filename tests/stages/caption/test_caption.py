@@ -9,14 +9,15 @@ from pathlib import Path
 import insightface
 import pandas as pd
 import pytest
-from facecap.cli import app
-from facecap.pipeline.errors import ConfigError
-from facecap.stages.caption.stage import CaptionConfig, CaptionStage
-from facecap.stages.tag.stage import TagConfig, TagStage
 from helpers import detected_faces, ray_executor, read_all, run
 from openai_server import OpenAIServer
 from tinymodels import tiny_llm, tiny_vlm
 from typer.testing import CliRunner
+
+from facecap.cli import app
+from facecap.pipeline.errors import ConfigError
+from facecap.stages.caption.stage import CaptionConfig, CaptionStage
+from facecap.stages.tag.stage import TagConfig, TagStage
 
 GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from facecap.stages.caption.engines import EngineError, Request, VllmEngine, openai_messages
 from facecap.stages.caption.grammar import ACCESSORIES, BEARD, FEATURES, HAIR_COLOURS, Grammar
 from facecap.stages.caption.hygiene import clean, problem

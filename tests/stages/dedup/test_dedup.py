@@ -15,6 +15,9 @@ import cv2
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import ray_executor, read_all, run
+from typer.testing import CliRunner
+
 from facecap.cli import app
 from facecap.pipeline.executors import LocalExecutor
 from facecap.pipeline.runner import run_stage
@@ -23,8 +26,6 @@ from facecap.stages.dedup.stage import DedupConfig, DedupStage
 from facecap.stages.detect.stage import DetectConfig, DetectStage
 from facecap.stages.ingest.readers import SourceConfig, open_source
 from facecap.stages.ingest.stage import IngestConfig, IngestStage
-from helpers import ray_executor, read_all, run
-from typer.testing import CliRunner
 
 SAME_PERSON_OTHER_PHOTOS = ["deepface/img2.jpg", "deepface/img4.jpg", "dlib_johns/John_Salley/000190_02159501.jpg"]
 # images.csv does not group obama.jpg with the obama-240p..1080p ladder, but it is the same photo

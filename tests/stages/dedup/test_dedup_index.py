@@ -6,6 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+
 from facecap.stages.dedup.hashing import hamming, normalised_url, phash, pixel_digest
 from facecap.stages.dedup.index import UnionFind, cosine_pairs, equal_pairs, hamming_pairs
 

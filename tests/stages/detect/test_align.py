@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from facecap.stages.detect.align import (
     ARCFACE_TEMPLATE_112,
     aligned_crop,

@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import ingest, iou, ray_executor, read_all, run
+
 from facecap.corpus_server import CorpusServer
 from facecap.pipeline.dataset import Dataset, TarShardReader
 from facecap.pipeline.models import ModelMissing
@@ -22,7 +24,6 @@ from facecap.stages.detect.stage import DetectConfig, DetectStage
 from facecap.stages.download.fetch import SafetySettings
 from facecap.stages.download.stage import DownloadConfig, DownloadStage
 from facecap.stages.shared.images import ImageSettings
-from helpers import ingest, iou, ray_executor, read_all, run
 
 GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 PORTRAITS = ["deepface/img1.jpg", "deepface/img10.jpg", "deepface/img11.jpg"]
@@ -217,8 +218,9 @@ def test_default_crops_are_the_square_and_the_112_alignment(downloaded):
 def test_crops_from_a_reduced_decode_match_full_resolution_crops(face_photos):
     """Crops come from the coarsest decode that keeps their detail: the same pixels, within JPEG noise."""
     from facecap.stages.detect.align import aligned_crop, square_crop
+    from facecap.stages.detect.decode import StoredImage
     from facecap.stages.detect.detectors import Face
-    from facecap.stages.detect.stage import StoredImage, _crop_plan
+    from facecap.stages.detect.stage import _crop_plan
 
     data = (face_photos / "deepface/img1.jpg").read_bytes()  # 1382 x 1868
     stored = StoredImage.open(data, 640)
@@ -244,7 +246,7 @@ def test_crops_from_a_reduced_decode_match_full_resolution_crops(face_photos):
 @pytest.mark.parametrize("width", [800, 1100, 1279, 2400])
 def test_the_detection_view_finds_the_faces_the_detector_finds_in_the_full_image(width):
     """The stage shrinks a decode for the detector itself (bilinear below 1.5x, area above)."""
-    from facecap.stages.detect.stage import StoredImage
+    from facecap.stages.detect.decode import StoredImage
 
     group = cv2.imread(str(GROUP))
     image = cv2.resize(group, (width, round(group.shape[0] * width / group.shape[1])), interpolation=cv2.INTER_CUBIC)
@@ -269,7 +271,7 @@ def _enlarged_group(scale: float) -> bytes:
 
 
 def _faces_and_crops(stage: DetectStage, data: bytes) -> tuple[list, list]:
-    from facecap.stages.detect.stage import StoredImage
+    from facecap.stages.detect.decode import StoredImage
 
     stored = StoredImage.open(data, stage.config.max_side)
     view, factor = stored.detection_view(stage.config.max_side)
@@ -279,7 +281,7 @@ def _faces_and_crops(stage: DetectStage, data: bytes) -> tuple[list, list]:
 
 def test_full_resolution_crops_come_from_a_region_decode_with_the_same_pixels(monkeypatch):
     """Crops that need every pixel decode only the faces' region: the same crops as from a whole decode."""
-    from facecap.stages.detect import stage as detect_module
+    from facecap.stages.detect import decode as detect_module
     from facecap.stages.detect.align import aligned_crop, box_crop, square_crop
 
     data = _enlarged_group(2.5)  # 3200 px wide: faces of 150-250 px, detected at 1/4 scale
@@ -312,7 +314,7 @@ def test_full_resolution_crops_come_from_a_region_decode_with_the_same_pixels(mo
 
 
 def test_without_turbojpeg_opencv_decodes_the_same_faces_and_crops(monkeypatch):
-    from facecap.stages.detect import stage as detect_module
+    from facecap.stages.detect import decode as detect_module
 
     data = _enlarged_group(1.6)  # 2048 px: detected from a reduced decode either way
     stage = DetectStage(DetectConfig(crops=["square", "aligned112"]))
@@ -335,8 +337,9 @@ def test_without_turbojpeg_opencv_decodes_the_same_faces_and_crops(monkeypatch):
 @pytest.mark.parametrize("orientation", [6, 3])
 def test_an_exif_rotated_jpeg_is_detected_upright(orientation):
     """Boxes are in the upright image's pixels, as OpenCV shows it (libjpeg alone would not turn it)."""
-    from facecap.stages.detect.stage import StoredImage
     from PIL import Image
+
+    from facecap.stages.detect.decode import StoredImage
 
     group = cv2.imread(str(GROUP))
     big = cv2.resize(group, (group.shape[1] * 2, group.shape[0] * 2), interpolation=cv2.INTER_CUBIC)
@@ -361,8 +364,9 @@ def test_an_exif_rotated_jpeg_is_detected_upright(orientation):
 
 
 def test_a_cmyk_jpeg_is_decoded_by_opencv(face_photos):
-    from facecap.stages.detect.stage import StoredImage
     from PIL import Image
+
+    from facecap.stages.detect.decode import StoredImage
 
     buffer = io.BytesIO()
     Image.open(face_photos / PORTRAITS[0]).convert("CMYK").save(buffer, "JPEG", quality=95)

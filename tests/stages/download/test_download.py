@@ -13,6 +13,9 @@ from collections import Counter
 import hostile
 import psutil
 import pytest
+from helpers import ingest, ray_executor, read_all, run
+from PIL import Image
+
 from facecap.corpus_server import CorpusServer
 from facecap.pipeline.dataset import Dataset, TarShardReader
 from facecap.pipeline.executors import ProcessExecutor
@@ -20,8 +23,6 @@ from facecap.pipeline.storage import Storage
 from facecap.stages.download.fetch import HttpSettings, SafetySettings
 from facecap.stages.download.stage import DownloadConfig, DownloadStage
 from facecap.stages.shared.images import ImageSettings
-from helpers import ingest, ray_executor, read_all, run
-from PIL import Image
 
 PHOTOS = ["deepface/img1.jpg", "deepface/img10.jpg", "deepface/img11.jpg"]
 

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+
 from facecap.corpus_server import CorpusServer
 from facecap.stages.download.fetch import Fetcher, HttpSettings, SafetySettings, is_transient
 

@@ -8,8 +8,9 @@ import ipaddress
 import ssl
 
 import pytest
-from facecap.stages.download.fetch import Fetcher, HttpSettings, SafetySettings
 from rawhttp import RawServer
+
+from facecap.stages.download.fetch import Fetcher, HttpSettings, SafetySettings
 
 BODY = bytes(range(256)) * 40
 

@@ -11,11 +11,12 @@ from pathlib import Path
 import insightface
 import pandas as pd
 import pytest
+from helpers import read_all, run_recipe
+from typer.testing import CliRunner
+
 from facecap.cli import app
 from facecap.pipeline.errors import FacecapError
 from facecap.stages.export.export import ExportSettings, export
-from helpers import read_all, run_recipe
-from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parent.parent.parent
 GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"

@@ -15,11 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import ingest, read_all
+
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.storage import Storage
 from facecap.stages.ingest.readers import MALFORMED
 from facecap.stages.ingest.stage import OptOutList, SeenHashes, first_occurrences, url_hash64, url_problem
-from helpers import ingest, read_all
 
 INVALID = "ingest:invalid_url"
 OPTED_OUT = "ingest:opted_out"

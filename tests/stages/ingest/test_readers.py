@@ -15,13 +15,14 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import ingest, read_all, run
+
 from facecap.pipeline.dataset import Dataset, TarShardReader
 from facecap.pipeline.errors import InputError
 from facecap.pipeline.stage import Batch, Output, Stage
 from facecap.pipeline.storage import Storage
 from facecap.stages.ingest import readers as sources
 from facecap.stages.ingest.readers import MALFORMED, SourceConfig, open_source
-from helpers import ingest, read_all, run
 
 URLS = [f"http://img{i % 3}.example/photo/{i}.jpg" for i in range(7)]
 CAPTIONS = [f"caption {i}, with a comma" for i in range(7)]

@@ -8,11 +8,12 @@ import cv2
 import insightface
 import numpy as np
 import pytest
+from helpers import detected_faces, ray_executor, read_all, run
+from typer.testing import CliRunner
+
 from facecap.cli import app
 from facecap.stages.quality.rules import Rule
 from facecap.stages.quality.stage import MEASURES, QualityConfig, QualityStage
-from helpers import detected_faces, ray_executor, read_all, run
-from typer.testing import CliRunner
 
 GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 RULES = [
@@ -111,16 +112,17 @@ def test_filter_and_explain_from_the_cli(faces, tmp_path):
     config = tmp_path / "q.yaml"
     config.write_text("quality:\n  rules:\n" + "".join(f'    - {{name: {r.name}, expr: "{r.expr}"}}\n' for r in RULES))
     out = tmp_path / "quality"
-    result = runner.invoke(app, ["filter", str(faces / "detect"), str(out), "-c", str(config), "--executor", "local"])
+    result = runner.invoke(app, ["quality", str(faces / "detect"), str(out), "-c", str(config), "--executor", "local"])
     assert result.exit_code == 0, result.output
     plot = tmp_path / "rules.png"
+    # `filter`, the command's earlier name, still works.
     explained = runner.invoke(app, ["filter", "--explain", str(out), "--plot", str(plot)], env={"COLUMNS": "250"})
     assert explained.exit_code == 0, explained.output
     for name in ("sharp", "bright", "colour", "little_text", "q_sharpness >= 3000"):
         assert name in explained.output
     assert plot.stat().st_size > 5000
     wrong = runner.invoke(app, ["filter", "--explain", str(faces / "detect")])
-    assert wrong.exit_code == 2 and "--explain reads the output of facecap filter" in wrong.output
+    assert wrong.exit_code == 2 and "--explain reads facecap quality's output" in wrong.output
 
 
 def test_a_rule_on_an_unknown_column_is_a_clear_error(faces, tmp_path):

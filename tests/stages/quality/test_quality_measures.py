@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+
 from facecap.stages.detect.align import aligned_crop
 from facecap.stages.detect.stage import DetectConfig, DetectStage
 from facecap.stages.quality import measures

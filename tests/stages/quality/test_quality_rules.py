@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from pydantic import ValidationError
+
 from facecap.stages.quality.explain import explain
 from facecap.stages.quality.rules import Rule, RuleError, columns_of, evaluate, failing, ranking_cutoff, threshold_of
-from pydantic import ValidationError
 
 ROWS = pd.DataFrame(
     {

@@ -7,8 +7,9 @@ import io
 import hostile
 import numpy as np
 import pytest
-from facecap.stages.shared.images import ImageRejected, ImageSettings, normalize, strip_metadata, target_size
 from PIL import Image, ImageOps
+
+from facecap.stages.shared.images import ImageRejected, ImageSettings, normalize, strip_metadata, target_size
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from fractions import Fraction
 import cv2
 import numpy as np
 import pytest
+
 from facecap.stages.shared import jpeg
 from facecap.stages.shared.jpeg import TurboJpeg, scaled, turbojpeg
 

@@ -7,6 +7,7 @@ import math
 import cv2
 import numpy as np
 import pytest
+
 from facecap.stages.detect.align import aligned_crop, square_crop
 from facecap.stages.detect.stage import DetectConfig, DetectStage
 from facecap.stages.tag.offline import (
@@ -98,6 +99,7 @@ def test_skin_ita_orders_lighter_and_darker_versions_of_a_face(faces_of):
 
 def test_celeba_checkpoint_loads_with_prefixes_and_matches_its_onnx_export(tmp_path, faces_of):
     import torch
+
     from facecap.stages.tag.learned import CelebaResnet, celeba_input, celeba_resnet50
 
     model = celeba_resnet50().eval()

@@ -8,12 +8,13 @@ from pathlib import Path
 import insightface
 import pandas as pd
 import pytest
+from helpers import detected_faces, ray_executor, read_all, run
+from typer.testing import CliRunner
+
 from facecap.cli import app
 from facecap.pipeline.errors import ConfigError
 from facecap.stages.tag.schema import CELEBA40, COLUMNS
 from facecap.stages.tag.stage import TagConfig, TagStage
-from helpers import detected_faces, ray_executor, read_all, run
-from typer.testing import CliRunner
 
 GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 PHOTOS = ["deepface/img1.jpg", "face_recognition/obama.jpg", "insightface/inspireface_emotion_happy.png"]
@@ -73,6 +74,7 @@ def test_the_keep_rule_rejects_faces_with_too_few_confident_attributes(faces):
 
 def test_celeba_backend_fills_all_40_from_a_checkpoint_on_ray(faces, tmp_path, ray_local):
     import torch
+
     from facecap.stages.tag.learned import celeba_resnet50
 
     checkpoint = tmp_path / "celeba.pth"

