@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup chromium demo test test-fast lint eval bench bench-ingest bench-download bench-detect bench-quality bench-tag bench-caption bench-dedup bench-soak clean
+.PHONY: setup chromium demo test test-fast lint eval bench bench-download clean
 
 setup: $(STAMP)
 
@@ -48,28 +48,12 @@ eval: $(STAMP)
 	$(BIN)/python bench/eval_quality.py
 	$(BIN)/python bench/eval_tag.py
 
-bench-detect: $(STAMP)
-	$(BIN)/python bench/bench_detect.py
-
-bench-dedup: $(STAMP)
-	$(BIN)/python bench/bench_dedup.py
-
-bench-caption: $(STAMP)
-	$(BIN)/python bench/bench_caption.py
-
-bench-tag: $(STAMP)
-	$(BIN)/python bench/bench_tag.py
-
-bench-quality: $(STAMP)
-	$(BIN)/python bench/bench_quality.py
-
-# Every stage end to end on a loopback corpus (SOAK_URLS, default 50000), memory sampled;
-# SOAK_WORKERS=1,2,4,8,16 repeats it per worker count and prints the scaling efficiency.
-bench-soak: $(STAMP)
-	$(BIN)/python bench/bench_soak.py
-
-bench-ingest: $(STAMP)
-	$(BIN)/python bench/bench_ingest.py
+# bench-detect, bench-dedup, bench-caption, bench-tag, bench-quality, bench-ingest, bench-soak: each
+# runs bench/bench_<name>.py (figures in docs/performance.md). bench-soak runs every stage end to end
+# on a loopback corpus (SOAK_URLS, default 50000), memory sampled; SOAK_WORKERS=1,2,4,8,16 repeats it
+# per worker count and prints the scaling efficiency. (Not .PHONY: make skips pattern rules for those.)
+bench-%: $(STAMP)
+	$(BIN)/python bench/bench_$*.py
 
 # Serves the corpus with nginx when it can be installed (as root, from Debian), else Python's server.
 bench-download: $(STAMP)

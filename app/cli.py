@@ -200,11 +200,18 @@ def _add_stage_command(spec: StageCommand) -> None:
 
 
 def _command_modules() -> list[ModuleType]:
-    """The ``cli`` module of every stage folder, then the plugin stage modules."""
+    """The ``cli`` module of every stage folder, then those of the plugin packages."""
     package = importlib.import_module(STAGES_PACKAGE)
     names = [f"{STAGES_PACKAGE}.{info.name}.cli" for info in pkgutil.iter_modules(package.__path__) if info.ispkg]
-    modules = [importlib.import_module(name) for name in names if importlib.util.find_spec(name)]
-    return modules + [importlib.import_module(name) for name in plugin_modules()]
+    names += [f"{plugin}.cli" for plugin in plugin_modules()]  # a plugin package laid out like a folder
+    return [importlib.import_module(name) for name in names if _exists(name)]
+
+
+def _exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a plugin that is a plain module has no sub-modules
+        return False
 
 
 _add_stage_commands()

@@ -10,6 +10,7 @@ line saying which package to install or which file to put where.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import importlib.util
 import io
 import os
@@ -19,6 +20,8 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from facecap.pipeline.errors import FacecapError
 
@@ -43,8 +46,7 @@ class ModelSpec:
     note: str = ""
 
 
-INSIGHTFACE_LICENCE = "insightface weights: non-commercial research only"
-# Filled by the stage folders (``stages/<name>/models.py``) as they are imported.
+# Filled by the stage folders, from their ``models.yaml``, as they are imported.
 REGISTRY: dict[str, ModelSpec] = {}
 
 
@@ -55,6 +57,14 @@ def register_models(*specs: ModelSpec) -> None:
         if known is not None and known != spec:
             raise FacecapError(f"two different model files are registered as '{spec.name}'")
         REGISTRY[spec.name] = spec
+
+
+def register_model_file(package: str, name: str = "models.yaml") -> None:
+    """Register the model files a stage folder lists in its ``models.yaml`` (package data: one
+    mapping of ``ModelSpec`` fields per model)."""
+    entries = yaml.safe_load(importlib.resources.files(package).joinpath(name).read_text()) or []
+    for entry in entries:
+        register_models(ModelSpec(**{**entry, "package": tuple(entry["package"]) if entry.get("package") else None}))
 
 
 def specs() -> list[ModelSpec]:

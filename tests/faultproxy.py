@@ -13,10 +13,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+from loopback import BackgroundServer
+
 ERROR = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected</Message></Error>"
 
 
-class FaultProxy:
+class FaultProxy(BackgroundServer):
     def __init__(self, upstream: str, fail_every: int = 0, slow_every: int = 0, delay: float = 0.2, deny: bool = False):
         target = urlsplit(upstream)
         self.fail_every, self.slow_every, self.delay, self.deny = fail_every, slow_every, delay, deny
@@ -86,11 +88,3 @@ class FaultProxy:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self) -> FaultProxy:
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()

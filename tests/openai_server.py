@@ -11,10 +11,12 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from loopback import BackgroundServer
+
 from facecap.stages.caption.engines import Request, Sampling, TransformersEngine
 
 
-class OpenAIServer:
+class OpenAIServer(BackgroundServer):
     def __init__(self, model: str, vision: bool, fail_first: int = 0):
         self.engine = TransformersEngine(model, vision=vision, device="cpu")
         self.fail_first = fail_first
@@ -68,11 +70,3 @@ class OpenAIServer:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text}}],
             "usage": {"completion_tokens": generation.tokens},
         }
-
-    def __enter__(self) -> OpenAIServer:
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()

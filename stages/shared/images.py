@@ -92,34 +92,26 @@ def normalize(data: bytes, settings: ImageSettings) -> NormalizedImage:
     upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     _check_shape(upright, settings)
     target = target_size(upright, settings)
-    if _can_keep(image, fmt, orientation, upright, target, settings):
+    reencoded = not _can_keep(image, fmt, orientation, upright, target, settings)
+    if not reencoded:
         _verify_decodes(data, fmt, image)
-        return NormalizedImage(
-            data=strip_metadata(data, settings.output_format),
-            ext=settings.output_format,
-            mime=MIME[settings.output_format],
-            width=width,
-            height=height,
-            original_width=upright[0],
-            original_height=upright[1],
-            reencoded=False,
-        )
-    if _plain(image, fmt):
+        stored = strip_metadata(data, settings.output_format)
+    elif _plain(image, fmt):
         pixels = _cv2_decode(data, fmt, orientation, image.size, target)
         pixels = resize_array(pixels, settings)
-        encoded, (height, width) = encode_array(pixels, settings), pixels.shape[:2]
+        stored, (height, width) = encode_array(pixels, settings), pixels.shape[:2]
     else:
         resized = resize(_decode_rgb(image, fmt, orientation, target), settings)
-        encoded, (width, height) = encode(resized, settings), resized.size
+        stored, (width, height) = encode(resized, settings), resized.size
     return NormalizedImage(
-        data=encoded,
+        data=stored,
         ext=settings.output_format,
         mime=MIME[settings.output_format],
         width=width,
         height=height,
         original_width=upright[0],
         original_height=upright[1],
-        reencoded=True,
+        reencoded=reencoded,
     )
 
 

@@ -1,6 +1,8 @@
 """Tag: attributes per face (CelebA-40, age, gender, expression, pose, skin tone)."""
 
-from facecap.stages.tag import models  # registers its model files
+from facecap.pipeline.models import register_model_file
 from facecap.stages.tag.stage import TagStage
 
-__all__ = ["TagStage", "models"]
+register_model_file(__name__)  # the model files it uses, listed in models.yaml beside this file
+
+__all__ = ["TagStage"]

@@ -1,8 +1,9 @@
-"""docs/adding-a-stage.md, run: a stage kept in its own folder is found, gets a command built from
-its declared options, and runs inside `facecap run` after ingest."""
+"""docs/adding-a-stage.md, run: the stage it builds, kept in its own folder, is found, gets a command
+built from its declared options, and runs inside `facecap run` after ingest."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,49 +14,21 @@ from helpers import facecap_env, write_url_csv
 
 FACECAP = str(Path(sys.executable).parent / "facecap")
 
-TOY_STAGE = '''
-"""A toy stage: shouts each row's alt text into a new column, rejects rows without one."""
-
-from typing import ClassVar
-
-import pyarrow as pa
-from pydantic import Field
-
-from facecap.pipeline.options import Flag, StageCommand
-from facecap.pipeline.registry import register
-from facecap.pipeline.stage import Batch, Output, Stage, StageConfig
+DOC = Path(__file__).resolve().parents[2] / "docs" / "adding-a-stage.md"
 
 
-class ShoutConfig(StageConfig):
-    marks: int = Field(1, ge=0, le=5, description="exclamation marks after the text")
-
-
-@register
-class ShoutStage(Stage):
-    name = "shout"
-    order = 15
-    help = "Shout the alt text."
-    config_model = ShoutConfig
-    consumes = ("alt_text",)
-    produces: ClassVar = {"alt_shout": pa.string()}
-
-    def process(self, batch: Batch) -> Output:
-        rows = batch.rows.copy()
-        texts = [t if isinstance(t, str) and t else None for t in rows["alt_text"]]
-        rows["alt_shout"] = [t.upper() + "!" * self.config.marks if t else None for t in texts]
-        rows["status"] = [self.ok() if t else self.reject("no_text") for t in texts]
-        rows["error"] = None
-        return Output(rows=rows)
-
-
-COMMANDS = (StageCommand(stage="shout", flags=(Flag("marks"),), examples=("facecap shout work/ingest work/shout",)),)
-'''
+def write_stage_from_the_doc(folder: Path) -> None:
+    """The doc's three Python blocks, in order: stage.py, __init__.py, cli.py; its folder renamed
+    from stages/shout/ to a plugin package outside facecap."""
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    assert len(blocks) == 3, "docs/adding-a-stage.md should show stage.py, __init__.py and cli.py"
+    folder.mkdir(parents=True)
+    for name, code in zip(("stage.py", "__init__.py", "cli.py"), blocks, strict=True):
+        (folder / name).write_text(code.replace("facecap.stages.shout", folder.name))
 
 
 def test_a_stage_in_its_own_folder_runs_through_facecap_run(tmp_path):
-    folder = tmp_path / "plugins" / "toy_shout"
-    folder.mkdir(parents=True)
-    (folder / "__init__.py").write_text(TOY_STAGE)
+    write_stage_from_the_doc(tmp_path / "plugins" / "toy_shout")
     urls = write_url_csv(tmp_path / "urls.csv", 3)
     recipe = tmp_path / "toy.yaml"
     recipe.write_text(

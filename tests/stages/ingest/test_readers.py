@@ -45,6 +45,11 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
+def read_lines(path: Path, lines: list[str]) -> list[dict]:
+    """The rows ingest reads from a file of these lines."""
+    return read_rows(write_text(path, "\n".join(lines) + "\n"))
+
+
 def write_urls(path: Path, urls: list[str], captions: list[str]) -> Path:
     """The same rows in the format the file name asks for."""
     fmt = sources._format_of(str(path))
@@ -325,8 +330,7 @@ def test_csv_lines_with_the_wrong_field_count_become_malformed_rows(tmp_path):
         '"http://a.example/3.jpg","three, quoted"',
         '"http://a.example/4.jpg","multi\nline"',
     ]
-    path = write_text(tmp_path / "bad.csv", "\n".join(lines) + "\n")
-    rows = read_rows(path)
+    rows = read_lines(tmp_path / "bad.csv", lines)
     assert [r["status"] for r in rows] == ["ok", MALFORMED, MALFORMED, "ok", "ok"]
     assert rows[1]["error"] == "expected 2 fields, got 3"
     assert rows[2]["error"] == "expected 2 fields, got 1"
@@ -359,8 +363,7 @@ def test_jsonl_lines_that_are_not_objects_become_malformed_rows(tmp_path):
         "42",
         '{"url": "http://a.example/2.jpg"}',
     ]
-    path = write_text(tmp_path / "bad.jsonl", "\n".join(lines) + "\n")
-    rows = read_rows(path)
+    rows = read_lines(tmp_path / "bad.jsonl", lines)
     assert [r["status"] for r in rows] == ["ok", MALFORMED, MALFORMED, MALFORMED, "ok"]
     assert rows[1]["error"].startswith("not JSON: ")
     assert rows[2]["error"] == "expected a JSON object, got list"
