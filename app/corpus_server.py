@@ -7,10 +7,11 @@ endless or slow response stops by itself after a bounded time or size.
 from __future__ import annotations
 
 import contextlib
-import gzip
-import io
+import functools
+import struct
 import threading
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -53,7 +54,8 @@ class CorpusServer:
         self.active = 0
         self.max_active = 0  # most requests served at once (to check client-side limits)
         self._lock = threading.Lock()
-        self._bomb: bytes | None = None
+        # Built before the first request can arrive: a client's read timeout must never race it.
+        self._bomb = gzip_bomb()
         handler = _make_handler(self)
         self.httpd = _QuietServer(("127.0.0.1", port), handler)
         self.httpd.daemon_threads = True
@@ -85,14 +87,25 @@ class CorpusServer:
         self.stop()
 
     def gzip_bomb(self) -> bytes:
-        if self._bomb is None:
-            buffer = io.BytesIO()
-            with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9) as out:
-                block = bytes(1 << 20)
-                for _ in range(256):
-                    out.write(block)
-            self._bomb = buffer.getvalue()
         return self._bomb
+
+
+@functools.cache
+def gzip_bomb(megabytes: int = 256) -> bytes:
+    """A gzip body of ``megabytes`` MB of zeros, ~1 kB per MB, in well under a second.
+
+    Each MB is deflated after a full flush, which resets the compressor's history, so every
+    block compresses to the same bytes: one block is compressed and repeated, not 256.
+    """
+    block = bytes(1 << 20)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)  # raw deflate, gzip framing below
+    deflated = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    for _ in range(megabytes):
+        crc = zlib.crc32(block, crc)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"  # magic, deflate, no flags, mtime 0, best, unix
+    trailer = struct.pack("<II", crc, (megabytes << 20) & 0xFFFFFFFF)
+    return header + deflated * megabytes + deflate.flush() + trailer
 
 
 class _QuietServer(ThreadingHTTPServer):
