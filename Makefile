@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup chromium demo test test-fast lint eval bench bench-download clean
+.PHONY: setup chromium demo test test-fast test-stress lint eval bench bench-download clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ chromium:
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -ra --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# Not in CI: the suite STRESS_RUNS times (default 3) with one core kept busy (stress-ng --cpu 1 when
+# installed, else a Python busy loop); prints every test that failed in any run, exits 1 if one did.
+test-stress: $(STAMP) chromium
+	$(BIN)/python tests/stress.py
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
