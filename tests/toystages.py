@@ -149,6 +149,20 @@ class KeepLongest(GlobalStage):
 class SleepyConfig(StageConfig):
     pid_folder: str  # each worker writes its pid here when it starts a shard
     seconds: float = 3.0  # first attempts of a shard sleep this long, so a test can kill the worker
+    # With a release file, first attempts wait for it to appear instead (``seconds`` is then only a cap):
+    # a test kills a worker, then releases the others; no sleep races the kill.
+    release_file: str | None = None
+
+
+def started_pids(pid_folder) -> list[int]:
+    """Pids of the workers that wrote their marker, by marker name; a marker still being written is left out."""
+    pids = []
+    for name in sorted(os.listdir(pid_folder)):
+        with open(os.path.join(pid_folder, name)) as f:
+            text = f.read()
+        if text:  # the pid goes in with a single write when the file closes: all of it or nothing yet
+            pids.append(int(text))
+    return pids
 
 
 class Sleepy(Stage):
@@ -167,7 +181,11 @@ class Sleepy(Stage):
         with open(marker, "w") as f:
             f.write(str(os.getpid()))
         if first_attempt:
-            time.sleep(self.config.seconds)
+            stop = time.monotonic() + self.config.seconds
+            if self.config.release_file is None:
+                time.sleep(self.config.seconds)
+            while self.config.release_file and not os.path.exists(self.config.release_file) and time.monotonic() < stop:
+                time.sleep(0.02)
         rows = batch.rows.copy()
         rows["worker_pid"] = os.getpid()
         return Output(rows=rows)

@@ -14,7 +14,7 @@ from collections import Counter
 import psutil
 import pytest
 from helpers import media_hashes, read_all, run
-from toystages import MakeConfig, MakeMedia, ReadBoth, Sleepy, SleepyConfig, SplitFaces
+from toystages import MakeConfig, MakeMedia, ReadBoth, Sleepy, SleepyConfig, SplitFaces, started_pids
 
 from facecap.pipeline.config import RunnerConfig
 from facecap.pipeline.dataset import Dataset
@@ -61,16 +61,19 @@ def test_a_worker_killed_mid_shard_costs_a_retry_not_the_run(ingested, tmp_path)
     pids.mkdir()
     outcome = {}
 
+    release = tmp_path / "release"
+
     def go():
-        config = SleepyConfig(pid_folder=str(pids), seconds=4.0)
+        config = SleepyConfig(pid_folder=str(pids), seconds=120.0, release_file=str(release))
         outcome["result"] = run(Sleepy, ingested, tmp_path / "sleepy", config=config, executor=ProcessExecutor(2))
 
     thread = threading.Thread(target=go)
     thread.start()
     deadline = time.time() + 60
-    while not list(pids.iterdir()) and time.time() < deadline:
+    while not started_pids(pids) and time.time() < deadline:
         time.sleep(0.05)
-    os.kill(int(sorted(pids.iterdir())[0].read_text()), signal.SIGKILL)
+    os.kill(started_pids(pids)[0], signal.SIGKILL)  # its first attempt waits for the release: killed mid-shard
+    release.touch()
     thread.join(timeout=120)
     result = outcome["result"]
     assert result.ok and result.shards == 5
@@ -118,9 +121,9 @@ def test_workers_leave_with_a_driver_killed_with_sigkill(ingested, tmp_path):
     script.write_text(DRIVER.format(paths=paths, parent=str(ingested), output=str(tmp_path / "out"), pids=str(pids)))
     driver = subprocess.Popen([sys.executable, str(script)])
     deadline = time.time() + 60
-    while len(list(pids.iterdir())) < 2 and time.time() < deadline:
+    while len(started_pids(pids)) < 2 and time.time() < deadline:
         time.sleep(0.05)
-    workers = {int(p.read_text()) for p in pids.iterdir()}
+    workers = set(started_pids(pids))
     assert len(workers) == 2
     driver.kill()
     driver.wait()
