@@ -34,7 +34,8 @@ test: $(STAMP) chromium
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 # Not in CI: the suite STRESS_RUNS times (default 3) with one core kept busy (stress-ng --cpu 1 when
-# installed, else a Python busy loop); prints every test that failed in any run, exits 1 if one did.
+# installed, else a Python busy loop), test modules in a shuffled order (STRESS_SEED); prints every
+# test that failed in any run, exits 1 if one did.
 test-stress: $(STAMP) chromium
 	$(BIN)/python tests/stress.py
 

@@ -1,6 +1,8 @@
 """Run the whole test suite N times with one CPU core kept busy; print every test that failed.
 
-``make test-stress`` (not part of CI). STRESS_RUNS (default 3) runs; extra arguments go to pytest.
+``make test-stress`` (not part of CI). STRESS_RUNS (default 3) runs. Without arguments each run
+takes every test module, in a shuffled order (seeded by STRESS_SEED, default random, printed), so a
+test that passes only after another module has run shows up too; arguments go to pytest as they are.
 The load is ``stress-ng --cpu 1`` when installed (Debian: ``apt-get install stress-ng``), else a
 Python busy-loop process. Exits 1 if any test failed (or errored) in any run.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -53,20 +56,28 @@ def failures(junit: Path) -> tuple[list[str], int]:
     return failed, total
 
 
+def shuffled_modules(rng: random.Random) -> list[str]:
+    modules = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py"))
+    rng.shuffle(modules)
+    return modules
+
+
 def main() -> int:
     runs = int(os.environ.get("STRESS_RUNS", "3"))
+    seed = int(os.environ.get("STRESS_SEED") or random.randrange(1 << 30))
+    rng = random.Random(seed)
     python = os.environ.get("PYTHON", sys.executable)
     failed_in: dict[str, list[int]] = defaultdict(list)
     broken: list[str] = []
     hog, load = start_hog()
-    print(f"test-stress: {runs} runs of the suite with {load} running", flush=True)
+    print(f"test-stress: {runs} runs of the suite with {load} running, module order seed {seed}", flush=True)
     try:
         with tempfile.TemporaryDirectory(prefix="facecap-stress-") as tmp:
             for run in range(1, runs + 1):
                 junit = Path(tmp) / f"run{run}.xml"
                 started = time.monotonic()
                 cmd = [python, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}"]
-                cmd += sys.argv[1:]
+                cmd += sys.argv[1:] or shuffled_modules(rng)
                 rc = subprocess.run(cmd, cwd=REPO).returncode
                 failed, total = failures(junit)
                 for test in failed:
