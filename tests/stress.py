@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 def start_hog() -> tuple[subprocess.Popen, str]:
     if shutil.which("stress-ng"):
         cmd = ["stress-ng", "--cpu", "1", "--cpu-method", "all", "--quiet"]
-        return subprocess.Popen(cmd, start_new_session=True), "stress-ng --cpu 1"
+        # Its stderr says "finished prematurely" when stopped: expected, so not shown.
+        return subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.DEVNULL), "stress-ng --cpu 1"
     busy = "while True: pass"
     return subprocess.Popen([sys.executable, "-c", busy], start_new_session=True), "a Python busy loop"
 
