@@ -138,12 +138,34 @@ def test_user_agent_is_sent(server, face_photos):
 
 def test_per_host_concurrency_is_capped(server):
     server.max_active = 0
+    # Each request is held until a second one arrives (not for a fixed 0.2 s, which a busy machine
+    # can spend before the second request is even sent): with a cap of 2 the pairs always meet.
+    pair = threading.Barrier(2)
+    handler_class = server.httpd.RequestHandlerClass
+    original = handler_class.do_GET
+
+    def paired(self):
+        with server._lock:
+            server.active += 1
+            server.max_active = max(server.max_active, server.active)
+        try:
+            pair.wait(timeout=30)
+        finally:
+            with server._lock:
+                server.active -= 1
+        return original(self)
+
+    handler_class.do_GET = paired
     limited = fetcher(per_host_concurrency=2, total_timeout=10)
-    threads = [threading.Thread(target=limited.fetch, args=(server.url(f"/sleep/{PHOTO}?s=0.2"),)) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    threads = [threading.Thread(target=limited.fetch, args=(server.url(f"/files/{PHOTO}"),)) for _ in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        handler_class.do_GET = original
+    assert not pair.broken
     assert server.max_active == 2
 
 
