@@ -135,6 +135,8 @@ def _run_one(
 
 
 def _print_result(result: StageResult) -> None:
+    for note in result.notes:
+        err_console.print(f"[yellow]{result.stage}: note:[/yellow] {note}", highlight=False)
     if result.nothing_to_do:
         out_console.print(f"{result.stage}: all {result.shards} shards already done in {result.output}; nothing to do")
         return

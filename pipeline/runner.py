@@ -38,6 +38,8 @@ class StageResult:
     failed: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
     nothing_to_do: bool = False
+    # What the stage's preflight wants the user to know (a default it adapted to this machine).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -75,7 +77,7 @@ def run_stage(
     runner = runner or RunnerConfig()
     progress = progress or Quiet()
     started = time.perf_counter()
-    job.stage_cls.preflight(job.config)
+    notes = job.stage_cls.preflight(job.config) or []
     out = Dataset.at(job.output, job.storage)
     parent = _check_parent(job) if not job.stage_cls.source else None
     if job.stage_cls.source and source is None:
@@ -89,7 +91,7 @@ def run_stage(
             "input": source.fingerprint if source else None,
         }
     )
-    result = StageResult(stage=job.name, output=out.uri)
+    result = StageResult(stage=job.name, output=out.uri, notes=notes)
     existing = out.manifest()
     if existing is not None and (existing.config_hash != identity or existing.stage != job.name):
         if not overwrite:

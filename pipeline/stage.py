@@ -140,9 +140,10 @@ class Stage(ABC):
         self.config = config
 
     @classmethod
-    def preflight(cls, config: StageConfig) -> None:
+    def preflight(cls, config: StageConfig) -> list[str] | None:
         """Driver-side checks before any shard runs (a model file that is missing, say): raise a
-        FacecapError with one clear line instead of failing every shard on the workers."""
+        FacecapError with one clear line instead of failing every shard on the workers. May return
+        notes for the user (a default the stage adapted to this machine), shown with the result."""
 
     @classmethod
     def open_source(cls, config: StageConfig, storage: StorageOptions) -> Source:

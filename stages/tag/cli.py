@@ -58,7 +58,10 @@ COMMANDS = (
                 help="comma-separated, in order: agegender, genderage, emotion, geometry, skin, celeba, clip",
             ),
             Flag("threshold", help="an attribute counts above this probability (0.85)"),
-            Flag("min_confident", help="keep faces with at least this many (5)"),
+            Flag(
+                "min_confident",
+                help="keep faces with at least this many (default 5, or as many as the backends can set)",
+            ),
         ),
         switches=(
             Switch("--calibrate", Path, "labels CSV (key + 0/1 CelebA columns): print per-attribute thresholds for IN"),

@@ -17,6 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from facecap.pipeline.errors import ConfigError
 from facecap.stages.tag.offline import Backend, Faces, session
 from facecap.stages.tag.schema import CELEBA40
 
@@ -138,7 +139,12 @@ def phrase(attribute: str) -> str:
 class ClipZeroShot(Backend):
     name = "clip"
 
-    def __init__(self, model_name: str, pretrained: str | None, use_gpu: bool = False):
+    def __init__(self, model_name: str, pretrained: str | None, use_gpu: bool = False, random_weights: bool = False):
+        if not pretrained and not random_weights:
+            raise ConfigError(
+                "tag backend clip needs tag.clip_pretrained (an open_clip pretrained tag whose files are in its "
+                "cache, or a weights file): without it the model is randomly initialised and tags nothing real"
+            )
         import open_clip
         import torch
 

@@ -45,6 +45,13 @@ class Backend(ABC):
     name: ClassVar[str]
     # Registry models it needs; missing ones fail preflight with one clear line.
     models: ClassVar[tuple[str, ...]] = ()
+    # The CelebA-40 attributes it can set (the keep-rule counts only those).
+    celeba: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def celeba_attributes(cls) -> frozenset[str]:
+        """The CelebA attributes it sets on this machine (a backend may depend on optional files)."""
+        return cls.celeba
 
     @abstractmethod
     def predict(self, faces: Faces) -> list[dict[str, Any]]: ...
@@ -83,6 +90,7 @@ class AgeGender(Backend):
     models = ("agegender-age", "agegender-gender")
     MEANS = np.array([122.781998, 117.000999, 104.297997], np.float32)  # the bundle's manifest
     AGES = np.array([0.25, *range(1, 81)], np.float32)  # bin centres, years (manifest's age_weights)
+    celeba = frozenset({"Male", "Young"})
     YOUNG_BELOW = 30.0  # CelebA's "Young" is a judgement; P(age < 30) stands in for it
 
     def __init__(self, use_gpu: bool = False):
@@ -122,6 +130,7 @@ class InsightGenderAge(Backend):
 
     name = "genderage"
     models = ("genderage",)
+    celeba = frozenset({"Male"})
 
     def __init__(self, use_gpu: bool = False):
         self._model = session(models.resolve("genderage"), use_gpu)
@@ -192,6 +201,11 @@ class Geometry(Backend):
     """Pose from the 5 landmarks; eyes, mouth and smile from the face mesh when its file is present."""
 
     name = "geometry"
+    celeba = frozenset({"Mouth_Slightly_Open", "Smiling"})
+
+    @classmethod
+    def celeba_attributes(cls) -> frozenset[str]:
+        return cls.celeba if models.state(models.REGISTRY["face-mesh"])[0] == "ok" else frozenset()
 
     def __init__(self, use_gpu: bool = False):
         try:

@@ -5,7 +5,9 @@ Backends run in the configured order and each fills only what the earlier ones l
 from dlib's network, pose from the landmarks. ``attr_backends`` records which backend produced
 each value. FaceCaption-15M's keep-rule is the default: an attribute counts when its probability
 is above ``threshold`` (0.85, or a per-attribute value from calibration), and a face needs
-``min_confident`` (5) of them or gets ``tag:too_few_attributes``.
+``min_confident`` (5) of them or gets ``tag:too_few_attributes``. A rule the backends cannot meet
+is refused before any shard runs; left unset, it is 5 or as many as the backends can set, and the
+run says so (offline backends set at most 4 of the 40: a preflight note, not 100% rejections).
 """
 
 from __future__ import annotations
@@ -45,10 +47,16 @@ class TagConfig(StageConfig):
     thresholds: dict[str, float] = Field(
         default_factory=dict, description="per-attribute thresholds (CelebA names), e.g. from `facecap tag --calibrate`"
     )
-    min_confident: int = Field(5, ge=0, description="faces with fewer confident CelebA attributes are rejected")
+    min_confident: int | None = Field(
+        None,
+        ge=0,
+        description="faces with fewer confident CelebA attributes are rejected; default 5 (FaceCaption-15M), "
+        "or as many as the backends can set when that is fewer (the run says so)",
+    )
     celeba_checkpoint: str | None = Field(None, description="ResNet-50 CelebA-40 checkpoint (.pt/.pth) or .onnx export")
     clip_model: str = Field("ViT-B-32", description="open_clip model name for the clip backend")
     clip_pretrained: str | None = Field(None, description="open_clip pretrained tag or weights path (needs the files)")
+    clip_random_weights: bool = Field(False, description="tests only: let the clip backend run without weights")
     gpus: float = Field(0.0, ge=0, le=8, description="GPU share per worker (onnxruntime CUDA / torch)")
     batch_size: int = Field(64, ge=1, le=1024, description="faces per model call")
 
@@ -68,6 +76,7 @@ class TagStage(Stage):
         super().__init__(config)
         self.config: TagConfig = config
         self.backends: list[Backend] = []
+        self.min_confident = effective_min_confident(config)
 
     @classmethod
     def spec(cls, config: TagConfig) -> StageSpec:
@@ -75,7 +84,7 @@ class TagStage(Stage):
         return StageSpec(resources=resources, reads=dict(cls.reads_media))
 
     @classmethod
-    def preflight(cls, config: TagConfig) -> None:
+    def preflight(cls, config: TagConfig) -> list[str]:
         from facecap.pipeline import models
 
         for name in config.backends:
@@ -86,9 +95,28 @@ class TagStage(Stage):
                 "tag backend celeba needs tag.celeba_checkpoint: a ResNet-50 CelebA-40 checkpoint or ONNX export "
                 "(FaceCaption-15M's classifier; docs/attributes.md says how to provide it)"
             )
+        if "clip" in config.backends and not (config.clip_pretrained or config.clip_random_weights):
+            raise ConfigError(
+                "tag backend clip needs tag.clip_pretrained (an open_clip pretrained tag whose files are in its "
+                "cache, or a weights file): without it the model is randomly initialised and tags nothing real"
+            )
         unknown = sorted(set(config.thresholds) - set(CELEBA40))
         if unknown:
             raise ConfigError(f"tag.thresholds: not CelebA attributes: {', '.join(unknown)}")
+        settable = settable_attributes(config.backends)
+        if config.min_confident is not None and config.min_confident > len(settable):
+            raise ConfigError(
+                f"tag.min_confident {config.min_confident} cannot be met: the backends {', '.join(config.backends)} "
+                f"set at most {len(settable)} CelebA attributes here ({', '.join(sorted(settable)) or 'none'}); "
+                f"lower it (--min-confident {len(settable)}) or add the celeba or clip backend"
+            )
+        if config.min_confident is None and len(settable) < DEFAULT_MIN_CONFIDENT:
+            return [
+                f"keeping faces with {len(settable)} confident CelebA attributes, not FaceCaption-15M's "
+                f"{DEFAULT_MIN_CONFIDENT}: the backends {', '.join(config.backends)} set only "
+                f"{', '.join(sorted(settable)) or 'none'} here (add celeba or clip, or set --min-confident)"
+            ]
+        return []
 
     def setup(self) -> None:
         use_gpu = self.config.gpus > 0
@@ -102,7 +130,10 @@ class TagStage(Stage):
             else:
                 from facecap.stages.tag.learned import ClipZeroShot
 
-                self.backends.append(ClipZeroShot(self.config.clip_model, self.config.clip_pretrained, use_gpu))
+                cfg = self.config
+                self.backends.append(
+                    ClipZeroShot(cfg.clip_model, cfg.clip_pretrained, use_gpu, cfg.clip_random_weights)
+                )
 
     def process(self, batch: Batch) -> Output:
         rows = batch.rows.reset_index(drop=True)
@@ -155,10 +186,10 @@ class TagStage(Stage):
             if i not in usable_set:
                 statuses.append(self.reject("undecodable"))
                 errors.append("the aligned 112 crop or the landmarks of this face are unusable")
-            elif len(confident) < self.config.min_confident:
+            elif len(confident) < self.min_confident:
                 statuses.append(self.reject("too_few_attributes"))
                 errors.append(
-                    f"{len(confident)} attributes above {self.config.threshold} (need {self.config.min_confident})"
+                    f"{len(confident)} attributes above {self.config.threshold} (need {self.min_confident})"
                     + (f": {', '.join(confident)}" if confident else "")
                 )
             else:
@@ -168,6 +199,23 @@ class TagStage(Stage):
             out[column] = column_values
         out["status"], out["error"] = statuses, errors
         return out
+
+
+DEFAULT_MIN_CONFIDENT = 5  # FaceCaption-15M's keep-rule
+
+
+def settable_attributes(backends: list[str]) -> frozenset[str]:
+    """The CelebA attributes these backends can set on this machine."""
+    if "celeba" in backends or "clip" in backends:
+        return frozenset(CELEBA40)
+    return frozenset().union(*(OFFLINE[name].celeba_attributes() for name in backends if name in OFFLINE))
+
+
+def effective_min_confident(config: TagConfig) -> int:
+    """The keep-rule in force: the configured count, else 5 or as many as the backends can set."""
+    if config.min_confident is not None:
+        return config.min_confident
+    return min(DEFAULT_MIN_CONFIDENT, len(settable_attributes(config.backends)))
 
 
 def _above(value: Any, threshold: float) -> bool:

@@ -94,6 +94,44 @@ def test_missing_checkpoint_and_unknown_thresholds_are_clear_errors():
         TagStage.preflight(TagConfig(thresholds={"Beard": 0.5}))
 
 
+def test_a_keep_rule_the_backends_cannot_meet_is_refused_before_any_shard(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match=r"tag\.min_confident 5 cannot be met.*at most 4 .*--min-confident 4"):
+        TagStage.preflight(TagConfig(backends=["agegender", "geometry", "skin"], min_confident=5))
+    # Without the face mesh, geometry sets no CelebA attribute: only agegender's Male and Young are left.
+    monkeypatch.setenv("FACECAP_MODELS", str(tmp_path / "no-models"))
+    with pytest.raises(ConfigError, match=r"at most 2 CelebA attributes here \(Male, Young\)"):
+        TagStage.preflight(TagConfig(min_confident=3))
+    assert TagStage.preflight(TagConfig(min_confident=2)) == []
+    assert TagStage.preflight(TagConfig(backends=["celeba"], celeba_checkpoint="x.pt", min_confident=5)) == []
+
+
+def test_the_default_keep_rule_adapts_to_the_backends_and_says_so(faces, tmp_path):
+    """At its defaults, tag keeps the faces its backends can judge instead of rejecting every one."""
+    notes = TagStage.preflight(TagConfig())
+    assert len(notes) == 1 and "keeping faces with 4 confident CelebA attributes" in notes[0]
+    assert TagStage(TagConfig()).min_confident == 4 and TagStage(TagConfig(backends=["clip"])).min_confident == 5
+    out = tmp_path / "defaults"
+    result = CliRunner().invoke(app, ["tag", str(faces / "detect"), str(out), "--executor", "local"])
+    assert result.exit_code == 0, result.output
+    assert "tag: note: keeping faces with 4 confident CelebA attributes" in result.output
+    rows = face_rows(out)
+    assert set(rows.status) <= {"ok", "tag:too_few_attributes"}
+    kept = rows[rows.status == "ok"]
+    assert all(len(confident) >= 4 for confident in kept.confident_attributes)
+    assert all(len(confident) < 4 for confident in rows[rows.status != "ok"].confident_attributes)
+
+
+def test_the_clip_backend_refuses_random_weights_unless_asked():
+    with pytest.raises(ConfigError, match=r"tag\.clip_pretrained"):
+        TagStage.preflight(TagConfig(backends=["clip"]))
+    assert TagStage.preflight(TagConfig(backends=["clip"], clip_random_weights=True)) == []
+    from facecap.stages.tag.learned import ClipZeroShot
+
+    with pytest.raises(ConfigError, match="randomly initialised"):
+        ClipZeroShot("ViT-S-32", pretrained=None)
+
+
 def test_tag_from_the_cli(faces, tmp_path):
     out = tmp_path / "tagged"
     args = ["tag", str(faces / "detect"), str(out), "--backends", "agegender,geometry", "--min-confident", "0"]
