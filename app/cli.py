@@ -193,9 +193,13 @@ def _add_stage_commands() -> None:
             app.command(epilog=epilog)(friendly(function))
 
 
+def _show(renderable: Any) -> None:
+    out_console.print(renderable, highlight=False)
+
+
 def _add_stage_command(spec: StageCommand) -> None:
     stage_cls = REGISTRY[spec.stage]
-    command = friendly(build_stage_command(spec, stage_cls, _run_stage_command))
+    command = friendly(build_stage_command(spec, stage_cls, _run_stage_command, _show))
     text, epilog = command_help(spec, stage_cls)
     for name in (spec.command, *spec.aliases):
         app.command(name=name, help=text, epilog=epilog, hidden=name in spec.aliases)(command)

@@ -132,8 +132,13 @@ def flag_value(flag: Flag, annotation: Any, value: Any) -> Any:
     return absolute(value) if flag.is_path else value
 
 
-def build_stage_command(spec: StageCommand, stage_cls: type[Stage], run: RunStage) -> Callable[..., None]:
-    """A Typer command function for ``spec``: IN, OUT, the stage's flags, its switches, the runner's."""
+def build_stage_command(
+    spec: StageCommand, stage_cls: type[Stage], run: RunStage, show: Callable[[Any], None]
+) -> Callable[..., None]:
+    """A Typer command function for ``spec``: IN, OUT, the stage's flags, its switches, the runner's.
+
+    ``run`` runs the stage once the options are gathered; ``show`` prints what an ``intercept``
+    reports instead."""
     config_model = stage_cls.config_model
     fields = {flag.parameter: (flag, field_of(config_model, flag.field)) for flag in spec.flags}
     parameters = [
@@ -167,8 +172,7 @@ def build_stage_command(spec: StageCommand, stage_cls: type[Stage], run: RunStag
                 input=values["input"],
                 output=values["output"],
                 switches={s.parameter: values.get(s.parameter) for s in spec.switches},
-                overrides=overrides,
-                print=_printer(),
+                print=show,
             )
             if spec.intercept(call):
                 return
@@ -204,9 +208,3 @@ def _switch_annotation(switch: Switch) -> Any:
 
 def _parameter(name: str, annotation: Any, default: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
-
-
-def _printer() -> Callable[[Any], None]:
-    from facecap.cli import out_console
-
-    return lambda renderable: out_console.print(renderable, highlight=False)

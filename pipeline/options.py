@@ -59,8 +59,7 @@ class Invocation:
     input: str | None
     output: str | None
     switches: dict[str, Any]
-    overrides: dict[str, Any]
-    # print(text) for tables and results; the hook may also return a renderable list.
+    # Shows a table or a line on the command's output.
     print: Callable[[Any], None]
 
 
