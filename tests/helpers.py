@@ -161,3 +161,29 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     inter = w * h
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return float(inter / union)
+
+
+def run_killing_one_worker(ingested: Path, out: Path, work: Path, executor) -> StageResult:
+    """Run the Sleepy stage over ``ingested`` into ``out``, SIGKILL the first worker that starts a shard
+    (its first attempt waits for a release file, so the kill lands mid-shard), then release the rest."""
+    import threading
+
+    from toystages import Sleepy, SleepyConfig, started_pids
+
+    pids, release = work / "pids", work / "release"
+    pids.mkdir()
+    outcome = {}
+
+    def go():
+        config = SleepyConfig(pid_folder=str(pids), seconds=120.0, release_file=str(release))
+        outcome["result"] = run(Sleepy, ingested, out, config=config, executor=executor)
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    deadline = time.time() + 60
+    while not started_pids(pids) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(started_pids(pids)[0], signal.SIGKILL)
+    release.touch()
+    thread.join(timeout=120)
+    return outcome["result"]

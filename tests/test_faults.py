@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import shutil
-import signal
 import subprocess
-import threading
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ingest, media_hashes, ray_executor, read_all, run, write_url_csv
-from toystages import MakeMedia, Sleepy, SleepyConfig, started_pids
+from helpers import ingest, media_hashes, ray_executor, read_all, run, run_killing_one_worker, write_url_csv
+from toystages import MakeMedia
 from typer.testing import CliRunner
 
 from facecap.cli import app
@@ -141,25 +137,7 @@ def test_a_really_full_disk_stops_facecap_run_and_a_rerun_after_freeing_space_re
 
 @pytest.mark.slow
 def test_a_ray_worker_killed_mid_shard_is_replaced_and_the_shard_retried(ingested, tmp_path, ray_local):
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    outcome = {}
-
-    release = tmp_path / "release"
-
-    def go():
-        config = SleepyConfig(pid_folder=str(pids), seconds=120.0, release_file=str(release))
-        outcome["result"] = run(Sleepy, ingested, tmp_path / "sleepy", config=config, executor=ray_executor())
-
-    thread = threading.Thread(target=go)
-    thread.start()
-    deadline = time.time() + 60
-    while not started_pids(pids) and time.time() < deadline:
-        time.sleep(0.1)
-    os.kill(started_pids(pids)[0], signal.SIGKILL)  # its first attempt waits for the release: killed mid-shard
-    release.touch()
-    thread.join(timeout=120)
-    result = outcome["result"]
+    result = run_killing_one_worker(ingested, tmp_path / "sleepy", tmp_path, ray_executor())
     assert result.ok and result.shards == 5
     stats = Dataset(Storage(str(tmp_path / "sleepy"))).shard_stats()
     assert max(s.attempts for s in stats.values()) == 2  # the killed shard ran again

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 
 import psutil
 import pytest
-from helpers import media_hashes, read_all, run
-from toystages import MakeConfig, MakeMedia, ReadBoth, Sleepy, SleepyConfig, SplitFaces, started_pids
+from helpers import media_hashes, read_all, run, run_killing_one_worker
+from toystages import MakeConfig, MakeMedia, ReadBoth, SplitFaces, started_pids
 
 from facecap.pipeline.config import RunnerConfig
 from facecap.pipeline.dataset import Dataset
@@ -57,25 +54,7 @@ def test_failing_shards_are_retried_then_recorded(ingested, tmp_path):
 
 
 def test_a_worker_killed_mid_shard_costs_a_retry_not_the_run(ingested, tmp_path):
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    outcome = {}
-
-    release = tmp_path / "release"
-
-    def go():
-        config = SleepyConfig(pid_folder=str(pids), seconds=120.0, release_file=str(release))
-        outcome["result"] = run(Sleepy, ingested, tmp_path / "sleepy", config=config, executor=ProcessExecutor(2))
-
-    thread = threading.Thread(target=go)
-    thread.start()
-    deadline = time.time() + 60
-    while not started_pids(pids) and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(started_pids(pids)[0], signal.SIGKILL)  # its first attempt waits for the release: killed mid-shard
-    release.touch()
-    thread.join(timeout=120)
-    result = outcome["result"]
+    result = run_killing_one_worker(ingested, tmp_path / "sleepy", tmp_path, ProcessExecutor(2))
     assert result.ok and result.shards == 5
     stats = Dataset(Storage(str(tmp_path / "sleepy"))).shard_stats()
     assert max(s.attempts for s in stats.values()) == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import ClassVar
 
 import pyarrow as pa
@@ -35,11 +36,12 @@ class RendezvousStage(Stage):
     resources = Resources(cpus=1, batch_size=100_000)
 
     def process(self, batch: Batch) -> Output:
-        marker = os.path.join(self.config.folder, f"{os.getpid()}-{batch.rows['key'].iloc[0]}")
-        open(marker, "w").close()
-        deadline = time.monotonic() + self.config.timeout
-        while len(os.listdir(self.config.folder)) < self.config.meet and time.monotonic() < deadline:
-            time.sleep(0.02)
-        rows = batch.rows.copy()
-        rows["rendezvous_pid"] = os.getpid()
-        return Output(rows=rows)
+        Path(self.config.folder, f"{os.getpid()}-{batch.rows['key'].iloc[0]}").touch()
+        wait_until(lambda: len(os.listdir(self.config.folder)) >= self.config.meet, self.config.timeout)
+        return Output(rows=batch.rows.assign(rendezvous_pid=os.getpid()))
+
+
+def wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
