@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from facecap import __version__
-from facecap.commands import RUNNER_OPTIONS, absolute, build_stage_command, command_help, runner_overrides
+from facecap.commands import RUNNER_OPTIONS, build_stage_command, command_help, runner_overrides
 from facecap.pipeline.chain import Step, plan_chain, skip_stage
 from facecap.pipeline.config import RecipeBase, load_recipe, parse_set_options
 from facecap.pipeline.dataset import Dataset
@@ -32,7 +32,7 @@ from facecap.pipeline.progress import Bars, Quiet
 from facecap.pipeline.registry import discover, plugin_modules
 from facecap.pipeline.runner import StageResult, run_stage
 from facecap.pipeline.stage import Stage
-from facecap.pipeline.storage import Storage
+from facecap.pipeline.storage import Storage, absolute
 from facecap.pipeline.worker import StageJob
 from facecap.stages import STAGES_PACKAGE
 

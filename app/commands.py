@@ -8,7 +8,6 @@ description and its default, and the runner options every stage shares are added
 from __future__ import annotations
 
 import inspect
-import os
 import types
 import typing
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from pydantic import BaseModel
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.options import Flag, Invocation, StageCommand, Switch
 from facecap.pipeline.stage import Stage
-from facecap.pipeline.storage import is_remote
+from facecap.pipeline.storage import absolute
 
 # What a command does once its options are gathered: (stage, parent, output, runner options, overrides).
 RunStage = Callable[..., None]
@@ -63,13 +62,6 @@ RUNNER_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("quiet", _option(bool, "--quiet", "-q", help="no progress bars or tables (for scripts)"), False),
 )
 RUNNER_NAMES = tuple(name for name, _, _ in RUNNER_OPTIONS)
-
-
-def absolute(path: str | None) -> str | None:
-    """Local paths become absolute (workers may run elsewhere); s3:// stays as it is."""
-    if path is None or is_remote(path):
-        return path
-    return os.path.abspath(path)
 
 
 def runner_overrides(options: dict[str, Any]) -> dict[str, Any]:

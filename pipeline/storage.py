@@ -45,6 +45,13 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def absolute(uri: str | None) -> str | None:
+    """A local path made absolute (workers may run in another folder); a remote URI as it is."""
+    if uri is None or is_remote(uri):
+        return uri
+    return os.path.abspath(uri)
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts with '/' for URIs and the OS separator for local paths."""
     if is_remote(base):

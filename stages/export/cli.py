@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from facecap.pipeline.storage import is_remote
+from facecap.pipeline.storage import absolute
 
 EXAMPLES = """Examples:
 
@@ -49,17 +49,11 @@ def export(
         val_fraction=val_fraction,
         split_by=split_by,
     )
-    result = run_export(_absolute(directory), _absolute(output), settings)
+    result = run_export(absolute(directory), absolute(output), settings)
     if not quiet:
         for split, count in result.samples.items():
             shards = len(result.shards[split])
             typer.echo(f"export: {split}: {count:,} samples in {shards} shard(s) -> {result.output}")
-
-
-def _absolute(path: str) -> str:
-    import os
-
-    return path if is_remote(path) else os.path.abspath(path)
 
 
 # Commands that are not a stage run: (function, epilog).
