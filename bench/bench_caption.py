@@ -51,7 +51,7 @@ def template_rate(rows: int = 20000) -> float:
 
 
 def engine_rates(model_folder: str, url: str | None) -> list[tuple[str, int, float, float]]:
-    from facecap.stages.caption.engines import HttpSettings, OpenAIEngine, Request, Sampling, TransformersEngine
+    from facecap.stages.shared.engines import HttpSettings, OpenAIEngine, Request, Sampling, TransformersEngine
 
     prompt = [{"role": "user", "content": "a young woman with wavy brown hair. she is wearing earrings."}]
     sampling = Sampling(max_tokens=32, temperature=0.7)

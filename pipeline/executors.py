@@ -234,6 +234,13 @@ class RayExecutor:
         cluster.connect(self.ray_config)  # only now: a run with nothing to do never starts Ray
         self._job = job
         resources = job.resources
+        _, gpus = cluster.total_resources()
+        if resources.gpus > gpus:
+            # Ray would queue the workers forever: say it now, before any shard runs.
+            raise ConfigError(
+                f"stage '{job.name}' needs {resources.gpus:g} GPU per worker and the Ray cluster has {gpus:g}: "
+                f"run it where GPUs are (--ray-address), or set {job.name}.gpus=0 for a CPU build of its engine"
+            )
         self._job_ref = ray.put(job)
         if resources.actor:
             self._pool_size = cluster.pool_size(resources.cpus, resources.gpus, self.ray_config.reserve_cpus)

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from loopback import BackgroundServer
 
-from facecap.stages.caption.engines import Request, Sampling, TransformersEngine
+from facecap.stages.shared.engines import Request, Sampling, TransformersEngine
 
 
 class OpenAIServer(BackgroundServer):

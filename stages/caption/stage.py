@@ -33,9 +33,21 @@ from pydantic import Field, model_validator
 from facecap.pipeline.errors import ConfigError
 from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
-from facecap.stages.caption.engines import Engine, Generation, HttpSettings, Request, Sampling
 from facecap.stages.caption.grammar import Grammar, confident_set
 from facecap.stages.caption.hygiene import clean, problem
+from facecap.stages.shared.engines import (
+    Engine,
+    EngineName,
+    Generation,
+    OpenAISettings,
+    Request,
+    Sampling,
+    SamplingSettings,
+    VllmSettings,
+    default_gpus,
+    make_engine,
+    request_seed,
+)
 
 # Package data, so an installed wheel (every Ray worker node) has the prompts too.
 PROMPTS = importlib.resources.files("facecap.configs") / "prompts"
@@ -47,29 +59,11 @@ class TemplateSettings(StageConfig):
     variants: int = Field(3, ge=1, le=10, description="template captions per face (the caption list)")
 
 
-class SamplingSettings(StageConfig):
-    """How rewrite and vlm captions are sampled (every engine)."""
-
-    max_tokens: int = Field(120, ge=8, le=4096)
-    temperature: float = Field(0.7, ge=0, le=2)
-    top_p: float = Field(0.9, gt=0, le=1)
-
-
-class VlmSettings(StageConfig):
+class VlmCaptionSettings(StageConfig):
     """What a vision-language captioner sees and writes."""
 
     image: Literal["square", "aligned112", "image"] = Field("square", description="which crop it sees")
     long_max_words: int | None = Field(None, ge=20, description="also ask for a long caption of this length")
-
-
-class OpenAISettings(StageConfig):
-    """The openai engine: any OpenAI-compatible server (`vllm serve`, a hosted API)."""
-
-    base_url: str | None = Field(None, description="server URL, e.g. http://head:8000/v1")
-    api_key_env: str | None = Field("OPENAI_API_KEY", description="env var holding the key")
-    concurrency: int = Field(8, ge=1, le=512, description="requests in flight per worker")
-    timeout: float = Field(60.0, gt=0)
-    retries: int = Field(3, ge=0, le=10)
 
 
 # Keys of the flat section recipes used before it was nested: still read, moved to their section.
@@ -95,13 +89,16 @@ class CaptionConfig(StageConfig):
     replace: bool = Field(False, description="recaption: drop earlier versions instead of keeping them")
     template: TemplateSettings = Field(default_factory=TemplateSettings)
     # rewrite and vlm: which engine runs which model under which prompt.
-    engine: Literal["transformers", "openai", "vllm"] = Field("openai", description="for rewrite and vlm")
+    engine: EngineName = Field("openai", description="for rewrite and vlm")
     model: str | None = Field(None, description="model name (openai, vllm) or local folder (transformers)")
     prompt: str | None = Field(None, description="prompt YAML (default: the packaged prompts/<captioner>.yaml)")
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
-    vlm: VlmSettings = Field(default_factory=VlmSettings)
+    vlm: VlmCaptionSettings = Field(default_factory=VlmCaptionSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
-    gpus: float = Field(0.0, ge=0, le=8, description="GPU share per worker (transformers, vllm)")
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
+    gpus: float | None = Field(
+        None, ge=0, le=64, description="GPUs per worker; default: one model's worth for vllm, else 0"
+    )
     batch_size: int = Field(16, ge=1, le=1024)
 
     @model_validator(mode="before")
@@ -145,9 +142,8 @@ class CaptionStage(Stage):
         # Grammar and rewrite work from the columns alone: no tar is opened.
         image = config.vlm.image
         reads = {image: "image_key" if image == "image" else "key"} if config.captioner == "vlm" else {}
-        return StageSpec(
-            resources=Resources(cpus=1, gpus=config.gpus, batch_size=config.batch_size, actor=True), reads=reads
-        )
+        gpus = default_gpus(config.engine, config.gpus, config.vllm) if config.captioner != "template" else 0.0
+        return StageSpec(resources=Resources(cpus=1, gpus=gpus, batch_size=config.batch_size, actor=True), reads=reads)
 
     @classmethod
     def preflight(cls, config: CaptionConfig) -> None:
@@ -163,7 +159,10 @@ class CaptionStage(Stage):
         if self.config.captioner == "template":
             return
         self.prompt = _load_prompt(self.config)
-        self.engine = _make_engine(self.config)
+        cfg = self.config
+        vision = cfg.captioner == "vlm"
+        use_gpu = default_gpus(cfg.engine, cfg.gpus, cfg.vllm) > 0
+        self.engine = make_engine(cfg.engine, cfg.model or "", vision, cfg.openai, cfg.vllm, use_gpu)
 
     def process(self, batch: Batch) -> Output:
         rows = batch.rows.reset_index(drop=True)
@@ -191,11 +190,11 @@ class CaptionStage(Stage):
         return list(dict.fromkeys(variants)), self.grammar.short(record, key)
 
     def _generated(self, records: list[dict], batch: Batch) -> tuple[list[tuple[list[str] | None, str | None]], list]:
-        requests = [self._request(r, batch, self.config.max_words) for r in records]
+        requests = [self._request(r, batch, self.config.max_words, "short") for r in records]
         texts, problems = self._with_retry(requests, self.config.max_words)
         long_texts: list[str | None] = [None] * len(records)
         if self.config.captioner == "vlm" and self.config.vlm.long_max_words:
-            long_requests = [self._request(r, batch, self.config.vlm.long_max_words) for r in records]
+            long_requests = [self._request(r, batch, self.config.vlm.long_max_words, "long") for r in records]
             long_texts, _ = self._with_retry(long_requests, self.config.vlm.long_max_words)
         captions = []
         for text, long_text in zip(texts, long_texts, strict=True):
@@ -209,10 +208,12 @@ class CaptionStage(Stage):
         sampling = Sampling(**self.config.sampling.model_dump())
         results: list[str | None] = [None] * len(requests)
         problems: list[str | None] = ["not generated"] * len(requests)
+        first_seeds = [r.seed for r in requests]
         pending = list(range(len(requests)))
         for attempt in range(2):  # one retry with another seed for captions that fail the checks
-            for request in (requests[i] for i in pending):
-                request.seed = self.config.seed + attempt
+            if attempt:
+                for index in pending:
+                    requests[index].seed = request_seed(first_seeds[index], attempt)
             generations: list[Generation] = self.engine.generate([requests[i] for i in pending], sampling)
             still = []
             for index, generation in zip(pending, generations, strict=True):
@@ -228,8 +229,10 @@ class CaptionStage(Stage):
                 break
         return results, problems
 
-    def _request(self, record: dict, batch: Batch, max_words: int) -> Request:
+    def _request(self, record: dict, batch: Batch, max_words: int, variant: str) -> Request:
+        """One generation request; its seed depends on the recipe seed, the row key and the variant only."""
         cfg = self.config
+        seed = request_seed(cfg.seed, record["key"], variant)
         if cfg.captioner == "rewrite":
             template = self.grammar.caption(record, record["key"], 0)
             user = self.prompt["user"].format(template=template, max_words=max_words)
@@ -237,7 +240,7 @@ class CaptionStage(Stage):
                 {"role": "system", "content": self.prompt["system"].format(max_words=max_words)},
                 {"role": "user", "content": user},
             ]
-            return Request(messages=messages, seed=cfg.seed)
+            return Request(messages=messages, seed=seed)
         attributes = ", ".join(sorted(confident_set(record))) or "none"
         user = self.prompt["user"].format(attributes=attributes.replace("_", " "), max_words=max_words)
         messages = [
@@ -245,7 +248,7 @@ class CaptionStage(Stage):
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user}]},
         ]
         media_key = record["image_key"] if cfg.vlm.image == "image" else record["key"]
-        return Request(messages=messages, image=batch.media_of(cfg.vlm.image, media_key), seed=cfg.seed)
+        return Request(messages=messages, image=batch.media_of(cfg.vlm.image, media_key), seed=seed)
 
     def _provenance(self, started: float) -> dict[str, Any]:
         cfg = self.config
@@ -273,17 +276,6 @@ def _load_prompt(config: CaptionConfig) -> dict[str, str]:
     if not isinstance(prompt, dict) or not {"system", "user"} <= set(prompt):
         raise ConfigError(f"caption prompt {path}: needs 'system' and 'user' texts")
     return {"system": str(prompt["system"]).strip(), "user": str(prompt["user"]).strip()}
-
-
-def _make_engine(config: CaptionConfig) -> Engine:
-    from facecap.stages.caption import engines
-
-    if config.engine == "openai":
-        settings = HttpSettings(**{**config.openai.model_dump(), "base_url": config.openai.base_url or ""})
-        return engines.OpenAIEngine(config.model or "", settings)
-    if config.engine == "transformers":
-        return engines.TransformersEngine(config.model or "", vision=config.captioner == "vlm")
-    return engines.VllmEngine(config.model or "")
 
 
 def _versions(record: dict, replace: bool) -> str | None:

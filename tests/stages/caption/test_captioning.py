@@ -6,9 +6,10 @@ import re
 
 import pytest
 
-from facecap.stages.caption.engines import EngineError, Request, VllmEngine, openai_messages
 from facecap.stages.caption.grammar import ACCESSORIES, BEARD, FEATURES, HAIR_COLOURS, Grammar
 from facecap.stages.caption.hygiene import clean, problem
+from facecap.stages.shared.engines import EngineError, Request, openai_messages
+from facecap.stages.shared.vllm_engine import VllmEngine
 from facecap.stages.tag.schema import CELEBA40
 
 WOMAN = {
@@ -93,5 +94,5 @@ def test_openai_messages_carry_the_image_as_a_data_url_and_vllm_says_what_it_nee
     request = Request([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], b"\xff\xd8")
     [message] = openai_messages(request)
     assert message["content"][0]["image_url"]["url"] == "data:image/jpeg;base64,/9g="
-    with pytest.raises(EngineError, match="vLLM and a CUDA GPU"):
+    with pytest.raises(EngineError, match="the vllm engine needs vLLM"):
         VllmEngine("Qwen/Qwen2.5-VL-7B-Instruct")

@@ -4,9 +4,12 @@
   an image-text-to-text model (LLaVA, Qwen2-VL, ...) with its processor for images.
 - ``openai``: any OpenAI-compatible chat-completions server (``vllm serve``, SGLang, hosted APIs):
   bounded concurrency, retries with exponential backoff on connection errors, 429 and 5xx.
-- ``vllm``: vLLM in this process on a GPU: ``LLM.chat`` with batched conversations and images as
-  data URLs. vLLM needs CUDA: on this project's CPU machines it is not installed, and the engine
-  says so in one line.
+- ``vllm``: vLLM in this process (stages/shared/vllm_engine.py): a whole batch in one ``LLM.chat``.
+
+The tag stage's VLM backend and the caption stage share these engines and their recipe settings
+(``OpenAISettings``, ``VllmSettings``, ``SamplingSettings``); ``make_engine`` builds one from them.
+A request may carry a JSON schema: the openai engine sends it as ``response_format``, vLLM as
+structured outputs; transformers cannot constrain decoding here, so callers parse and retry.
 """
 
 from __future__ import annotations
@@ -19,16 +22,26 @@ import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import urllib3
+from pydantic import Field
+
+from facecap.pipeline.stage import StageConfig
 
 
 @dataclass
 class Request:
     messages: list[dict[str, Any]]  # OpenAI-style chat; an image part is {"type": "image"}
     image: bytes | None = None  # JPEG bytes for the image part
-    seed: int = 0
+    seed: int = 0  # per request: the same prompt for two faces must not give the same text
+    json_schema: dict[str, Any] | None = None  # constrain the answer to this JSON schema
+
+
+def request_seed(base: int, *parts: object) -> int:
+    """A request's seed from the recipe seed and what identifies it (row key, variant, attempt)."""
+    text = "\x1f".join(str(p) for p in (base, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
 @dataclass
@@ -198,6 +211,11 @@ class OpenAIEngine(Engine):
             **sampling.as_dict(),
             **self.settings.extra,
         }
+        if request.json_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": request.json_schema, "strict": True},
+            }
         payload = json.dumps(body).encode()
         last = ""
         for attempt in range(self.settings.retries + 1):
@@ -222,34 +240,76 @@ class OpenAIEngine(Engine):
         self._pool.clear()
 
 
-class VllmEngine(Engine):
-    """vLLM's offline engine: one ``LLM`` per worker (a GPU each), batched chat requests."""
+# -- recipe settings, shared by every stage that generates text ------------------------------------
+EngineName = Literal["transformers", "openai", "vllm"]
 
-    name = "vllm"
 
-    def __init__(self, model: str, dtype: str = "auto", max_model_len: int | None = None, options: dict | None = None):
-        try:
-            from vllm import LLM
-        except ImportError as exc:
-            raise EngineError(
-                "the vllm engine needs vLLM and a CUDA GPU: pip install 'facecap[vllm]' on a GPU machine, "
-                "or run `vllm serve MODEL` there and use engine: openai"
-            ) from exc
-        self.model = model
-        extra = dict(options or {})
-        if max_model_len:
-            extra["max_model_len"] = max_model_len
-        self._llm = LLM(model=model, dtype=dtype, **extra)
+class SamplingSettings(StageConfig):
+    """How generated text is sampled (every engine)."""
 
-    def generate(self, requests: list[Request], sampling: Sampling) -> list[Generation]:
-        from vllm import SamplingParams
+    max_tokens: int = Field(120, ge=8, le=4096)
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.9, gt=0, le=1)
 
-        params = SamplingParams(
-            max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=requests[0].seed if requests else None,
-        )
-        conversations = [openai_messages(r) for r in requests]
-        outputs = self._llm.chat(conversations, sampling_params=params, use_tqdm=False)
-        return [Generation(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
+
+class OpenAISettings(StageConfig):
+    """The openai engine: any OpenAI-compatible server (`vllm serve`, a hosted API)."""
+
+    base_url: str | None = Field(None, description="server URL, e.g. http://head:8000/v1")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="env var holding the key")
+    concurrency: int = Field(8, ge=1, le=512, description="requests in flight per worker")
+    timeout: float = Field(60.0, gt=0)
+    retries: int = Field(3, ge=0, le=10)
+
+
+class VllmSettings(StageConfig):
+    """The vllm engine: what reaches ``vllm.LLM(...)`` in each worker (one GPU each by default)."""
+
+    dtype: str = Field("auto", description="weights dtype: auto, bfloat16, float16, float32")
+    max_model_len: int | None = Field(None, ge=128, description="context length (default: the model's own)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of each GPU vLLM may take")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one model is split over")
+    max_num_seqs: int | None = Field(None, ge=1, description="sequences batched at once (vLLM's default if unset)")
+    limit_mm_per_prompt: dict[str, int] = Field(
+        default_factory=lambda: {"image": 1}, description="multimodal items per prompt (one face crop)"
+    )
+    enforce_eager: bool = Field(False, description="no CUDA graphs: faster start, slower decoding")
+    seed: int = Field(0, description="engine seed (requests carry their own sampling seeds)")
+    options: dict[str, Any] = Field(default_factory=dict, description="any other vllm.LLM keyword, as given")
+
+    def llm_kwargs(self) -> dict[str, Any]:
+        """The keywords for ``vllm.LLM`` (unset ones left to vLLM's defaults)."""
+        kwargs: dict[str, Any] = {
+            "dtype": self.dtype,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "limit_mm_per_prompt": dict(self.limit_mm_per_prompt),
+            "enforce_eager": self.enforce_eager,
+            "seed": self.seed,
+        }
+        if self.max_model_len is not None:
+            kwargs["max_model_len"] = self.max_model_len
+        if self.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = self.max_num_seqs
+        return {**kwargs, **self.options}
+
+
+def default_gpus(engine: str, gpus: float | None, vllm: VllmSettings) -> float:
+    """GPUs per worker: as configured, else one model's worth for vllm (tensor_parallel_size) and 0 otherwise."""
+    if gpus is not None:
+        return gpus
+    return float(vllm.tensor_parallel_size) if engine == "vllm" else 0.0
+
+
+def make_engine(
+    engine: str, model: str, vision: bool, openai: OpenAISettings, vllm: VllmSettings, use_gpu: bool = True
+) -> Engine:
+    """The engine a recipe section names, built from its settings (imports its library lazily)."""
+    if engine == "openai":
+        settings = HttpSettings(**{**openai.model_dump(), "base_url": openai.base_url or ""})
+        return OpenAIEngine(model, settings)
+    if engine == "transformers":
+        return TransformersEngine(model, vision=vision, device=None if use_gpu else "cpu")
+    from facecap.stages.shared.vllm_engine import VllmEngine
+
+    return VllmEngine(model, vllm)

