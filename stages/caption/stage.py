@@ -66,6 +66,9 @@ class VlmCaptionSettings(StageConfig):
     long_max_words: int | None = Field(None, ge=20, description="also ask for a long caption of this length")
 
 
+# vLLM schedules its own batches: the whole shard goes to it in one LLM.chat call.
+SHARD_WIDE = 1_000_000
+
 # Keys of the flat section recipes used before it was nested: still read, moved to their section.
 LEGACY_KEYS = {
     "variants": "template",
@@ -99,7 +102,9 @@ class CaptionConfig(StageConfig):
     gpus: float | None = Field(
         None, ge=0, le=64, description="GPUs per worker; default: one model's worth for vllm, else 0"
     )
-    batch_size: int = Field(16, ge=1, le=1024)
+    batch_size: int | None = Field(
+        None, ge=1, le=1_000_000, description="rows per engine call; default 16, the whole shard for vllm"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -143,7 +148,8 @@ class CaptionStage(Stage):
         image = config.vlm.image
         reads = {image: "image_key" if image == "image" else "key"} if config.captioner == "vlm" else {}
         gpus = default_gpus(config.engine, config.gpus, config.vllm) if config.captioner != "template" else 0.0
-        return StageSpec(resources=Resources(cpus=1, gpus=gpus, batch_size=config.batch_size, actor=True), reads=reads)
+        batch_size = config.batch_size or (SHARD_WIDE if config.engine == "vllm" else 16)
+        return StageSpec(resources=Resources(cpus=1, gpus=gpus, batch_size=batch_size, actor=True), reads=reads)
 
     @classmethod
     def preflight(cls, config: CaptionConfig) -> None:
@@ -169,15 +175,18 @@ class CaptionStage(Stage):
         records = rows.to_dict("records")
         started = time.time()
         if self.config.captioner == "template":
-            captions = [self._template(r) for r in records]
+            captions = [(*self._template(r), None) for r in records]
             invalid: list[str | None] = [None] * len(records)
         else:
             captions, invalid = self._generated(records, batch)
-        provenance = json.dumps(self._provenance(started), sort_keys=True)
+        shared = self._provenance(started)
         out = rows.copy()
         out["caption"] = [c[0] for c in captions]
         out["caption_short"] = [c[1] for c in captions]
-        out["caption_provenance"] = [None if bad else provenance for bad in invalid]
+        out["caption_provenance"] = [
+            None if bad else json.dumps({**shared, **({"captions": c[2]} if c[2] else {})}, sort_keys=True)
+            for c, bad in zip(captions, invalid, strict=True)
+        ]
         out["caption_versions"] = [_versions(r, self.config.replace) for r in records]
         out["status"] = [self.reject("invalid") if bad else self.ok() for bad in invalid]
         out["error"] = invalid
@@ -185,23 +194,30 @@ class CaptionStage(Stage):
 
     # -- captioners ---------------------------------------------------------------------------
     def _template(self, record: dict) -> tuple[list[str], str]:
+        """The grammar's variants (deduplicated) and its short caption."""
         key = record["key"]
         variants = [self.grammar.caption(record, key, v) for v in range(self.config.template.variants)]
         return list(dict.fromkeys(variants)), self.grammar.short(record, key)
 
-    def _generated(self, records: list[dict], batch: Batch) -> tuple[list[tuple[list[str] | None, str | None]], list]:
-        requests = [self._request(r, batch, self.config.max_words, "short") for r in records]
-        texts, problems = self._with_retry(requests, self.config.max_words)
+    def _generated(self, records: list[dict], batch: Batch) -> tuple[list[tuple], list[str | None]]:
+        """(caption list, short caption, per-caption provenance) per row, and each row's problem."""
+        cfg = self.config
+        requests = [self._request(r, batch, cfg.max_words, "short") for r in records]
+        texts, problems = self._with_retry(requests, cfg.max_words)
         long_texts: list[str | None] = [None] * len(records)
-        if self.config.captioner == "vlm" and self.config.vlm.long_max_words:
-            long_requests = [self._request(r, batch, self.config.vlm.long_max_words, "long") for r in records]
-            long_texts, _ = self._with_retry(long_requests, self.config.vlm.long_max_words)
+        long_requests: list[Request] = []
+        if cfg.captioner == "vlm" and cfg.vlm.long_max_words:
+            long_requests = [self._request(r, batch, cfg.vlm.long_max_words, "long") for r in records]
+            long_texts, _ = self._with_retry(long_requests, cfg.vlm.long_max_words)
         captions = []
-        for text, long_text in zip(texts, long_texts, strict=True):
+        for i, (text, long_text) in enumerate(zip(texts, long_texts, strict=True)):
             if text is None:
-                captions.append((None, None))
-            else:
-                captions.append(([text, long_text] if long_text else [text], text))
+                captions.append((None, None, None))
+                continue
+            made = [{"kind": "short", "max_words": cfg.max_words, "seed": requests[i].seed}]
+            if long_text:
+                made.append({"kind": "long", "max_words": cfg.vlm.long_max_words, "seed": long_requests[i].seed})
+            captions.append(([text, long_text] if long_text else [text], text, made))
         return captions, problems
 
     def _with_retry(self, requests: list[Request], max_words: int) -> tuple[list[str | None], list[str | None]]:
