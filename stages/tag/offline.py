@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,14 +31,20 @@ from facecap.stages.shared.geometry import head_pose
 
 @dataclass
 class Faces:
-    """One batch of faces: ArcFace-aligned 112 crops (BGR) and the 5 landmarks in original pixels."""
+    """One batch of faces: ArcFace-aligned 112 crops (BGR), the 5 landmarks in original pixels, the
+    square crops (decoded, and as stored for backends that send them on), and the face keys."""
 
     aligned: list[np.ndarray]
     landmarks: list[np.ndarray]
     squares: list[np.ndarray | None]
+    jpegs: list[bytes | None] = field(default_factory=list)  # filled by the stage; empty in unit use
+    keys: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.aligned)
+
+    def slice(self, start: int, stop: int) -> Faces:
+        return Faces(*(getattr(self, f.name)[start:stop] for f in fields(self)))
 
 
 class Backend(ABC):
@@ -53,8 +59,20 @@ class Backend(ABC):
         """The CelebA attributes it sets on this machine (a backend may depend on optional files)."""
         return cls.celeba
 
+    # True: it gets every face of the stage's batch at once (an engine that schedules its own batches).
+    whole_batch: ClassVar[bool] = False
+
     @abstractmethod
-    def predict(self, faces: Faces) -> list[dict[str, Any]]: ...
+    def predict(self, faces: Faces) -> list[dict[str, Any]]:
+        """Per face, the attributes it can tell; ``{"_error": why}`` for a face it could not judge
+        (the face gets ``tag:invalid``)."""
+
+    def provenance(self) -> dict[str, Any] | None:
+        """What made its values (model, revision, prompt), for the ``attr_models`` column."""
+        return None
+
+    def close(self) -> None:
+        """Release engines or GPU memory."""
 
 
 def session(path: Path, use_gpu: bool = False) -> ort.InferenceSession:
