@@ -90,12 +90,14 @@ def main() -> None:
     geometry = Geometry()
     gender_hits = {name: [] for name in ("agegender", "genderage") if name in backends}
     emotion_hits, ages, yaw_flips, roll_follows = [], {n: [] for n in gender_hits}, [], []
+    gender_scored: dict[str, list[tuple[float, bool]]] = {n: [] for n in gender_hits}
     for row, image, face, faces in faces_of(stage.detector, rows):
         expected = gender_label(row)
         for name in gender_hits:
             predicted = backends[name].predict(faces)[0]
             if expected:
                 gender_hits[name].append(predicted["gender"] == expected)
+                gender_scored[name].append((predicted["gender_score"], predicted["gender"] == expected))
             ages[name].append(predicted["age"])
         expected_emotion = emotion_label(row)
         if expected_emotion and "emotion" in backends:
@@ -121,6 +123,11 @@ def main() -> None:
     print(f"{'measure':<42}{'result':>16}")
     for name, hits in gender_hits.items():
         print(f"{'gender accuracy, ' + name:<42}{f'{sum(hits)}/{len(hits)} ({np.mean(hits):.1%})':>16}")
+        # The caption grammar names a gender only above a score: how often it is right there, and how often said.
+        for cut in (0.5, 0.7, 0.8, 0.9, 0.95):
+            said = [hit for score, hit in gender_scored[name] if score >= cut]
+            share = f"{np.mean(said) if said else float('nan'):.1%} of {len(said)}/{len(hits)}"
+            print(f"{f'  right when score >= {cut}':<42}{share:>16}")
         spread = f"{np.median(ages[name]):.0f} / {np.percentile(ages[name], 90):.0f} y"
         print(f"{'age median / 90th pct, ' + name:<42}{spread:>16}")
     if emotion_hits:
