@@ -127,13 +127,13 @@ class TagStage(Stage):
             raise ConfigError(
                 f"tag.min_confident {config.min_confident} cannot be met: the backends {', '.join(config.backends)} "
                 f"set at most {len(settable)} CelebA attributes here ({', '.join(sorted(settable)) or 'none'}); "
-                f"lower it (--min-confident {len(settable)}) or add the celeba or clip backend"
+                f"lower it (--min-confident {len(settable)}) or add the celeba, clip or vlm backend"
             )
         if config.min_confident is None and len(settable) < DEFAULT_MIN_CONFIDENT:
             return [
                 f"keeping faces with {len(settable)} confident CelebA attributes, not FaceCaption-15M's "
                 f"{DEFAULT_MIN_CONFIDENT}: the backends {', '.join(config.backends)} set only "
-                f"{', '.join(sorted(settable)) or 'none'} here (add celeba or clip, or set --min-confident)"
+                f"{', '.join(sorted(settable)) or 'none'} here (add celeba, clip or vlm, or set --min-confident)"
             ]
         return []
 
