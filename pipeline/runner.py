@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -24,7 +25,7 @@ from facecap.pipeline.executors import Executor, Outcome
 from facecap.pipeline.progress import Quiet, StageProgress
 from facecap.pipeline.source import Source
 from facecap.pipeline.stage import Stage, Summaries
-from facecap.pipeline.storage import Storage
+from facecap.pipeline.storage import Storage, refuse_overlap
 from facecap.pipeline.worker import PLAN_DIR, SUMMARY_DIR, StageJob, _from_pandas, plan_uri, summary_uri
 
 
@@ -82,6 +83,7 @@ def run_stage(
     parent = _check_parent(job) if not job.stage_cls.source else None
     if job.stage_cls.source and source is None:
         raise ValueError(f"stage {job.name} reads outside input: pass a Source")
+    refuse_overlap(out.uri, _inputs_of(parent, source))
     if parent is not None:
         job = replace(job, media={ext: parent[1].media[ext] for ext in job.spec.reads})
     identity = config_hash(
@@ -93,7 +95,13 @@ def run_stage(
     )
     result = StageResult(stage=job.name, output=out.uri, notes=notes)
     existing = out.manifest()
-    if existing is not None and (existing.config_hash != identity or existing.stage != job.name):
+    if existing is not None and existing.stage != job.name:
+        # --overwrite replaces this stage's own earlier output, never another command's.
+        raise DatasetError(
+            f"{out.uri} holds a '{existing.stage}' dataset, not a '{job.name}' one; --overwrite replaces only "
+            f"'{job.name}' output: choose another output folder"
+        )
+    if existing is not None and existing.config_hash != identity:
         if not overwrite:
             raise DatasetError(
                 f"{out.uri} already holds a '{existing.stage}' dataset made from other settings or input "
@@ -229,6 +237,16 @@ class _DatasetSummaries(Summaries):
         return table.drop_columns(private)
 
 
+def _inputs_of(parent: tuple[Dataset, Manifest] | None, source: Source | None) -> list[str]:
+    """Everything the stage reads: the parent dataset and the tars it references, or the outside input."""
+    if parent is not None:
+        dataset, manifest = parent
+        return [dataset.uri, *(ref.root for ref in manifest.media.values())]
+    if source is not None:
+        return [*source.roots, *source.files, *(ref.root for ref in source.media.values())]
+    return []
+
+
 def _check_parent(job: StageJob) -> tuple[Dataset, Manifest]:
     if not job.parent:
         raise DatasetError(f"stage {job.name} needs an input dataset")
@@ -348,9 +366,13 @@ def _dispatch(run: _Run, work: Iterator[_Work]) -> None:
         executor.stop()
 
 
+# The files a stage writes at the top of its folder: only these are deleted by --overwrite.
+OWN_FILE = re.compile(r"part-\d{5,}\.(parquet|tar)")
+
+
 def _clear(out: Dataset) -> None:
     for name in out.storage.list():
-        if name.startswith("part-") or name == "_manifest.json":
+        if OWN_FILE.fullmatch(name) or name == "_manifest.json":
             out.storage.delete(name)
     folders = ["_done", "_failed", "_stats", PLAN_DIR]
     folders += [SUMMARY_DIR, *(f"{SUMMARY_DIR}/{sub}" for sub in ("_done", "_failed", "_stats"))]

@@ -96,7 +96,10 @@ def open_source(config: SourceConfig, options: StorageOptions | None = None) -> 
         for index, table in enumerate(_rechunk(batches, config.shard_size, schema)):
             yield SourceShard(index, table)
 
-    return Source(files=files, kind="urls", fingerprint=fingerprint, shard_iter=shards)
+    # A named folder is read recursively: an output inside it would be read back as input. A glob's
+    # matches are in ``files``.
+    roots = [item for item in config.input if not any(ch in item for ch in "*?[")]
+    return Source(files=files, kind="urls", fingerprint=fingerprint, shard_iter=shards, roots=roots)
 
 
 # --- URL lists --------------------------------------------------------------------------------

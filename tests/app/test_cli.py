@@ -280,3 +280,49 @@ def test_run_checks_every_stage_before_running_any(tmp_path):
     result = cli("run", "-c", recipe, "--input", csv, "--output", tmp_path / "work")
     assert result.exit_code == 2 and "tag.celeba_checkpoint" in result.stderr
     assert not (tmp_path / "work").exists()  # nothing ran
+
+
+def _files(folder) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
+def test_an_output_that_overlaps_an_input_is_refused_before_anything_is_touched(tmp_path):
+    # `download DS DS --overwrite` deleted DS's shards; `ingest DIR DIR` re-read its own output.
+    (tmp_path / "in").mkdir()
+    csv = write_url_csv(tmp_path / "in" / "urls.csv", 12)
+    dataset = tmp_path / "ds"
+    assert cli("ingest", csv, dataset, "--executor", "local", "-q").exit_code == 0
+    before = _files(tmp_path)
+    cases = [
+        ("download", dataset, dataset, "--overwrite"),  # the same folder
+        ("download", dataset, dataset / "sub"),  # inside the input dataset
+        ("download", dataset, tmp_path),  # containing it
+        ("ingest", tmp_path / "in", tmp_path / "in"),  # a folder input read recursively
+        ("ingest", tmp_path / "in", tmp_path / "in" / "out"),
+        ("ingest", csv, tmp_path / "in", "--overwrite"),  # a folder containing the input file
+        ("export", dataset, dataset),
+    ]
+    for args in cases:
+        result = cli(*args, "--executor", "local", "-q") if args[0] != "export" else cli(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "the output folder" in result.stderr and len(result.stderr.strip().splitlines()) == 1, args
+        assert _files(tmp_path) == before, args  # nothing written, nothing deleted
+
+
+def test_overwrite_replaces_only_its_own_stage_output_and_its_own_files(tmp_path):
+    csv = write_url_csv(tmp_path / "urls.csv", 30)
+    ingested, other = tmp_path / "ingested", tmp_path / "other"
+    assert cli("ingest", csv, ingested, "--shard-size", "10", "--executor", "local", "-q").exit_code == 0
+    assert cli("ingest", csv, other, "--shard-size", "10", "--executor", "local", "-q").exit_code == 0
+    before = _files(other)
+    # A folder holding another stage's dataset is not this command's output: never cleared.
+    result = cli("download", ingested, other, "--overwrite", "--executor", "local", "-q")
+    assert result.exit_code == 2 and "holds a 'ingest' dataset, not a 'download' one" in result.stderr
+    assert _files(other) == before
+    # Its own output is replaced, but a file of the user's beside the shards stays.
+    (other / "part-notes.txt").write_text("mine")
+    (other / "README.md").write_text("mine")
+    result = cli("ingest", csv, other, "--shard-size", "15", "--executor", "local", "-q", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (other / "part-notes.txt").read_text() == "mine" and (other / "README.md").exists()
+    assert not (other / "part-00002.parquet").exists()
