@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 import time
@@ -301,6 +302,9 @@ class SpooledTar:
         return len(self._index)
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
+        why = unsafe_key(key)
+        if why:  # refused when added, not at the end of the shard
+            raise ValueError(f"refusing tar member key {key[:80]!r}: {why}")
         entries = self._index.setdefault(key, [])
         for ext in sorted(members):
             data = members[ext]
@@ -364,10 +368,40 @@ class HashingWriter:
         return FileDigest(self.size, self._hash.hexdigest())
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def unsafe_key(key: object, member: bool = False) -> str | None:
+    """Why a sample key (or, with ``member``, a tar member name) cannot name tar members safely, or
+    None: extracting a member named ``../x`` or ``/x`` (``tarfile.extractall``, ``tar -x``) writes
+    outside the target folder."""
+    if not isinstance(key, str) or not key:
+        return "empty key"
+    if len(key.encode("utf-8", "surrogateescape")) > 200:
+        return "key longer than 200 bytes"
+    if _CONTROL.search(key):
+        return "control character in key"
+    if "\\" in key or re.match(r"^[A-Za-z]:", key):
+        return "backslash or drive letter in key"
+    if key.startswith("/"):
+        return "absolute path as key"
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        return "'.', '..' or an empty part in key"
+    if key.rpartition("/")[2].startswith("."):
+        return "a name starting with a dot (no key before the extension)"
+    if not member and "." in key.rpartition("/")[2]:
+        return "a dot in key (WebDataset readers split the key from the extension at the first dot)"
+    return None
+
+
 def tar_member_pieces(name: str, data: bytes) -> tuple[bytes, bytes, bytes]:
     """One ustar member as (header, data, padding): what TarFile.addfile writes (mode 644, mtime
     0, no owner), minus its per-member Python overhead and copies, which showed up in download
-    profiles (TarInfo.tobuf alone was a third of writing a shard's tar)."""
+    profiles (TarInfo.tobuf alone was a third of writing a shard's tar). Every tar facecap writes
+    goes through here: an unsafe name is refused, never written."""
+    why = unsafe_key(name, member=True)
+    if why:
+        raise ValueError(f"refusing tar member {name[:80]!r}: {why}")
     encoded = name.encode("utf-8", "surrogateescape")
     if len(encoded) <= 100 and len(data) < 8 << 30:
         header = _ustar_header(encoded, len(data))
