@@ -245,8 +245,11 @@ def report(
 ) -> None:
     from facecap.report import write_report
 
-    path = write_report(absolute(directory) or directory, str(out))
+    skipped: list[str] = []
+    path = write_report(absolute(directory) or directory, str(out), skipped=skipped)
     if not quiet:
+        for name in skipped:
+            out_console.print(f"report: skipped {name}: not a stage dataset", highlight=False)
         out_console.print(f"report: {path}", highlight=False)
 
 
@@ -352,13 +355,19 @@ def stats(
 
 def _summaries(storage: Storage) -> list[dict[str, Any]]:
     dataset = Dataset(storage)
-    if dataset.manifest() is not None:
+    manifest, why_not = dataset.stage_manifest()
+    if manifest is not None:
         return [dataset.summary()]
+    if why_not != "no _manifest.json":
+        raise FacecapError(f"{storage.root}: {why_not}, not a stage dataset")
     found = []
     for name in REGISTRY:  # a run folder: one dataset per stage, in pipeline order
         child = Dataset.at(storage.uri(name), storage.options)
-        if child.manifest() is not None:
+        manifest, why_not = child.stage_manifest()
+        if manifest is not None:
             found.append(child.summary())
+        elif why_not != "no _manifest.json":
+            err_console.print(f"stats: skipped {storage.uri(name)}: {why_not}, not a stage dataset", highlight=False)
     if not found:
         raise FacecapError(f"{storage.root}: neither a facecap dataset nor a run folder with stage datasets")
     return found

@@ -39,13 +39,18 @@ class StageData:
     rows: pd.DataFrame  # every row, with the columns the report uses
 
 
-def chain(directory: str, options: StorageOptions | None = None) -> list[StageData]:
-    """The datasets from ingest to ``directory`` (a stage dataset, or a run folder: its last stage)."""
+def chain(directory: str, options: StorageOptions | None = None, skipped: list[str] | None = None) -> list[StageData]:
+    """The datasets from ingest to ``directory`` (a stage dataset, or a run folder: its last stage).
+
+    Folders of a run folder that are not stage datasets (an export, anything else) are left out
+    and named in ``skipped``."""
     options = options or StorageOptions.from_env()
     dataset = Dataset.at(directory, options)
-    manifest = dataset.manifest()
+    manifest, why_not = dataset.stage_manifest()
+    if manifest is None and why_not != "no _manifest.json":
+        raise FacecapError(f"{directory}: {why_not}, not a stage dataset; report the dataset it was made from")
     if manifest is None:
-        manifest, dataset = _last_stage_of_run(directory, options)
+        manifest, dataset = _last_stage_of_run(directory, options, skipped if skipped is not None else [])
     stages = []
     while True:
         stages.append(StageData(manifest.stage, dataset, manifest, _rows(dataset)))
@@ -59,15 +64,17 @@ def chain(directory: str, options: StorageOptions | None = None) -> list[StageDa
     return list(reversed(stages))
 
 
-def _last_stage_of_run(directory: str, options: StorageOptions) -> tuple[Manifest, Dataset]:
+def _last_stage_of_run(directory: str, options: StorageOptions, skipped: list[str]) -> tuple[Manifest, Dataset]:
     storage = Storage(directory, options)
     found = []
     for info in storage.fs.get_file_info(pafs.FileSelector(storage._base, recursive=False)):
         if info.type == pafs.FileType.Directory:
             candidate = Dataset.at(f"{storage.root}/{info.base_name}", options)
-            manifest = candidate.manifest()
+            manifest, why_not = candidate.stage_manifest()
             if manifest is not None:
                 found.append((manifest, candidate))
+            elif why_not != "no _manifest.json":
+                skipped.append(f"{info.base_name} ({why_not})")
     if not found:
         raise FacecapError(f"{directory}: neither a facecap dataset nor a run folder with stage datasets")
     parents = {m.parent for m, _ in found}
@@ -411,8 +418,10 @@ figure {{ margin: 0; font-size: .8em; }} figure img {{ width: 100%; border-radiu
 """
 
 
-def write_report(directory: str, out_path: str, options: StorageOptions | None = None) -> str:
-    stages = chain(directory, options)
+def write_report(
+    directory: str, out_path: str, options: StorageOptions | None = None, skipped: list[str] | None = None
+) -> str:
+    stages = chain(directory, options, skipped)
     page = render(stages, options)
     with open(out_path, "w", encoding="utf-8") as f:
         f.write(page)

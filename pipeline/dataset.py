@@ -145,6 +145,20 @@ class Dataset:
         except (ValueError, TypeError) as exc:
             raise DatasetError(f"{self.storage.uri(MANIFEST)}: unreadable manifest ({exc})") from exc
 
+    def stage_manifest(self) -> tuple[Manifest | None, str | None]:
+        """(manifest, None) for a stage dataset; (None, why not) for any other folder, for commands
+        that look through a run folder and must skip what is not theirs (an export, a user's files)."""
+        if not self.storage.exists(MANIFEST):
+            return None, "no _manifest.json"
+        try:
+            return self.manifest(), None
+        except DatasetError:
+            try:
+                kind = json.loads(self.storage.read_bytes(MANIFEST)).get("kind")
+            except (ValueError, AttributeError):
+                kind = None
+            return None, "a facecap export" if kind == "facecap-export" else "its _manifest.json is not a stage's"
+
     def require_manifest(self) -> Manifest:
         manifest = self.manifest()
         if manifest is None:
