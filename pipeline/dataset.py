@@ -113,6 +113,8 @@ class ShardStats:
     attempts: int = 1
     node: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # What a report needs of this shard's rows, merged across shards (pipeline/summary.py).
+    summary: dict = field(default_factory=dict)
 
 
 @dataclass

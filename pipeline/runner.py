@@ -23,6 +23,7 @@ from facecap.pipeline.dataset import Dataset, Manifest, MediaRef, config_hash, s
 from facecap.pipeline.errors import DatasetError, StorageFull, storage_full
 from facecap.pipeline.executors import Executor, Outcome
 from facecap.pipeline.progress import Quiet, StageProgress
+from facecap.pipeline.registry import report_measures
 from facecap.pipeline.source import Source
 from facecap.pipeline.stage import Stage, Summaries
 from facecap.pipeline.storage import Storage, refuse_overlap
@@ -84,6 +85,7 @@ def run_stage(
     if job.stage_cls.source and source is None:
         raise ValueError(f"stage {job.name} reads outside input: pass a Source")
     refuse_overlap(out.uri, _inputs_of(parent, source))
+    job = replace(job, measures=report_measures())
     if parent is not None:
         job = replace(job, media={ext: parent[1].media[ext] for ext in job.spec.reads})
     identity = config_hash(

@@ -34,6 +34,7 @@ from facecap.pipeline.dataset import (
 from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
 from facecap.pipeline.status import OK, rejected
 from facecap.pipeline.storage import Storage, StorageOptions, join
+from facecap.pipeline.summary import shard_summary, summary_frame
 from facecap.pipeline.threads import apply_thread_budget
 
 T = TypeVar("T")
@@ -57,6 +58,8 @@ class StageJob:
     revisit: bool = False
     # Global stages: "summarize" is pass 1 (writes OUTPUT/_summary); "process" is the usual pass.
     phase: str = "process"
+    # What every registered stage asks reports to know about a shard's rows (pipeline/summary.py).
+    measures: tuple = ()
 
     @property
     def name(self) -> str:
@@ -179,6 +182,7 @@ def process_shard(
         seconds=0.0,
         attempts=attempt,
         node=node or socket.gethostname(),
+        summary=shard_summary(summary_frame(result_table, job.measures), job.measures),
     )
     timings["write"] += time.perf_counter() - t0
     stats.seconds = round(time.perf_counter() - started, 4)

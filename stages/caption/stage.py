@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import yaml
 from pydantic import Field, model_validator
@@ -33,6 +34,7 @@ from pydantic import Field, model_validator
 from facecap.pipeline.errors import ConfigError
 from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
+from facecap.pipeline.summary import Distinct, Histogram
 from facecap.stages.caption.grammar import Grammar, confident_set
 from facecap.stages.caption.hygiene import clean, problem
 from facecap.stages.shared.engines import (
@@ -124,6 +126,32 @@ class CaptionConfig(StageConfig):
         return data
 
 
+# What the report plots of this stage's rows (summarized per shard by the workers).
+CAPTION_WORDS_EDGES = (0, 5, 10, 15, 20, 30, 40, 50, 70, 100, 200, 1_000_000)
+
+
+def _first_captions(rows: pd.DataFrame) -> list[str]:
+    return [str(c[0]) if c is not None and len(c) else "" for c in rows["caption"]]
+
+
+def caption_words(rows: pd.DataFrame) -> pd.Series:
+    return pd.Series([len(text.split()) for text in _first_captions(rows) if text], dtype=float)
+
+
+def caption_fourgrams(rows: pd.DataFrame) -> list[list[str]]:
+    grams = []
+    for text in _first_captions(rows):
+        words = text.lower().split()
+        grams.append([" ".join(words[i : i + 4]) for i in range(len(words) - 3)])
+    return grams
+
+
+SUMMARIES = (
+    Histogram("caption length (words)", ("caption",), CAPTION_WORDS_EDGES, caption_words),
+    Distinct("caption 4-grams", ("caption",), caption_fourgrams),
+)
+
+
 @register
 class CaptionStage(Stage):
     name = "caption"
@@ -131,6 +159,7 @@ class CaptionStage(Stage):
     help = "Caption faces: grammar over the attributes, an LLM rewrite, or a vision-language model."
     config_model = CaptionConfig
     consumes = ()
+    summaries = SUMMARIES
     produces: ClassVar[dict[str, pa.DataType]] = {
         "caption": pa.list_(pa.string()),
         "caption_short": pa.string(),

@@ -17,12 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import cv2
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 from pydantic import Field
 
 from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
+from facecap.pipeline.summary import Histogram
 from facecap.stages.download.fetch import Fetcher, HttpSettings, SafetySettings, is_transient
 from facecap.stages.shared.images import ImageRejected, ImageSettings, normalize
 
@@ -36,6 +38,17 @@ class DownloadConfig(StageConfig):
     image: ImageSettings = Field(default_factory=ImageSettings)
 
 
+# What the report plots of this stage's rows (summarized per shard by the workers).
+IMAGE_SIDE_EDGES = (0, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 1_000_000)
+
+
+def image_side(rows: pd.DataFrame) -> pd.Series:
+    return np.minimum(rows["original_width"], rows["original_height"])
+
+
+SUMMARIES = (Histogram("image side (px)", ("original_width", "original_height"), IMAGE_SIDE_EDGES, image_side),)
+
+
 @register
 class DownloadStage(Stage):
     name = "download"
@@ -43,6 +56,7 @@ class DownloadStage(Stage):
     help = "Fetch every ok row's image: safe, polite, bounded; normalised to RGB, metadata stripped."
     config_model = DownloadConfig
     consumes = ("url",)
+    summaries = SUMMARIES
     produces: ClassVar[dict[str, pa.DataType]] = {
         "http_status": pa.int32(),
         "final_url": pa.string(),

@@ -23,6 +23,7 @@ from pydantic import Field
 from facecap.pipeline.errors import ConfigError
 from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
+from facecap.pipeline.summary import Categories, Shares
 from facecap.stages.shared.engines import default_gpus
 from facecap.stages.shared.images import decode_bgr
 from facecap.stages.shared.values import missing
@@ -75,6 +76,36 @@ class TagConfig(StageConfig):
         return self.gpus or 0.0
 
 
+# What the report plots of this stage's rows (summarized per shard by the workers).
+CONFIDENT = 0.85  # FaceCaption-15M's threshold: the report counts attributes above it
+AGE_BINS = ([0, 20, 30, 40, 50, 60, 200], ["<20", "20s", "30s", "40s", "50s", "60+"])
+
+
+def confident_attributes(rows: pd.DataFrame) -> dict[str, pd.Series]:
+    present = [name for name in CELEBA40 if f"attr_{name}" in rows]
+    return {name: (rows[f"attr_{name}"] > CONFIDENT).where(rows[f"attr_{name}"].notna()) for name in present}
+
+
+def age_group(rows: pd.DataFrame) -> pd.Series:
+    return pd.cut(rows["age"], AGE_BINS[0], labels=AGE_BINS[1], right=False).astype(object)
+
+
+def gender(rows: pd.DataFrame) -> pd.Series:
+    return rows["gender"].fillna("unknown")
+
+
+def skin_tone(rows: pd.DataFrame) -> pd.Series:
+    return rows["skin_monk"].dropna().astype(int)
+
+
+SUMMARIES = (
+    Shares("attributes", tuple(f"attr_{name}" for name in CELEBA40), confident_attributes),
+    Categories("estimated age", ("age",), age_group),
+    Categories("gender presentation", ("gender",), gender),
+    Categories("Monk skin tone bin (approx.)", ("skin_monk",), skin_tone),
+)
+
+
 @register
 class TagStage(Stage):
     name = "tag"
@@ -82,6 +113,7 @@ class TagStage(Stage):
     help = "Tag attributes: the 40 CelebA attributes, age, gender, expression, pose, eyes/mouth, skin tone."
     config_model = TagConfig
     consumes = ("landmarks",)
+    summaries = SUMMARIES
     produces: ClassVar[dict[str, pa.DataType]] = COLUMNS
     reads_media: ClassVar[dict[str, str]] = {"aligned112": "key", "square": "key"}
     resources = Resources(cpus=1, batch_size=64, actor=True)

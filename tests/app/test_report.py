@@ -102,3 +102,22 @@ def test_report_and_stats_skip_an_export_beside_the_stage_datasets(run_folder, t
         assert on_export.exit_code == 2 and len(on_export.stderr.strip().splitlines()) == 1
     finally:
         shutil.rmtree(export)
+
+
+def test_the_report_reads_summaries_not_rows(run_folder, tmp_path, monkeypatch):
+    # 15M rows must not be loaded to draw a funnel: only the kept copies of shown duplicates are looked up.
+    from facecap.pipeline.dataset import Dataset
+
+    reads = []
+    original = Dataset.read_shard
+    monkeypatch.setattr(
+        Dataset,
+        "read_shard",
+        lambda self, shard, *a, **k: reads.append((self.uri, shard)) or original(self, shard, *a, **k),
+    )
+    result = CliRunner().invoke(app, ["report", str(run_folder), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert {uri for uri, _ in reads} <= {str(run_folder / "dedup")}
+    assert len(reads) <= len(Dataset.at(str(run_folder / "dedup")).done_shards())
+    page = (tmp_path / "r.html").read_text()
+    assert "unique 4-grams" in page and "dedup:exact" in page
