@@ -108,7 +108,7 @@ def faces_of(detector, rows):
 def compare_meshes(detector, rows) -> None:
     """Eye and mouth measures: the Face Landmarker (the default) against the face-mesh ONNX file."""
     from facecap.pipeline import models
-    from facecap.stages.tag.offline import EYES_CLOSED_BELOW, Geometry, _landmarker_crops, mesh_ratios
+    from facecap.stages.tag.offline import EYES_CLOSED_BELOW, Geometry, mesh_ratios
 
     landmarker = Geometry(mesh="face-landmarker")
     onnx = Geometry(mesh="face-mesh") if models.state(models.REGISTRY["face-mesh"])[0] == "ok" else None
@@ -117,10 +117,10 @@ def compare_meshes(detector, rows) -> None:
         if row["file"].startswith("nonface/"):
             continue
         start = time.perf_counter()
-        mesh = landmarker._landmarker.mesh(_landmarker_crops(faces)[0])
+        [mesh] = landmarker.meshes(faces)
         seconds += time.perf_counter() - start
         ours = mesh_ratios(mesh) if mesh is not None else None
-        theirs = mesh_ratios(onnx._meshes(faces)[0]) if onnx else None
+        theirs = mesh_ratios(onnx.meshes(faces)[0]) if onnx else None
         measured.append((row, ours, theirs, landmarker.predict(faces)[0], onnx.predict(faces)[0] if onnx else {}))
     found = [m for m in measured if m[1] is not None]
     print(f"{'face landmarker: faces with a mesh':<42}{f'{len(found)}/{len(measured)}':>16}")

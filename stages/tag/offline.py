@@ -8,8 +8,8 @@ what it cannot tell stays absent (null in the dataset), never guessed.
 - ``genderage``: insightface's genderage_v1 (registry ``genderage``; non-commercial weights).
 - ``emotion``: a small FER2013 CNN (registry ``emotion-fer2013``; weak, see docs/attributes.md).
 - ``geometry``: head pose from the 5 landmarks; eyes open, mouth open and smile from MediaPipe's
-  dense face landmarks: the face-mesh ONNX file (registry ``face-mesh``) where it is present,
-  else MediaPipe's Face Landmarker that the install carries (registry ``face-landmarker``).
+  dense face landmarks: the Face Landmarker that the install carries (registry
+  ``face-landmarker``), else the face-mesh ONNX file (registry ``face-mesh``) where present.
 - ``skin``: the ITA angle of skin pixels and a Monk-scale bin from it.
 """
 
@@ -272,15 +272,21 @@ class Geometry(Backend):
             self._landmarker = Landmarker(models.resolve("face-landmarker"))
         # else pose only: the mesh attributes stay null
 
+    def meshes(self, faces: Faces) -> list[np.ndarray | None]:
+        """Per face its 468 face-mesh points ([468, 3]; x, y in pixels of the crop the mesh saw), or None."""
+        if self._landmarker is not None:
+            return [self._landmarker.mesh(crop) for crop in landmarker_crops(faces)]
+        if self._mesh is None:
+            return [None] * len(faces)
+        # The mesh expects a face filling a 192 px square: the aligned crop is such a square.
+        blob = (_chips(faces, 192).astype(np.float32) / 255.0).transpose(0, 3, 1, 2)
+        name = self._mesh.get_inputs()[0].name
+        points = [self._mesh.run(None, {name: np.ascontiguousarray(one[None])})[0] for one in blob]
+        return [p.reshape(-1, 3)[:468] for p in points]
+
     def predict(self, faces: Faces) -> list[dict[str, Any]]:
         out = []
-        if self._mesh is not None:
-            meshes = self._meshes(faces)
-        elif self._landmarker is not None:
-            meshes = [self._landmarker.mesh(crop) for crop in _landmarker_crops(faces)]
-        else:
-            meshes = [None] * len(faces)
-        for landmarks, mesh in zip(faces.landmarks, meshes, strict=True):
+        for landmarks, mesh in zip(faces.landmarks, self.meshes(faces), strict=True):
             yaw, pitch, roll = head_pose(landmarks)
             values: dict[str, Any] = {"yaw": yaw, "pitch": pitch, "roll": roll, "pose_bin": pose_bin(yaw)}
             if mesh is not None:
@@ -288,15 +294,8 @@ class Geometry(Backend):
             out.append(values)
         return out
 
-    def _meshes(self, faces: Faces) -> list[np.ndarray]:
-        # The mesh expects a face filling a 192 px square: the aligned crop is such a square.
-        blob = (_chips(faces, 192).astype(np.float32) / 255.0).transpose(0, 3, 1, 2)
-        name = self._mesh.get_inputs()[0].name
-        points = [self._mesh.run(None, {name: np.ascontiguousarray(one[None])})[0] for one in blob]
-        return [p.reshape(-1, 3)[:468] for p in points]
 
-
-def _landmarker_crops(faces: Faces) -> list[np.ndarray]:
+def landmarker_crops(faces: Faces) -> list[np.ndarray]:
     """The 1.5x square crop, else the aligned crop with a black margin (the landmarker's face
     detector needs some context around the face)."""
     crops = []
@@ -331,8 +330,9 @@ def mesh_ratios(mesh: np.ndarray) -> dict[str, float]:
 
 
 # The eye aspect ratio where eyes_open is 0.5: on the fixture photos the Face Landmarker reads
-# closed eyes at 0.02-0.11 and narrowed open eyes (smiles, squints, blur) from 0.12 (open: median
-# 0.27). Picked from the 16 lowest-ratio faces, inspected by eye; not checked on held-out faces.
+# closed eyes at 0.02-0.11 and narrowed open eyes (smiles, squints, blur) from 0.12 but for one
+# broad smile at 0.09 (open: median 0.27). Picked from the 16 lowest-ratio faces, inspected by
+# eye; not checked on held-out faces.
 EYES_CLOSED_BELOW = 0.12
 
 

@@ -20,7 +20,6 @@ from facecap.stages.tag.offline import (
     Geometry,
     InsightGenderAge,
     Skin,
-    _landmarker_crops,
     mesh_ratios,
     monk_bin,
     pose_bin,
@@ -164,8 +163,8 @@ def test_the_wheel_landmarker_and_the_onnx_mesh_agree_where_both_see_well(faces_
     faces = faces_of([EYES_OPEN, "deepface/img1.jpg", "face_recognition/obama.jpg", HAPPY])
     landmarker, onnx = Geometry(mesh="face-landmarker"), Geometry(mesh="face-mesh")
     assert (landmarker.mesh_source, onnx.mesh_source) == ("face-landmarker", "face-mesh")
-    ours = [mesh_ratios(landmarker._landmarker.mesh(crop)) for crop in _landmarker_crops(faces)]
-    theirs = [mesh_ratios(mesh) for mesh in onnx._meshes(faces)]
+    ours = [mesh_ratios(mesh) for mesh in landmarker.meshes(faces)]
+    theirs = [mesh_ratios(mesh) for mesh in onnx.meshes(faces)]
     for a, b in zip(ours[:3], theirs[:3], strict=True):
         assert abs(a["eye"] - b["eye"]) < 0.06, (a, b)
     for a, b in zip(ours, theirs, strict=True):
