@@ -294,7 +294,9 @@ class Fetcher:
 
     def _request(self, parts, target: tuple, deadline: float) -> http1.Response:
         """Send the GET and read the response head; a pooled connection the server has meanwhile
-        closed is replaced once (nothing was received, so repeating the GET is safe)."""
+        closed, or whose answer does not start with a response head (stray bytes of the previous
+        response that arrived after it was checked), is replaced once: nothing usable was
+        received, so repeating the GET is safe."""
         scheme = parts.scheme.lower()
         host = parts.hostname
         host_header = f"[{host}]" if ":" in host else _ascii_host(host)
@@ -321,7 +323,7 @@ class Fetcher:
                 response = http1.read_response(connection)
             except BaseException as exc:
                 connection.close()
-                if connection.reused and isinstance(exc, ConnectionError):
+                if connection.reused and isinstance(exc, (ConnectionError, http1.ProtocolError)):
                     continue
                 raise
             if response is None:
