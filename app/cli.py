@@ -29,6 +29,7 @@ from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.errors import ConfigError, FacecapError, storage_full
 from facecap.pipeline.options import StageCommand
 from facecap.pipeline.progress import Bars, Quiet
+from facecap.pipeline.redact import redact, redact_text
 from facecap.pipeline.registry import discover, plugin_modules
 from facecap.pipeline.runner import StageResult, run_stage
 from facecap.pipeline.stage import Stage
@@ -53,8 +54,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-out_console = Console(soft_wrap=True)  # summary lines stay whole for grep and scripts
-err_console = Console(stderr=True, soft_wrap=True)
+
+
+class RedactingConsole(Console):
+    """A console that prints no credential: every text it is given goes through ``redact_text``
+    (a URL's user-info and secret parameters, as in ``--set caption.openai.base_url=http://user:key@...``)."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(redact_text(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+out_console = RedactingConsole(soft_wrap=True)  # summary lines stay whole for grep and scripts
+err_console = RedactingConsole(stderr=True, soft_wrap=True)
 
 ConfigOpt, SetOpt, RayOpt, ExecutorOpt, RetriesOpt, OverwriteOpt, QuietOpt = (a for _, a, _ in RUNNER_OPTIONS)
 
@@ -342,10 +353,11 @@ def stats(
     storage = Storage(directory)
     summaries = _summaries(storage)
     if as_json:
+        root = redact_text(storage.root)
         payload = (
             summaries[0]
-            if len(summaries) == 1 and summaries[0]["dataset"] == storage.root
-            else {"run": storage.root, "stages": summaries}
+            if len(summaries) == 1 and summaries[0]["dataset"] == root
+            else {"run": root, "stages": summaries}
         )
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
@@ -354,10 +366,11 @@ def stats(
 
 
 def _summaries(storage: Storage) -> list[dict[str, Any]]:
+    """The funnel of a dataset or of each stage of a run folder, redacted for printing."""
     dataset = Dataset(storage)
     manifest, why_not = dataset.stage_manifest()
     if manifest is not None:
-        return [dataset.summary()]
+        return [redact(dataset.summary())]
     if why_not != "no _manifest.json":
         raise FacecapError(f"{storage.root}: {why_not}, not a stage dataset")
     found = []
@@ -365,7 +378,7 @@ def _summaries(storage: Storage) -> list[dict[str, Any]]:
         child = Dataset.at(storage.uri(name), storage.options)
         manifest, why_not = child.stage_manifest()
         if manifest is not None:
-            found.append(child.summary())
+            found.append(redact(child.summary()))
         elif why_not != "no _manifest.json":
             err_console.print(f"stats: skipped {storage.uri(name)}: {why_not}, not a stage dataset", highlight=False)
     if not found:

@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 
 from facecap.pipeline.dataset import Dataset, Manifest, ShardStats, TarShardReader, shard_name
 from facecap.pipeline.errors import FacecapError
+from facecap.pipeline.redact import redact_text
 from facecap.pipeline.registry import report_measures
 from facecap.pipeline.status import OK
 from facecap.pipeline.storage import Storage, StorageOptions
@@ -203,7 +204,8 @@ def render(stages: list[StageData], options: StorageOptions | None = None) -> st
     finally:
         thumbs.close()
     title = f"facecap report: {last.manifest.recipe.get('name', last.name) if last.manifest.recipe else last.name}"
-    return PAGE.format(title=html.escape(title), source=html.escape(last.dataset.uri), body="\n".join(sections))
+    source = redact_text(last.dataset.uri)
+    return PAGE.format(title=html.escape(redact_text(title)), source=html.escape(source), body="\n".join(sections))
 
 
 def _funnel(stages: list[StageData]) -> str:
@@ -236,7 +238,7 @@ def _reasons(last: StageData, summary: dict, thumbs: Thumbnails) -> str:
             if url:
                 images.append(f'<img class="thumb" alt="{html.escape(row["key"])}" src="{url}">')
         errors = [row["error"] for row in examples if row.get("error")]
-        detail = html.escape(str(errors[0])[:160]) if errors else ""
+        detail = html.escape(redact_text(str(errors[0]))[:160]) if errors else ""
         rows.append([f"<code>{html.escape(status)}</code>", f"{count:,}", detail, "".join(images) or "-"])
     body = _table(["status", "rows", "example reason", "examples"], rows) if rows else "<p>No row was rejected.</p>"
     return _section("reasons", "Rejection reasons", body)

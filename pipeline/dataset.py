@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from facecap import __version__
 from facecap.pipeline.errors import DatasetError
+from facecap.pipeline.redact import redact, redact_text
 from facecap.pipeline.status import OK
 from facecap.pipeline.storage import Storage, StorageOptions
 
@@ -88,12 +89,16 @@ class Manifest:
     complete: bool = False
     # The whole effective recipe (all sections, after flags), for provenance; not hashed.
     recipe: dict[str, Any] | None = None
+    # ``config`` and ``recipe`` are stored redacted (pipeline/redact.py); ``config_hash`` was
+    # computed from the real config, so a changed key embedded in a URL still changes it.
     format_version: int = FORMAT_VERSION
     code_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
+        data = asdict(self)
+        data["config"], data["recipe"] = redact(data["config"]), redact(data["recipe"])
+        return json.dumps(data, indent=2, sort_keys=True, default=str)
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
@@ -211,9 +216,12 @@ class Dataset:
                 failed[_shard_index(name)] = {"error": "unreadable failure record"}
         return failed
 
-    def mark_failed(self, shard: int, error: str, attempts: int) -> None:
+    def mark_failed(self, shard: int, error: str, attempts: int) -> str:
+        """Record a shard that failed; returns the error as stored (redacted)."""
+        error = redact_text(error)
         record = {"shard": shard, "error": error, "attempts": attempts, "time": time.time()}
         self.storage.write_bytes(f"{FAILED_DIR}/{shard_name(shard)}.json", json.dumps(record).encode())
+        return error
 
     def clear_shard(self, shard: int) -> None:
         """Forget a shard's state so it is redone (files are overwritten atomically anyway)."""

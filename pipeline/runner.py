@@ -171,8 +171,7 @@ def _global_passes(run: _Run, parent: tuple[Dataset, Manifest]) -> bool:
     _dispatch(first, _parent_work(first, parent))
     if summary_result.failed:
         for shard, error in summary_result.failed.items():
-            out.mark_failed(shard, f"summarize: {error}", attempts=runner.max_retries + 1)
-            result.failed[shard] = f"summarize: {error}"
+            result.failed[shard] = out.mark_failed(shard, f"summarize: {error}", attempts=runner.max_retries + 1)
         result.shards = summary_result.shards
         return False
     num_shards = parent[1].num_shards or 0
@@ -290,8 +289,7 @@ def _parent_work(run: _Run, parent: tuple[Dataset, Manifest]) -> Iterator[_Work]
             continue
         if not dataset.is_done(shard, "none"):
             error = f"parent shard {shard} of {dataset.uri} is not done (it failed or was never run)"
-            out.mark_failed(shard, error, attempts=0)
-            result.failed[shard] = error
+            result.failed[shard] = out.mark_failed(shard, error, attempts=0)
             progress.advance(0, failed=True)
             continue
         out.clear_shard(shard)
@@ -309,8 +307,7 @@ def _source_work(run: _Run, source: Source) -> Iterator[_Work]:
     for piece in source.shards():
         result.shards += 1
         if piece.table is None:
-            out.mark_failed(piece.index, piece.error or "unreadable input", attempts=0)
-            result.failed[piece.index] = piece.error or "unreadable input"
+            result.failed[piece.index] = out.mark_failed(piece.index, piece.error or "unreadable input", attempts=0)
             progress.advance(0, failed=True)
             continue
         prepared = driver_stage.prepare_in_order(piece.table.to_pandas())
@@ -353,8 +350,7 @@ def _dispatch(run: _Run, work: Iterator[_Work]) -> None:
                 item.attempt += 1
                 in_flight[executor.submit(item.shard, item.source, item.attempt)] = item
             else:
-                out.mark_failed(item.shard, outcome.error or "unknown error", item.attempt)
-                result.failed[item.shard] = outcome.error or "unknown error"
+                result.failed[item.shard] = out.mark_failed(item.shard, outcome.error or "unknown error", item.attempt)
                 progress.advance(0, failed=True)
 
     try:

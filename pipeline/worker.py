@@ -31,6 +31,7 @@ from facecap.pipeline.dataset import (
     config_hash,
     shard_name,
 )
+from facecap.pipeline.redact import redact_text
 from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
 from facecap.pipeline.status import OK, rejected
 from facecap.pipeline.storage import Storage, StorageOptions, join
@@ -459,7 +460,7 @@ def _rejected_rows(rows: pd.DataFrame, stage: str, reason: str, error: str | lis
 
 
 def _describe(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}".replace("\n", " ")
+    text = redact_text(f"{type(error).__name__}: {error}".replace("\n", " "))  # before the cut, which could split a URL
     return text[:MAX_ERROR_CHARS]
 
 
