@@ -171,7 +171,11 @@ class Response:
         self._chunked = "chunked" in encoding
         self._length_left = None if self._chunked else _content_length(headers)
         close = "close" in (headers.get("connection") or "").lower()
-        self._keep_alive = version == "HTTP/1.1" and not close and (self._chunked or self._length_left is not None)
+        # Chunked with a Content-Length too is framed two ways (RFC 9112 6.3: chunked wins, and
+        # such a message may be an attempt at response splitting): read it, never reuse the connection.
+        ambiguous = self._chunked and headers.get("content-length") is not None
+        framed = self._chunked or self._length_left is not None
+        self._keep_alive = version == "HTTP/1.1" and not close and framed and not ambiguous
         if status in (204, 304) or 100 <= status < 200:
             self._length_left, self._chunked = 0, False
 

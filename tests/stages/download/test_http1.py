@@ -68,8 +68,15 @@ FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello" + FORGED,
         b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" + FORGED,
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(b"hello") + FORGED,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n" + chunked(b"hello"),
     ],
-    ids=["length-shorter-than-body", "forged-answer-after-body", "zero-length-with-body", "after-last-chunk"],
+    ids=[
+        "length-shorter-than-body",
+        "forged-answer-after-body",
+        "zero-length-with-body",
+        "after-last-chunk",
+        "chunked-and-a-length",
+    ],
 )
 def test_bytes_past_the_framing_never_reach_the_next_request(server, lying):
     """Issue 22 item 5: a Content-Length shorter than the body left bytes on the kept-alive
