@@ -88,6 +88,11 @@ def test_loopback_is_refused_unless_allowed(server):
         "http://0.0.0.0/x.jpg",
         "file:///etc/passwd",
         "http://224.0.0.1/x.jpg",
+        "http://2130706433/x.jpg",  # IPv4 spelled as one number, in hex, shortened, in octal
+        "http://0x7f.1/x.jpg",
+        "http://127.1/x.jpg",
+        "http://017700000001/x.jpg",
+        "http://[0:0:0:0:0:ffff:127.0.0.1]/x.jpg",
     ):
         assert strict.fetch(url).reason == "blocked_address", url
 
