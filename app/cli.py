@@ -11,6 +11,7 @@ import functools
 import importlib
 import importlib.util
 import json
+import os
 import pkgutil
 import sys
 from pathlib import Path
@@ -97,12 +98,25 @@ def _recipe(config: Path | None, sets: list[str] | None, extra: dict[str, Any]) 
     return load_recipe(config, REGISTRY, overrides, packaged=RECIPES_PACKAGE)
 
 
-def _make_executor(recipe: RecipeBase):
+def choose_executor(recipe: RecipeBase, job: StageJob) -> tuple[str, str | None]:
+    """The executor a stage runs on, and why when ``auto`` chose it (for the run's output)."""
+    chosen = recipe.runner.executor
+    if chosen != "auto":
+        return chosen, None
+    if recipe.ray.address or os.environ.get("RAY_ADDRESS"):
+        return "ray", None  # a cluster was named: use it
+    if job.resources.gpus > 0:
+        return "ray", f"Ray, which schedules its {job.resources.gpus:g} GPU per worker"
+    # One machine, CPU work: Ray's start-up (5-11 s) and its own processes buy nothing here.
+    return "processes", "a process pool on this machine (no cluster named; --executor ray for Ray)"
+
+
+def _make_executor(recipe: RecipeBase, name: str):
     from facecap.pipeline.executors import LocalExecutor, ProcessExecutor, RayExecutor
 
-    if recipe.runner.executor == "local":
+    if name == "local":
         return LocalExecutor()
-    if recipe.runner.executor == "processes":
+    if name == "processes":
         if recipe.ray.address:
             raise ConfigError("--executor processes runs on this machine only: drop --ray-address (or RAY_ADDRESS)")
         workers = recipe.runner.workers or recipe.ray.num_cpus
@@ -131,9 +145,12 @@ def _run_one(
     )
     source = stage_cls.open_source(config, options) if stage_cls.source else None
     progress = Quiet() if quiet else Bars(stage_cls.name, err_console)
+    executor, why = choose_executor(recipe, job)
+    if why and not quiet:
+        err_console.print(f"{stage_cls.name}: runs on {why}", highlight=False)
     result = run_stage(
         job,
-        _make_executor(recipe),
+        _make_executor(recipe, executor),
         runner=recipe.runner,
         progress=progress,
         source=source,
