@@ -462,14 +462,14 @@ def _identities(config: DedupConfig) -> dict[str, OptOutList]:
     given = _identity_options(config)
     if not given:
         return {}
-    key = (config.embedding_model, *(_state(getattr(config, name)) for name in IDENTITY_OPTIONS))
-    if key in _IDENTITIES:
-        return _IDENTITIES[key]
     flags = ", ".join("--" + name.replace("_", "-") for name in given)
     try:
         name, _, sha256 = embedding_model(config.embedding_model)
     except ModelMissing as exc:
         raise ModelMissing(f"dedup {flags} needs a face-embedding model: {exc}") from None
+    key = (sha256, *(_state(getattr(config, option)) for option in IDENTITY_OPTIONS))
+    if key in _IDENTITIES:
+        return _IDENTITIES[key]
     embedder = FaceEmbedder(config.embedding_model)
     found: dict[str, OptOutList] = {}
     opted_out = OptOutList(model=name, model_sha256=sha256)
