@@ -102,3 +102,28 @@ def test_report_and_stats_skip_an_export_beside_the_stage_datasets(run_folder, t
         assert on_export.exit_code == 2 and len(on_export.stderr.strip().splitlines()) == 1
     finally:
         shutil.rmtree(export)
+
+
+def test_opted_out_and_eval_identities_are_funnel_lines_with_counts_only():
+    import pandas as pd
+
+    from facecap.report import StageData, _funnel, _reasons
+
+    class NoThumbnails:
+        def of(self, *args):
+            raise AssertionError("no picture of a person who opted out")
+
+    statuses = ["ok"] * 5 + ["dedup:opted_out_identity"] * 3 + ["dedup:eval_identity"] * 2
+    rows = pd.DataFrame(
+        {"key": [f"k{i}_f0" for i in range(10)], "status": statuses, "error": [None] * 10, "_shard": [0] * 10}
+    )
+    rows["identity_match"] = [None] * 5 + ["alice"] * 3 + ["bob"] * 2
+    detect = StageData("detect", None, None, rows.assign(status="ok"))
+    dedup = StageData("dedup", None, None, rows)
+    funnel = _funnel([detect, dedup])
+    assert "<td>dedup: opted-out identities removed</td><td>3</td>" in funnel
+    assert "<td>dedup: eval-set identities removed</td><td>2</td>" in funnel
+    reasons = _reasons([detect, dedup], NoThumbnails())
+    assert "<code>dedup:opted_out_identity</code></td><td>3</td><td>counts only</td>" in reasons
+    text = re.sub(r'src="data:[^"]*"', "", funnel + reasons)  # the chart's base64 may spell anything
+    assert "alice" not in text and "bob" not in text
