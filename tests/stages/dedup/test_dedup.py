@@ -331,3 +331,15 @@ def test_a_list_made_with_another_model_is_refused_in_one_line(people, tmp_path)
     result = CliRunner().invoke(app, [*args, "--executor", "local"])
     assert result.exit_code == 2 and "\n" not in result.output.strip()
     assert "made with the face-embedding model arcface.onnx" in result.output
+
+
+def test_facecap_run_takes_the_recipe_key_and_refuses_before_the_first_stage(tmp_path, face_photos):
+    photos = tmp_path / "optout"
+    photos.mkdir()
+    (photos / "apple.jpg").write_bytes((face_photos / "nonface" / "apple.jpg").read_bytes())
+    (tmp_path / "urls.csv").write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a\n")
+    args = ["run", "-c", "demo", "-i", str(tmp_path / "urls.csv"), "-o", str(tmp_path / "work"), "--executor", "local"]
+    result = CliRunner().invoke(app, [*args, "--set", f"dedup.opt_out_faces={photos}"])
+    assert result.exit_code == 2 and "apple.jpg: no face found" in result.output
+    assert "\n" not in result.output.strip()
+    assert not (tmp_path / "work" / "ingest").exists()  # refused before ingest ran
