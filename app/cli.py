@@ -206,7 +206,8 @@ def _exit_for(results: list[StageResult]) -> None:
 
 
 def _add_stage_commands() -> None:
-    """The commands every stage folder declares (built from its options), then plain ones (export).
+    """The commands every stage folder declares (built from its options), then plain ones (export)
+    and groups of them (``facecap optout add``).
 
     A registered stage that declares no command still gets one: ``facecap NAME IN OUT``.
     """
@@ -219,6 +220,11 @@ def _add_stage_commands() -> None:
     for module in modules:
         for function, epilog in getattr(module, "EXTRA_COMMANDS", ()):
             app.command(epilog=epilog)(friendly(function))
+        for name, text, commands in getattr(module, "EXTRA_GROUPS", ()):
+            group = typer.Typer(help=text, no_args_is_help=True)
+            for command, function, epilog in commands:
+                group.command(command, epilog=epilog)(friendly(function))
+            app.add_typer(group, name=name)
 
 
 def _show(renderable: Any) -> None:

@@ -6,7 +6,10 @@ Only ``ok`` rows are exported. WebDataset samples are ``KEY.jpg`` (the chosen cr
 provenance, source URL, licence where known). Rows are shuffled globally with a seed and dealt
 into shards of ``shard_samples`` (or fewer when ``shard_bytes`` is reached); within a shard members
 are sorted by key, so each sample's files are contiguous. An optional validation split is taken by
-a stable hash of the key, or of the identity cluster so no identity is in both splits.
+a stable hash of the key, or of the identity cluster so no identity is in both splits. With an
+opt-out list (``opt_out``, docs/dedup.md) the faces of the people on it are left out: each ok
+row's aligned 112 crop is embedded and matched, so a dataset made before a person opted out
+exports without them.
 
 Memory: the metadata of every exported row is held once (about 1-2 KB a face); images are
 streamed shard by shard from the stage tars they live in.
@@ -23,6 +26,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -66,9 +70,16 @@ class ExportResult:
     samples: dict[str, int] = field(default_factory=dict)
     shards: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     skipped_existing: int = 0
+    opted_out: int = 0
 
 
-def export(source: str, output: str, settings: ExportSettings, options: StorageOptions | None = None) -> ExportResult:
+def export(
+    source: str,
+    output: str,
+    settings: ExportSettings,
+    options: StorageOptions | None = None,
+    opt_out: str | None = None,
+) -> ExportResult:
     settings.check()
     options = options or StorageOptions.from_env()
     dataset = Dataset.at(source, options)
@@ -78,13 +89,18 @@ def export(source: str, output: str, settings: ExportSettings, options: StorageO
     # Writing into the dataset (or a folder holding it) would replace its manifest and shards.
     refuse_overlap(output, [dataset.uri, *(ref.root for ref in manifest.media.values())])
     rows, origin = _ok_rows(dataset)
+    opted_out = _opted_out(dataset, manifest, rows, origin, opt_out) if opt_out else np.zeros(rows.num_rows, bool)
+    rows, origin = rows.filter(pa.array(~opted_out)), origin[~opted_out]
     out = Storage(output, options)
-    identity = config_hash({"source": dataset.uri, "source_config": manifest.config_hash, "settings": asdict(settings)})
+    basis = {"source": dataset.uri, "source_config": manifest.config_hash, "settings": asdict(settings)}
+    if opt_out:  # another list (or more people on it) is another export
+        basis["opt_out_sha256"] = hashlib.sha256(Path(opt_out).read_bytes()).hexdigest()
+    identity = config_hash(basis)
     previous = _read_json(out, "_manifest.json")
     if previous and previous.get("config_hash") != identity:
         raise FacecapError(f"{output} holds an export made from other settings or input; choose another folder")
     splits = _split(rows, settings)
-    result = ExportResult(output=out.root)
+    result = ExportResult(output=out.root, opted_out=int(opted_out.sum()))
     for split, positions in splits.items():
         order = np.random.default_rng(settings.seed).permutation(positions) if len(positions) else positions
         if settings.format == "webdataset":
@@ -135,6 +151,37 @@ def _ok_rows(dataset: Dataset) -> tuple[pa.Table, np.ndarray]:
     if bad:
         raise FacecapError(f"unsafe sample key {bad[0]!r}: keys must be letters, digits, '_' or '-'")
     return rows, np.concatenate(origin)
+
+
+def _opted_out(dataset: Dataset, manifest, rows: pa.Table, origin: np.ndarray, opt_out: str) -> np.ndarray:
+    """Which rows are faces of people on the opt-out list: their aligned 112 crops, embedded and matched."""
+    from facecap.pipeline.dataset import shard_name
+    from facecap.stages.shared.identity import IDENTITY_COSINE, FaceEmbedder, OptOutList, match
+    from facecap.stages.shared.images import decode_bgr
+
+    listing = OptOutList.load(opt_out)
+    if not listing.people:
+        return np.zeros(rows.num_rows, bool)
+    if "aligned112" not in manifest.media:
+        raise FacecapError("export --opt-out-embeddings embeds each face's aligned112 crop; this dataset has none")
+    embedder = FaceEmbedder(listing.model)
+    listing.check_model(embedder.model, embedder.sha256, "this machine's model file")
+    keys = rows.column("key").to_pylist()
+    vectors = np.zeros((len(keys), listing.vectors.shape[1]), np.float32)
+    ref = manifest.media["aligned112"]
+    member = ref.member_ext("aligned112")
+    for shard in np.unique(origin):
+        tar = ref.tar_for(int(shard)) or f"{shard_name(int(shard))}.tar"
+        with TarShardReader(Storage(ref.root, dataset.storage.options), tar) as reader:
+            for position in np.flatnonzero(origin == shard):
+                crop = decode_bgr((reader.get(keys[position], [member]) or {}).get(member))
+                if crop is None:
+                    raise FacecapError(
+                        f"{keys[position]}: its aligned112 crop is missing, so its consent cannot be checked"
+                    )
+                vectors[position] = embedder.embed(crop)
+    person, _ = match(vectors, listing, IDENTITY_COSINE)
+    return person >= 0
 
 
 def _split(rows: pa.Table, settings: ExportSettings) -> dict[str, np.ndarray]:

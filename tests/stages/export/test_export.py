@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import insightface
+import numpy as np
 import pandas as pd
 import pytest
 from helpers import read_all, run_recipe
@@ -103,3 +104,46 @@ def test_parquet_export_loads_in_datasets_and_pandas(finished, tmp_path, monkeyp
     assert loaded.num_rows == len(ok) and set(loaded["_id"]) == set(ok.index)
     assert isinstance(loaded[0]["caption"], list)
     os.environ.pop("HF_DATASETS_OFFLINE", None)
+
+
+def test_an_opt_out_list_leaves_out_the_faces_of_people_on_it(finished, tmp_path, face_photos):
+    # The dataset was made before she opted out; she opts out with another photo of hers.
+    final, ok = finished
+    photos = tmp_path / "optout"
+    photos.mkdir()
+    (photos / "angelina.jpg").write_bytes((face_photos / "deepface" / "img2.jpg").read_bytes())
+    listing = tmp_path / "optout.json"
+    runner = CliRunner()
+    assert runner.invoke(app, ["optout", "add", str(listing), str(photos)]).exit_code == 0
+    out = tmp_path / "out"
+    args = ["export", str(final), str(out), "--format", "parquet", "--opt-out-embeddings", str(listing)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "export: 1 face(s) of people on the opt-out list left out" in result.output
+    exported = set(pd.concat(pd.read_parquet(f) for f in sorted(out.glob("train-*.parquet")))._id)
+    hers = set(ok.index[ok.url.str.endswith("deepface_img1.jpg")])
+    assert len(hers) == 1 and exported == set(ok.index) - hers  # everyone else stays
+    # More people on the list make another export: never mixed into this folder.
+    (photos / "obama.jpg").write_bytes((face_photos / "face_recognition" / "obama.jpg").read_bytes())
+    assert runner.invoke(app, ["optout", "add", str(listing), str(photos)]).exit_code == 0
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "other settings or input" in again.output
+
+
+def test_without_the_lists_model_export_refuses_in_one_line_before_writing(finished, tmp_path, monkeypatch):
+    from facecap.stages.shared.identity import OptOutList
+
+    final, _ = finished
+    listing = OptOutList(model="mobilefacenet", model_sha256="0" * 64)
+    listing.add("someone", [np.ones(128, np.float32) / np.sqrt(128)])
+    listing.save(tmp_path / "optout.json")
+    out = tmp_path / "out"
+    args = ["export", str(final), str(out), "--opt-out-embeddings", str(tmp_path / "optout.json")]
+    mismatch = CliRunner().invoke(app, args)  # the model here is not the one the list was made with
+    assert mismatch.exit_code == 2 and "made with the face-embedding model" in mismatch.output
+    monkeypatch.setenv("FACECAP_MODELS", str(tmp_path / "none"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    missing = CliRunner().invoke(app, args)
+    assert missing.exit_code == 2 and "model mobilefacenet" in missing.output
+    assert "\n" not in missing.output.strip() and "\n" not in mismatch.output.strip()
+    assert not out.exists()
