@@ -34,7 +34,7 @@ def _option(annotation: Any, *names: str, help: str, **extra: Any) -> Any:
 RUNNER_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     (
         "config",
-        _option(Path | None, "--config", "-c", help="recipe: a YAML file or a packaged name (demo, default, hq)"),
+        _option(Path | None, "--config", "-c", help="recipe: a YAML file or a packaged name (demo, default, hq, vlm)"),
         None,
     ),
     (
