@@ -147,3 +147,18 @@ def test_without_the_lists_model_export_refuses_in_one_line_before_writing(finis
     assert missing.exit_code == 2 and "model mobilefacenet" in missing.output
     assert "\n" not in missing.output.strip() and "\n" not in mismatch.output.strip()
     assert not out.exists()
+
+
+def test_a_byte_target_cuts_shards_by_the_samples_measured_sizes(finished, tmp_path):
+    # It used to assume 40 KB a sample: shards of small crops came out a fraction of the target.
+    final, ok = finished
+    target = 200_000
+    result = export(str(final), str(tmp_path / "bytes"), ExportSettings(shard_bytes=target, seed=3))
+    shards = result.shards["train"]
+    assert sum(s["nsamples"] for s in shards) == len(ok) and len(shards) > 1
+    sizes = [(tmp_path / "bytes" / s["url"]).stat().st_size for s in shards]
+    end_of_archive = 10_240  # two zero blocks, padded to a 10 KiB record
+    assert all(size <= target + end_of_archive for size, s in zip(sizes, shards, strict=True) if s["nsamples"] > 1)
+    assert all(size > target / 2 for size in sizes[:-1])  # filled, not cut at a guess
+    same = export(str(final), str(tmp_path / "again"), ExportSettings(shard_bytes=target, seed=3))
+    assert [s["nsamples"] for s in same.shards["train"]] == [s["nsamples"] for s in shards]  # deterministic
