@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from facecap.stages.shared.jpeg import header_segments
+from facecap.stages.shared.metadata import colour_profile, strip_metadata
 
 # We check pixel counts ourselves, before decoding, against the configured limit.
 Image.MAX_IMAGE_PIXELS = None
@@ -92,10 +92,13 @@ def normalize(data: bytes, settings: ImageSettings) -> NormalizedImage:
     upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     _check_shape(upright, settings)
     target = target_size(upright, settings)
-    reencoded = not _can_keep(image, fmt, orientation, upright, target, settings)
-    if not reencoded:
+    stored = None
+    if _can_keep(image, fmt, orientation, upright, target, settings):
         _verify_decodes(data, fmt, image)
-        stored = strip_metadata(data, settings.output_format)
+        stored = strip_metadata(data, settings.output_format)  # None: not clean enough to keep
+    reencoded = stored is None
+    if stored is not None:
+        pass  # the original bytes, minus everything that is not pixels
     elif _plain(image, fmt):
         pixels = _cv2_decode(data, fmt, orientation, image.size, target)
         pixels = resize_array(pixels, settings)
@@ -168,7 +171,7 @@ def _can_keep(
 ) -> bool:
     if fmt != PIL_FORMAT[settings.output_format] or orientation != 1 or image.mode != "RGB":
         return False
-    if getattr(image, "n_frames", 1) > 1 or target != upright:
+    if getattr(image, "n_frames", 1) > 1 or target != upright or colour_profile(image) is not None:
         return False
     squares = settings.resize_mode in ("center_crop", "border")
     return not squares or upright[0] == upright[1]
@@ -197,7 +200,7 @@ def _plain(image: Image.Image, fmt: str) -> bool:
     return (
         fmt in ("JPEG", "PNG", "WEBP")
         and image.mode in ("RGB", "L")
-        and "icc_profile" not in image.info
+        and colour_profile(image) is None
         and "transparency" not in image.info
         and getattr(image, "n_frames", 1) == 1
     )
@@ -305,7 +308,7 @@ def _with_orientation(image: Image.Image, orientation: int) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    icc = image.info.get("icc_profile")
+    icc = colour_profile(image)
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         array = np.asarray(image, dtype=np.uint32 if mode == "I" else np.uint16)
@@ -363,6 +366,7 @@ def resize(image: Image.Image, settings: ImageSettings) -> Image.Image:
 def encode(image: Image.Image, settings: ImageSettings) -> bytes:
     buffer = io.BytesIO()
     fmt = settings.output_format
+    image.info.clear()  # nothing of the source's info (a profile, EXIF, text) is written
     if fmt == "jpg":
         image.save(buffer, "JPEG", quality=settings.quality)
     elif fmt == "webp":
@@ -370,71 +374,6 @@ def encode(image: Image.Image, settings: ImageSettings) -> bytes:
     else:
         image.save(buffer, "PNG", compress_level=3)
     return buffer.getvalue()
-
-
-# --- lossless metadata removal ------------------------------------------------------------
-JPEG_KEEP_APP = {0xE0, 0xEE}  # JFIF, Adobe (colour transform); APP2 only when it is an ICC profile
-PNG_DROP = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
-WEBP_DROP = {b"EXIF", b"XMP "}
-
-
-def strip_metadata(data: bytes, fmt: str) -> bytes:
-    """Remove EXIF, XMP, IPTC, comments and text chunks without touching the pixels."""
-    if fmt == "jpg":
-        return _strip_jpeg(data)
-    if fmt == "png":
-        return _strip_png(data)
-    return _strip_webp(data)
-
-
-def _strip_jpeg(data: bytes) -> bytes:
-    if data[:2] != b"\xff\xd8":
-        return data
-    segments, stop, _ = header_segments(data)
-    out = bytearray(data[:2])
-    for segment in segments:
-        body = data[segment.start : segment.end]
-        icc = segment.marker == 0xE2 and body[4:16] == b"ICC_PROFILE\x00"
-        if segment.marker == 0xFE:  # comment
-            continue
-        if not 0xE0 <= segment.marker <= 0xEF or segment.marker in JPEG_KEEP_APP or icc:
-            out += body
-    out += data[stop:]
-    return bytes(out)
-
-
-def _strip_png(data: bytes) -> bytes:
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        return data
-    out = bytearray(data[:8])
-    pos = 8
-    while pos + 8 <= len(data):
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        kind = data[pos + 4 : pos + 8]
-        chunk = data[pos : pos + 12 + length]
-        if kind not in PNG_DROP:
-            out += chunk
-        pos += 12 + length
-        if kind == b"IEND":
-            break
-    return bytes(out)
-
-
-def _strip_webp(data: bytes) -> bytes:
-    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
-        return data
-    chunks = bytearray()
-    pos = 12
-    while pos + 8 <= len(data):
-        kind = data[pos : pos + 4]
-        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
-        chunk = bytearray(data[pos : pos + 8 + size + (size & 1)])
-        if kind == b"VP8X" and len(chunk) > 8:
-            chunk[8] &= ~0x0C & 0xFF  # clear the EXIF and XMP flags
-        if kind not in WEBP_DROP:
-            chunks += chunk
-        pos += 8 + size + (size & 1)
-    return b"RIFF" + (len(chunks) + 4).to_bytes(4, "little") + b"WEBP" + bytes(chunks)
 
 
 def decode_bgr(data: bytes | None) -> np.ndarray | None:

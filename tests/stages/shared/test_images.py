@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from facecap.stages.shared.images import ImageRejected, ImageSettings, normalize, strip_metadata, target_size
+from facecap.stages.shared.images import ImageRejected, ImageSettings, normalize, target_size
+from facecap.stages.shared.metadata import strip_metadata
 
 
 @pytest.fixture(scope="module")
