@@ -13,9 +13,13 @@ resized (area averaging when shrinking) and encoded by OpenCV, which is 1.5-3x f
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import io
 import struct
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,16 +28,18 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
+from facecap.stages.shared import containers
 from facecap.stages.shared.metadata import colour_profile, strip_metadata
 
-# We check pixel counts ourselves, before decoding, against the configured limit.
-Image.MAX_IMAGE_PIXELS = None
+# Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS) stays as it is: our max_pixels
+# is checked first, on the real size of what will be decoded (facecap.stages.shared.containers).
 
 ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
 OutputFormat = Literal["jpg", "webp", "png"]
 PIL_FORMAT = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 MIME = {"jpg": "image/jpeg", "webp": "image/webp", "png": "image/png"}
 SUPPORTED = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "AVIF", "ICO"}
+OPEN_FORMATS = sorted(SUPPORTED - {"MPO"})  # Pillow's JPEG reader opens MPO files itself
 ORIENTATION_TAG = 0x0112
 
 
@@ -50,6 +56,9 @@ class ImageSettings(BaseModel):
     output_format: OutputFormat = "jpg"
     quality: int = Field(95, ge=1, le=100, description="jpg/webp encoder quality")
     max_pixels: int = Field(50_000_000, ge=1, description="larger images are refused before decoding")
+    decode_pixels_in_flight: int = Field(
+        100_000_000, ge=1, description="pixels decoded at once per worker process; more waits its turn"
+    )
 
 
 class ImageRejected(Exception):
@@ -71,23 +80,97 @@ class NormalizedImage:
     reencoded: bool
 
 
+class PixelBudget:
+    """At most ``capacity`` pixels being decoded at once in this process, first come first served;
+    one image larger than the whole budget runs alone. The download threads of a worker share it,
+    so their memory stays bounded however many images are in flight."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._used = 0
+        self._queue: collections.deque[object] = collections.deque()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int, capacity: int) -> Iterator[None]:
+        if pixels <= 0:
+            yield
+            return
+        ticket = object()
+        with self._condition:
+            self._queue.append(ticket)
+            while self._queue[0] is not ticket or (self._used and self._used + pixels > capacity):
+                self._condition.wait()
+            self._queue.popleft()
+            self._used += pixels
+            self._condition.notify_all()
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._used -= pixels
+                self._condition.notify_all()
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+
+DECODING = PixelBudget()
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, struct.error, EOFError, Image.DecompressionBombError)
+
+
 def normalize(data: bytes, settings: ImageSettings) -> NormalizedImage:
     """The image to store for ``data``, or ImageRejected saying why there is none."""
     _sniff(data)
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageRejected("not_an_image", f"unrecognised image data (starts with {data[:12]!r})") from None
-    except (OSError, ValueError, SyntaxError, struct.error) as exc:
-        raise ImageRejected("undecodable", f"cannot read image header: {exc}") from None
+    problem = containers.before_open(data, settings.max_pixels)
+    if problem:
+        raise ImageRejected("too_many_pixels", problem)
+    with DECODING.hold(containers.open_cost(data), settings.decode_pixels_in_flight):
+        image = _open(data)
     fmt = image.format or "?"
-    if fmt not in SUPPORTED:
-        raise ImageRejected("unsupported_format", f"{fmt} images are not supported")
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageRejected("undecodable", f"image claims size {width}x{height}")
     if width * height > settings.max_pixels:
         raise ImageRejected("too_many_pixels", f"{width}x{height} exceeds max_pixels {settings.max_pixels}")
+    try:
+        problem = containers.after_open(image, fmt, settings.max_pixels)
+    except DECODE_ERRORS as exc:
+        raise ImageRejected("undecodable", f"cannot read the image's frames: {exc}") from None
+    if problem:
+        raise ImageRejected("too_many_pixels", problem)
+    with DECODING.hold(width * height, settings.decode_pixels_in_flight):
+        return _normalize(data, image, fmt, settings)
+
+
+def _open(data: bytes) -> Image.Image:
+    """Open (lazily, except ICO) with the supported formats' readers only."""
+    try:
+        return Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
+    except UnidentifiedImageError:
+        other = _other_format(data)
+        if other:
+            raise ImageRejected("unsupported_format", f"{other} images are not supported") from None
+        raise ImageRejected("not_an_image", f"unrecognised image data (starts with {data[:12]!r})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected("too_many_pixels", str(exc)) from None
+    except (*DECODE_ERRORS, IndexError, TypeError, ZeroDivisionError) as exc:
+        raise ImageRejected("undecodable", f"cannot read image header: {exc}") from None
+
+
+def _other_format(data: bytes) -> str | None:
+    """The format of an image Pillow knows but we do not read (named from its signature only)."""
+    Image.init()
+    prefix = data[:16]
+    for name in Image.ID:
+        _factory, accept = Image.OPEN[name]
+        if name not in SUPPORTED and accept is not None and accept(prefix):
+            return name
+    return None
+
+
+def _normalize(data: bytes, image: Image.Image, fmt: str, settings: ImageSettings) -> NormalizedImage:
+    width, height = image.size
     orientation = _orientation(image)
     upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     _check_shape(upright, settings)
@@ -184,7 +267,7 @@ def _verify_decodes(data: bytes, fmt: str, image: Image.Image) -> None:
         return
     try:
         image.load()
-    except (OSError, ValueError, SyntaxError, struct.error) as exc:
+    except DECODE_ERRORS as exc:
         raise ImageRejected(_decode_reason(exc), f"image does not decode: {exc}") from None
     raise ImageRejected("undecodable", "the image data does not decode")
 
@@ -277,6 +360,8 @@ def encode_array(pixels: np.ndarray, settings: ImageSettings) -> bytes:
 
 
 def _decode_reason(exc: BaseException) -> str:
+    if isinstance(exc, Image.DecompressionBombError):
+        return "too_many_pixels"
     text = str(exc).lower()
     return "truncated_image" if "truncated" in text or "premature" in text else "undecodable"
 
@@ -293,7 +378,7 @@ def _decode_rgb(image: Image.Image, fmt: str, orientation: int, target: tuple[in
             image.seek(0)  # animations: the first frame
         image.load()
         rgb = _to_rgb(image)
-    except (OSError, ValueError, SyntaxError, struct.error) as exc:
+    except DECODE_ERRORS as exc:
         raise ImageRejected(_decode_reason(exc), f"image does not decode: {exc}") from None
     if orientation != 1:
         rgb = ImageOps.exif_transpose(_with_orientation(rgb, orientation))
