@@ -19,6 +19,7 @@ import io
 import struct
 import threading
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -116,7 +117,20 @@ class PixelBudget:
 
 
 DECODING = PixelBudget()
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, struct.error, EOFError, Image.DecompressionBombError)
+# What Pillow and its codecs raise on malformed data (a fuzz run meets every one of these).
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    struct.error,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    zlib.error,
+    Image.DecompressionBombError,
+)
 
 
 def normalize(data: bytes, settings: ImageSettings) -> NormalizedImage:
@@ -135,12 +149,12 @@ def normalize(data: bytes, settings: ImageSettings) -> NormalizedImage:
         raise ImageRejected("too_many_pixels", f"{width}x{height} exceeds max_pixels {settings.max_pixels}")
     try:
         problem = containers.after_open(image, fmt, settings.max_pixels)
+        if problem:
+            raise ImageRejected("too_many_pixels", problem)
+        with DECODING.hold(width * height, settings.decode_pixels_in_flight):
+            return _normalize(data, image, fmt, settings)
     except DECODE_ERRORS as exc:
-        raise ImageRejected("undecodable", f"cannot read the image's frames: {exc}") from None
-    if problem:
-        raise ImageRejected("too_many_pixels", problem)
-    with DECODING.hold(width * height, settings.decode_pixels_in_flight):
-        return _normalize(data, image, fmt, settings)
+        raise ImageRejected(_decode_reason(exc), f"image does not decode: {type(exc).__name__}: {exc}") from None
 
 
 def _open(data: bytes) -> Image.Image:
@@ -154,7 +168,7 @@ def _open(data: bytes) -> Image.Image:
         raise ImageRejected("not_an_image", f"unrecognised image data (starts with {data[:12]!r})") from None
     except Image.DecompressionBombError as exc:
         raise ImageRejected("too_many_pixels", str(exc)) from None
-    except (*DECODE_ERRORS, IndexError, TypeError, ZeroDivisionError) as exc:
+    except DECODE_ERRORS as exc:
         raise ImageRejected("undecodable", f"cannot read image header: {exc}") from None
 
 
