@@ -6,14 +6,11 @@ import hashlib
 import io
 import json
 import tarfile
-import threading
-import time
 from collections import Counter
 
 import hostile
-import psutil
 import pytest
-from helpers import ingest, ray_executor, read_all, run
+from helpers import ingest, peak_rss_growth_while, ray_executor, read_all, run
 from PIL import Image
 
 from facecap.corpus_server import CorpusServer
@@ -88,7 +85,9 @@ def corpus(tmp_path, face_photos):
 def test_hostile_corpus_every_row_gets_its_own_status(corpus, tmp_path):
     _server, csv, expected = corpus
     assert ingest(csv, tmp_path / "ingest", shard_size=12).ok
-    peak = _peak_rss_while(lambda: run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=loopback_config()))
+    peak = peak_rss_growth_while(
+        lambda: run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=loopback_config())
+    )
     rows = read_all(tmp_path / "dl").to_pandas()
     assert len(rows) == len(expected) + 2  # the funnel: every input row is still here
     firsts = rows[rows.status != "ingest:duplicate_url"]
@@ -204,29 +203,6 @@ def test_download_on_ray_and_on_a_process_pool(corpus, tmp_path, where, request)
     firsts = rows[rows.status != "ingest:duplicate_url"]
     by_url = dict(zip(firsts.url, firsts.status, strict=True))
     assert {url: by_url[url] for url in expected} == expected
-
-
-def _peak_rss_while(action) -> float:
-    """Peak growth (MB) of this process's memory while ``action`` runs."""
-    process = psutil.Process()
-    base = process.memory_info().rss
-    peak = base
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, process.memory_info().rss)
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        action()
-    finally:
-        done.set()
-        sampler.join()
-    return (peak - base) / 2**20
 
 
 @pytest.mark.slow
