@@ -202,8 +202,19 @@ def srgb_profile() -> bytes:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
+def swapped_primaries_profile() -> bytes:
+    """sRGB's profile with its red and blue primaries swapped: applying it turns red into blue."""
+    profile = bytearray(srgb_profile())
+    count = int.from_bytes(profile[128:132], "big")
+    entries = {bytes(profile[132 + 12 * i : 136 + 12 * i]): 132 + 12 * i for i in range(count)}
+    red, blue = entries[b"rXYZ"], entries[b"bXYZ"]
+    red_place, blue_place = profile[red + 4 : red + 12], profile[blue + 4 : blue + 12]
+    profile[red + 4 : red + 12], profile[blue + 4 : blue + 12] = blue_place, red_place
+    return bytes(profile)
+
+
 def renamed_srgb_profile() -> bytes:
-    """sRGB's profile under another description: a profile that is not (known to be) sRGB."""
+    """sRGB's profile under another description."""
     profile = srgb_profile()
     name = "sRGB".encode("utf-16-be")
     assert name in profile

@@ -13,6 +13,7 @@ its decoded pixels, which keeps nothing but the pixels.
 
 from __future__ import annotations
 
+import functools
 import io
 
 from PIL import Image, ImageCms
@@ -111,17 +112,39 @@ def strip_webp(data: bytes) -> bytes | None:
 
 def colour_profile(image: Image.Image) -> bytes | None:
     """The embedded ICC profile that must be applied to get sRGB pixels: None when there is none,
-    when it is an sRGB profile (applying it changes nothing), or when it is larger than
-    ``MAX_ICC_BYTES`` or unreadable (then ignored: the image is read as sRGB)."""
+    when applying it changes no colour (an sRGB profile under any name: what untagged means), or
+    when it is larger than ``MAX_ICC_BYTES`` or unreadable (then ignored: the image is read as
+    sRGB)."""
     icc = image.info.get("icc_profile")
     if not icc or not isinstance(icc, bytes) or len(icc) > MAX_ICC_BYTES:
         return None
     try:
-        description = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc)))
+        if image.mode in ("RGB", "RGBA"):
+            return None if _srgb_equivalent(icc) else icc
+        ImageCms.ImageCmsProfile(io.BytesIO(icc))
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
         return None
-    return None if _is_srgb(description, image.mode) else icc
+    return icc
 
 
-def _is_srgb(description: str, mode: str) -> bool:
-    return mode in ("RGB", "RGBA", "L", "LA", "P", "PA") and "srgb" in description.lower().replace(" ", "")
+# Greys, primaries, secondaries and skin tones: an RGB profile that maps all of them to
+# themselves (within 2 levels) in sRGB is sRGB for our purposes.
+_PROBE = bytes(
+    value
+    for colour in [
+        *((v, v, v) for v in (0, 32, 64, 96, 128, 160, 192, 224, 255)),
+        (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255),
+        (224, 172, 140), (141, 85, 36), (198, 134, 66), (90, 60, 40),
+    ]
+    for value in colour
+)  # fmt: skip
+_SRGB = ImageCms.createProfile("sRGB")
+
+
+@functools.lru_cache(maxsize=64)
+def _srgb_equivalent(icc: bytes) -> bool:
+    probe = Image.frombytes("RGB", (len(_PROBE) // 3, 1), _PROBE)
+    converted = ImageCms.profileToProfile(
+        probe, ImageCms.ImageCmsProfile(io.BytesIO(icc)), _SRGB, ImageCms.Intent.RELATIVE_COLORIMETRIC, "RGB"
+    )
+    return max(abs(a - b) for a, b in zip(converted.tobytes(), _PROBE, strict=True)) <= 2
