@@ -138,13 +138,16 @@ _PROBE = bytes(
     ]
     for value in colour
 )  # fmt: skip
-_SRGB = ImageCms.createProfile("sRGB")
 
 
 @functools.lru_cache(maxsize=64)
 def _srgb_equivalent(icc: bytes) -> bool:
     probe = Image.frombytes("RGB", (len(_PROBE) // 3, 1), _PROBE)
     converted = ImageCms.profileToProfile(
-        probe, ImageCms.ImageCmsProfile(io.BytesIO(icc)), _SRGB, ImageCms.Intent.RELATIVE_COLORIMETRIC, "RGB"
+        probe,
+        ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+        ImageCms.createProfile("sRGB"),  # a profile per call: lcms profiles are not shared across threads
+        ImageCms.Intent.RELATIVE_COLORIMETRIC,
+        "RGB",
     )
     return max(abs(a - b) for a, b in zip(converted.tobytes(), _PROBE, strict=True)) <= 2
