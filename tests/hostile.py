@@ -293,3 +293,22 @@ def icns_with_png(width: int, height: int) -> bytes:
     payload = png_of_zeros(width, height)
     entry = b"ic10" + struct.pack(">I", 8 + len(payload)) + payload
     return b"icns" + struct.pack(">I", 8 + len(entry)) + entry
+
+
+def apng_frame_beyond_image(width: int, height: int) -> bytes:
+    """A two-frame 16x16 APNG whose first frame control chunk claims width x height."""
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ((200, 0, 0), (0, 0, 200))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:])
+    data = buffer.getvalue()
+    at = data.index(b"fcTL") - 4
+    length = int.from_bytes(data[at : at + 4], "big")
+    body = bytearray(data[at + 8 : at + 8 + length])
+    body[4:12] = struct.pack(">II", width, height)
+    return data[:at] + png_chunk(b"fcTL", bytes(body)) + data[at + 12 + length :]
+
+
+def avif(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 20, 30)).save(buffer, "AVIF", quality=50)
+    return buffer.getvalue()

@@ -63,8 +63,10 @@ def test_container_bombs_are_refused_before_decoding(name, decodes):
     [
         (hostile.webp_canvas_smaller_than_bitstream(16, 3000, 3000), "undecodable"),
         (hostile.icns_with_png(3000, 3000), "unsupported_format"),
+        (hostile.apng_frame_beyond_image(3000, 3000), "not_an_image"),  # Pillow refuses it on opening
+        (hostile.avif(1200, 1000), "too_many_pixels"),
     ],
-    ids=["webp_canvas_smaller_than_bitstream", "icns_holding_a_png"],
+    ids=["webp_canvas_smaller_than_bitstream", "icns_holding_a_png", "apng_frame_beyond_image", "avif"],
 )
 def test_other_containers_are_refused_without_a_decode(data, reason, decodes):
     assert rejection(data).reason == reason
