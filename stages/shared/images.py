@@ -178,8 +178,13 @@ def _other_format(data: bytes) -> str | None:
     prefix = data[:16]
     for name in Image.ID:
         _factory, accept = Image.OPEN[name]
-        if name not in SUPPORTED and accept is not None and accept(prefix):
-            return name
+        if name in SUPPORTED or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return name
+        except DECODE_ERRORS:  # some signature checks read past a very short body
+            continue
     return None
 
 

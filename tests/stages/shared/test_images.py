@@ -99,6 +99,8 @@ def test_transparent_areas_become_white():
         (b'<svg xmlns="http://www.w3.org/2000/svg"/>', "unsupported_format"),
         (b'{"error": "no"}', "not_an_image"),
         (bytes(range(256)) * 4, "not_an_image"),
+        (b"\x01", "not_an_image"),  # shorter than some formats' signature checks read (found by fuzzing)
+        (b"8BPS\x00\x01" + bytes(40), "unsupported_format"),  # a Photoshop file: named, never opened
         (hostile.png_bomb(), "too_many_pixels"),
     ],
 )
