@@ -23,7 +23,8 @@ from facecap.stages.shared.jpeg import all_segments
 MAX_ICC_BYTES = 1 << 20  # larger profiles are ignored (the image is read as sRGB), never applied
 
 # JPEG: frame headers (SOF0-15 but DHT, JPG and DAC), DHT, DAC, DQT, DRI, DNL, scans, restart
-# markers, EOI. APPn, COM, JPGn, DHP/EXP (hierarchical) and reserved markers go.
+# markers, EOI. APPn (but JFIF and Adobe, rewritten to their colour fields), COM, JPGn, DHP/EXP
+# (hierarchical) and reserved markers go.
 JPEG_KEEP = {*range(0xC0, 0xD0)} - {0xC8} | {0xDA, 0xDB, 0xDC, 0xDD, 0xD9, *range(0xD0, 0xD8)}
 JFIF = b"JFIF\x00"
 ADOBE = b"Adobe"
@@ -55,16 +56,23 @@ def strip_jpeg(data: bytes) -> bytes | None:
     out = bytearray(b"\xff\xd8")
     for segment in segments:
         body = data[segment.start : segment.end]
-        if segment.marker in JPEG_KEEP or _colour_app(segment.marker, body):
+        if segment.marker in JPEG_KEEP:
             out += body
+        else:
+            out += _colour_app(segment.marker, body)
     return bytes(out)
 
 
-def _colour_app(marker: int, body: bytes) -> bool:
-    """A JFIF header without a thumbnail (density only) or an Adobe colour-transform segment."""
-    if marker == 0xE0:
-        return body[4:9] == JFIF and len(body) == 18 and body[16:18] == b"\x00\x00"
-    return marker == 0xEE and body[4:9] == ADOBE and len(body) == 16
+def _colour_app(marker: int, body: bytes) -> bytes:
+    """What an APP segment leaves that decoders need for colour: a JFIF header cut to its fixed
+    part (version, density; no thumbnail, no extra bytes) or an Adobe segment cut to its
+    colour-transform fields; nothing for any other segment. Both decide how libjpeg reads three
+    components (YCbCr or RGB), so they are rewritten rather than dropped."""
+    if marker == 0xE0 and body[4:9] == JFIF and len(body) >= 16:
+        return b"\xff\xe0\x00\x10" + body[4:16] + b"\x00\x00"
+    if marker == 0xEE and body[4:9] == ADOBE and len(body) >= 16:
+        return b"\xff\xee\x00\x0e" + body[4:16]
+    return b""
 
 
 def strip_png(data: bytes) -> bytes | None:

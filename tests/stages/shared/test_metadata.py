@@ -63,10 +63,17 @@ def test_a_progressive_jpeg_with_a_trailer_keeps_every_scan_and_nothing_after():
 
 def test_app_segments_needed_for_colour_stay_and_thumbnails_go():
     data = hostile.jpeg(hostile.gradient())
-    assert data[2:6] == b"\xff\xe0\x00\x10"  # Pillow's own JFIF header, without a thumbnail
+    jfif = data[2:20]
+    assert jfif[:4] == b"\xff\xe0\x00\x10" and jfif[4:9] == b"JFIF\x00"  # Pillow's, without a thumbnail
     adobe = hostile.jpeg_segment(0xEE, b"Adobe\x00\x64\x00\x00\x00\x00\x01")
     thumbnail = hostile.jpeg_segment(0xE0, b"JFXX\x00\x10" + SECRET)
     assert strip_metadata(data[:2] + adobe + thumbnail + data[2:], "jpg") == data[:2] + adobe + data[2:]
+    # A JFIF header with a thumbnail and an Adobe segment with extra bytes keep their colour fields.
+    with_thumbnail = hostile.jpeg_segment(0xE0, jfif[4:16] + b"\x02\x01" + bytes(6) + SECRET)
+    long_adobe = hostile.jpeg_segment(0xEE, adobe[4:] + SECRET)
+    stripped = strip_metadata(data[:2] + with_thumbnail + long_adobe + data[20:], "jpg")
+    assert SECRET not in stripped
+    assert stripped == data[:2] + jfif + adobe + data[20:]  # Pillow's JFIF says 0x0 thumbnail already
 
 
 def test_a_jpeg_that_does_not_walk_to_its_end_is_reencoded_not_kept():
