@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import hostile
+import numpy as np
 import pytest
 from helpers import ingest, peak_rss_growth_while, read_all, run
 from PIL import Image
@@ -144,8 +145,14 @@ def test_mutated_images_each_end_with_one_status_and_nothing_leaks(tmp_path: Pat
     assert statuses["ok"] > cases // 10, statuses  # the mutations leave many images readable
     stored = _stored_images(tmp_path / "dl")
     assert set(stored) == set(rows.key[rows.status == "ok"])
+    originals = dict(zip(rows.key, rows.url.map(served), strict=True))
+    kept = set(rows.key[(rows.status == "ok") & (rows.reencoded == False)])  # noqa: E712
+    assert kept, "no file was stored without a re-encode"
     for key, data in stored.items():
-        assert decode_bgr(data) is not None, key
+        pixels = decode_bgr(data)
+        assert pixels is not None, key
+        if key in kept:  # the original's own pixels, minus everything else
+            assert np.array_equal(pixels, decode_bgr(originals[key])), key
         assert hostile.SECRET not in data and b"Exif" not in data and b"<html" not in data, key
         assert Image.open(io.BytesIO(data)).format == {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt]
     assert peak < 700, f"worker memory grew by {peak:.0f} MB"
