@@ -3,6 +3,7 @@ is decoded; Pillow's own bomb limit stays on; decoding in a process is bounded i
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 
@@ -145,3 +146,14 @@ def test_normalize_holds_the_budget_while_it_decodes(monkeypatch):
     normalize(hostile.cmyk_jpeg(), ImageSettings())  # decoded by Pillow: 320 x 240
     assert seen and all(used >= 320 * 240 for used in seen)
     assert DECODING.used == 0
+
+
+def test_only_the_first_frame_of_a_multi_frame_file_is_decoded(decodes):
+    mpo = io.BytesIO()
+    hostile.gradient(64, 48).save(mpo, "MPO", save_all=True, append_images=[hostile.gradient(1200, 1000)])
+    pages = hostile.tiff([(40, 30, 0), (900, 900, 0)])
+    for data in (mpo.getvalue(), pages, hostile.animated_gif()):
+        decodes.clear()
+        result = normalize(data, SMALL)
+        assert (result.width, result.height) in ((64, 48), (40, 30))
+        assert decodes and all(w * h <= 64 * 48 for w, h in decodes), decodes
