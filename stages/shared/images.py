@@ -6,6 +6,11 @@ kept, with metadata segments removed losslessly; otherwise the image is decoded 
 reduced DCT scale when they will be shrunk anyway), converted to 8-bit RGB, turned upright,
 resized and encoded without any metadata.
 
+Before anything is decoded, the real size of what would be decoded is checked against
+``max_pixels`` (containers such as ICO and TIFF hide it: ``containers``), and a worker process
+decodes at most ``decode_pixels_in_flight`` pixels at once (``PixelBudget``), however many
+download threads it runs. Lossless metadata removal is ``metadata``'s.
+
 Pillow reads every header and handles the unusual files (palette, alpha, 16-bit, CMYK with a
 colour profile, animations); the common case, a plain RGB or gray JPEG/PNG/WebP, is decoded,
 resized (area averaging when shrinking) and encoded by OpenCV, which is 1.5-3x faster here.
@@ -142,6 +147,8 @@ def normalize(data: bytes, settings: ImageSettings) -> NormalizedImage:
     with DECODING.hold(containers.open_cost(data), settings.decode_pixels_in_flight):
         image = _open(data)
     fmt = image.format or "?"
+    if fmt not in SUPPORTED:
+        raise ImageRejected("unsupported_format", f"{fmt} images are not supported")
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageRejected("undecodable", f"image claims size {width}x{height}")
@@ -198,14 +205,12 @@ def _normalize(data: bytes, image: Image.Image, fmt: str, settings: ImageSetting
     if _can_keep(image, fmt, orientation, upright, target, settings):
         _verify_decodes(data, fmt, image)
         stored = strip_metadata(data, settings.output_format)  # None: not clean enough to keep
-    reencoded = stored is None
-    if stored is not None:
-        pass  # the original bytes, minus everything that is not pixels
-    elif _plain(image, fmt):
+    reencoded = stored is None  # else: the original bytes, minus everything that is not pixels
+    if reencoded and _plain(image, fmt):
         pixels = _cv2_decode(data, fmt, orientation, image.size, target)
         pixels = resize_array(pixels, settings)
         stored, (height, width) = encode_array(pixels, settings), pixels.shape[:2]
-    else:
+    elif reencoded:
         resized = resize(_decode_rgb(image, fmt, orientation, target), settings)
         stored, (width, height) = encode(resized, settings), resized.size
     return NormalizedImage(
