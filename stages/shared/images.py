@@ -35,6 +35,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from facecap.stages.shared import containers
+from facecap.stages.shared.jpeg import turbojpeg
 from facecap.stages.shared.metadata import colour_profile, strip_metadata
 
 # Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS) stays as it is: our max_pixels
@@ -203,11 +204,13 @@ def _normalize(data: bytes, image: Image.Image, fmt: str, settings: ImageSetting
     target = target_size(upright, settings)
     stored = None
     if _can_keep(image, fmt, orientation, upright, target, settings):
-        _verify_decodes(data, fmt, image)
-        stored = strip_metadata(data, settings.output_format)  # None: not clean enough to keep
-    reencoded = stored is None  # else: the original bytes, minus everything that is not pixels
-    if reencoded and _plain(image, fmt):
-        pixels = _cv2_decode(data, fmt, orientation, image.size, target)
+        # The original bytes minus everything that is not pixels, if those decode without a
+        # single error; otherwise the image is re-encoded from what does decode (or refused).
+        candidate = strip_metadata(data, settings.output_format)
+        stored = candidate if candidate is not None and _decodes_cleanly(candidate, fmt) else None
+    reencoded = stored is None
+    pixels = _cv2_decode(data, fmt, orientation, image.size, target) if reencoded and _plain(image, fmt) else None
+    if pixels is not None:
         pixels = resize_array(pixels, settings)
         stored, (height, width) = encode_array(pixels, settings), pixels.shape[:2]
     elif reencoded:
@@ -284,16 +287,12 @@ def _can_keep(
     return not squares or upright[0] == upright[1]
 
 
-def _verify_decodes(data: bytes, fmt: str, image: Image.Image) -> None:
-    if fmt == "JPEG" and not _has_end_marker(data):
-        raise ImageRejected("truncated_image", "the JPEG ends before its end-of-image marker")
-    if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) is not None:
-        return
-    try:
-        image.load()
-    except DECODE_ERRORS as exc:
-        raise ImageRejected(_decode_reason(exc), f"image does not decode: {exc}") from None
-    raise ImageRejected("undecodable", "the image data does not decode")
+def _decodes_cleanly(data: bytes, fmt: str) -> bool:
+    """Whether bytes about to be stored as they are decode completely: for a JPEG without one
+    libjpeg warning (corrupt or extraneous data) when libjpeg-turbo's own API is at hand."""
+    if fmt == "JPEG" and (turbo := turbojpeg()) is not None:
+        return turbo.decode(data) is not None
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) is not None
 
 
 def _has_end_marker(data: bytes) -> bool:
@@ -318,8 +317,9 @@ REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.
 
 def _cv2_decode(
     data: bytes, fmt: str, orientation: int, stored: tuple[int, int], target: tuple[int, int]
-) -> np.ndarray:
-    """Decode to BGR, at 1/2, 1/4 or 1/8 scale when a JPEG will be shrunk anyway, then upright."""
+) -> np.ndarray | None:
+    """Decode to BGR, at 1/2, 1/4 or 1/8 scale when a JPEG will be shrunk anyway, then upright;
+    None for a PNG or WebP that OpenCV does not decode (Pillow then tries, and says why)."""
     flag = cv2.IMREAD_COLOR
     if fmt == "JPEG":
         if not _has_end_marker(data):
@@ -330,9 +330,9 @@ def _cv2_decode(
                 flag = REDUCED[factor]
                 break
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
-    if pixels is None:
-        raise ImageRejected("truncated_image" if fmt == "JPEG" else "undecodable", f"the {fmt} data does not decode")
-    return _upright(pixels, orientation)
+    if pixels is None and fmt == "JPEG":
+        raise ImageRejected("truncated_image", "the JPEG data does not decode")
+    return None if pixels is None else _upright(pixels, orientation)
 
 
 def _upright(pixels: np.ndarray, orientation: int) -> np.ndarray:

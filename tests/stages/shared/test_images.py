@@ -210,3 +210,32 @@ def test_fast_and_pillow_paths_agree_on_a_photo(photo):
     slow = images.resize(images._decode_rgb(pil_image, "JPEG", 1, fast.size), settings)
     assert fast.size == slow.size
     assert np.abs(np.asarray(fast, np.int16) - np.asarray(slow, np.int16)).mean() < 4
+
+
+def test_a_jpeg_whose_scan_data_is_corrupt_is_reencoded_not_kept():
+    """Bytes spliced into the entropy-coded data (here a secret) decode with libjpeg warnings:
+    such a file is re-encoded from what decodes, never stored as it came (found by fuzzing)."""
+    from facecap.stages.shared.jpeg import turbojpeg
+
+    if turbojpeg() is None:
+        pytest.skip("the strict check needs libjpeg-turbo's TurboJPEG 3 API")
+    data = hostile.jpeg(hostile.noise(64, 48))
+    middle = (data.index(b"\xff\xda") + len(data)) // 2
+    result = normalize(data[:middle] + hostile.SECRET + data[middle:], ImageSettings())
+    assert result.reencoded and hostile.SECRET not in result.data
+    assert decode(result.data).size == (64, 48)
+
+
+def test_a_webp_whose_chunk_is_shorter_than_its_bitstream_is_reencoded():
+    """OpenCV decodes such a file by reading past the chunk; cut to its chunks it would not
+    decode, so it is re-encoded rather than stored broken (found by fuzzing)."""
+    buffer = io.BytesIO()
+    hostile.noise(64, 48).save(buffer, "WEBP", quality=80)
+    data = buffer.getvalue()
+    assert data[12:16] == b"VP8 "
+    size = int.from_bytes(data[16:20], "little") - 24
+    # The RIFF and its chunk both end 24 bytes before the bitstream does; those bytes follow.
+    short = b"RIFF" + (12 + size).to_bytes(4, "little") + b"WEBPVP8 " + size.to_bytes(4, "little") + data[20:]
+    result = normalize(short, ImageSettings(output_format="webp"))
+    assert result.reencoded
+    assert decode(result.data).size == (64, 48)
