@@ -63,6 +63,10 @@ class ImageSettings(BaseModel):
     output_format: OutputFormat = "jpg"
     quality: int = Field(95, ge=1, le=100, description="jpg/webp encoder quality")
     max_pixels: int = Field(50_000_000, ge=1, description="larger images are refused before decoding")
+    keep_original_bytes: bool = Field(
+        True,
+        description="store an image that needs no change as its own bytes minus metadata; false re-encodes every image",
+    )
     decode_pixels_in_flight: int = Field(
         100_000_000, ge=1, description="pixels decoded at once per worker process; more waits its turn"
     )
@@ -279,6 +283,8 @@ def _can_keep(
     target: tuple[int, int],
     settings: ImageSettings,
 ) -> bool:
+    if not settings.keep_original_bytes:
+        return False
     if fmt != PIL_FORMAT[settings.output_format] or orientation != 1 or image.mode != "RGB":
         return False
     if getattr(image, "n_frames", 1) > 1 or target != upright or colour_profile(image) is not None:

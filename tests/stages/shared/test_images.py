@@ -239,3 +239,20 @@ def test_a_webp_whose_chunk_is_shorter_than_its_bitstream_is_reencoded():
     result = normalize(short, ImageSettings(output_format="webp"))
     assert result.reencoded
     assert decode(result.data).size == (64, 48)
+
+
+def test_keep_original_bytes_off_reencodes_every_image(photo):
+    """What hides inside compressed pixel data (slack after a bitstream, bytes a decoder reads
+    as pixels) cannot be stripped losslessly: an operator who wants nothing but decoded pixels
+    turns the lossless path off."""
+    buffer = io.BytesIO()
+    hostile.noise(64, 48).save(buffer, "WEBP", quality=80)
+    data = buffer.getvalue()
+    size = int.from_bytes(data[16:20], "little")
+    slack = hostile.SECRET + b"\x00" * (len(hostile.SECRET) & 1)  # after the bitstream, inside its chunk
+    hidden = hostile.riff(b"VP8 " + (size + len(slack)).to_bytes(4, "little") + data[20 : 20 + size] + slack)
+    kept = normalize(hidden, ImageSettings(output_format="webp"))
+    assert not kept.reencoded and hostile.SECRET in kept.data  # pixel data is kept as it is
+    for data, fmt in ((hidden, "webp"), (photo, "jpg")):
+        result = normalize(data, ImageSettings(output_format=fmt, keep_original_bytes=False))
+        assert result.reencoded and hostile.SECRET not in result.data
