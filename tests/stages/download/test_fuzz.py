@@ -22,8 +22,8 @@ from PIL import Image
 
 from facecap.corpus_server import CorpusServer
 from facecap.stages.download.fetch import HttpSettings, SafetySettings
-from facecap.stages.download.stage import DownloadConfig, DownloadStage
-from facecap.stages.shared.images import ImageSettings, decode_bgr
+from facecap.stages.download.stage import DownloadConfig, DownloadImageSettings, DownloadStage
+from facecap.stages.shared.images import decode_bgr
 
 CASES = int(os.environ.get("FUZZ_CASES", "3000"))
 SEED = int(os.environ.get("FUZZ_SEED", "22"))
@@ -118,7 +118,8 @@ def fuzz_config(fmt: str) -> DownloadConfig:
         concurrency=32,
         http=HttpSettings(total_timeout=10, read_timeout=5, retries=0, max_redirects=1),
         safety=SafetySettings(allow_private_networks=True),
-        image=ImageSettings(output_format=fmt, max_pixels=4_000_000),
+        # The shape limits off: small and odd-shaped mutants must reach the decoder too.
+        image=DownloadImageSettings(output_format=fmt, max_pixels=4_000_000, min_image_size=0, max_aspect_ratio=None),
     )
 
 
