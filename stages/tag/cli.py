@@ -180,7 +180,8 @@ def metrics_table(card: dict) -> Table:
     metrics = card["metrics"]
     table = Table(title=f"{card['architecture']}: test split ({metrics['images']} images)", title_justify="left")
     for column in ("attribute", "positives", "threshold", "accuracy", "balanced acc.", "threshold from"):
-        table.add_column(column, justify="left" if column in ("attribute", "threshold from") else "right")
+        left = column in ("attribute", "threshold from")
+        table.add_column(column, justify="left" if left else "right", no_wrap=column == "attribute")
     for attribute, row in metrics["attributes"].items():
         table.add_row(
             attribute,

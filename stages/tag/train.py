@@ -241,11 +241,11 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, target: float) -> t
     thresholds = (ranked[cuts] + below) / 2  # between this score and the next: this one counts
     reached = np.flatnonzero(precision >= target)
     if reached.size:
-        return float(thresholds[reached[-1]]), f"precision >= {target:g} on val"
+        return float(thresholds[reached[-1]]), f"val precision >= {target:g}"
     recall = true_pos / positive.sum()
     specificity = 1 - (predicted - true_pos) / (~positive).sum()
     best = int(np.argmax((recall + specificity) / 2))
-    return float(thresholds[best]), f"best balanced accuracy on val (precision {target:g} not reached)"
+    return float(thresholds[best]), f"val best balanced acc. ({target:g} not reached)"
 
 
 def attribute_metrics(
@@ -414,6 +414,7 @@ class ProbeTrainer:
                     self.features[name] = features
                     continue
             chunks = []
+            began = time.perf_counter()
             loader = torch.utils.data.DataLoader(
                 Images(split, self.transform, flip=False),
                 batch_size=self.settings.batch_size,
@@ -424,6 +425,8 @@ class ProbeTrainer:
                     chunks.append(self._encode(images.to(self.device)).cpu().numpy())
                     bar.advance(len(images))
             self.features[name] = np.concatenate(chunks).astype(np.float32)
+            seconds = time.perf_counter() - began
+            report.line(f"features {name}: {len(split)} images in {seconds:.1f}s, cached in {cache.name}")
             _remember(output, state, cache.name)
             _save_atomic(lambda path, f=self.features[name]: _save_npy(path, f), cache)
 
