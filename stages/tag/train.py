@@ -120,6 +120,12 @@ def train(data: Path, output: Path, settings: TrainSettings, report: Reporter, o
     }
     fingerprint = settings.fingerprint(data_info)
     state = _prepare_output(output, fingerprint, overwrite)
+    card_file = card_path(output / MODEL_FILE)
+    if state.get("epochs_done") == settings.epochs and card_file.exists() and (output / MODEL_FILE).exists():
+        card = json.loads(card_file.read_text())
+        if card.get("training", {}).get("epochs") == settings.epochs:
+            report.line(f"all {settings.epochs} epochs already done in {output}; nothing to do")
+            return TrainResult(output, card, settings.epochs + 1, card["training"]["history"])
     torch.manual_seed(settings.seed)
     device = _device(settings.device)
     model = ProbeTrainer(settings, device) if settings.model == "clip-probe" else ResnetTrainer(settings, device)
@@ -140,15 +146,11 @@ def train(data: Path, output: Path, settings: TrainSettings, report: Reporter, o
             )
         if start <= settings.epochs:
             report.line(f"resuming at epoch {start} of {settings.epochs} ({saved['epoch']} done in {output})")
-    card_file = card_path(output / MODEL_FILE)
-    if start > settings.epochs and card_file.exists() and (output / MODEL_FILE).exists():
-        card = json.loads(card_file.read_text())
-        if card.get("training", {}).get("epochs") == settings.epochs:
-            report.line(f"all {settings.epochs} epochs already done in {output}; nothing to do")
-            return TrainResult(output, card, start, history)
     model.prepare(splits, output, report, state)
     for epoch in range(start, settings.epochs + 1):
         began = time.perf_counter()
+        # Each epoch's order and flips come from (seed, epoch), so a resumed epoch draws as a fresh one would.
+        torch.manual_seed(settings.seed * 100_003 + epoch)
         generator = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
         loss = model.fit_epoch(splits["train"], generator, report, f"epoch {epoch}/{settings.epochs}")
         history.append({"epoch": epoch, "loss": loss, "seconds": round(time.perf_counter() - began, 3)})
@@ -160,6 +162,8 @@ def train(data: Path, output: Path, settings: TrainSettings, report: Reporter, o
             ),
             checkpoint,
         )
+        state["epochs_done"] = epoch
+        _write_state(output, state)
     val = model.probabilities(splits["val"], report, "val")
     thresholds = {}
     sources = {}

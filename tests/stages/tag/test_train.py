@@ -163,15 +163,6 @@ def test_resnet50_trains_resumes_after_an_interrupt_and_exports_a_matching_onnx(
     assert again.exit_code == 0 and "nothing to do" in again.output
     other = invoke("tag", "train", str(celeba), str(out), "--epochs", "3", *TINY, "--lr", "0.01")
     assert other.exit_code == 2 and "other settings (lr: 0.0003 -> 0.01)" in other.output
-    # --overwrite replaces what training wrote, and only that.
-    (out / "notes.txt").write_text("mine")
-    replaced = invoke(
-        "tag", "train", str(celeba), str(out), "--epochs", "1", *TINY, "--lr", "0.01", "--overwrite", "-q"
-    )
-    assert replaced.exit_code == 0, replaced.output
-    assert (out / "notes.txt").read_text() == "mine"
-    card = json.loads((out / "model.card.json").read_text())
-    assert card["training"]["lr"] == 0.01 and len(card["training"]["history"]) == 1
 
 
 @pytest.mark.slow
@@ -206,6 +197,31 @@ def test_clip_probe_exports_encoder_and_probe_as_one_graph(celeba, tmp_path):
         expected = trainer.graph()(torch.from_numpy(batch)).numpy()
     got = onnxruntime.InferenceSession(str(out / "model.onnx")).run(None, {"input": batch})[0]
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_overwrite_removes_only_what_training_wrote(tmp_path):
+    from facecap.stages.tag.train import TrainError, _prepare_output
+
+    out = tmp_path / "out"
+    first = {"settings": {"lr": 0.001}, "data": {}}
+    state = _prepare_output(out, first, overwrite=False)
+    for name in ("checkpoint.pt", "model.onnx"):
+        (out / name).write_text("written by training")
+        state["files"].append(name)
+    (out / "train.json").write_text(json.dumps(state))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(TrainError, match=r"other settings \(lr: 0.001 -> 0.01\).*--overwrite"):
+        _prepare_output(out, {"settings": {"lr": 0.01}, "data": {}}, overwrite=False)
+    assert _prepare_output(out, first, overwrite=False)["files"] == ["checkpoint.pt", "model.onnx"]  # same: resume
+    fresh = _prepare_output(out, {"settings": {"lr": 0.01}, "data": {}}, overwrite=True)
+    assert fresh["files"] == [] and sorted(p.name for p in out.iterdir()) == ["notes.txt", "train.json"]
+    # Files of the same names that training did not write are never replaced, --overwrite or not.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "model.onnx").write_text("someone else's")
+    with pytest.raises(TrainError, match=r"model\.onnx that facecap tag train did not write"):
+        _prepare_output(foreign, first, overwrite=True)
+    assert (foreign / "model.onnx").read_text() == "someone else's"
 
 
 def test_a_folder_without_the_attribute_list_is_one_line_and_exit_2(tmp_path):
