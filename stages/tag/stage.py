@@ -188,6 +188,11 @@ class TagStage(Stage):
                 return model.thresholds[attribute]
         return self.config.threshold
 
+    def _threshold_words(self) -> str:
+        if self.config.thresholds or any(model.thresholds for model in self.backends):
+            return f"their thresholds ({self.config.threshold} where none is set)"
+        return str(self.config.threshold)
+
     def _rows(self, rows: pd.DataFrame, values: list[dict], sources: list[dict], usable: list[int]) -> pd.DataFrame:
         out = rows.copy()
         table = {column: [None] * len(rows) for column in COLUMNS}
@@ -207,7 +212,7 @@ class TagStage(Stage):
             elif len(confident) < self.min_confident:
                 statuses.append(self.reject("too_few_attributes"))
                 errors.append(
-                    f"{len(confident)} attributes above {self.config.threshold} (need {self.min_confident})"
+                    f"{len(confident)} attributes above {self._threshold_words()} (need {self.min_confident})"
                     + (f": {', '.join(confident)}" if confident else "")
                 )
             else:

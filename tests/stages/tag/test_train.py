@@ -258,8 +258,8 @@ def test_the_tag_stage_uses_the_cards_transform_and_thresholds(trained, tmp_path
     thresholds = card["thresholds"]
     assert len(set(thresholds.values())) > 2  # per attribute, not one number
 
-    def tag(checkpoint: str, out: str):
-        args = ["tag", str(faces / "detect"), str(tmp_path / out), "--backends", "celeba", "--min-confident", "0"]
+    def tag(checkpoint: str, out: str, keep: int = 0):
+        args = ["tag", str(faces / "detect"), str(tmp_path / out), "--backends", "celeba", "--min-confident", str(keep)]
         result = invoke(*args, "--set", f"tag.celeba_checkpoint={checkpoint}", "--executor", "local")
         assert result.exit_code == 0, result.output
         rows = read_all(tmp_path / out).to_pandas()
@@ -270,6 +270,8 @@ def test_the_tag_stage_uses_the_cards_transform_and_thresholds(trained, tmp_path
     for _, row in rows.iterrows():
         expected = [a for a in CELEBA40 if row[f"attr_{a}"] > thresholds[a]]
         assert list(row.confident_attributes) == expected
+    strict = tag(str(trained / "model.onnx"), "strict", keep=40)
+    assert (strict.status == "tag:too_few_attributes").all() and strict.error.str.contains("their thresholds").all()
     # The same model under a registry name (what a stage folder's models.yaml would declare).
     onnx = trained / "model.onnx"
     spec = models.ModelSpec(
