@@ -16,11 +16,14 @@ import pkgutil
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
+import click
 import typer
+import typer.main
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 from facecap import __version__
 from facecap.commands import RUNNER_OPTIONS, build_stage_command, command_help, runner_overrides
@@ -235,8 +238,47 @@ def _add_stage_command(spec: StageCommand) -> None:
     stage_cls = REGISTRY[spec.stage]
     command = friendly(build_stage_command(spec, stage_cls, _run_stage_command, _show))
     text, epilog = command_help(spec, stage_cls)
+    cls = None
+    if spec.subcommands:
+        subcommands = {}
+        for function, sub_epilog in spec.subcommands:
+            single = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown")
+            single.command(epilog=sub_epilog)(friendly(function))
+            sub = typer.main.get_command(single)
+            subcommands[sub.name] = sub
+            first = (sub.help or "").split("\n\n")[0].replace("\n", " ")
+            text += f"\n\n`facecap {spec.command} {sub.name} ...`: {first} (`facecap {spec.command} {sub.name} --help`)"
+        cls = type(f"{spec.command.title()}Command", (WithSubcommands,), {"subcommands": subcommands})
     for name in (spec.command, *spec.aliases):
-        app.command(name=name, help=text, epilog=epilog, hidden=name in spec.aliases)(command)
+        app.command(name=name, help=text, epilog=epilog, hidden=name in spec.aliases, cls=cls)(command)
+
+
+class WithSubcommands(TyperCommand):
+    """A stage command with commands under it: ``facecap tag train DATA OUT`` runs ``train``, any
+    other first argument runs the stage (``facecap tag IN OUT``), so the stage command is unchanged."""
+
+    subcommands: ClassVar[dict[str, click.Command]] = {}
+
+    @property
+    def commands(self) -> dict[str, click.Command]:
+        """The commands under this one (what tools that walk the command tree look for)."""
+        return self.subcommands
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] in self.subcommands:
+            ctx.meta["facecap.subcommand"] = (args[0], args[1:])
+            return []
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        chosen = ctx.meta.pop("facecap.subcommand", None)
+        if chosen is None:
+            return super().invoke(ctx)
+        name, rest = chosen
+        command = self.subcommands[name]
+        # No parent context: the usage line is `facecap tag train ...`, without the stage's IN OUT.
+        with command.make_context(f"{ctx.command_path} {name}", rest) as sub:
+            return command.invoke(sub)
 
 
 def _command_modules() -> list[ModuleType]:
