@@ -34,6 +34,13 @@ from facecap.pipeline.dataset import Dataset, SpooledTar, TarShardReader, config
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.status import OK
 from facecap.pipeline.storage import Storage, StorageOptions, refuse_overlap
+from facecap.stages.export.trainers import (
+    dataset_card,
+    metadata_schema,
+    tar_index,
+    tar_index_name,
+    write_energon_meta,
+)
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 # Columns not worth a trainer's JSON: internal bookkeeping of the stages.
@@ -100,6 +107,11 @@ def export(source: str, output: str, settings: ExportSettings, options: StorageO
             shards = _write_parquet(rows, order, split, out, settings)
         result.shards[split] = shards
         result.samples[split] = int(sum(s["nsamples"] for s in shards))
+    if settings.format == "webdataset":
+        write_energon_meta(out, result.shards)
+        name = manifest.recipe.get("name", "facecap") if manifest.recipe else "facecap"
+        metadata = metadata_schema(_metadata(row, _caption_of(row, settings)[1]) for row in _iter_rows(rows))
+        out.write_bytes("README.md", dataset_card(name, list(result.shards), metadata, settings.prefix).encode())
     out.write_bytes(
         "_manifest.json",
         json.dumps(
@@ -135,6 +147,11 @@ def _ok_rows(dataset: Dataset) -> tuple[pa.Table, np.ndarray]:
     if bad:
         raise FacecapError(f"unsafe sample key {bad[0]!r}: keys must be letters, digits, '_' or '-'")
     return rows, np.concatenate(origin)
+
+
+def _iter_rows(rows: pa.Table) -> Iterator[dict[str, Any]]:
+    for batch in rows.to_batches(max_chunksize=10_000):
+        yield from batch.to_pylist()
 
 
 def _split(rows: pa.Table, settings: ExportSettings) -> dict[str, np.ndarray]:
@@ -231,6 +248,7 @@ def _write_webdataset(dataset, manifest, rows, origin, order, split, out, settin
                         spool.add(row["key"], {"jpg": crop[member], "txt": text.encode(), "json": meta})
             with out.open_write(name) as stream:
                 digest = spool.write_sorted(stream)
+            out.write_bytes(tar_index_name(name), tar_index(spool.sample_offsets))
         finally:
             spool.close()
         out.write_bytes(f"_done/{name}.json", json.dumps({"size": digest.size, "nsamples": len(chunk)}).encode())
