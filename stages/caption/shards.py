@@ -1,0 +1,356 @@
+"""``facecap recaption`` on WebDataset tars that are not a facecap dataset: a facecap export, an
+img2dataset folder, or anyone's shards (local or ``s3://``, brace patterns, folders).
+
+Each input tar is read in place (members by key, never copied unless new shards are asked for),
+its samples' images (``jpg``, ``jpeg``, ``png`` or ``webp``) go through the caption stage's own
+captioners, and per input shard the output folder gets:
+
+- ``STEM.captions.parquet``: one row per key and caption version (``key``, ``version``, ``status``,
+  ``error``, ``caption``, ``caption_short``, ``captioner``, ``engine``, ``model``, ``revision``,
+  ``prompt_sha256``, ``seed``, ``time``, ``provenance``): the state a rerun starts from;
+- ``STEM_facecap.json``: ``{key: {"facecap": newest caption, "facecap_VERSION": caption, ...}}``,
+  the per-shard caption file trainers such as Sana read beside a tar (``external_caption_suffixes``);
+- with ``write: shards``, ``STEM.tar``: the same samples with ``txt`` replaced by the new caption and
+  ``json`` given a ``recaption`` field (caption, version, provenance, the previous ``txt``).
+
+A caption version is a hash of what decides the text (captioner, engine, model, prompt, seed,
+sampling, lengths): a rerun with the same one captions only keys without an ``ok`` caption of that
+version (new shards, earlier failures); another prompt or model adds a version beside the old.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import json
+import posixpath
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import braceexpand
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from facecap.pipeline.dataset import SpooledTar, TarShardReader
+from facecap.pipeline.errors import FacecapError
+from facecap.pipeline.stage import Batch
+from facecap.pipeline.storage import Storage, StorageOptions, refuse_overlap, split
+from facecap.stages.caption.stage import CaptionConfig, CaptionStage, _load_prompt
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SIDECAR_SUFFIX = "_facecap"
+# What a sample's JSON may hold that must not reach the captioner as an attribute.
+NOT_ATTRIBUTES = {"key", "status", "error", "caption", "caption_short", "caption_provenance", "caption_versions"}
+SIDECAR_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("version", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("caption", pa.list_(pa.string())),
+        ("caption_short", pa.string()),
+        ("captioner", pa.string()),
+        ("engine", pa.string()),
+        ("model", pa.string()),
+        ("revision", pa.string()),
+        ("prompt_sha256", pa.string()),
+        ("seed", pa.int64()),
+        ("time", pa.float64()),
+        ("provenance", pa.string()),
+    ]
+)
+
+
+@dataclass
+class ShardResult:
+    name: str
+    samples: int = 0
+    captioned: int = 0
+    failed: int = 0
+    skipped: bool = False
+    error: str | None = None
+
+
+@dataclass
+class RecaptionResult:
+    version: str
+    shards: list[ShardResult] = field(default_factory=list)
+
+    @property
+    def captioned(self) -> int:
+        return sum(s.captioned for s in self.shards)
+
+
+# --- input ---------------------------------------------------------------------------------------
+def expand_shards(spec: str, options: StorageOptions | None = None) -> list[str]:
+    """The tar URIs ``spec`` names: a tar, a brace pattern (``shards-{000000..000099}.tar``), a glob,
+    or a folder (its ``*.tar``, as in an export or an img2dataset output), local or ``s3://``."""
+    found: list[str] = []
+    for item in braceexpand.braceexpand(spec):
+        folder, name = split(item)
+        if any(c in name for c in "*?["):
+            storage = Storage(folder, options)
+            found += [storage.uri(n) for n in storage.list() if fnmatch.fnmatch(n, name)]
+        elif item.endswith(".tar"):
+            storage = Storage(folder, options)
+            if not storage.exists(name):
+                raise FacecapError(f"recaption: no such shard {item}")
+            found.append(storage.uri(name))
+        else:
+            storage = Storage(item, options)
+            found += [storage.uri(n) for n in storage.list() if n.endswith(".tar")]
+    if not found:
+        raise FacecapError(f"recaption: {spec} names no WebDataset tars (*.tar)")
+    stems = [_stem(uri) for uri in found]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        raise FacecapError(f"recaption: two input shards are both named {twice[0]}.tar; give one folder at a time")
+    return found
+
+
+def _stem(uri: str) -> str:
+    return posixpath.basename(uri).removesuffix(".tar")
+
+
+def _image_of(members: dict[str, bytes]) -> tuple[str, bytes] | None:
+    for ext in IMAGE_EXTS:
+        if ext in members:
+            return ext, members[ext]
+    return None
+
+
+def _as_jpeg(ext: str, data: bytes) -> bytes:
+    """The engines send JPEG: a png or webp image is re-encoded for the request (the tar is untouched)."""
+    if ext in ("jpg", "jpeg"):
+        return data
+    with Image.open(io.BytesIO(data)) as image:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, "JPEG", quality=95)
+        return buffer.getvalue()
+
+
+def _attributes(members: dict[str, bytes]) -> dict[str, Any]:
+    """The sample's JSON fields (a facecap export's attributes feed the template captioner)."""
+    raw = members.get("json")
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return {}
+    return {k: v for k, v in meta.items() if k not in NOT_ATTRIBUTES} if isinstance(meta, dict) else {}
+
+
+# --- versions ------------------------------------------------------------------------------------
+def caption_version(config: CaptionConfig) -> str:
+    """What decides a caption's text, hashed: the same captioner, model, prompt and seed give the same version."""
+    decides: dict[str, Any] = {"captioner": config.captioner, "seed": config.seed, "max_words": config.max_words}
+    if config.captioner == "template":
+        decides["template"] = config.template.model_dump()
+    else:
+        decides.update(
+            engine=config.engine,
+            model=config.model,
+            prompt=_load_prompt(config),
+            sampling=config.sampling.model_dump(),
+            vlm=config.vlm.model_dump() if config.captioner == "vlm" else None,
+        )
+    return hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --- the run -------------------------------------------------------------------------------------
+def recaption_shards(
+    spec: str,
+    output: str,
+    config: CaptionConfig,
+    write: Literal["sidecars", "shards"] = "sidecars",
+    options: StorageOptions | None = None,
+    report: Callable[[ShardResult], None] | None = None,
+) -> RecaptionResult:
+    options = options or StorageOptions.from_env()
+    tars = expand_shards(spec, options)
+    if write == "shards":  # new tars under the same names must not replace the inputs
+        refuse_overlap(output, sorted({split(uri)[0] for uri in tars}))
+    CaptionStage.preflight(config)
+    version = caption_version(config)
+    out = Storage(output, options)
+    result = RecaptionResult(version=version)
+    stage: CaptionStage | None = None
+    for uri in tars:
+        stem = _stem(uri)
+        done = _read_json(out, f"_done/{stem}.json")
+        source_size = Storage(split(uri)[0], options).size(split(uri)[1])
+        if _finished(done, version, source_size, out, stem, write):
+            shard = ShardResult(stem, samples=done["samples"], skipped=True)
+        else:
+            if stage is None:
+                stage = CaptionStage(config)
+                stage.setup()
+            shard = _recaption_one(uri, stem, out, stage, version, write, options)
+            if shard.error is None:
+                marker = {"source": uri, "source_size": source_size, "samples": shard.samples, "write": write}
+                marker["versions"] = {**((done or {}).get("versions") or {}), version: {"failed": shard.failed}}
+                if write == "shards":
+                    marker["tar_size"] = out.size(f"{stem}.tar")
+                out.write_bytes(f"_done/{stem}.json", json.dumps(marker, indent=1).encode())
+        result.shards.append(shard)
+        if report:
+            report(shard)
+    return result
+
+
+def _finished(done: dict | None, version: str, source_size: int | None, out: Storage, stem: str, write: str) -> bool:
+    """Nothing to do: this version captioned every key of this very input (and its tar is written)."""
+    if not done or done.get("source_size") != source_size or done.get("versions", {}).get(version, {}).get("failed"):
+        return False
+    if version not in done.get("versions", {}):
+        return False
+    return write != "shards" or (done.get("write") == "shards" and out.size(f"{stem}.tar") == done.get("tar_size"))
+
+
+def _recaption_one(
+    uri: str, stem: str, out: Storage, stage: CaptionStage, version: str, write: str, options: StorageOptions
+) -> ShardResult:
+    shard = ShardResult(stem)
+    folder, name = split(uri)
+    with TarShardReader(Storage(folder, options), name) as reader:
+        if reader.error and not reader.stored_keys():
+            shard.error = reader.error
+            return shard
+        keys = reader.stored_keys()
+        shard.samples = len(keys)
+        previous = _read_sidecar(out, stem)
+        have = set(previous.loc[(previous.version == version) & (previous.status == "ok"), "key"])
+        pending = [k for k in keys if k not in have]
+        fresh = _caption(reader, pending, stage, version) if pending else pd.DataFrame(columns=SIDECAR_SCHEMA.names)
+        shard.captioned = int((fresh.status == "ok").sum()) if len(fresh) else 0
+        shard.failed = int((fresh.status != "ok").sum()) if len(fresh) else 0
+        redone = set(fresh.key) if len(fresh) else set()
+        kept = previous[~((previous.version == version) & previous.key.isin(redone))]
+        table = pd.concat([kept, fresh], ignore_index=True) if len(fresh) else kept
+        table = table.sort_values(["key", "time"], kind="stable").reset_index(drop=True)
+        _write_sidecars(out, stem, table)
+        if write == "shards":
+            _write_shard(out, stem, reader, keys, table)
+    return shard
+
+
+def _caption(reader: TarShardReader, keys: list[str], stage: CaptionStage, version: str) -> pd.DataFrame:
+    """Caption ``keys`` of one tar with the stage's captioner: one sidecar row per key."""
+    config = stage.config
+    media_name = config.vlm.image
+    batch_size = stage.spec(config).resources.batch_size
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(keys), batch_size):
+        records, media = [], {}
+        for key in keys[start : start + batch_size]:
+            members = reader.get(key) or {}
+            image = _image_of(members)
+            if image is None and config.captioner == "vlm":
+                rows.append(_row(key, version, "caption:missing_media", "no jpg, jpeg, png or webp member"))
+                continue
+            if image is not None and config.captioner == "vlm":
+                media[key] = _as_jpeg(*image)
+            records.append({**_attributes(members), "key": key, "image_key": key})
+        if not records:
+            continue
+        try:
+            output = stage.process(Batch(rows=pd.DataFrame(records), media={media_name: media})).rows
+        except Exception as exc:  # the captioner raised for this batch: its keys are retried on the next run
+            rows += [_row(r["key"], version, "caption:error", f"{type(exc).__name__}: {exc}") for r in records]
+            continue
+        for record in output.to_dict("records"):
+            rows.append(_captioned_row(record, version))
+    return pd.DataFrame(rows, columns=SIDECAR_SCHEMA.names)
+
+
+def _row(key: str, version: str, status: str, error: str | None) -> dict[str, Any]:
+    return {"key": key, "version": version, "status": status, "error": error, "time": time.time()}
+
+
+def _captioned_row(record: dict[str, Any], version: str) -> dict[str, Any]:
+    provenance = json.loads(record["caption_provenance"]) if isinstance(record.get("caption_provenance"), str) else {}
+    caption = record.get("caption")
+    return {
+        **_row(record["key"], version, record["status"], record.get("error")),
+        "caption": [str(c) for c in caption] if caption is not None and record["status"] == "ok" else None,
+        "caption_short": record.get("caption_short") if record["status"] == "ok" else None,
+        "captioner": provenance.get("captioner"),
+        "engine": provenance.get("engine"),
+        "model": provenance.get("model"),
+        "revision": provenance.get("revision"),
+        "prompt_sha256": provenance.get("prompt_sha256"),
+        "seed": provenance.get("seed"),
+        "time": provenance.get("time", time.time()),
+        "provenance": record.get("caption_provenance"),
+    }
+
+
+# --- output --------------------------------------------------------------------------------------
+def _read_sidecar(out: Storage, stem: str) -> pd.DataFrame:
+    name = f"{stem}.captions.parquet"
+    if not out.exists(name):
+        return pd.DataFrame(columns=SIDECAR_SCHEMA.names)
+    with out.open_read(name) as f:
+        return pq.read_table(f).to_pandas()
+
+
+def _write_sidecars(out: Storage, stem: str, table: pd.DataFrame) -> None:
+    arrow = pa.Table.from_pandas(table, schema=SIDECAR_SCHEMA, preserve_index=False)
+    buffer = io.BytesIO()
+    pq.write_table(arrow, buffer, compression="zstd")
+    out.write_bytes(f"{stem}.captions.parquet", buffer.getvalue())
+    by_key: dict[str, dict[str, str]] = {}
+    for row in table[table.status == "ok"].itertuples(index=False):  # sorted by time: the newest comes last
+        text = row.caption[0] if row.caption is not None and len(row.caption) else row.caption_short
+        entry = by_key.setdefault(row.key, {})
+        entry[f"facecap_{row.version}"] = str(text)
+        entry["facecap"] = str(text)
+    out.write_bytes(f"{stem}{SIDECAR_SUFFIX}.json", json.dumps(by_key, ensure_ascii=False).encode())
+
+
+def _write_shard(out: Storage, stem: str, reader: TarShardReader, keys: list[str], table: pd.DataFrame) -> None:
+    """The input shard again, each captioned sample's ``txt`` the newest caption and its ``json`` a
+    ``recaption`` field; a sample with no caption yet keeps its members as they were."""
+    newest = table[table.status == "ok"].drop_duplicates("key", keep="last").set_index("key")
+    spool = SpooledTar()
+    try:
+        for key in keys:
+            members = dict(reader.get(key) or {})
+            if key in newest.index:
+                row = newest.loc[key]
+                caption = [str(c) for c in row.caption] if row.caption is not None else [str(row.caption_short)]
+                old_txt = members.get("txt")
+                try:
+                    meta = json.loads(members["json"]) if "json" in members else {}
+                except ValueError:
+                    meta = {}
+                meta = meta if isinstance(meta, dict) else {"original_json": meta}
+                meta["recaption"] = {
+                    "caption": caption,
+                    "caption_short": row.caption_short,
+                    "version": row.version,
+                    "provenance": json.loads(row.provenance) if isinstance(row.provenance, str) else None,
+                    "previous_txt": old_txt.decode("utf-8", "replace") if old_txt is not None else None,
+                }
+                members["txt"] = caption[0].encode()
+                members["json"] = json.dumps(meta, ensure_ascii=False).encode()
+            spool.add(key, members)
+        with out.open_write(f"{stem}.tar") as stream:
+            spool.write_sorted(stream)
+    finally:
+        spool.close()
+
+
+def _read_json(storage: Storage, name: str) -> dict | None:
+    if not storage.exists(name):
+        return None
+    try:
+        return json.loads(storage.read_bytes(name))
+    except ValueError:
+        return None
