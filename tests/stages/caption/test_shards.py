@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import uuid
 from pathlib import Path
 
 import insightface
@@ -200,3 +201,27 @@ def test_vlm_captions_png_and_webp_through_an_openai_server_and_reruns_only_fail
         # Only the keys without an ok caption of this version are asked again (two tries each at most).
         assert server.requests - asked <= 2 * failed and (failed > 0 or server.requests == asked)
         assert again.version == first.version and all(s.skipped for s in again.shards) == (failed == 0)
+
+
+@pytest.mark.slow
+def test_shards_on_s3_by_brace_pattern_into_s3_sidecars_and_shards(plain, s3_server):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    bucket = f"facecap-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    for tar in sorted(plain.glob("*.tar")):
+        client.put_object(Bucket=bucket, Key=f"in/{tar.name}", Body=tar.read_bytes())
+    pattern = f"s3://{bucket}/in/shards-{{000000..000001}}.tar"
+    first = recaption_shards(pattern, f"s3://{bucket}/out", CaptionConfig(), write="shards")
+    assert first.captioned == 6
+    names = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"])
+    stems = ("shards-000000", "shards-000001")
+    assert {f"out/{s}{ext}" for s in stems for ext in (".tar", ".captions.parquet", "_facecap.json")} <= set(names)
+    body = client.get_object(Bucket=bucket, Key="out/shards-000001.tar")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        assert sorted(m.name for m in tar) == sorted(
+            f"s1-{i}.{ext}" for i in range(3) for ext in ("cls", "json", "txt", "png" if i % 2 == 0 else "webp")
+        )
+    again = recaption_shards(pattern, f"s3://{bucket}/out", CaptionConfig(), write="shards")
+    assert again.captioned == 0 and all(s.skipped for s in again.shards)
