@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.options import Flag, Invocation, StageCommand, Switch
+from facecap.pipeline.registry import registered
 from facecap.pipeline.storage import absolute
 
 CAPTIONER_FLAGS = (
@@ -32,9 +33,9 @@ def recaption(call: Invocation) -> bool:
     shards are captioned here, into sidecars or new shards (stages/caption/shards.py)."""
     write = call.switches.get("write")
     if is_facecap_dataset(call.input):
-        if write:
+        if write or call.switches.get("faces"):
             raise FacecapError(
-                f"{call.input} is a facecap dataset: recaption writes a dataset from it (no --write); "
+                f"{call.input} is a facecap dataset: recaption writes a dataset from it (no --write or --faces); "
                 "export it and recaption the export for sidecars or shards"
             )
         return require_captions(call)
@@ -56,8 +57,14 @@ def recaption(call: Invocation) -> bool:
             done = f"{shard.captioned:,} captioned, {shard.failed:,} failed"
             call.print(f"recaption: {shard.name}: {shard.samples:,} samples, {done}")
 
+    detect = None
+    if call.switches.get("faces"):  # the detect stage, found by name: no stage imports another
+        stages = registered()
+        if "detect" not in stages:
+            raise FacecapError("recaption --faces needs the detect stage, which is not installed")
+        detect = (stages["detect"], recipe.detect)
     result = recaption_shards(
-        call.input, absolute(call.output), recipe.caption, write or "sidecars", recipe.storage.options(), report
+        call.input, absolute(call.output), recipe.caption, write or "sidecars", recipe.storage.options(), report, detect
     )
     unreadable = [s for s in result.shards if s.error]
     if not quiet:
@@ -113,6 +120,13 @@ COMMANDS = (
                 Literal["sidecars", "shards"],
                 "shards only: sidecars (default: STEM.captions.parquet and STEM_facecap.json per shard) or "
                 "shards (new tars, the new caption as txt and in json)",
+            ),
+            Switch(
+                "--faces",
+                bool,
+                "shards only, vlm: detect faces on the fly (the recipe's detect section) and caption each image's "
+                "largest face crop; images without one are captioned whole",
+                default=False,
             ),
         ),
         intercept=recaption,

@@ -7,7 +7,8 @@ captioners, and per input shard the output folder gets:
 
 - ``STEM.captions.parquet``: one row per key and caption version (``key``, ``version``, ``status``,
   ``error``, ``caption``, ``caption_short``, ``captioner``, ``engine``, ``model``, ``revision``,
-  ``prompt_sha256``, ``seed``, ``time``, ``provenance``): the state a rerun starts from;
+  ``prompt_sha256``, ``seed``, ``region``, ``box``, ``time``, ``provenance``): the state a rerun
+  starts from (``region``: ``face`` when detection on the fly found the face the VLM read);
 - ``STEM_facecap.json``: ``{key: {"facecap": newest caption, "facecap_VERSION": caption, ...}}``,
   the per-shard caption file trainers such as Sana read beside a tar (``external_caption_suffixes``);
 - with ``write: shards``, ``STEM.tar``: the same samples with ``txt`` replaced by the new caption and
@@ -38,7 +39,7 @@ from PIL import Image
 
 from facecap.pipeline.dataset import SpooledTar, TarShardReader
 from facecap.pipeline.errors import FacecapError
-from facecap.pipeline.stage import Batch
+from facecap.pipeline.stage import Batch, Stage, StageConfig
 from facecap.pipeline.storage import Storage, StorageOptions, refuse_overlap, split
 from facecap.stages.caption.stage import CaptionConfig, CaptionStage, _load_prompt
 
@@ -60,6 +61,8 @@ SIDECAR_SCHEMA = pa.schema(
         ("revision", pa.string()),
         ("prompt_sha256", pa.string()),
         ("seed", pa.int64()),
+        ("region", pa.string()),
+        ("box", pa.list_(pa.float64())),
         ("time", pa.float64()),
         ("provenance", pa.string()),
     ]
@@ -146,10 +149,41 @@ def _attributes(members: dict[str, bytes]) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if k not in NOT_ATTRIBUTES} if isinstance(meta, dict) else {}
 
 
+class FaceFinder:
+    """Face detection on the fly, for shards without face metadata: the registered detect stage
+    (handed over by the command, which finds it by name; no stage imports another) keeps each
+    image's largest confident face and cuts the crop the VLM reads (``caption.vlm.image``)."""
+
+    def __init__(self, stage_cls: type[Stage], config: StageConfig, crop: str):
+        self.crop = crop
+        # Detect's own fields: one face per image, only the crop the captioner needs.
+        self.config = config.model_copy(update={"multi_face": "largest", "crops": [crop]})
+        stage_cls.preflight(self.config)
+        self.stage = stage_cls(self.config)
+        self.stage.setup()
+
+    def describe(self) -> dict[str, Any]:
+        return {"crop": self.crop, "detect": self.config.model_dump(mode="json")}
+
+    def faces(self, images: dict[str, bytes]) -> dict[str, tuple[bytes, list[float]]]:
+        """image key -> (its largest face's crop, the box in original pixels); no entry: no usable face."""
+        if not images:
+            return {}
+        output = self.stage.process(Batch(rows=pd.DataFrame({"key": list(images)}), media={"image": images}))
+        found = {}
+        for row in output.rows.to_dict("records"):
+            if row["status"] == "ok" and self.crop in output.media.get(row["key"], {}):
+                found[row["image_key"]] = (output.media[row["key"]][self.crop], [float(v) for v in row["box"]])
+        return found
+
+
 # --- versions ------------------------------------------------------------------------------------
-def caption_version(config: CaptionConfig) -> str:
-    """What decides a caption's text, hashed: the same captioner, model, prompt and seed give the same version."""
+def caption_version(config: CaptionConfig, faces: FaceFinder | None = None) -> str:
+    """What decides a caption's text, hashed: the same captioner, model, prompt, seed and face
+    detection give the same version."""
     decides: dict[str, Any] = {"captioner": config.captioner, "seed": config.seed, "max_words": config.max_words}
+    if faces is not None:
+        decides["faces"] = faces.describe()
     if config.captioner == "template":
         decides["template"] = config.template.model_dump()
     else:
@@ -171,13 +205,23 @@ def recaption_shards(
     write: Literal["sidecars", "shards"] = "sidecars",
     options: StorageOptions | None = None,
     report: Callable[[ShardResult], None] | None = None,
+    detect: tuple[type[Stage], StageConfig] | None = None,
 ) -> RecaptionResult:
+    """Caption the samples of the tars ``spec`` names into ``output``; with ``detect`` (the detect
+    stage and its config), each image's largest face is found first and its crop captioned."""
     options = options or StorageOptions.from_env()
     tars = expand_shards(spec, options)
     if write == "shards":  # new tars under the same names must not replace the inputs
         refuse_overlap(output, sorted({split(uri)[0] for uri in tars}))
     CaptionStage.preflight(config)
-    version = caption_version(config)
+    faces = None
+    if detect is not None:
+        if config.captioner != "vlm" or config.vlm.image == "image":
+            raise FacecapError(
+                "recaption --faces: only a vlm captioner reading a face crop (caption.vlm.image) uses faces"
+            )
+        faces = FaceFinder(*detect, crop=config.vlm.image)
+    version = caption_version(config, faces)
     out = Storage(output, options)
     result = RecaptionResult(version=version)
     stage: CaptionStage | None = None
@@ -191,7 +235,7 @@ def recaption_shards(
             if stage is None:
                 stage = CaptionStage(config)
                 stage.setup()
-            shard = _recaption_one(uri, stem, out, stage, version, write, options)
+            shard = _recaption_one(uri, stem, out, stage, version, write, options, faces)
             if shard.error is None:
                 marker = {"source": uri, "source_size": source_size, "samples": shard.samples, "write": write}
                 marker["versions"] = {**((done or {}).get("versions") or {}), version: {"failed": shard.failed}}
@@ -214,7 +258,14 @@ def _finished(done: dict | None, version: str, source_size: int | None, out: Sto
 
 
 def _recaption_one(
-    uri: str, stem: str, out: Storage, stage: CaptionStage, version: str, write: str, options: StorageOptions
+    uri: str,
+    stem: str,
+    out: Storage,
+    stage: CaptionStage,
+    version: str,
+    write: str,
+    options: StorageOptions,
+    faces: FaceFinder | None,
 ) -> ShardResult:
     shard = ShardResult(stem)
     folder, name = split(uri)
@@ -227,7 +278,9 @@ def _recaption_one(
         previous = _read_sidecar(out, stem)
         have = set(previous.loc[(previous.version == version) & (previous.status == "ok"), "key"])
         pending = [k for k in keys if k not in have]
-        fresh = _caption(reader, pending, stage, version) if pending else pd.DataFrame(columns=SIDECAR_SCHEMA.names)
+        fresh = (
+            _caption(reader, pending, stage, version, faces) if pending else pd.DataFrame(columns=SIDECAR_SCHEMA.names)
+        )
         shard.captioned = int((fresh.status == "ok").sum()) if len(fresh) else 0
         shard.failed = int((fresh.status != "ok").sum()) if len(fresh) else 0
         redone = set(fresh.key) if len(fresh) else set()
@@ -240,14 +293,16 @@ def _recaption_one(
     return shard
 
 
-def _caption(reader: TarShardReader, keys: list[str], stage: CaptionStage, version: str) -> pd.DataFrame:
+def _caption(
+    reader: TarShardReader, keys: list[str], stage: CaptionStage, version: str, faces: FaceFinder | None
+) -> pd.DataFrame:
     """Caption ``keys`` of one tar with the stage's captioner: one sidecar row per key."""
     config = stage.config
     media_name = config.vlm.image
     batch_size = stage.spec(config).resources.batch_size
     rows: list[dict[str, Any]] = []
     for start in range(0, len(keys), batch_size):
-        records, media = [], {}
+        records, images = [], {}
         for key in keys[start : start + batch_size]:
             members = reader.get(key) or {}
             image = _image_of(members)
@@ -255,17 +310,27 @@ def _caption(reader: TarShardReader, keys: list[str], stage: CaptionStage, versi
                 rows.append(_row(key, version, "caption:missing_media", "no jpg, jpeg, png or webp member"))
                 continue
             if image is not None and config.captioner == "vlm":
-                media[key] = _as_jpeg(*image)
+                images[key] = image
             records.append({**_attributes(members), "key": key, "image_key": key})
         if not records:
             continue
+        regions: dict[str, tuple[str | None, list[float] | None]] = {}
+        media: dict[str, bytes] = {}
         try:
+            found = faces.faces({k: data for k, (_, data) in images.items()}) if faces else {}
+            for key, image in images.items():
+                if key in found:
+                    media[key], box = found[key]
+                    regions[key] = ("face", box)
+                else:
+                    media[key], regions[key] = _as_jpeg(*image), ("image", None)
             output = stage.process(Batch(rows=pd.DataFrame(records), media={media_name: media})).rows
         except Exception as exc:  # the captioner raised for this batch: its keys are retried on the next run
             rows += [_row(r["key"], version, "caption:error", f"{type(exc).__name__}: {exc}") for r in records]
             continue
         for record in output.to_dict("records"):
-            rows.append(_captioned_row(record, version))
+            region, box = regions.get(record["key"], (None, None))
+            rows.append({**_captioned_row(record, version), "region": region, "box": box})
     return pd.DataFrame(rows, columns=SIDECAR_SCHEMA.names)
 
 
@@ -292,10 +357,14 @@ def _captioned_row(record: dict[str, Any], version: str) -> dict[str, Any]:
 
 
 # --- output --------------------------------------------------------------------------------------
+def _empty() -> pd.DataFrame:
+    return pd.DataFrame(columns=SIDECAR_SCHEMA.names)
+
+
 def _read_sidecar(out: Storage, stem: str) -> pd.DataFrame:
     name = f"{stem}.captions.parquet"
     if not out.exists(name):
-        return pd.DataFrame(columns=SIDECAR_SCHEMA.names)
+        return _empty()
     with out.open_read(name) as f:
         return pq.read_table(f).to_pandas()
 

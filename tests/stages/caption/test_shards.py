@@ -225,3 +225,33 @@ def test_shards_on_s3_by_brace_pattern_into_s3_sidecars_and_shards(plain, s3_ser
         )
     again = recaption_shards(pattern, f"s3://{bucket}/out", CaptionConfig(), write="shards")
     assert again.captioned == 0 and all(s.skipped for s in again.shards)
+
+
+def test_faces_found_on_the_fly_are_captioned_from_their_crop(tmp_path, face_photos):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "mixed-000000.tar")) as writer:
+        writer.write({"__key__": "group", "jpg": GROUP.read_bytes()})
+        writer.write({"__key__": "portrait", "jpg": (face_photos / "deepface" / "img1.jpg").read_bytes()})
+        writer.write({"__key__": "noise", "png": photo(1, "png")})
+    vlm = str(tiny_vlm(tmp_path / "vlm"))
+    out = tmp_path / "faces"
+    with OpenAIServer(vlm, vision=True) as server:
+        args = [str(folder), str(out), "--captioner", "vlm", "--model", "tiny-llava", "--base-url", server.base_url]
+        args += ["--set", "caption.sampling.max_tokens=16", "--set", "detect.min_face_side=48"]
+        run_cli(*args, "--faces")
+        asked = server.requests
+        rows = sidecar(out, "mixed-000000").set_index("key")
+        assert rows.region.to_dict() == {"group": "face", "noise": "image", "portrait": "face"}
+        assert rows.box["noise"] is None
+        with Image.open(GROUP) as image:
+            width, height = image.size
+        x1, y1, x2, y2 = rows.box["group"]
+        assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height and x2 - x1 >= 48
+        # Captioning the whole images is another version, beside the face one.
+        run_cli(*args)
+        assert server.requests > asked
+    both = sidecar(out, "mixed-000000")
+    assert both.version.nunique() == 2 and set(both[both.region == "image"].key) == {"group", "noise", "portrait"}
+    refused = CliRunner().invoke(app, ["recaption", str(folder), str(out / "t"), "--faces"])
+    assert refused.exit_code == 2 and "only a vlm captioner" in refused.output
