@@ -12,7 +12,9 @@ captioners, and per input shard the output folder gets:
 - ``STEM_facecap.json``: ``{key: {"facecap": newest caption, "facecap_VERSION": caption, ...}}``,
   the per-shard caption file trainers such as Sana read beside a tar (``external_caption_suffixes``);
 - with ``write: shards``, ``STEM.tar``: the same samples with ``txt`` replaced by the new caption and
-  ``json`` given a ``recaption`` field (caption, version, provenance, the previous ``txt``).
+  ``json`` given a ``recaption`` field (caption, version, provenance, the previous ``txt``), its
+  Energon ``STEM.tar.idx``, and the input folder's wids indexes and ``.nv-meta/`` where they list
+  only recaptioned shards (same names, same counts: they hold for the new tars).
 
 A caption version is a hash of what decides the text (captioner, engine, model, prompt, seed,
 sampling, lengths): a rerun with the same one captions only keys without an ``ok`` caption of that
@@ -42,8 +44,11 @@ from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.stage import Batch, Stage, StageConfig
 from facecap.pipeline.storage import Storage, StorageOptions, refuse_overlap, split
 from facecap.stages.caption.stage import CaptionConfig, CaptionStage, _load_prompt
+from facecap.stages.shared.tarindex import tar_index, tar_index_name
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+NV_META = ".nv-meta"
+NV_META_FILES = ("dataset.yaml", "split.yaml", ".info.json", ".info.yaml")
 SIDECAR_SUFFIX = "_facecap"
 # What a sample's JSON may hold that must not reach the captioner as an attribute.
 NOT_ATTRIBUTES = {"key", "status", "error", "caption", "caption_short", "caption_provenance", "caption_versions"}
@@ -83,6 +88,8 @@ class ShardResult:
 class RecaptionResult:
     version: str
     shards: list[ShardResult] = field(default_factory=list)
+    # New shards: the input's shard indexes copied beside them (wids, Energon's .nv-meta/).
+    carried: list[str] = field(default_factory=list)
 
     @property
     def captioned(self) -> int:
@@ -245,6 +252,8 @@ def recaption_shards(
         result.shards.append(shard)
         if report:
             report(shard)
+    if write == "shards":
+        result.carried = carry_indexes(tars, out, options)
     return result
 
 
@@ -412,8 +421,32 @@ def _write_shard(out: Storage, stem: str, reader: TarShardReader, keys: list[str
             spool.add(key, members)
         with out.open_write(f"{stem}.tar") as stream:
             spool.write_sorted(stream)
+        out.write_bytes(tar_index_name(f"{stem}.tar"), tar_index(spool.sample_offsets))
     finally:
         spool.close()
+
+
+def carry_indexes(tars: list[str], out: Storage, options: StorageOptions | None = None) -> list[str]:
+    """New shards keep the names and sample counts of the old, so the input folder's shard indexes
+    hold for them too: its wids indexes (``*.json``) and Energon's ``.nv-meta/`` are copied when
+    every shard they list was recaptioned. Returns the names copied."""
+    folders = {split(uri)[0] for uri in tars}
+    if len(folders) != 1:
+        return []
+    source = Storage(folders.pop(), options)
+    names = {posixpath.basename(uri) for uri in tars}
+    carried = []
+    for name in source.list():
+        index = _read_json(source, name) if name.endswith(".json") else None
+        wids = isinstance(index, dict) and index.get("__kind__") == "wids-shard-index-v1"
+        if wids and {str(s.get("url")) for s in index.get("shardlist", [])} <= names:
+            carried.append(name)
+    info = _read_json(source, f"{NV_META}/.info.json")
+    if isinstance(info, dict) and set(info.get("shard_counts", {})) <= names:
+        carried += [f"{NV_META}/{n}" for n in NV_META_FILES if source.exists(f"{NV_META}/{n}")]
+    for name in carried:
+        out.write_bytes(name, source.read_bytes(name))
+    return carried
 
 
 def _read_json(storage: Storage, name: str) -> dict | None:

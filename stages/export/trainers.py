@@ -2,9 +2,7 @@
 
 - Megatron-Energon (Megatron, NeMo): ``.nv-meta/`` with ``dataset.yaml`` (the sample type and
   which member fills which field), ``split.yaml`` (the shards of each split), ``.info.json`` and
-  ``.info.yaml`` (samples per shard), and one ``NAME.tar.idx`` per tar: the byte offset of each
-  sample's first header, then of the end of the last sample, as little-endian uint64 (what
-  ``energon prepare`` writes; facecap knows the offsets from writing the tar).
+  ``.info.yaml`` (samples per shard), and one ``NAME.tar.idx`` per tar (stages/shared/tarindex.py).
 - Hugging Face ``datasets``: ``README.md`` with a dataset card whose ``configs`` name the tars of
   each split, so ``load_dataset(folder)`` picks the WebDataset builder instead of reading the
   wids indexes and the manifest as JSON data.
@@ -13,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,15 +20,6 @@ import yaml
 from facecap.pipeline.storage import Storage
 
 NV_META = ".nv-meta"
-
-
-def tar_index(offsets: list[int]) -> bytes:
-    """Energon's ``.tar.idx``: each sample's start, then the end of the samples."""
-    return struct.pack(f"<{len(offsets)}Q", *offsets)
-
-
-def tar_index_name(tar_name: str) -> str:
-    return tar_name.removesuffix(".tar") + ".tar.idx"
 
 
 def write_energon_meta(out: Storage, shards: dict[str, list[dict]]) -> None:

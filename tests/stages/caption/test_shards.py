@@ -176,6 +176,19 @@ def test_a_facecap_export_is_recaptioned_from_its_own_attributes(tmp_path):
     with_attributes = {k: grammar._template({**s["json"], "key": k})[0] for k, s in new.items()}
     assert {k: s["json"]["recaption"]["caption"] for k, s in new.items()} == with_attributes
     assert any(grammar._template({"key": k})[0] != caption for k, caption in with_attributes.items())
+    # A trainer switches by changing one path: the export's wids index and Energon metadata hold for
+    # the new shards (same names and counts), whose .tar.idx files are their own.
+    assert (out / "train.json").read_bytes() == (shards / "train.json").read_bytes()
+    import wids
+    from megatron.energon import WorkerConfig, get_loader, get_val_dataset
+
+    indexed = wids.ShardListDataset(str(out / "train.json"))
+    assert {indexed[i]["__key__"]: indexed[i][".txt"] for i in range(len(indexed))} == {
+        k: s["txt"] for k, s in new.items()
+    }
+    config = WorkerConfig(rank=0, world_size=1, num_workers=0)
+    loaded = get_val_dataset(str(out), split_part="train", worker_config=config, batch_size=1)
+    assert {b.__key__[0]: b.caption[0] for b in get_loader(loaded)} == {k: s["txt"] for k, s in new.items()}
 
 
 def test_vlm_captions_png_and_webp_through_an_openai_server_and_reruns_only_failures(plain, tmp_path):
