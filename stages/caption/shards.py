@@ -308,7 +308,10 @@ def _caption(
     """Caption ``keys`` of one tar with the stage's captioner: one sidecar row per key."""
     config = stage.config
     media_name = config.vlm.image
-    batch_size = stage.spec(config).resources.batch_size
+    # The grammar has no engine to feed: large batches spare the per-batch DataFrame work.
+    batch_size = config.batch_size or (
+        1024 if config.captioner == "template" else stage.spec(config).resources.batch_size
+    )
     rows: list[dict[str, Any]] = []
     for start in range(0, len(keys), batch_size):
         records, images = [], {}
