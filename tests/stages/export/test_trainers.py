@@ -88,7 +88,7 @@ def test_datasets_loads_the_folder_with_the_webdataset_builder(exported, tmp_pat
 
 
 def test_energon_loads_the_export_with_its_own_loader(exported):
-    from megatron.energon import CaptioningSample, WorkerConfig, get_loader, get_val_dataset
+    from megatron.energon import CaptioningSample, WorkerConfig, get_loader, get_train_dataset, get_val_dataset
 
     out, result, _, captions = exported
     config = WorkerConfig(rank=0, world_size=1, num_workers=0)
@@ -104,3 +104,11 @@ def test_energon_loads_the_export_with_its_own_loader(exported):
             assert tuple(image.shape[-3:]) == (3, 512, 512)
             seen[key] = caption
         assert len(seen) == result.samples[split] and seen == {k: captions[k] for k in seen}
+    # The training recipe of docs/export.md: shuffled, batched, endless.
+    train = get_train_dataset(
+        str(out), worker_config=config, batch_size=2, shuffle_buffer_size=10, max_samples_per_sequence=2
+    )
+    batch = next(iter(get_loader(train)))
+    assert batch.image.shape[0] == 2 and all(
+        captions[k] == c for k, c in zip(batch.__key__, batch.caption, strict=True)
+    )
