@@ -14,7 +14,8 @@ captioners, and per input shard the output folder gets:
 - with ``write: shards``, ``STEM.tar``: the same samples with ``txt`` replaced by the new caption and
   ``json`` given a ``recaption`` field (caption, version, provenance, the previous ``txt``), its
   Energon ``STEM.tar.idx``, and the input folder's wids indexes and ``.nv-meta/`` where they list
-  only recaptioned shards (same names, same counts: they hold for the new tars).
+  only recaptioned shards (same names, same counts: they hold for the new tars), and an export's
+  dataset card with the ``recaption`` field added to its features.
 
 A caption version is a hash of what decides the text (captioner, engine, model, prompt, seed,
 sampling, lengths): a rerun with the same one captions only keys without an ``ok`` caption of that
@@ -37,6 +38,7 @@ import braceexpand
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 from PIL import Image
 
 from facecap.pipeline.dataset import SpooledTar, TarShardReader
@@ -44,7 +46,7 @@ from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.stage import Batch, Stage, StageConfig
 from facecap.pipeline.storage import Storage, StorageOptions, refuse_overlap, split
 from facecap.stages.caption.stage import CaptionConfig, CaptionStage, _load_prompt
-from facecap.stages.shared.tarindex import tar_index, tar_index_name
+from facecap.stages.shared.trainers import hf_feature, metadata_schema, tar_index, tar_index_name
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 NV_META = ".nv-meta"
@@ -404,22 +406,14 @@ def _write_shard(out: Storage, stem: str, reader: TarShardReader, keys: list[str
         for key in keys:
             members = dict(reader.get(key) or {})
             if key in newest.index:
-                row = newest.loc[key]
-                caption = [str(c) for c in row.caption] if row.caption is not None else [str(row.caption_short)]
                 old_txt = members.get("txt")
                 try:
                     meta = json.loads(members["json"]) if "json" in members else {}
                 except ValueError:
                     meta = {}
                 meta = meta if isinstance(meta, dict) else {"original_json": meta}
-                meta["recaption"] = {
-                    "caption": caption,
-                    "caption_short": row.caption_short,
-                    "version": row.version,
-                    "provenance": json.loads(row.provenance) if isinstance(row.provenance, str) else None,
-                    "previous_txt": old_txt.decode("utf-8", "replace") if old_txt is not None else None,
-                }
-                members["txt"] = caption[0].encode()
+                meta["recaption"] = _recaption_field(newest.loc[key], old_txt)
+                members["txt"] = meta["recaption"]["caption"][0].encode()
                 members["json"] = json.dumps(meta, ensure_ascii=False).encode()
             spool.add(key, members)
         with out.open_write(f"{stem}.tar") as stream:
@@ -427,6 +421,18 @@ def _write_shard(out: Storage, stem: str, reader: TarShardReader, keys: list[str
         out.write_bytes(tar_index_name(f"{stem}.tar"), tar_index(spool.sample_offsets))
     finally:
         spool.close()
+
+
+def _recaption_field(row: Any, old_txt: bytes | None) -> dict[str, Any]:
+    """The ``recaption`` field of a new shard's ``json``: the newest caption of the key and its provenance."""
+    caption = [str(c) for c in row.caption] if row.caption is not None else [str(row.caption_short)]
+    return {
+        "caption": caption,
+        "caption_short": row.caption_short,
+        "version": row.version,
+        "provenance": json.loads(row.provenance) if isinstance(row.provenance, str) else None,
+        "previous_txt": old_txt.decode("utf-8", "replace") if old_txt is not None else None,
+    }
 
 
 def carry_indexes(tars: list[str], out: Storage, options: StorageOptions | None = None) -> list[str]:
@@ -449,7 +455,37 @@ def carry_indexes(tars: list[str], out: Storage, options: StorageOptions | None 
         carried += [f"{NV_META}/{n}" for n in NV_META_FILES if source.exists(f"{NV_META}/{n}")]
     for name in carried:
         out.write_bytes(name, source.read_bytes(name))
+    if f"{NV_META}/.info.json" in carried and source.exists("README.md"):  # an export's dataset card
+        card = _card_with_recaption(source.read_bytes("README.md").decode(), out, sorted(names))
+        if card is not None:
+            out.write_bytes("README.md", card.encode())
+            carried.append("README.md")
     return carried
+
+
+def _card_with_recaption(card: str, out: Storage, tar_names: list[str]) -> str | None:
+    """An export's Hugging Face dataset card with the ``recaption`` field added to the features of
+    ``json`` (its type unified over every recaptioned sample), so ``datasets.load_dataset`` reads
+    the new folder as it read the old; None when the card declares no ``json`` struct."""
+    if not card.startswith("---\n") or "\n---\n" not in card[4:]:
+        return None
+    header, _, body = card[4:].partition("\n---\n")
+    meta = yaml.safe_load(header) or {}
+    features = (meta.get("dataset_info") or {}).get("features") or []
+    member = next((f for f in features if f.get("name") == "json" and "struct" in f), None)
+    if member is None:
+        return None
+    fields = []
+    for name in tar_names:
+        table = _read_sidecar(out, name.removesuffix(".tar"))
+        newest = table[table.status == "ok"].drop_duplicates("key", keep="last")
+        fields += [{"recaption": _recaption_field(row, b"")} for row in newest.itertuples(index=False)]
+    if not fields:
+        return None
+    recaption = metadata_schema(fields).field("recaption").type
+    member["struct"] = [f for f in member["struct"] if f.get("name") != "recaption"]
+    member["struct"].append({"name": "recaption", **hf_feature(recaption)})
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n{body}"
 
 
 def _read_json(storage: Storage, name: str) -> dict | None:

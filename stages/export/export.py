@@ -34,8 +34,8 @@ from facecap.pipeline.dataset import Dataset, SpooledTar, TarShardReader, config
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.status import OK
 from facecap.pipeline.storage import Storage, StorageOptions, refuse_overlap
-from facecap.stages.export.trainers import dataset_card, metadata_schema, write_energon_meta
-from facecap.stages.shared.tarindex import tar_index, tar_index_name
+from facecap.stages.export.trainers import dataset_card, write_energon_meta
+from facecap.stages.shared.trainers import metadata_schema, tar_index, tar_index_name
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 # Columns not worth a trainer's JSON: internal bookkeeping of the stages.

@@ -2,7 +2,7 @@
 
 - Megatron-Energon (Megatron, NeMo): ``.nv-meta/`` with ``dataset.yaml`` (the sample type and
   which member fills which field), ``split.yaml`` (the shards of each split), ``.info.json`` and
-  ``.info.yaml`` (samples per shard), and one ``NAME.tar.idx`` per tar (stages/shared/tarindex.py).
+  ``.info.yaml`` (samples per shard), and one ``NAME.tar.idx`` per tar (stages/shared/trainers.py).
 - Hugging Face ``datasets``: ``README.md`` with a dataset card whose ``configs`` name the tars of
   each split, so ``load_dataset(folder)`` picks the WebDataset builder instead of reading the
   wids indexes and the manifest as JSON data.
@@ -11,13 +11,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from typing import Any
 
 import pyarrow as pa
 import yaml
 
 from facecap.pipeline.storage import Storage
+from facecap.stages.shared.trainers import hf_feature
 
 NV_META = ".nv-meta"
 
@@ -60,34 +59,3 @@ def dataset_card(name: str, splits: list[str], metadata: pa.Schema, prefix: str 
         "`datasets.load_dataset(<this folder>)` reads them with the WebDataset builder; the wids indexes "
         f"({', '.join(f'`{prefix}{s}.json`' for s in splits)}) and `.nv-meta/` (Megatron-Energon) sit beside them.\n"
     )
-
-
-def metadata_schema(metadata: Iterable[dict], chunk: int = 10_000) -> pa.Schema:
-    """One Arrow schema over every sample's ``json`` member: a field null in the first samples and
-    text later is text, a key some samples lack is still there (the loaders infer from the first
-    few samples otherwise, and fail on the first later sample that differs)."""
-    schemas, pending = [], []
-    for meta in metadata:
-        pending.append(meta)
-        if len(pending) >= chunk:
-            schemas.append(pa.Table.from_pylist(pending).schema)
-            pending = []
-    if pending or not schemas:
-        schemas.append(pa.Table.from_pylist(pending).schema)
-    return pa.unify_schemas(schemas, promote_options="permissive")
-
-
-def hf_feature(dtype: pa.DataType) -> dict[str, Any]:
-    """A Hugging Face ``datasets`` feature, as its dataset card YAML writes it, for an Arrow type."""
-    if pa.types.is_struct(dtype):
-        return {"struct": [{"name": f.name, **hf_feature(f.type)} for f in dtype]}
-    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
-        inner = hf_feature(dtype.value_type)
-        return {"list": inner.get("dtype") or inner.get("struct") or inner}
-    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
-        return {"dtype": "string"}
-    if pa.types.is_floating(dtype):
-        return {"dtype": f"float{dtype.bit_width}"}
-    if pa.types.is_integer(dtype) or pa.types.is_boolean(dtype) or pa.types.is_null(dtype):
-        return {"dtype": str(dtype)}
-    return {"dtype": "string"}  # anything else was written to JSON as text (default=str)

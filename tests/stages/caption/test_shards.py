@@ -149,7 +149,7 @@ def test_an_img2dataset_folder_and_a_new_shard_later(tmp_path, face_photos):
     assert sorted(sidecar(out, "00001").key) == ["000010000", "000010001", "000010002"]
 
 
-def test_a_facecap_export_is_recaptioned_from_its_own_attributes(tmp_path):
+def test_a_facecap_export_is_recaptioned_from_its_own_attributes(tmp_path, monkeypatch):
     final = run_recipe(tmp_path, {"group.jpg": GROUP.read_bytes()}, {"tag": {"min_confident": 0}})
     shards = tmp_path / "export"
     export(str(final), str(shards), ExportSettings(shard_samples=3))
@@ -189,6 +189,12 @@ def test_a_facecap_export_is_recaptioned_from_its_own_attributes(tmp_path):
     config = WorkerConfig(rank=0, world_size=1, num_workers=0)
     loaded = get_val_dataset(str(out), split_part="train", worker_config=config, batch_size=1)
     assert {b.__key__[0]: b.caption[0] for b in get_loader(loaded)} == {k: s["txt"] for k, s in new.items()}
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    hf = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "hf"))["train"]
+    assert {r["__key__"]: r["txt"] for r in hf} == {k: s["txt"] for k, s in new.items()}
+    assert {r["json"]["recaption"]["version"] for r in hf} == {new[next(iter(new))]["json"]["recaption"]["version"]}
 
 
 def test_vlm_captions_png_and_webp_through_an_openai_server_and_reruns_only_failures(plain, tmp_path):
