@@ -30,6 +30,7 @@ import io
 import json
 import posixpath
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -118,8 +119,7 @@ def expand_shards(spec: str, options: StorageOptions | None = None) -> list[str]
             found += [storage.uri(n) for n in storage.list() if n.endswith(".tar")]
     if not found:
         raise FacecapError(f"recaption: {spec} names no WebDataset tars (*.tar)")
-    stems = [_stem(uri) for uri in found]
-    twice = sorted({s for s in stems if stems.count(s) > 1})
+    twice = sorted(stem for stem, count in Counter(_stem(uri) for uri in found).items() if count > 1)
     if twice:
         raise FacecapError(f"recaption: two input shards are both named {twice[0]}.tar; give one folder at a time")
     return found
@@ -130,14 +130,17 @@ def _stem(uri: str) -> str:
 
 
 def _image_of(members: dict[str, bytes]) -> tuple[str, bytes] | None:
+    """The sample's image: its first jpg, jpeg, png or webp member (``JPG`` too)."""
+    by_ext = {ext.lower(): data for ext, data in members.items()}
     for ext in IMAGE_EXTS:
-        if ext in members:
-            return ext, members[ext]
+        if ext in by_ext:
+            return ext, by_ext[ext]
     return None
 
 
 def _as_jpeg(ext: str, data: bytes) -> bytes:
-    """The engines send JPEG: a png or webp image is re-encoded for the request (the tar is untouched)."""
+    """The engines send JPEG: a png or webp image is re-encoded for the request (the tar is untouched);
+    an image that does not decode raises."""
     if ext in ("jpg", "jpeg"):
         return data
     with Image.open(io.BytesIO(data)) as image:
@@ -336,8 +339,14 @@ def _caption(
                 if key in found:
                     media[key], box = found[key]
                     regions[key] = ("face", box)
-                else:
+                    continue
+                try:
                     media[key], regions[key] = _as_jpeg(*image), ("image", None)
+                except (OSError, ValueError) as exc:  # PIL's "cannot identify image file", truncation
+                    rows.append(_row(key, version, "caption:undecodable", f"{image[0]} image: {exc}"))
+            records = [r for r in records if r["key"] in media or config.captioner != "vlm"]
+            if not records:
+                continue
             output = stage.process(Batch(rows=pd.DataFrame(records), media={media_name: media})).rows
         except Exception as exc:  # the captioner raised for this batch: its keys are retried on the next run
             rows += [_row(r["key"], version, "caption:error", f"{type(exc).__name__}: {exc}") for r in records]

@@ -253,6 +253,7 @@ def test_faces_found_on_the_fly_are_captioned_from_their_crop(tmp_path, face_pho
         writer.write({"__key__": "group", "jpg": GROUP.read_bytes()})
         writer.write({"__key__": "portrait", "jpg": (face_photos / "deepface" / "img1.jpg").read_bytes()})
         writer.write({"__key__": "noise", "png": photo(1, "png")})
+        writer.write({"__key__": "broken", "webp": photo(2, "webp")[:40]})
     vlm = str(tiny_vlm(tmp_path / "vlm"))
     out = tmp_path / "faces"
     with OpenAIServer(vlm, vision=True) as server:
@@ -261,7 +262,8 @@ def test_faces_found_on_the_fly_are_captioned_from_their_crop(tmp_path, face_pho
         run_cli(*args, "--faces")
         asked = server.requests
         rows = sidecar(out, "mixed-000000").set_index("key")
-        assert rows.region.to_dict() == {"group": "face", "noise": "image", "portrait": "face"}
+        assert rows.region.dropna().to_dict() == {"group": "face", "noise": "image", "portrait": "face"}
+        assert rows.status["broken"] == "caption:undecodable" and "webp image" in rows.error["broken"]
         assert rows.box["noise"] is None
         with Image.open(GROUP) as image:
             width, height = image.size
