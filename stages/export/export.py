@@ -105,7 +105,10 @@ def export(source: str, output: str, settings: ExportSettings, options: StorageO
     if settings.format == "webdataset":
         write_energon_meta(out, result.shards)
         name = manifest.recipe.get("name", "facecap") if manifest.recipe else "facecap"
-        metadata = metadata_schema(_metadata(row, _caption_of(row, settings)[1]) for row in _iter_rows(rows))
+        try:
+            metadata = metadata_schema(_metadata(row, _caption_of(row, settings)[1]) for row in _iter_rows(rows))
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # a JSON field with values of several types
+            metadata = None
         out.write_bytes("README.md", dataset_card(name, list(result.shards), metadata, settings.prefix).encode())
     out.write_bytes(
         "_manifest.json",

@@ -35,22 +35,22 @@ def write_energon_meta(out: Storage, shards: dict[str, list[dict]]) -> None:
     out.write_bytes(f"{NV_META}/.info.yaml", yaml.safe_dump({"shard_counts": counts}, sort_keys=False).encode())
 
 
-def dataset_card(name: str, splits: list[str], metadata: pa.Schema, prefix: str = "") -> str:
+def dataset_card(name: str, splits: list[str], metadata: pa.Schema | None, prefix: str = "") -> str:
     """A Hugging Face dataset card: ``configs`` point each split at its tars, and ``dataset_info``
     declares the features (the image, the caption and every field of the ``json`` member), which
-    the WebDataset builder would otherwise guess from the first five samples."""
+    the WebDataset builder would otherwise guess from the first five samples. Without ``metadata``
+    (a field whose values have no common type) the features are left to that guess."""
     data_files = [{"split": split, "path": f"{prefix}{split}-*.tar"} for split in splits]
-    features = [
-        {"name": "__key__", "dtype": "string"},
-        {"name": "__url__", "dtype": "string"},
-        {"name": "jpg", "dtype": "image"},
-        {"name": "txt", "dtype": "string"},
-        {"name": "json", **hf_feature(pa.struct(list(metadata)))},
-    ]
-    card = {
-        "configs": [{"config_name": "default", "data_files": data_files}],
-        "dataset_info": {"config_name": "default", "features": features},
-    }
+    card: dict = {"configs": [{"config_name": "default", "data_files": data_files}]}
+    if metadata is not None:
+        features = [
+            {"name": "__key__", "dtype": "string"},
+            {"name": "__url__", "dtype": "string"},
+            {"name": "jpg", "dtype": "image"},
+            {"name": "txt", "dtype": "string"},
+            {"name": "json", **hf_feature(pa.struct(list(metadata)))},
+        ]
+        card["dataset_info"] = {"config_name": "default", "features": features}
     header = yaml.safe_dump(card, sort_keys=False)
     return (
         f"---\n{header}---\n\n# {name}\n\n"

@@ -32,11 +32,16 @@ def metadata_schema(metadata: Iterable[dict], chunk: int = 10_000) -> pa.Schema:
     for meta in metadata:
         pending.append(meta)
         if len(pending) >= chunk:
-            schemas.append(pa.Table.from_pylist(pending).schema)
+            schemas.append(_schema_of(pending))
             pending = []
     if pending or not schemas:
-        schemas.append(pa.Table.from_pylist(pending).schema)
+        schemas.append(_schema_of(pending))
     return pa.unify_schemas(schemas, promote_options="permissive")
+
+
+def _schema_of(dicts: list[dict]) -> pa.Schema:
+    # pa.array infers one struct over every dict's keys (Table.from_pylist takes the first row's).
+    return pa.schema(list(pa.array(dicts, type=None).type)) if dicts else pa.schema([])
 
 
 def hf_feature(dtype: pa.DataType) -> dict[str, Any]:

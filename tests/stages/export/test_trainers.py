@@ -8,10 +8,14 @@ import tarfile
 from pathlib import Path
 
 import insightface
+import pyarrow as pa
 import pytest
+import yaml
 from helpers import read_all, run_recipe
 
 from facecap.stages.export.export import ExportSettings, export
+from facecap.stages.export.trainers import dataset_card
+from facecap.stages.shared.trainers import hf_feature, metadata_schema
 
 GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 
@@ -112,3 +116,24 @@ def test_energon_loads_the_export_with_its_own_loader(exported):
     assert batch.image.shape[0] == 2 and all(
         captions[k] == c for k, c in zip(batch.__key__, batch.caption, strict=True)
     )
+
+
+def test_features_are_unified_over_every_sample_and_written_as_the_card_declares_them():
+    samples = [{"a": None, "b": [1, 2], "c": {"x": 1}}] * 3 + [{"a": "text", "b": [], "c": {"y": 0.5}, "d": True}]
+    schema = metadata_schema(samples, chunk=2)  # a null in the first chunk, text in the second
+    assert schema.field("a").type == pa.string() and schema.field("d").type == pa.bool_()
+    assert hf_feature(pa.struct(list(schema))) == {
+        "struct": [
+            {"name": "a", "dtype": "string"},
+            {"name": "b", "list": "int64"},
+            {"name": "c", "struct": [{"name": "x", "dtype": "int64"}, {"name": "y", "dtype": "float64"}]},
+            {"name": "d", "dtype": "bool"},
+        ]
+    }
+    assert hf_feature(pa.list_(pa.struct([("k", pa.float32())]))) == {"list": [{"name": "k", "dtype": "float32"}]}
+    card = yaml.safe_load(dataset_card("x", ["train", "val"], None).split("---\n")[1])
+    assert "dataset_info" not in card  # no common type: the builder's own guess
+    assert card["configs"][0]["data_files"] == [
+        {"split": "train", "path": "train-*.tar"},
+        {"split": "val", "path": "val-*.tar"},
+    ]
