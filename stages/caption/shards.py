@@ -313,10 +313,13 @@ def _caption(
     """Caption ``keys`` of one tar with the stage's captioner: one sidecar row per key."""
     config = stage.config
     media_name = config.vlm.image
-    # The grammar has no engine to feed: large batches spare the per-batch DataFrame work.
-    batch_size = config.batch_size or (
-        1024 if config.captioner == "template" else stage.spec(config).resources.batch_size
-    )
+    # The grammar has no engine to feed: large batches spare the per-batch DataFrame work. A server
+    # gets at least its `concurrency` requests at a time (shards are captioned one after another).
+    batch_size = config.batch_size or stage.spec(config).resources.batch_size
+    if not config.batch_size and config.captioner == "template":
+        batch_size = 1024
+    elif not config.batch_size and config.engine == "openai":
+        batch_size = max(batch_size, config.openai.concurrency)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(keys), batch_size):
         records, images = [], {}
