@@ -147,6 +147,14 @@ def test_an_img2dataset_folder_and_a_new_shard_later(tmp_path, face_photos):
     later = recaption_shards(str(folder), str(out), CaptionConfig())
     assert [s.skipped for s in later.shards] == [True, False] and later.captioned == 3
     assert sorted(sidecar(out, "00001").key) == ["000010000", "000010001", "000010002"]
+    # Sidecars may sit beside the tars themselves, where Sana looks for STEM_facecap.json.
+    beside = recaption_shards(str(folder), str(folder), CaptionConfig())
+    assert beside.captioned == 5 and json.loads((folder / "00001_facecap.json").read_text()).keys() == {
+        "000010000",
+        "000010001",
+        "000010002",
+    }
+    assert sorted(p.name for p in folder.glob("*.tar")) == ["00000.tar", "00001.tar"]
 
 
 def test_a_facecap_export_is_recaptioned_from_its_own_attributes(tmp_path, monkeypatch):
