@@ -52,7 +52,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check app pipeline stages tests bench setup.py
 	$(BIN)/ruff format --check app pipeline stages tests bench setup.py
 
-bench: bench-ingest bench-download bench-detect bench-quality bench-tag bench-caption bench-dedup bench-soak
+bench: bench-ingest bench-download bench-detect bench-quality bench-tag bench-caption bench-recaption bench-dedup bench-tarwriter bench-soak
 
 # Accuracy of each available detector on ../shared/data/faces (or FACECAP_SHARED).
 eval: $(STAMP)
@@ -60,8 +60,9 @@ eval: $(STAMP)
 	$(BIN)/python bench/eval_quality.py
 	$(BIN)/python bench/eval_tag.py
 
-# bench-detect, bench-dedup, bench-caption, bench-tag, bench-quality, bench-ingest, bench-soak: each
-# runs bench/bench_<name>.py (figures in docs/performance.md). bench-soak runs every stage end to end
+# bench-detect, bench-dedup, bench-caption, bench-tag, bench-quality, bench-ingest, bench-soak, bench-recaption,
+# bench-tarwriter: each runs bench/bench_<name>.py (figures in docs/performance.md; the last two in
+# docs/captioning.md and docs/export.md). bench-soak runs every stage end to end
 # on a loopback corpus (SOAK_URLS, default 50000), memory sampled; SOAK_WORKERS=1,2,4,8,16 repeats it
 # per worker count and prints the scaling efficiency. (Not .PHONY: make skips pattern rules for those.)
 bench-%: $(STAMP)

@@ -236,7 +236,7 @@ def _show(renderable: Any) -> None:
 
 def _add_stage_command(spec: StageCommand) -> None:
     stage_cls = REGISTRY[spec.stage]
-    command = friendly(build_stage_command(spec, stage_cls, _run_stage_command, _show))
+    command = friendly(build_stage_command(spec, stage_cls, _run_stage_command, _show, _recipe))
     text, epilog = command_help(spec, stage_cls)
     cls = None
     if spec.subcommands:

@@ -126,12 +126,16 @@ def flag_value(flag: Flag, annotation: Any, value: Any) -> Any:
 
 
 def build_stage_command(
-    spec: StageCommand, stage_cls: type[Stage], run: RunStage, show: Callable[[Any], None]
+    spec: StageCommand,
+    stage_cls: type[Stage],
+    run: RunStage,
+    show: Callable[[Any], None],
+    recipe: Callable[..., Any] | None = None,
 ) -> Callable[..., None]:
     """A Typer command function for ``spec``: IN, OUT, the stage's flags, its switches, the runner's.
 
     ``run`` runs the stage once the options are gathered; ``show`` prints what an ``intercept``
-    reports instead."""
+    reports instead; ``recipe(config, sets, overrides)`` builds the recipe an intercept may ask for."""
     config_model = stage_cls.config_model
     fields = {flag.parameter: (flag, field_of(config_model, flag.field)) for flag in spec.flags}
     parameters = [
@@ -166,6 +170,8 @@ def build_stage_command(
                 output=values["output"],
                 switches={s.parameter: values.get(s.parameter) for s in spec.switches},
                 print=show,
+                recipe=(lambda: recipe(values["config"], values["set_"], overrides)) if recipe else None,
+                options={name: values[name] for name in RUNNER_NAMES},
             )
             if spec.intercept(call):
                 return

@@ -112,9 +112,16 @@ def main() -> int:
     app(["stats", str(work)], standalone_mode=False)
     last = work / load_stages()[-1]
     app(["export", str(last), str(OUT / "export"), "--shard-samples", "100"], standalone_mode=False)
+    # The second use: re-caption existing shards (here the export just written) into per-shard
+    # caption sidecars. Offline there is no VLM to ask, so the grammar captions again under another
+    # seed from the attributes in each sample's JSON: a new caption version beside the tars. With a
+    # model server: --captioner vlm --base-url http://HOST:8000/v1 --model NAME (docs/captioning.md).
+    recaption = ["recaption", str(OUT / "export"), str(OUT / "captions"), "--captioner", "template"]
+    app([*recaption, "--set", "caption.seed=1"], standalone_mode=False)
     app(["report", str(work), "--out", str(OUT / "report.html")], standalone_mode=False)
     print(f"\ndatasets: {work.resolve()}/<stage>/  (Parquet shards + WebDataset tars, _manifest.json, _stats/)")
     print(f"training shards: {(OUT / 'export').resolve()}/train-*.tar, index train.json (WebDataset / wids)")
+    print(f"new captions of those shards: {(OUT / 'captions').resolve()}/train-*.captions.parquet, *_facecap.json")
     print(f"report: {(OUT / 'report.html').resolve()}  (open it in a browser; no network needed)")
     print(f"funnel as JSON: facecap stats {work} --json")
     return 0

@@ -321,6 +321,7 @@ class SpooledTar:
         self._spool: BinaryIO | None = None
         # key -> [(ext, bytes held in memory, or (offset, size) in the spool file)]
         self._index: dict[str, list[tuple[str, bytes | tuple[int, int]]]] = {}
+        self.sample_offsets: list[int] = []
 
     def __len__(self) -> int:
         return len(self._index)
@@ -350,19 +351,27 @@ class SpooledTar:
         return self._spool.read(size)
 
     def write_sorted(self, stream: BinaryIO) -> FileDigest:
+        """Write the tar; ``sample_offsets`` then holds where each sample's first header starts
+        and, last, where the end-of-archive blocks start (Megatron-Energon's ``.tar.idx``)."""
         hashing = HashingWriter(stream)
         pieces: list[bytes] = []
         pending = 0
+        offset = 0
+        self.sample_offsets = []
         for key in sorted(self._index):
+            self.sample_offsets.append(offset)
             for ext, held in sorted(self._index[key], key=lambda entry: entry[0]):
                 data = self._data(held)
-                pieces += tar_member_pieces(f"{key}.{ext}", data)
+                member = tar_member_pieces(f"{key}.{ext}", data)
+                pieces += member
+                offset += sum(len(piece) for piece in member)
                 pending += len(data)
             if pending >= 8 << 20:
                 hashing.write(b"".join(pieces))
                 pieces.clear()
                 pending = 0
         # End of archive: two zero blocks, padded to a whole record, as tarfile writes it.
+        self.sample_offsets.append(offset)
         written = hashing.size + sum(len(piece) for piece in pieces)
         pieces.append(bytes(2 * tarfile.BLOCKSIZE + (-(written + 2 * tarfile.BLOCKSIZE) % tarfile.RECORDSIZE)))
         hashing.write(b"".join(pieces))

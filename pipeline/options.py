@@ -61,6 +61,10 @@ class Invocation:
     switches: dict[str, Any]
     # Shows a table or a line on the command's output.
     print: Callable[[Any], None]
+    # The recipe the command would run with (recipe file, --set, the flags), built on demand, for
+    # an intercept that does the work itself (recaption of foreign shards); and the runner options.
+    recipe: Callable[[], Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ from facecap.pipeline.dataset import Dataset, SpooledTar, TarShardReader, config
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.status import OK
 from facecap.pipeline.storage import Storage, StorageOptions, refuse_overlap
+from facecap.stages.export.trainers import dataset_card, write_energon_meta
+from facecap.stages.shared.trainers import metadata_schema, tar_index, tar_index_name
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 # Columns not worth a trainer's JSON: internal bookkeeping of the stages.
@@ -116,6 +118,14 @@ def export(
             shards = _write_parquet(rows, order, split, out, settings)
         result.shards[split] = shards
         result.samples[split] = int(sum(s["nsamples"] for s in shards))
+    if settings.format == "webdataset":
+        write_energon_meta(out, result.shards)
+        name = manifest.recipe.get("name", "facecap") if manifest.recipe else "facecap"
+        try:
+            metadata = metadata_schema(_metadata(row, _caption_of(row, settings)[1]) for row in _iter_rows(rows))
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # a JSON field with values of several types
+            metadata = None
+        out.write_bytes("README.md", dataset_card(name, list(result.shards), metadata, settings.prefix).encode())
     out.write_bytes(
         "_manifest.json",
         json.dumps(
@@ -182,6 +192,11 @@ def _opted_out(dataset: Dataset, manifest, rows: pa.Table, origin: np.ndarray, o
                 vectors[position] = embedder.embed(crop)
     person, _ = match(vectors, listing, IDENTITY_COSINE)
     return person >= 0
+
+
+def _iter_rows(rows: pa.Table) -> Iterator[dict[str, Any]]:
+    for batch in rows.to_batches(max_chunksize=10_000):
+        yield from batch.to_pylist()
 
 
 def _split(rows: pa.Table, settings: ExportSettings) -> dict[str, np.ndarray]:
@@ -298,6 +313,7 @@ def _write_webdataset(dataset, manifest, rows, origin, order, split, out, settin
                         spool.add(row["key"], {"jpg": crop[member], "txt": text.encode(), "json": meta})
             with out.open_write(name) as stream:
                 digest = spool.write_sorted(stream)
+            out.write_bytes(tar_index_name(name), tar_index(spool.sample_offsets))
         finally:
             spool.close()
         out.write_bytes(f"_done/{name}.json", json.dumps({"size": digest.size, "nsamples": len(chunk)}).encode())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 from facecap import demo
@@ -62,6 +63,13 @@ def test_demo_runs_offline_and_every_funnel_adds_up(tmp_path, monkeypatch, ray_l
     assert dedup["complete"] and dedup["rows"] == caption["rows"] == sum(dedup["by_status"].values())
     index = json.loads((tmp_path / "demo-out" / "export" / "train.json").read_text())
     assert sum(s["nsamples"] for s in index["shardlist"]) == dedup["by_status"]["ok"]
+    # The export re-captioned through the sidecar path: one sidecar per shard, every sample captioned.
+    captions = tmp_path / "demo-out" / "captions"
+    for shard in index["shardlist"]:
+        stem = shard["url"].removesuffix(".tar")
+        sidecar = pq.read_table(captions / f"{stem}.captions.parquet").to_pandas()
+        assert len(sidecar) == shard["nsamples"] and (sidecar.status == "ok").all() and (sidecar.seed == 1).all()
+        assert len(json.loads((captions / f"{stem}_facecap.json").read_text())) == shard["nsamples"]
     assert '<section id="contact-sheet">' in (tmp_path / "demo-out" / "report.html").read_text()
     manifest = json.loads((work / "download" / "_manifest.json").read_text())
     assert manifest["recipe"]["name"] == "demo" and manifest["parent"].endswith("ingest")
