@@ -74,6 +74,7 @@ def per_measure(detect: Path) -> list[tuple[str, float, int]]:
     from facecap.pipeline.storage import Storage
     from facecap.stages.quality import measures
     from facecap.stages.quality.scorers import Brisque, NsfwDetector, TextDetector, cartoon_score
+    from facecap.stages.quality.stage import NSFW_SIDE, TEXT_SIDE
     from facecap.stages.shared.geometry import head_pose
 
     dataset = Dataset(Storage(str(detect)))
@@ -96,7 +97,7 @@ def per_measure(detect: Path) -> list[tuple[str, float, int]]:
     timed("exposure (per face)", crops, measures.exposure)
     timed("pose (per face)", [np.asarray(lm, np.float32).reshape(5, 2) for lm in rows.landmarks], head_pose)
     timed("colour (per image)", list(images.values()), measures.channel_spread)
-    brisque, text, nsfw = Brisque(), TextDetector(), NsfwDetector()
+    brisque, text, nsfw = Brisque(), TextDetector(TEXT_SIDE), NsfwDetector(NSFW_SIDE)
     timed("BRISQUE (per face)", crops, brisque.score)
     faces = []
     for box, key in zip(boxes, rows.image_key, strict=True):

@@ -10,6 +10,7 @@ from facecap.stages.detect.align import aligned_crop
 from facecap.stages.detect.stage import DetectConfig, DetectStage
 from facecap.stages.quality import measures
 from facecap.stages.quality.scorers import Brisque, NsfwDetector, TextDetector, cartoon_score
+from facecap.stages.quality.stage import NSFW_SIDE, TEXT_SIDE
 from facecap.stages.shared.geometry import head_pose
 
 
@@ -96,7 +97,7 @@ def test_brisque_prefers_the_clean_face(aligned):
 
 
 def test_text_fraction_sees_overlaid_text(portrait):
-    detector = TextDetector()
+    detector = TextDetector(TEXT_SIDE)
     plain = detector.text_fraction(portrait)
     captioned = portrait.copy()
     height, width = captioned.shape[:2]
@@ -110,7 +111,7 @@ def test_text_fraction_sees_overlaid_text(portrait):
 
 
 def test_nsfw_scores_ordinary_portraits_low(portrait, face_photos):
-    detector = NsfwDetector()
+    detector = NsfwDetector(NSFW_SIDE)
     for name in ("deepface/img1.jpg", "deepface/img10.jpg", "nonface/sheep.jpg"):
         assert detector.nsfw_score(cv2.imread(str(face_photos / name))) < 0.2, name
 
