@@ -68,7 +68,7 @@ BOOKKEEPING: dict[str, pa.DataType] = {
 # Text and NSFW detection run on the image shrunk to these long sides: the smallest whose decisions
 # agreed with full resolution on the fixture photos (docs/quality.md, bench/eval_quality_resolution.py).
 TEXT_SIDE: int | None = 640
-NSFW_SIDE: int | None = None
+NSFW_SIDE: int | None = 960
 
 
 def default_rules() -> list[Rule]:
