@@ -105,9 +105,11 @@ class NsfwDetector:
     def __init__(self, max_side: int | None) -> None:
         from nudenet import NudeDetector
 
-        self._detector = NudeDetector(
-            model_path=str(models.resolve("nudenet-320n")), providers=["CPUExecutionProvider"]
-        )
+        path = models.resolve("nudenet-320n")
+        self._detector = NudeDetector(model_path=str(path), providers=["CPUExecutionProvider"])
+        # NudeNet opens its session with onnxruntime's defaults (a thread per core) whatever it is
+        # given; use one that keeps to this worker's thread budget, as the other models do.
+        self._detector.onnx_session = _session(path)
         self.max_side = max_side
 
     def detections(self, bgr: np.ndarray) -> list[dict]:

@@ -116,6 +116,13 @@ def test_nsfw_scores_ordinary_portraits_low(portrait, face_photos):
         assert detector.nsfw_score(cv2.imread(str(face_photos / name))) < 0.2, name
 
 
+def test_nsfw_keeps_to_the_worker_thread_budget(monkeypatch, portrait):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what the runner gives a worker with one CPU
+    detector = NsfwDetector(NSFW_SIDE)
+    assert detector._detector.onnx_session.get_session_options().intra_op_num_threads == 1
+    assert detector.nsfw_score(portrait) < 0.2
+
+
 def test_cartoon_score_separates_the_drawn_faces_in_the_fixtures(face_photos, detector):
     def score(name: str) -> float:
         image = cv2.imread(str(face_photos / name))
