@@ -138,6 +138,22 @@ def test_filter_and_explain_from_the_cli(faces, tmp_path):
     assert wrong.exit_code == 2 and "--explain reads facecap quality's output" in wrong.output
 
 
+def test_no_cascade_from_the_cli_measures_every_row(faces, tmp_path):
+    runner = CliRunner()
+    config = tmp_path / "q.yaml"
+    config.write_text("quality:\n  rules:\n" + "".join(f'    - {{name: {r.name}, expr: "{r.expr}"}}\n' for r in RULES))
+    out = tmp_path / "everything"
+    args = ["quality", str(faces / "detect"), str(out), "-c", str(config), "--no-cascade", "--executor", "local"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = read_all(out).to_pandas()
+    judged = rows[rows.status.eq("ok") | rows.status.str.startswith("quality:")]
+    assert (judged.status != "ok").any() and not judged.quality_skipped.map(len).any()
+    assert judged.q_text_fraction.notna().all() and judged.q_brisque.notna().all()
+    explained = runner.invoke(app, ["quality", "--explain", str(out)], env={"COLUMNS": "250"})
+    assert explained.exit_code == 0 and "--no-cascade" not in explained.output  # nothing was skipped
+
+
 def test_a_rule_on_an_unknown_column_is_a_clear_error(faces, tmp_path):
     from facecap.pipeline.errors import ConfigError
 
