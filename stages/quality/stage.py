@@ -1,14 +1,14 @@
-"""Quality: measure every face row, then apply a rule list; measures are always stored.
+"""Quality: measure every face row, then apply a rule list; the measures taken are stored.
 
 Measures (``q_*`` columns, docs/quality.md gives each range): resolution, sharpness, exposure,
 colour (grayscale), head pose, BRISQUE, text area (PP-OCRv4), cartoon score, NSFW (NudeNet), and
 the multi-face context. They run cheapest first, and a row whose status a rule has settled gets
 no further measure (``cascade.py``; the statuses are those of measuring everything). Rules only
-set statuses: the first failing rule gives
-``quality:<rule-name>`` and ``quality_failed`` lists every failing rule, so a dataset can be
-re-thresholded later (``facecap filter --explain``) without running a model again. A ranking rule
-(keep the top fraction by resolution, FaceCaptionHQ-4M style) makes the stage global: it
-measures every shard first, then cuts at the dataset-wide threshold.
+set statuses: the first failing rule gives ``quality:<rule-name>`` and ``quality_failed`` lists
+every failing rule it could be judged by, so a dataset can be re-thresholded later (``facecap
+quality --explain``) without running a model again. A ranking rule (keep the top fraction by
+resolution, FaceCaptionHQ-4M style) makes the stage global: it measures every shard first, then
+cuts at the dataset-wide threshold.
 """
 
 from __future__ import annotations
