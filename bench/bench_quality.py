@@ -1,9 +1,11 @@
-"""Quality benchmark: faces/s per core for the whole stage and for each measure alone.
+"""Quality benchmark: faces/s per core for the whole stage, cascade off and on, and each measure alone.
 
-Detects faces in the fixture photos (YuNet, default crops), then runs `facecap filter`'s stage in
-this process on one core (OMP_NUM_THREADS=1, as a Ray worker gets) twice: every measure on every
-row, and the default of running BRISQUE/text/NSFW/cartoon only on rows that pass the cheap rules.
-Each measure is also timed alone over the same faces, so the expensive ones are visible.
+Detects faces in the fixture photos (YuNet, default crops), then runs the quality stage in this
+process on one core (OMP_NUM_THREADS=1, as a Ray worker gets) under the rules of the packaged
+`default` and `hq` recipes (detect's score rule on YuNet's scale, 0.85, as the recipes advise),
+with the cascade off (every measure on every row) and on, alternating, twice each; the faster
+run of each counts. The two outputs must give every row the same status. Each measure is also
+timed alone over the same faces, text and NSFW at full size and at the stage's default side.
 """
 
 from __future__ import annotations
@@ -68,12 +70,56 @@ def stage_rate(detect: Path, name: str, **config) -> tuple[float, int]:
     return seconds, faces
 
 
+def recipe_rules(name: str) -> list[dict]:
+    """The packaged recipe's quality rules, with detect's score threshold on YuNet's scale."""
+    import importlib.resources
+
+    import yaml
+
+    recipe = yaml.safe_load(importlib.resources.files("facecap.configs").joinpath(f"{name}.yaml").read_text())
+    rules = recipe["quality"]["rules"]
+    return [{**rule, "expr": "det_score >= 0.85"} if rule.get("name") == "min_score" else rule for rule in rules]
+
+
+def compare(recipe: str, detect: Path) -> None:
+    """Cascade off and on under one recipe's rules: faces/s, and that every status is the same."""
+    import pyarrow as pa
+
+    from facecap.pipeline.dataset import Dataset
+    from facecap.pipeline.storage import Storage
+
+    rules = recipe_rules(recipe)
+    best: dict[bool, float] = {}
+    for attempt in range(2):
+        for cascade in (False, True):
+            seconds, faces = stage_rate(detect, f"{recipe}-{cascade}-{attempt}", rules=rules, cascade=cascade)
+            best[cascade] = min(best.get(cascade, float("inf")), seconds)
+    outputs = {}
+    for cascade in (False, True):
+        dataset = Dataset(Storage(str(OUT / f"{recipe}-{cascade}-0")))
+        table = pa.concat_tables([dataset.read_shard(i) for i in dataset.shard_indices()])
+        outputs[cascade] = table.to_pandas().set_index("key").sort_index()
+    off, on = outputs[False], outputs[True]
+    same = off.index.equals(on.index) and (off.status == on.status).all()
+    judged = on[on.status.eq("ok") | on.status.str.startswith("quality:")]
+    skipped = {
+        name: int(judged.quality_skipped.map(lambda names, n=name: n in names).sum()) for name in ("text", "nsfw")
+    }
+    print(f"\n{recipe} recipe's rules: {', '.join(r['name'] for r in rules)}")
+    print(f"  {faces} faces, {int((on.status == 'ok').sum())} ok; same status on every row: {'yes' if same else 'NO'}")
+    print(f"  with the cascade on, faces not given text / NSFW detection: {skipped['text']} / {skipped['nsfw']}")
+    print(f"  cascade off (every measure on every row) {faces / best[False]:8.1f} faces/s")
+    print(f"  cascade on                               {faces / best[True]:8.1f} faces/s")
+    print(f"  speedup                                  {best[False] / best[True]:8.2f}x")
+
+
 def per_measure(detect: Path) -> list[tuple[str, float, int]]:
     """Seconds and items for each measure alone over the stored crops and images."""
     from facecap.pipeline.dataset import Dataset, TarShardReader
     from facecap.pipeline.storage import Storage
     from facecap.stages.quality import measures
     from facecap.stages.quality.scorers import Brisque, NsfwDetector, TextDetector, cartoon_score
+    from facecap.stages.quality.stage import NSFW_SIDE, TEXT_SIDE
     from facecap.stages.shared.geometry import head_pose
 
     dataset = Dataset(Storage(str(detect)))
@@ -96,33 +142,28 @@ def per_measure(detect: Path) -> list[tuple[str, float, int]]:
     timed("exposure (per face)", crops, measures.exposure)
     timed("pose (per face)", [np.asarray(lm, np.float32).reshape(5, 2) for lm in rows.landmarks], head_pose)
     timed("colour (per image)", list(images.values()), measures.channel_spread)
-    brisque, text, nsfw = Brisque(), TextDetector(), NsfwDetector()
+    brisque, text, nsfw = Brisque(), TextDetector(TEXT_SIDE), NsfwDetector(NSFW_SIDE)
     timed("BRISQUE (per face)", crops, brisque.score)
     faces = []
     for box, key in zip(boxes, rows.image_key, strict=True):
         x1, y1, x2, y2 = (max(0, int(v)) for v in box)
         faces.append(images[key][y1:y2, x1:x2])
     timed("cartoon (per face)", [f for f in faces if f.size], cartoon_score)
-    timed("text PP-OCRv4 (per image)", list(images.values()), text.text_fraction)
-    timed("NSFW NudeNet (per image)", list(images.values()), nsfw.nsfw_score)
+    timed(f"text PP-OCRv4, {TEXT_SIDE or 'full'} px (per image)", list(images.values()), text.text_fraction)
+    timed("text PP-OCRv4, full size (per image)", list(images.values()), TextDetector(None).text_fraction)
+    timed(f"NSFW NudeNet, {NSFW_SIDE or 'full'} px (per image)", list(images.values()), nsfw.nsfw_score)
+    timed("NSFW NudeNet, full size (per image)", list(images.values()), NsfwDetector(None).nsfw_score)
     return timings
 
 
 def main() -> None:
     detect = faces_dataset()
     print(f"machine: {machine()}; one core (OMP_NUM_THREADS=1), in-process")
-    every_seconds, faces = stage_rate(detect, "all", expensive_after_cheap=False)
-    cheap_first_seconds, _ = stage_rate(
-        detect,
-        "cheap_first",
-        rules=[{"name": "face", "expr": "q_face_side >= 128"}, {"name": "nsfw", "expr": "q_nsfw < 0.5"}],
-    )
-    print(f"\nwhole stage over {faces} faces:")
-    print(f"  every measure on every row      {faces / every_seconds:8.1f} faces/s")
-    print(f"  expensive only after cheap rules {faces / cheap_first_seconds:8.1f} faces/s (rule: q_face_side >= 128)")
-    print(f"\n{'measure alone':<28}{'items/s':>10}{'ms/item':>10}")
+    for recipe in ("default", "hq"):
+        compare(recipe, detect)
+    print(f"\n{'measure alone':<40}{'items/s':>10}{'ms/item':>10}")
     for name, seconds, items in per_measure(detect):
-        print(f"{name:<28}{items / seconds:>10.1f}{1000 * seconds / items:>10.2f}")
+        print(f"{name:<40}{items / seconds:>10.1f}{1000 * seconds / items:>10.2f}")
 
 
 if __name__ == "__main__":

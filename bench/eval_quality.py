@@ -54,8 +54,9 @@ def with_caption_band(image: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     from facecap.stages.quality.scorers import TextDetector, cartoon_score
+    from facecap.stages.quality.stage import TEXT_SIDE
 
-    text = TextDetector()
+    text = TextDetector(TEXT_SIDE)
     cartoon: dict[str, list[float]] = {"photo": [], "drawn": []}
     missed_drawn = []
     plain, banded = [], []

@@ -9,8 +9,8 @@ from rich.table import Table
 
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.errors import FacecapError
-from facecap.pipeline.options import Invocation, StageCommand, Switch
-from facecap.stages.quality.explain import RuleEffect, explain
+from facecap.pipeline.options import Flag, Invocation, StageCommand, Switch
+from facecap.stages.quality.explain import MeasureCost, RuleEffect, costs, explain
 from facecap.stages.quality.stage import QualityConfig
 
 
@@ -27,22 +27,50 @@ def explain_rules(call: Invocation) -> bool:
     tables = [dataset.read_shard(i) for i in dataset.done_shards()]
     if not tables:
         raise FacecapError(f"{directory} has no finished shards yet")
-    judged, effects = explain(pa.concat_tables(tables, promote_options="permissive").to_pandas(), rules)
+    rows = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    judged, effects = explain(rows, rules)
     table = Table(title=f"quality rules of {directory}: {judged:,} face rows judged")
-    for column in ("rule", "keeps rows where", "rejects alone", "fails", "at other thresholds: fails"):
+    columns = (
+        "rule",
+        "keeps rows where",
+        "rejects alone",
+        "fails",
+        "not measured (cascade)",
+        "at other thresholds: fails",
+    )
+    for column in columns:
         table.add_column(column, overflow="fold")
     for effect in effects:
         others = "\n".join(f"{condition}: {count:,}" for condition, count in effect.alternatives) or "-"
-        table.add_row(effect.name, effect.condition, f"{effect.alone:,}", f"{effect.failing:,}", others)
+        table.add_row(
+            effect.name, effect.condition, f"{effect.alone:,}", f"{effect.failing:,}", f"{effect.unmeasured:,}", others
+        )
     call.print(table)
-    call.print(
-        "rows that failed a rule not needing BRISQUE/text/NSFW/cartoon were not given those measures "
-        "(quality.expensive_after_cheap), so counts for rules on them are lower bounds"
-    )
+    if any(effect.unmeasured for effect in effects):
+        call.print(
+            "the cascade (quality.cascade) skipped measures for rows whose status an earlier rule had settled: "
+            "statuses are as if everything were measured, but 'fails' and the other thresholds count only "
+            "measured rows; rerun with --no-cascade to measure every row"
+        )
+    call.print(cost_table(costs(rows), directory))
     if plot is not None:
         plot_rules(effects, judged, plot)
         call.print(f"chart: {plot}")
     return True
+
+
+def cost_table(measured: list[MeasureCost], directory: str) -> Table:
+    """Each measure's cost as this dataset's run timed it (decoding apart), and what it skipped."""
+    images = measured[0].images if measured else 0
+    table = Table(title=f"measures of {directory}, cheapest first: cost over {images:,} images")
+    for column in ("measure", "per", "rows measured", "rows skipped", "ms per item", "ms per image"):
+        table.add_column(column)
+    for cost in measured:
+        per_item = "-" if cost.ms_per_item is None else f"{cost.ms_per_item:.2f}"
+        per_image = "-" if cost.ms_per_image is None else f"{cost.ms_per_image:.2f}"
+        name = "decode crop/image" if cost.name == "decode" else cost.name
+        table.add_row(name, cost.per or "-", f"{cost.measured:,}", f"{cost.skipped:,}", per_item, per_image)
+    return table
 
 
 def plot_rules(effects: list[RuleEffect], judged: int, path: Path) -> None:
@@ -76,12 +104,14 @@ COMMANDS = (
             Switch("--explain", bool, "explain the rules of the quality dataset IN", default=False),
             Switch("--plot", Path, "with --explain: also save a bar chart (PNG)"),
         ),
+        flags=(Flag("cascade", help="measure cheapest first, skipping rows already settled (default on)"),),
         intercept=explain_rules,
         examples=(
             "facecap quality work/detect work/quality (measures + the recipe's rules; default: reject explicit images)",
             "facecap quality work/detect work/quality -c hq (FaceCaptionHQ-4M's filters)",
             "facecap quality --explain work/quality (what each rule rejects, and at other thresholds; no models run)",
             "facecap quality --explain work/quality --plot rules.png",
+            "facecap quality work/detect work/quality --no-cascade (every measure on every row, for analysis)",
         ),
     ),
 )

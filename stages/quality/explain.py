@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from facecap.stages.quality.cascade import BY_COST, COSTS
 from facecap.stages.quality.rules import Rule, evaluate, ranking_cutoff, threshold_of
 
 FACTORS = (0.5, 0.75, 1.25, 1.5)
@@ -19,6 +20,26 @@ class RuleEffect:
     alone: int  # rows this rule rejects and no other rule does
     failing: int  # rows that fail it at all
     alternatives: list[tuple[str, int]] = field(default_factory=list)  # (condition, rows failing)
+    unmeasured: int = 0  # rows the cascade did not measure for it (their status was already settled)
+
+
+@dataclass
+class MeasureCost:
+    name: str
+    per: str  # "face", "image", or "" for decoding
+    measured: int  # rows that got it
+    skipped: int  # rows the cascade skipped
+    items: int  # faces or images it ran on
+    images: int  # images judged
+    seconds: float
+
+    @property
+    def ms_per_item(self) -> float | None:
+        return 1000 * self.seconds / self.items if self.items else None
+
+    @property
+    def ms_per_image(self) -> float | None:
+        return 1000 * self.seconds / self.images if self.images else None
 
 
 def measured_rows(rows: pd.DataFrame) -> pd.DataFrame:
@@ -37,8 +58,50 @@ def explain(rows: pd.DataFrame, rules: list[Rule]) -> tuple[int, list[RuleEffect
         alone = sum(names == [rule.name] for names in failed)
         effect = RuleEffect(rule.name, _condition(rule), alone, failing_rows)
         effect.alternatives = _alternatives(rule, judged)
+        effect.unmeasured = _unmeasured(rule, judged)
         effects.append(effect)
     return len(judged), effects
+
+
+def _skipped(judged: pd.DataFrame) -> list[set[str]]:
+    column = judged["quality_skipped"] if "quality_skipped" in judged.columns else [None] * len(judged)
+    return [set() if names is None else set(names) for names in column]
+
+
+def _unmeasured(rule: Rule, judged: pd.DataFrame) -> int:
+    """Rows for which a measure the rule reads was skipped by the cascade."""
+    reads = {m.name for m in BY_COST if set(m.columns) & rule.columns()}
+    return sum(bool(names & reads) for names in _skipped(judged))
+
+
+def costs(rows: pd.DataFrame) -> list[MeasureCost]:
+    """What each measure (and decoding) cost over the judged rows, from ``quality_ms``."""
+    judged = measured_rows(rows).reset_index(drop=True)
+    if "quality_ms" not in judged.columns:
+        return []
+    timed = pd.DataFrame([ms if isinstance(ms, dict) else {} for ms in judged["quality_ms"]], columns=list(COSTS))
+    skipped = _skipped(judged)
+    per = {m.name: "image" if m.per_image else "face" for m in BY_COST}
+    images = judged["image_key"].nunique() if "image_key" in judged.columns else len(judged)
+    result = []
+    for name in COSTS:
+        taken = timed[name].notna().to_numpy()
+        if name in per and per[name] == "image" and "image_key" in judged.columns:
+            items = judged.loc[taken, "image_key"].nunique()
+        else:
+            items = int(taken.sum())
+        result.append(
+            MeasureCost(
+                name=name,
+                per=per.get(name, ""),
+                measured=int(taken.sum()),
+                skipped=sum(name in names for names in skipped),
+                items=int(items),
+                images=int(images),
+                seconds=float(timed[name].sum(skipna=True)) / 1000,
+            )
+        )
+    return result
 
 
 def _condition(rule: Rule) -> str:

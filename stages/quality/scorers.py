@@ -66,18 +66,23 @@ class Brisque:
 
 
 class TextDetector:
-    """Share of the image covered by text, from PP-OCRv4's text probability map (0 to 1)."""
+    """Share of the image covered by text, from PP-OCRv4's text probability map (0 to 1).
 
-    MAX_SIDE = 640
+    The image is shrunk to at most ``max_side`` pixels on its long side first (``None``: its own
+    size); docs/quality.md gives the agreement with full resolution that chose the stage's
+    default (``quality.text_side``).
+    """
+
     THRESHOLD = 0.3  # PaddleOCR's DB binarisation threshold
 
-    def __init__(self) -> None:
+    def __init__(self, max_side: int | None) -> None:
         self._session = _session(models.resolve("ppocr-det"))
         self._input = self._session.get_inputs()[0].name
+        self.max_side = max_side
 
     def text_fraction(self, bgr: np.ndarray) -> float:
         height, width = bgr.shape[:2]
-        scale = min(1.0, self.MAX_SIDE / max(height, width))
+        scale = 1.0 if self.max_side is None else min(1.0, self.max_side / max(height, width))
         size = (max(32, round(width * scale / 32) * 32), max(32, round(height * scale / 32) * 32))
         image = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
         blob = ((image.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None]
@@ -89,18 +94,35 @@ class TextDetector:
 
 
 class NsfwDetector:
-    """The highest NudeNet score of an explicit class in the image (0 when none is found)."""
+    """The highest NudeNet score of an explicit class in the image (0 when none is found).
 
-    def __init__(self) -> None:
+    NudeNet pads the image to a square and resizes it to its 320 px input itself; shrinking it to
+    ``max_side`` pixels first (area interpolation; ``None``: as given) saves that work on large
+    images. docs/quality.md gives the agreement with full resolution that chose the stage's default
+    (``quality.nsfw_side``).
+    """
+
+    def __init__(self, max_side: int | None) -> None:
         from nudenet import NudeDetector
 
-        self._detector = NudeDetector(
-            model_path=str(models.resolve("nudenet-320n")), providers=["CPUExecutionProvider"]
-        )
+        path = models.resolve("nudenet-320n")
+        self._detector = NudeDetector(model_path=str(path), providers=["CPUExecutionProvider"])
+        # NudeNet opens its session with onnxruntime's defaults (a thread per core) whatever it is
+        # given; use one that keeps to this worker's thread budget, as the other models do.
+        self._detector.onnx_session = _session(path)
+        self.max_side = max_side
+
+    def detections(self, bgr: np.ndarray) -> list[dict]:
+        """NudeNet's detections (``class``, ``score``, ``box``) of every class, at ``max_side``."""
+        height, width = bgr.shape[:2]
+        if self.max_side is not None and max(height, width) > self.max_side:
+            scale = self.max_side / max(height, width)
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+        return self._detector.detect(np.ascontiguousarray(bgr))
 
     def nsfw_score(self, bgr: np.ndarray) -> float:
-        detections = self._detector.detect(np.ascontiguousarray(bgr))
-        return max((float(d["score"]) for d in detections if d["class"] in EXPLICIT), default=0.0)
+        return max((float(d["score"]) for d in self.detections(bgr) if d["class"] in EXPLICIT), default=0.0)
 
 
 def cartoon_features(face_bgr: np.ndarray) -> tuple[float, float, float]:

@@ -1,17 +1,20 @@
-"""Quality: measure every face row, then apply a rule list; measures are always stored.
+"""Quality: measure every face row, then apply a rule list; the measures taken are stored.
 
 Measures (``q_*`` columns, docs/quality.md gives each range): resolution, sharpness, exposure,
 colour (grayscale), head pose, BRISQUE, text area (PP-OCRv4), cartoon score, NSFW (NudeNet), and
-the multi-face context. Rules only set statuses: the first failing rule gives
-``quality:<rule-name>`` and ``quality_failed`` lists every failing rule, so a dataset can be
-re-thresholded later (``facecap filter --explain``) without running a model again. A ranking rule
-(keep the top fraction by resolution, FaceCaptionHQ-4M style) makes the stage global: it
-measures every shard first, then cuts at the dataset-wide threshold.
+the multi-face context. They run cheapest first, and a row whose status a rule has settled gets
+no further measure (``cascade.py``; the statuses are those of measuring everything). Rules only
+set statuses: the first failing rule gives ``quality:<rule-name>`` and ``quality_failed`` lists
+every failing rule it could be judged by, so a dataset can be re-thresholded later (``facecap
+quality --explain``) without running a model again. A ranking rule (keep the top fraction by
+resolution, FaceCaptionHQ-4M style) makes the stage global: it measures every shard first, then
+cuts at the dataset-wide threshold.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -24,19 +27,12 @@ from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, GlobalStage, Output, Resources, StageConfig, StageSpec, Summaries
 from facecap.pipeline.summary import Histogram
 from facecap.stages.quality import measures
+from facecap.stages.quality.cascade import BY_COST, COSTS, Cascade
 from facecap.stages.quality.rules import Rule, failing, ranking_cutoff
 from facecap.stages.shared.geometry import head_pose
 from facecap.stages.shared.images import decode_bgr
 from facecap.stages.shared.values import missing
 
-EXPENSIVE = ("brisque", "clip_iqa", "text", "nsfw", "cartoon")
-EXPENSIVE_COLUMNS = {
-    "brisque": "q_brisque",
-    "clip_iqa": "q_clip_iqa",
-    "text": "q_text_fraction",
-    "nsfw": "q_nsfw",
-    "cartoon": "q_cartoon",
-}
 MEASURES: dict[str, pa.DataType] = {
     "q_face_side": pa.float32(),
     "q_image_side": pa.float32(),
@@ -63,6 +59,18 @@ MEASURES: dict[str, pa.DataType] = {
     "q_is_largest": pa.bool_(),
     "q_max_overlap": pa.float32(),
 }
+# Beside the measures: what the cascade skipped for the row, and the milliseconds each measure
+# (and decoding) took for it; a per-image measure's time is shared by the faces that got it.
+BOOKKEEPING: dict[str, pa.DataType] = {
+    "quality_skipped": pa.list_(pa.string()),
+    "quality_ms": pa.struct([(name, pa.float32()) for name in COSTS]),
+}
+
+
+# Text and NSFW detection run on the image shrunk to these long sides: the smallest whose decisions
+# agreed with full resolution on the fixture photos (docs/quality.md, bench/eval_quality_resolution.py).
+TEXT_SIDE: int | None = 640
+NSFW_SIDE: int | None = 960
 
 
 def default_rules() -> list[Rule]:
@@ -82,9 +90,16 @@ class QualityConfig(StageConfig):
     cartoon: bool = Field(True, description="q_cartoon: 0 photograph-like .. 1 drawn")
     nsfw: bool = Field(True, description="q_nsfw: highest NudeNet score of an explicit class")
     grayscale_below: float = Field(3.0, ge=0, description="q_grayscale when q_channel_std is below this (0-255)")
-    expensive_after_cheap: bool = Field(
+    text_side: int | None = Field(
+        TEXT_SIDE, ge=32, description="text detection on the image shrunk to this long side (null: full)"
+    )
+    nsfw_side: int | None = Field(
+        NSFW_SIDE, ge=32, description="NSFW detection on the image shrunk to this long side (null: full)"
+    )
+    cascade: bool = Field(
         True,
-        description="run BRISQUE, text, NSFW and cartoon only on rows that pass the rules not needing them",
+        description="measure cheapest first and stop measuring a row once its status is settled "
+        "(the same statuses; false measures every row fully, for analysis)",
     )
     rules: list[Rule] = Field(
         default_factory=default_rules, description="keep-rules, first failing one names the status"
@@ -119,7 +134,7 @@ class QualityStage(GlobalStage):
     config_model = QualityConfig
     consumes = ("image_key", "box", "landmarks", "face_width", "face_height")
     summaries = SUMMARIES
-    produces: ClassVar[dict[str, pa.DataType]] = {**MEASURES, "quality_failed": pa.list_(pa.string())}
+    produces: ClassVar[dict[str, pa.DataType]] = {**MEASURES, "quality_failed": pa.list_(pa.string()), **BOOKKEEPING}
     reads_media: ClassVar[dict[str, str]] = {"image": "image_key", "aligned112": "key"}
     batch_by = "image_key"  # all faces of an image in one batch: overlap and per-image measures
     resources = Resources(cpus=1, batch_size=64, actor=True)
@@ -155,9 +170,9 @@ class QualityStage(GlobalStage):
         if self.config.brisque:
             self._scorers["brisque"] = Brisque()
         if self.config.text:
-            self._scorers["text"] = TextDetector()
+            self._scorers["text"] = TextDetector(self.config.text_side)
         if self.config.nsfw:
-            self._scorers["nsfw"] = NsfwDetector()
+            self._scorers["nsfw"] = NsfwDetector(self.config.nsfw_side)
         if self.config.clip_iqa:
             from facecap.stages.quality.scorers import ClipIqa
 
@@ -175,7 +190,7 @@ class QualityStage(GlobalStage):
         return Output(rows=_with_statuses(rows, failed, self.config.rules))
 
     def summarize(self, batch: Batch) -> pd.DataFrame:
-        return self._measure(batch)[["key", "image_key", *_DETECT_COLUMNS, *MEASURES]]
+        return self._measure(batch)[["key", "image_key", *_DETECT_COLUMNS, *MEASURES, *BOOKKEEPING]]
 
     @classmethod
     def plan(cls, config: QualityConfig, summaries: Summaries):
@@ -189,33 +204,60 @@ class QualityStage(GlobalStage):
                 continue
             failed = failing(config.rules, rows, cutoffs)
             decided = _with_statuses(rows, failed, config.rules, cutoffs)
-            yield shard, decided[["key", *MEASURES, "quality_failed", "status", "error"]]
+            yield shard, decided[["key", *MEASURES, "quality_failed", *BOOKKEEPING, "status", "error"]]
 
     # -- measuring ---------------------------------------------------------------------------
     def _measure(self, batch: Batch) -> pd.DataFrame:
+        """Every measure in order of cost (cascade.BY_COST), each only on the rows that still need it."""
         rows = batch.rows.copy().reset_index(drop=True)
-        cfg = self.config
-        images = _ImageCache(batch)
+        records = rows.to_dict("records")
+        media = _ImageCache(batch)
         values: dict[str, list[Any]] = {name: [None] * len(rows) for name in MEASURES}
-        boxes_by_image: dict[str, list[np.ndarray]] = {}
-        for box, image_key in zip(rows["box"], rows["image_key"], strict=True):
-            boxes_by_image.setdefault(image_key, []).append(np.asarray(box, np.float32))
-        for i, row in enumerate(rows.to_dict("records")):
-            self._cheap(row, i, values, images, boxes_by_image)
-        frame = rows.assign(**values)
-        passing = np.ones(len(frame), bool)
-        if cfg.expensive_after_cheap:
-            cheap_rules = [
-                r for r in cfg.rules if not r.ranking and not (r.columns() & set(EXPENSIVE_COLUMNS.values()))
-            ]
-            passing = np.array([not names for names in failing(cheap_rules, frame)], bool)
-        for i, row in enumerate(rows.to_dict("records")):
-            if passing[i]:
-                self._expensive(row, i, values, images)
-        return rows.assign(**values)
+        costs: list[dict[str, float]] = [{} for _ in records]
+        cascade = Cascade(self.config.rules, len(rows), on=self.config.cascade)
+        read = sorted({c for rule in self.config.rules for c in rule.columns()} & set(MEASURES))
+        cascade.judge(rows.assign(**{c: values[c] for c in read}))
+        faces_of: dict[str, list[int]] = {}
+        for i, row in enumerate(records):
+            faces_of.setdefault(row["image_key"], []).append(i)
+            media.boxes.setdefault(row["image_key"], []).append(np.asarray(row["box"], np.float32))
+        for measure in BY_COST:
+            needed = cascade.needs(measure) if self._on(measure.name) else None
+            if needed is not None:
+                groups = faces_of.values() if measure.per_image else [[i] for i in range(len(records))]
+                for faces in groups:
+                    chosen = [i for i in faces if needed[i]]
+                    if chosen:
+                        self._take(measure.name, chosen, records, values, media, costs)
+            cascade.measured(measure, needed, rows.assign(**{c: values[c] for c in read}))
+        out = rows.assign(**values)
+        out["quality_skipped"] = cascade.skipped
+        out["quality_ms"] = [{name: _ms(row.get(name)) for name in COSTS} for row in costs]
+        return out
 
-    def _cheap(self, row: dict, i: int, values: dict, images: _ImageCache, boxes: dict) -> None:
-        cfg = self.config
+    def _on(self, measure: str) -> bool:
+        if measure in ("brisque", "text", "nsfw", "clip_iqa"):
+            return measure in self._scorers
+        return measure == "row" or bool(getattr(self.config, measure))
+
+    def _take(self, measure: str, faces: list[int], records: list[dict], values: dict, media, costs) -> None:
+        """Run one measure on ``faces`` (one face, or the faces of one image), timing it apart from
+        decoding; a per-image measure's time is shared by the faces that get it."""
+        decoding = media.decode_seconds
+        started = time.perf_counter()
+        getattr(self, f"_{measure}")(faces, records, values, media)
+        seconds = time.perf_counter() - started
+        decode = media.decode_seconds - decoding
+        for i in faces:
+            costs[i][measure] = (seconds - decode) / len(faces)
+            if decode:
+                costs[i]["decode"] = costs[i].get("decode", 0.0) + decode / len(faces)
+
+    # One method per measure (cascade.BY_COST): ``faces`` are row indices, all of one image for a
+    # per-image measure.
+    def _row(self, faces: list[int], records: list[dict], values: dict, media: _ImageCache) -> None:
+        (i,) = faces
+        row = records[i]
         width, height = float(row["face_width"]), float(row["face_height"])
         values["q_face_side"][i] = min(width, height)
         original = _original_size(row)
@@ -223,76 +265,104 @@ class QualityStage(GlobalStage):
             values["q_image_side"][i] = float(min(original))
             values["q_aspect"][i] = float(max(original) / max(1, min(original)))
             values["q_relative_area"][i] = width * height / float(original[0] * original[1])
-        crop = images.crop(row["key"])
-        if crop is not None and cfg.sharpness:
-            values["q_sharpness"][i], values["q_gradient"][i] = measures.sharpness(crop)
-        if crop is not None and cfg.exposure:
-            for name, value in measures.exposure(crop).items():
-                values[name][i] = value
-        image = images.image(row["image_key"])
-        if image is not None and cfg.colour:
-            spread = images.per_image(row["image_key"], "spread", lambda: measures.channel_spread(image))
-            values["q_channel_std"][i] = spread
-            values["q_grayscale"][i] = bool(spread < cfg.grayscale_below)
-        if cfg.pose and row.get("landmarks") is not None and len(row["landmarks"]) == 10:
-            yaw, pitch, roll = head_pose(np.asarray(row["landmarks"], np.float32).reshape(5, 2))
-            values["q_yaw"][i], values["q_pitch"][i], values["q_roll"][i] = yaw, pitch, roll
-            values["q_frontalness"][i] = measures.frontalness(yaw, pitch)
-        others = [b for b in boxes[row["image_key"]] if not np.array_equal(b, np.asarray(row["box"], np.float32))]
+        box = np.asarray(row["box"], np.float32)
+        others = [b for b in media.boxes[row["image_key"]] if not np.array_equal(b, box)]
         values["q_faces_in_image"][i] = _int_or_none(row.get("num_faces"))
         values["q_is_largest"][i] = None if missing(row.get("is_largest")) else bool(row["is_largest"])
-        values["q_max_overlap"][i] = measures.max_overlap(np.asarray(row["box"], np.float32), others)
+        values["q_max_overlap"][i] = measures.max_overlap(box, others)
 
-    def _expensive(self, row: dict, i: int, values: dict, images: _ImageCache) -> None:
-        cfg = self.config
-        crop = images.crop(row["key"])
-        image = images.image(row["image_key"])
-        if crop is not None and "brisque" in self._scorers:
+    def _pose(self, faces: list[int], records: list[dict], values: dict, media: _ImageCache) -> None:
+        (i,) = faces
+        landmarks = records[i].get("landmarks")
+        if landmarks is not None and len(landmarks) == 10:
+            yaw, pitch, roll = head_pose(np.asarray(landmarks, np.float32).reshape(5, 2))
+            values["q_yaw"][i], values["q_pitch"][i], values["q_roll"][i] = yaw, pitch, roll
+            values["q_frontalness"][i] = measures.frontalness(yaw, pitch)
+
+    def _sharpness(self, faces: list[int], records: list[dict], values: dict, media: _ImageCache) -> None:
+        (i,) = faces
+        crop = media.crop(records[i]["key"])
+        if crop is not None:
+            values["q_sharpness"][i], values["q_gradient"][i] = measures.sharpness(crop)
+
+    def _exposure(self, faces: list[int], records: list[dict], values: dict, media: _ImageCache) -> None:
+        (i,) = faces
+        crop = media.crop(records[i]["key"])
+        if crop is not None:
+            for name, value in measures.exposure(crop).items():
+                values[name][i] = value
+
+    def _colour(self, faces: list[int], records: list[dict], values: dict, media: _ImageCache) -> None:
+        image = media.image(records[faces[0]]["image_key"])
+        if image is not None:
+            spread = measures.channel_spread(image)
+            for i in faces:
+                values["q_channel_std"][i] = spread
+                values["q_grayscale"][i] = bool(spread < self.config.grayscale_below)
+
+    def _cartoon(self, faces: list[int], records: list[dict], values: dict, media: _ImageCache) -> None:
+        from facecap.stages.quality.scorers import cartoon_score
+
+        (i,) = faces
+        face = media.face_region(records[i])
+        if face is not None:
+            values["q_cartoon"][i] = cartoon_score(face)
+
+    def _brisque(self, faces: list[int], records: list[dict], values: dict, media: _ImageCache) -> None:
+        (i,) = faces
+        crop = media.crop(records[i]["key"])
+        if crop is not None:
             values["q_brisque"][i] = self._scorers["brisque"].score(crop)
-        if crop is not None and "clip_iqa" in self._scorers:
-            values["q_clip_iqa"][i] = self._scorers["clip_iqa"].score(crop)
-        if image is None:
-            return
-        if "text" in self._scorers:
-            text = self._scorers["text"]
-            values["q_text_fraction"][i] = images.per_image(row["image_key"], "text", lambda: text.text_fraction(image))
-        if "nsfw" in self._scorers:
-            nsfw = self._scorers["nsfw"]
-            values["q_nsfw"][i] = images.per_image(row["image_key"], "nsfw", lambda: nsfw.nsfw_score(image))
-        if cfg.cartoon:
-            from facecap.stages.quality.scorers import cartoon_score
 
-            face = images.face_region(row)
-            if face is not None:
-                values["q_cartoon"][i] = cartoon_score(face)
+    def _clip_iqa(self, faces: list[int], records: list[dict], values: dict, media: _ImageCache) -> None:
+        (i,) = faces
+        crop = media.crop(records[i]["key"])
+        if crop is not None:
+            values["q_clip_iqa"][i] = self._scorers["clip_iqa"].score(crop)
+
+    def _nsfw(self, faces: list[int], records: list[dict], values: dict, media: _ImageCache) -> None:
+        image = media.image(records[faces[0]]["image_key"])
+        if image is not None:
+            score = self._scorers["nsfw"].nsfw_score(image)
+            for i in faces:
+                values["q_nsfw"][i] = score
+
+    def _text(self, faces: list[int], records: list[dict], values: dict, media: _ImageCache) -> None:
+        image = media.image(records[faces[0]]["image_key"])
+        if image is not None:
+            fraction = self._scorers["text"].text_fraction(image)
+            for i in faces:
+                values["q_text_fraction"][i] = fraction
 
 
 _DETECT_COLUMNS = ("det_score", "face_width", "face_height", "face_area_ratio", "num_faces", "is_largest")
 
 
 class _ImageCache:
-    """Decoded images and crops of one batch, and per-image measures shared by its faces."""
+    """Decoded images and crops of one batch (each decoded once, timed), and each image's face boxes."""
 
     def __init__(self, batch: Batch):
         self.batch = batch
+        self.boxes: dict[str, list[np.ndarray]] = {}
+        self.decode_seconds = 0.0
         self._images: dict[str, np.ndarray | None] = {}
         self._crops: dict[str, np.ndarray | None] = {}
-        self._per_image: dict[tuple[str, str], Any] = {}
 
     def image(self, key: str) -> np.ndarray | None:
         if key not in self._images:
-            self._images[key] = decode_bgr(self.batch.media.get("image", {}).get(key))
+            self._images[key] = self._decode(self.batch.media.get("image", {}).get(key))
         return self._images[key]
 
     def crop(self, key: str) -> np.ndarray | None:
         if key not in self._crops:
-            self._crops[key] = decode_bgr(self.batch.media.get("aligned112", {}).get(key))
+            self._crops[key] = self._decode(self.batch.media.get("aligned112", {}).get(key))
         return self._crops[key]
 
-    def per_image(self, key: str, measure: str, compute) -> Any:
-        if (key, measure) not in self._per_image:
-            self._per_image[(key, measure)] = compute()
-        return self._per_image[(key, measure)]
+    def _decode(self, data: bytes | None) -> np.ndarray | None:
+        started = time.perf_counter()
+        pixels = decode_bgr(data)
+        self.decode_seconds += time.perf_counter() - started
+        return pixels
 
     def face_region(self, row: dict) -> np.ndarray | None:
         """The face box in the stored image's pixels (boxes are in original pixels)."""
@@ -316,6 +386,10 @@ def _original_size(row: dict) -> tuple[int, int] | None:
     if missing(width) or missing(height) or not width or not height:
         return None
     return int(width), int(height)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000 * seconds, 4)
 
 
 def _int_or_none(value: Any) -> int | None:

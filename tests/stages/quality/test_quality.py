@@ -58,7 +58,7 @@ def by_source(rows):
 
 
 def test_every_degradation_flips_its_own_rule_and_measures_are_stored(faces):
-    result = run(QualityStage, faces / "detect", faces / "q", QualityConfig(rules=RULES, expensive_after_cheap=False))
+    result = run(QualityStage, faces / "detect", faces / "q", QualityConfig(rules=RULES, cascade=False))
     assert result.ok
     rows = read_all(faces / "q").to_pandas()
     detect = read_all(faces / "detect").to_pandas()
@@ -83,16 +83,28 @@ def test_every_degradation_flips_its_own_rule_and_measures_are_stored(faces):
     assert (group.q_nsfw < 0.2).all()
 
 
-def test_expensive_measures_run_only_for_rows_passing_the_cheap_rules(faces):
-    config = QualityConfig(rules=RULES, expensive_after_cheap=True)
-    assert run(QualityStage, faces / "detect", faces / "q_cheap", config).ok
-    rows = by_source(read_all(faces / "q_cheap").to_pandas().query("key.str.contains('_f')", engine="python"))
-    assert np.isnan(rows["blurred.jpg"].iloc[0].q_brisque)  # failed 'sharp' first: no BRISQUE, no OCR
-    assert not np.isnan(rows["sharp.jpg"].iloc[0].q_brisque)
-    everything = QualityConfig(rules=RULES, expensive_after_cheap=False)
-    assert run(QualityStage, faces / "detect", faces / "q_all", everything).ok
-    rows = by_source(read_all(faces / "q_all").to_pandas().query("key.str.contains('_f')", engine="python"))
-    assert not np.isnan(rows["blurred.jpg"].iloc[0].q_brisque)
+def test_the_cascade_keeps_every_status_and_skips_measures_of_settled_rows(faces):
+    assert run(QualityStage, faces / "detect", faces / "q_on", QualityConfig(rules=RULES)).ok
+    assert run(QualityStage, faces / "detect", faces / "q_off", QualityConfig(rules=RULES, cascade=False)).ok
+    on = read_all(faces / "q_on").to_pandas().set_index("key").sort_index()
+    off = read_all(faces / "q_off").to_pandas().set_index("key").sort_index()
+    assert on.index.equals(off.index) and on.status.tolist() == off.status.tolist()  # one status a row, the same
+    assert set(on.index[on.status == "ok"]) == set(off.index[off.status == "ok"])
+    assert on.error.fillna("").tolist() == off.error.fillna("").tolist()
+    assert not off.quality_skipped.map(len).any()  # off: everything measured
+    faces_on = by_source(on[on.index.str.contains("_f")])
+    blurred = faces_on["blurred.jpg"].iloc[0]  # fails 'sharp', the third rule: the 4th and 5th cannot matter
+    assert blurred.status == "quality:sharp" and not np.isnan(blurred.q_nsfw)  # rule 1 reads NSFW: taken
+    assert np.isnan(blurred.q_text_fraction) and np.isnan(blurred.q_brisque) and blurred.q_grayscale is None
+    assert {"text", "brisque", "colour", "cartoon"} <= set(blurred.quality_skipped)
+    off_blurred = by_source(off[off.index.str.contains("_f")])["blurred.jpg"].iloc[0]
+    assert not np.isnan(off_blurred.q_text_fraction) and not np.isnan(off_blurred.q_brisque)
+    sharp = faces_on["sharp.jpg"].iloc[0]
+    assert sharp.status == "ok" and len(sharp.quality_skipped) == 0 and not np.isnan(sharp.q_text_fraction)
+    assert sharp.quality_ms["text"] > 0 and sharp.quality_ms["decode"] > 0 and blurred.quality_ms["text"] is None
+    group = faces_on["group.jpg"]  # five faces of one image: text detection once, its time shared
+    measured = group[group.q_text_fraction.notna()]
+    assert measured.q_text_fraction.nunique() <= 1
 
 
 def test_a_ranking_rule_cuts_at_the_dataset_wide_threshold(faces, ray_local):
@@ -118,11 +130,28 @@ def test_filter_and_explain_from_the_cli(faces, tmp_path):
     # `filter`, the command's earlier name, still works.
     explained = runner.invoke(app, ["filter", "--explain", str(out), "--plot", str(plot)], env={"COLUMNS": "250"})
     assert explained.exit_code == 0, explained.output
-    for name in ("sharp", "bright", "colour", "little_text", "q_sharpness >= 3000"):
+    for name in ("sharp", "bright", "colour", "little_text", "q_sharpness >= 3000", "not measured", "ms per image"):
         assert name in explained.output
+    assert "--no-cascade" in explained.output  # the blurred, dark, gray faces skipped text detection
     assert plot.stat().st_size > 5000
     wrong = runner.invoke(app, ["filter", "--explain", str(faces / "detect")])
     assert wrong.exit_code == 2 and "--explain reads facecap quality's output" in wrong.output
+
+
+def test_no_cascade_from_the_cli_measures_every_row(faces, tmp_path):
+    runner = CliRunner()
+    config = tmp_path / "q.yaml"
+    config.write_text("quality:\n  rules:\n" + "".join(f'    - {{name: {r.name}, expr: "{r.expr}"}}\n' for r in RULES))
+    out = tmp_path / "everything"
+    args = ["quality", str(faces / "detect"), str(out), "-c", str(config), "--no-cascade", "--executor", "local"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = read_all(out).to_pandas()
+    judged = rows[rows.status.eq("ok") | rows.status.str.startswith("quality:")]
+    assert (judged.status != "ok").any() and not judged.quality_skipped.map(len).any()
+    assert judged.q_text_fraction.notna().all() and judged.q_brisque.notna().all()
+    explained = runner.invoke(app, ["quality", "--explain", str(out)], env={"COLUMNS": "250"})
+    assert explained.exit_code == 0 and "--no-cascade" not in explained.output  # nothing was skipped
 
 
 def test_a_rule_on_an_unknown_column_is_a_clear_error(faces, tmp_path):

@@ -10,6 +10,7 @@ from facecap.stages.detect.align import aligned_crop
 from facecap.stages.detect.stage import DetectConfig, DetectStage
 from facecap.stages.quality import measures
 from facecap.stages.quality.scorers import Brisque, NsfwDetector, TextDetector, cartoon_score
+from facecap.stages.quality.stage import NSFW_SIDE, TEXT_SIDE
 from facecap.stages.shared.geometry import head_pose
 
 
@@ -96,7 +97,7 @@ def test_brisque_prefers_the_clean_face(aligned):
 
 
 def test_text_fraction_sees_overlaid_text(portrait):
-    detector = TextDetector()
+    detector = TextDetector(TEXT_SIDE)
     plain = detector.text_fraction(portrait)
     captioned = portrait.copy()
     height, width = captioned.shape[:2]
@@ -110,9 +111,16 @@ def test_text_fraction_sees_overlaid_text(portrait):
 
 
 def test_nsfw_scores_ordinary_portraits_low(portrait, face_photos):
-    detector = NsfwDetector()
+    detector = NsfwDetector(NSFW_SIDE)
     for name in ("deepface/img1.jpg", "deepface/img10.jpg", "nonface/sheep.jpg"):
         assert detector.nsfw_score(cv2.imread(str(face_photos / name))) < 0.2, name
+
+
+def test_nsfw_keeps_to_the_worker_thread_budget(monkeypatch, portrait):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what the runner gives a worker with one CPU
+    detector = NsfwDetector(NSFW_SIDE)
+    assert detector._detector.onnx_session.get_session_options().intra_op_num_threads == 1
+    assert detector.nsfw_score(portrait) < 0.2
 
 
 def test_cartoon_score_separates_the_drawn_faces_in_the_fixtures(face_photos, detector):
