@@ -42,8 +42,8 @@ from facecap.stages.export.trainers import dataset_card, write_energon_meta
 from facecap.stages.shared.trainers import metadata_schema, tar_index, tar_index_name
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-# Columns not worth a trainer's JSON: internal bookkeeping of the stages.
-SKIP_COLUMNS = {"status", "error", "source_file", "source_row", "fetch_seconds", "attempts", "reencoded"}
+# Columns not worth a trainer's JSON: internal bookkeeping of the stages (and timings, which differ run to run).
+SKIP_COLUMNS = {"status", "error", "source_file", "source_row", "fetch_seconds", "attempts", "reencoded", "quality_ms"}
 MAX_SHARD_SAMPLES = 1_000_000
 
 
