@@ -55,10 +55,14 @@ eval: $(STAMP)
 	$(BIN)/python bench/eval_quality.py
 	$(BIN)/python bench/eval_tag.py
 
-# bench-detect, bench-dedup, bench-caption, bench-tag, bench-quality, bench-ingest, bench-soak: each
+# bench-detect, bench-dedup, bench-caption, bench-tag, bench-quality, bench-ingest, bench-soak, bench-scale: each
 # runs bench/bench_<name>.py (figures in docs/performance.md). bench-soak runs every stage end to end
 # on a loopback corpus (SOAK_URLS, default 50000), memory sampled; SOAK_WORKERS=1,2,4,8,16 repeats it
-# per worker count and prints the scaling efficiency. (Not .PHONY: make skips pattern rules for those.)
+# per worker count and prints the scaling efficiency. bench-scale writes synthetic datasets of
+# SCALE_SIZES rows (default 100000,300000,1000000; bench/scale_data.py) and measures export, report,
+# stats and dedup's decision on them: time, driver and largest-child peak RSS, growth exponents
+# (not in `make bench`: about 20 minutes and 10 GB of disk at 1M rows; the data is removed after).
+# (Not .PHONY: make skips pattern rules for those.)
 bench-%: $(STAMP)
 	$(BIN)/python bench/bench_$*.py
 
