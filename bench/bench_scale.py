@@ -7,7 +7,7 @@ and dedup's pass-1 fingerprints with planted exact and near duplicates), then ru
 fresh process with the memory of its process tree sampled every 0.1 s:
 
 - ``facecap stats DIR --json`` and ``facecap report DIR``;
-- ``facecap export`` as WebDataset and as FaceCaption-v2 Parquet (each output removed after it is
+- ``facecap export`` as FaceCaption-v2 Parquet and as WebDataset (each output removed after it is
   measured, to keep the disk free);
 - dedup's decision (pass 2, the driver's part): the stage's ``plan`` over the pass-1 summaries
   through the runner's own plan writer, once per kind set in SCALE_DEDUP_KINDS (default
@@ -17,7 +17,9 @@ Prints wall seconds, the peak RSS of the driver (the command's process) and of i
 process, and the fitted growth exponent of each (least squares of log value on log N; 1.0 is
 linear, 0 is flat). Results also go to bench-out/scale/results.json. SCALE_DIR sets where the
 datasets go (default bench-out/scale), SCALE_SHARD the rows per shard (10,000), SCALE_KEEP=1 keeps
-the datasets. A size whose data would not fit on the disk (with 2 GB to spare) is skipped, saying so.
+the datasets, SCALE_STEPS=stats,report,dedup runs only the steps named so. The WebDataset export
+runs last (the longest step, and the one needing the most disk: skipped when it would not fit with
+2 GB to spare); so is a size whose data would not fit.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ SIZES = [int(s) for s in os.environ.get("SCALE_SIZES", "100000,300000,1000000").
 ROOT = Path(os.environ.get("SCALE_DIR", REPO / "bench-out" / "scale"))
 SHARD = int(os.environ.get("SCALE_SHARD", "10000"))
 KEEP = os.environ.get("SCALE_KEEP") == "1"
+# Only the steps whose names start with one of these (e.g. "stats,report,dedup"); all by default.
+STEPS = tuple(s.strip() for s in os.environ.get("SCALE_STEPS", "").split(",") if s.strip())
 DEDUP_KINDS = [k.split(",") for k in os.environ.get("SCALE_DEDUP_KINDS", "exact,near;exact,near,face").split(";")]
 FACECAP = str(Path(sys.executable).with_name("facecap"))
 SPARE = 2 << 30
@@ -163,7 +167,11 @@ def free_bytes() -> int:
     return shutil.disk_usage(ROOT).free
 
 
-def run_size(n: int) -> dict:
+def save(results: list[dict]) -> None:
+    (ROOT / "results.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+
+
+def run_size(n: int, earlier: list[dict]) -> dict:
     from scale_data import write_dataset
 
     folder = ROOT / f"n{n}"
@@ -181,7 +189,6 @@ def run_size(n: int) -> dict:
     steps: dict[str, list[str]] = {
         "stats": [FACECAP, "stats", str(data), "--json"],
         "report": [FACECAP, "report", str(data), "-o", str(folder / "report.html"), "-q"],
-        "export webdataset": [FACECAP, "export", str(data), str(folder / "wds"), "--format", "webdataset", "-q"],
         "export parquet": [FACECAP, "export", str(data), str(folder / "parquet"), "--format", "parquet", "-q"],
     }
     for kinds in DEDUP_KINDS:
@@ -193,6 +200,9 @@ def run_size(n: int) -> dict:
             str(folder / "plan"),
             ",".join(kinds),
         ]
+    # Last: the longest step, and the one that needs the most disk.
+    steps["export webdataset"] = [FACECAP, "export", str(data), str(folder / "wds"), "--format", "webdataset", "-q"]
+    steps = {name: cmd for name, cmd in steps.items() if not STEPS or name.startswith(STEPS)}
     result["steps"] = {}
     for name, cmd in steps.items():
         if name == "export webdataset" and free_bytes() < n * WEBDATASET_BYTES_PER_ROW + SPARE:
@@ -207,6 +217,7 @@ def run_size(n: int) -> dict:
                 step["output_bytes"] = folder_bytes(folder / out)
                 shutil.rmtree(folder / out)
         result["steps"][name] = step
+        save([*earlier, result])  # after every step: a run stopped later keeps what it measured
         extra = ""
         if "recall" in step:
             extra = f", decision {step['plan_seconds']:.1f} s at {step['plan_peak_mb']:,.0f} MB peak"
@@ -229,8 +240,8 @@ def main() -> None:
         if free_bytes() < need:
             print(f"\n{n:,} rows: skipped, needs about {need / 2**30:.1f} GiB, {free_bytes() / 2**30:.1f} free")
             continue
-        results.append(run_size(n))
-    (ROOT / "results.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+        results.append(run_size(n, results))
+    save(results)
     if not results:
         return
     print(f"\n{'step':<34}{'rows':>11}{'seconds':>9}{'driver MB':>11}{'child MB':>10}")
