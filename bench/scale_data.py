@@ -402,7 +402,7 @@ def shard_table(plan: Plan, hashes: dict[str, np.ndarray], seed: int, shard: int
     return pa.table(arrays, schema=target)
 
 
-def summary_table(plan: Plan, hashes: dict[str, np.ndarray], table: pa.Table) -> pa.Table:
+def summary_table(plan: Plan, hashes: dict[str, np.ndarray], table: pa.Table, seed: int) -> pa.Table:
     """Dedup's pass-1 rows for the rows that reached dedup (ok then): its fingerprints and score."""
     reached = np.flatnonzero((plan.status == "ok") | np.char.startswith(plan.status.astype(str), "dedup:"))
     frame = table.select(["key", "image_key", "face_index", "face_width", "face_height", "det_score", "q_brisque"])
@@ -411,7 +411,7 @@ def summary_table(plan: Plan, hashes: dict[str, np.ndarray], table: pa.Table) ->
     face_phash = np.where(
         plan.face[reached] == 0,
         hashes["phash"][reached],
-        _mix(plan.image[reached] * 8 + plan.face[reached], 30).view(np.int64),
+        _mix(plan.image[reached] * 8 + plan.face[reached], seed + 30).view(np.int64),
     )
     out = pd.DataFrame(
         {
@@ -457,7 +457,7 @@ def write_shard(folder: str, shard: int, rows: int, shard_rows: int, seed: int) 
         summary=shard_summary(summary_frame(table, measures), measures),
     )
     dataset.commit_shard(shard, table, digest, stats)
-    summary = summary_table(plan, hashes, table)
+    summary = summary_table(plan, hashes, table, seed)
     summary_stats = ShardStats(
         shard, summary.num_rows, summary.num_rows, {"ok": summary.num_rows}, 0.0, node="synthetic"
     )
