@@ -60,11 +60,16 @@ eval: $(STAMP)
 	$(BIN)/python bench/eval_quality.py
 	$(BIN)/python bench/eval_tag.py
 
-# bench-detect, bench-dedup, bench-caption, bench-tag, bench-quality, bench-ingest, bench-soak, bench-recaption,
-# bench-tarwriter: each runs bench/bench_<name>.py (figures in docs/performance.md; the last two in
-# docs/captioning.md and docs/export.md). bench-soak runs every stage end to end
+# bench-detect, bench-dedup, bench-caption, bench-tag, bench-quality, bench-ingest, bench-soak, bench-scale,
+# bench-recaption, bench-tarwriter: each runs bench/bench_<name>.py (figures in docs/performance.md; the
+# last two in docs/captioning.md and docs/export.md). bench-soak runs every stage end to end
 # on a loopback corpus (SOAK_URLS, default 50000), memory sampled; SOAK_WORKERS=1,2,4,8,16 repeats it
-# per worker count and prints the scaling efficiency. (Not .PHONY: make skips pattern rules for those.)
+# per worker count and prints the scaling efficiency. bench-scale writes synthetic datasets of
+# SCALE_SIZES rows (default 100000,300000,1000000; bench/scale_data.py) and measures export, report,
+# stats and dedup's decision on them: time, driver and largest-child peak RSS, growth exponents
+# (not in `make bench`: at 1M rows, 1.8 GB of data and 5.5 GB of export on disk, removed after, and
+# tens of minutes; SCALE_STEPS picks steps, e.g. "stats,report,dedup").
+# (Not .PHONY: make skips pattern rules for those.)
 bench-%: $(STAMP)
 	$(BIN)/python bench/bench_$*.py
 
