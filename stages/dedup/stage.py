@@ -331,18 +331,21 @@ def _mark_image_groups(frame, first, image_rows, image_scores, pairs, kind, deci
     best = (
         groups.sort_values(["score", "pos"], ascending=[False, True]).groupby("root").head(1).set_index("root")["pos"]
     )
-    faces_by_image = frame.groupby("image_key", sort=False)
+    # Looked up once: a groupby's get_group per duplicate copied whole columns (quadratic at 1M rows).
+    positions_of = frame.groupby("image_key", sort=False).indices
+    keys, face_index = frame["key"].to_numpy(), frame["face_index"].to_numpy()
+    image_keys, best_of = first["image_key"].to_numpy(), best.to_dict()
     for pos, root in zip(groups["pos"], groups["root"], strict=True):
-        survivor = int(best[root])
+        survivor = int(best_of[root])
         if pos == survivor:
             continue
-        survivor_faces = faces_by_image.get_group(first.at[survivor, "image_key"])
-        keys_by_index = dict(zip(survivor_faces["face_index"], survivor_faces["key"], strict=True))
-        for index in faces_by_image.indices[first.at[pos, "image_key"]]:
+        survivor_rows = positions_of[image_keys[survivor]]
+        keys_by_index = dict(zip(face_index[survivor_rows].tolist(), keys[survivor_rows], strict=True))
+        for index in positions_of[image_keys[pos]]:
             if decision[index] and PRECEDENCE.index(decision[index]) <= PRECEDENCE.index(kind):
                 continue
             decision[index] = kind
-            duplicate_of[index] = keys_by_index.get(frame.at[index, "face_index"], survivor_faces["key"].iloc[0])
+            duplicate_of[index] = keys_by_index.get(int(face_index[index]), keys[survivor_rows[0]])
 
 
 def _mark_row_groups(frame, pairs, kind, decision, duplicate_of) -> None:
