@@ -319,8 +319,7 @@ def qwen_vl(folder: Path, arch: dict | None = None, weights: bool = True, max_pi
         "image_std": [0.26862954, 0.26130258, 0.27577711],
     }
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
-    fast.save_pretrained(folder)
-    (folder / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_CHAT_TEMPLATE}))
+    fast.save_pretrained(folder)  # with chat_template.jinja, which the processor reads too
     if weights:
         import torch
         from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
