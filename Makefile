@@ -11,11 +11,12 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 setup: $(STAMP)
 
 # Re-install whenever pyproject.toml changes; the stamp marks a finished install.
-# The test and demo extras: pytest, ruff, an S3 server (moto), psutil; scikit-image's photos.
+# The test, demo and landmarks extras: pytest, ruff, an S3 server (moto), psutil; scikit-image's
+# photos; MediaPipe's Face Landmarker (eye state offline).
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
+	$(BIN)/python -m pip install --quiet -e ".[test,demo,landmarks]"
 	touch $(STAMP)
 
 demo: $(STAMP)

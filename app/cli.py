@@ -29,6 +29,7 @@ from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.errors import ConfigError, FacecapError, storage_full
 from facecap.pipeline.options import StageCommand
 from facecap.pipeline.progress import Bars, Quiet
+from facecap.pipeline.redact import redact, redact_text
 from facecap.pipeline.registry import discover, plugin_modules
 from facecap.pipeline.runner import StageResult, run_stage
 from facecap.pipeline.stage import Stage
@@ -53,8 +54,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-out_console = Console(soft_wrap=True)  # summary lines stay whole for grep and scripts
-err_console = Console(stderr=True, soft_wrap=True)
+
+
+class RedactingConsole(Console):
+    """A console that prints no credential: every text it is given goes through ``redact_text``
+    (a URL's user-info and secret parameters, as in ``--set caption.openai.base_url=http://user:key@...``)."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(redact_text(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+out_console = RedactingConsole(soft_wrap=True)  # summary lines stay whole for grep and scripts
+err_console = RedactingConsole(stderr=True, soft_wrap=True)
 
 ConfigOpt, SetOpt, RayOpt, ExecutorOpt, RetriesOpt, OverwriteOpt, QuietOpt = (a for _, a, _ in RUNNER_OPTIONS)
 
@@ -245,8 +256,11 @@ def report(
 ) -> None:
     from facecap.report import write_report
 
-    path = write_report(absolute(directory) or directory, str(out))
+    skipped: list[str] = []
+    path = write_report(absolute(directory) or directory, str(out), skipped=skipped)
     if not quiet:
+        for name in skipped:
+            out_console.print(f"report: skipped {name}: not a stage dataset", highlight=False)
         out_console.print(f"report: {path}", highlight=False)
 
 
@@ -339,10 +353,11 @@ def stats(
     storage = Storage(directory)
     summaries = _summaries(storage)
     if as_json:
+        root = redact_text(storage.root)
         payload = (
             summaries[0]
-            if len(summaries) == 1 and summaries[0]["dataset"] == storage.root
-            else {"run": storage.root, "stages": summaries}
+            if len(summaries) == 1 and summaries[0]["dataset"] == root
+            else {"run": root, "stages": summaries}
         )
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
@@ -351,14 +366,21 @@ def stats(
 
 
 def _summaries(storage: Storage) -> list[dict[str, Any]]:
+    """The funnel of a dataset or of each stage of a run folder, redacted for printing."""
     dataset = Dataset(storage)
-    if dataset.manifest() is not None:
-        return [dataset.summary()]
+    manifest, why_not = dataset.stage_manifest()
+    if manifest is not None:
+        return [redact(dataset.summary())]
+    if why_not != "no _manifest.json":
+        raise FacecapError(f"{storage.root}: {why_not}, not a stage dataset")
     found = []
     for name in REGISTRY:  # a run folder: one dataset per stage, in pipeline order
         child = Dataset.at(storage.uri(name), storage.options)
-        if child.manifest() is not None:
-            found.append(child.summary())
+        manifest, why_not = child.stage_manifest()
+        if manifest is not None:
+            found.append(redact(child.summary()))
+        elif why_not != "no _manifest.json":
+            err_console.print(f"stats: skipped {storage.uri(name)}: {why_not}, not a stage dataset", highlight=False)
     if not found:
         raise FacecapError(f"{storage.root}: neither a facecap dataset nor a run folder with stage datasets")
     return found

@@ -5,6 +5,11 @@ distributions (face size, resolution, quality measures, caption length, unique 4
 attribute frequencies, a demographic summary, duplicate clusters, and a contact sheet of faces
 with their captions. Charts are matplotlib PNGs and thumbnails small JPEGs, all embedded as
 base64; the page has no scripts. A section whose columns are absent says which stage fills it.
+
+Nothing here grows with the dataset: the sections come from the per-shard summaries the workers
+wrote beside each shard's stats (pipeline/summary.py), merged; row data is read only for the
+examples shown (their thumbnails, and the kept copy of a shown duplicate). A shard written before
+summaries existed is summarized here, one shard at a time.
 """
 
 from __future__ import annotations
@@ -12,18 +17,21 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import pandas as pd
-import pyarrow as pa
 import pyarrow.fs as pafs
 
-from facecap.pipeline.dataset import Dataset, Manifest, TarShardReader, shard_name
+from facecap.pipeline.dataset import Dataset, Manifest, ShardStats, TarShardReader, shard_name
 from facecap.pipeline.errors import FacecapError
+from facecap.pipeline.redact import redact_text
+from facecap.pipeline.registry import report_measures
+from facecap.pipeline.status import OK
 from facecap.pipeline.storage import Storage, StorageOptions
+from facecap.pipeline.summary import distinct_estimate, merge, shard_summary, summary_frame
 
 THUMB = 96
 EXAMPLES_PER_REASON = 4
@@ -36,19 +44,43 @@ class StageData:
     name: str
     dataset: Dataset
     manifest: Manifest
-    rows: pd.DataFrame  # every row, with the columns the report uses
+    stats: dict[int, ShardStats]  # the done shards' stats
+
+    @property
+    def by_status(self) -> Counter:
+        counts: Counter = Counter()
+        for stats in self.stats.values():
+            counts.update(stats.by_status)
+        return counts
+
+    def summary(self) -> dict:
+        """The done shards' summaries merged (examples carry their shard as ``_shard``)."""
+        measures = report_measures()
+        parts = []
+        for shard, stats in sorted(self.stats.items()):
+            part = stats.summary or shard_summary(summary_frame(self.dataset.read_shard(shard), measures), measures)
+            examples = {k: [{**row, "_shard": shard} for row in rows] for k, rows in part.get("examples", {}).items()}
+            parts.append({**part, "examples": examples})
+        return merge(parts)
 
 
-def chain(directory: str, options: StorageOptions | None = None) -> list[StageData]:
-    """The datasets from ingest to ``directory`` (a stage dataset, or a run folder: its last stage)."""
+def chain(directory: str, options: StorageOptions | None = None, skipped: list[str] | None = None) -> list[StageData]:
+    """The datasets from ingest to ``directory`` (a stage dataset, or a run folder: its last stage).
+
+    Folders of a run folder that are not stage datasets (an export, anything else) are left out
+    and named in ``skipped``."""
     options = options or StorageOptions.from_env()
     dataset = Dataset.at(directory, options)
-    manifest = dataset.manifest()
+    manifest, why_not = dataset.stage_manifest()
+    if manifest is None and why_not != "no _manifest.json":
+        raise FacecapError(f"{directory}: {why_not}, not a stage dataset; report the dataset it was made from")
     if manifest is None:
-        manifest, dataset = _last_stage_of_run(directory, options)
+        manifest, dataset = _last_stage_of_run(directory, options, skipped if skipped is not None else [])
     stages = []
     while True:
-        stages.append(StageData(manifest.stage, dataset, manifest, _rows(dataset)))
+        done = set(dataset.done_shards())
+        stats = {shard: item for shard, item in dataset.shard_stats().items() if shard in done}
+        stages.append(StageData(manifest.stage, dataset, manifest, stats))
         if not manifest.parent:
             break
         dataset = Dataset.at(manifest.parent, options)
@@ -59,34 +91,22 @@ def chain(directory: str, options: StorageOptions | None = None) -> list[StageDa
     return list(reversed(stages))
 
 
-def _last_stage_of_run(directory: str, options: StorageOptions) -> tuple[Manifest, Dataset]:
+def _last_stage_of_run(directory: str, options: StorageOptions, skipped: list[str]) -> tuple[Manifest, Dataset]:
     storage = Storage(directory, options)
     found = []
     for info in storage.fs.get_file_info(pafs.FileSelector(storage._base, recursive=False)):
         if info.type == pafs.FileType.Directory:
             candidate = Dataset.at(f"{storage.root}/{info.base_name}", options)
-            manifest = candidate.manifest()
+            manifest, why_not = candidate.stage_manifest()
             if manifest is not None:
                 found.append((manifest, candidate))
+            elif why_not != "no _manifest.json":
+                skipped.append(f"{info.base_name} ({why_not})")
     if not found:
         raise FacecapError(f"{directory}: neither a facecap dataset nor a run folder with stage datasets")
     parents = {m.parent for m, _ in found}
     last = [pair for pair in found if pair[1].uri not in parents]
     return last[0]
-
-
-def _rows(dataset: Dataset) -> pd.DataFrame:
-    tables = [dataset.read_shard(s) for s in dataset.done_shards()]
-    if not tables:
-        return pd.DataFrame({"key": [], "status": []})
-    table = pa.concat_tables(tables, promote_options="permissive")
-    shard = np.concatenate(
-        [np.full(t.num_rows, s, np.int32) for s, t in zip(dataset.done_shards(), tables, strict=True)]
-    )
-    wanted = [c for c in table.column_names if not c.startswith("attr_backends") and c != "caption_versions"]
-    frame = table.select(wanted).to_pandas()
-    frame["_shard"] = shard
-    return frame
 
 
 class Thumbnails:
@@ -168,26 +188,28 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 def render(stages: list[StageData], options: StorageOptions | None = None) -> str:
     options = options or StorageOptions.from_env()
     last = stages[-1]
+    summary = last.summary()
     thumbs = Thumbnails(last.manifest, options)
     try:
         sections = [
             _funnel(stages),
-            _reasons(stages, thumbs),
+            _reasons(last, summary, thumbs),
             _throughput(stages),
-            _distributions(last.rows),
-            _attributes(last.rows),
-            _demographics(last.rows),
-            _duplicates(last.rows, thumbs),
-            _contact_sheet(last.rows, thumbs),
+            _distributions(summary),
+            _attributes(summary),
+            _demographics(summary),
+            _duplicates(last, summary, thumbs),
+            _contact_sheet(summary, thumbs),
         ]
     finally:
         thumbs.close()
     title = f"facecap report: {last.manifest.recipe.get('name', last.name) if last.manifest.recipe else last.name}"
-    return PAGE.format(title=html.escape(title), source=html.escape(last.dataset.uri), body="\n".join(sections))
+    source = redact_text(last.dataset.uri)
+    return PAGE.format(title=html.escape(redact_text(title)), source=html.escape(source), body="\n".join(sections))
 
 
 def _funnel(stages: list[StageData]) -> str:
-    counts = [(s.name, int((s.rows["status"] == "ok").sum()), len(s.rows)) for s in stages]
+    counts = [(s.name, s.by_status.get(OK, 0), sum(s.by_status.values())) for s in stages]
     rows = [[html.escape(n), f"{t:,}", f"{ok:,}", f"{ok / t:.1%}" if t else "-"] for n, ok, t in counts]
 
     def draw(axis):
@@ -200,21 +222,23 @@ def _funnel(stages: list[StageData]) -> str:
     return _section("funnel", "Funnel", _chart(draw) + _table(["stage", "rows", "ok", "ok share"], rows))
 
 
-def _reasons(stages: list[StageData], thumbs: Thumbnails) -> str:
-    last = stages[-1].rows
-    statuses = Counter(last["status"])
+def _thumb_of(row: dict, thumbs: Thumbnails) -> str | None:
+    return thumbs.of(row["key"], int(row["_shard"]), row.get("image_key"))
+
+
+def _reasons(last: StageData, summary: dict, thumbs: Thumbnails) -> str:
     rows = []
-    for status, count in statuses.most_common():
-        if status == "ok":
+    for status, count in last.by_status.most_common():
+        if status == OK:
             continue
-        examples = last[last["status"] == status].head(EXAMPLES_PER_REASON)
+        examples = summary["examples"].get(status, [])[:EXAMPLES_PER_REASON]
         images = []
-        for row in examples.to_dict("records"):
-            url = thumbs.of(row["key"], int(row["_shard"]), row.get("image_key"))
+        for row in examples:
+            url = _thumb_of(row, thumbs)
             if url:
                 images.append(f'<img class="thumb" alt="{html.escape(row["key"])}" src="{url}">')
-        error = examples["error"].dropna().head(1).tolist() if "error" in examples else []
-        detail = html.escape(str(error[0])[:160]) if error else ""
+        errors = [row["error"] for row in examples if row.get("error")]
+        detail = html.escape(redact_text(str(errors[0]))[:160]) if errors else ""
         rows.append([f"<code>{html.escape(status)}</code>", f"{count:,}", detail, "".join(images) or "-"])
     body = _table(["status", "rows", "example reason", "examples"], rows) if rows else "<p>No row was rejected.</p>"
     return _section("reasons", "Rejection reasons", body)
@@ -223,7 +247,7 @@ def _reasons(stages: list[StageData], thumbs: Thumbnails) -> str:
 def _throughput(stages: list[StageData]) -> str:
     rows, names, rates = [], [], []
     for stage in stages:
-        stats = stage.dataset.shard_stats()
+        stats = stage.stats
         seconds = sum(s.seconds for s in stats.values())
         rows_out = sum(s.rows_out for s in stats.values())
         rate = rows_out / seconds if seconds else 0.0
@@ -240,58 +264,48 @@ def _throughput(stages: list[StageData]) -> str:
     return _section("throughput", "Throughput and time per stage", body)
 
 
-def _histogram(values: pd.Series, label: str) -> str:
-    values = pd.to_numeric(values, errors="coerce").dropna()
+def _bin_label(low: float, high: float) -> str:
+    if high >= 1e5:
+        return f">= {low:g}"
+    if low <= -1e2:
+        return f"< {high:g}"
+    return f"{low:g}-{high:g}"
+
+
+def _histogram(part: dict, label: str) -> str:
+    edges, counts = part["edges"], part["counts"]
+    labels = [_bin_label(a, b) for a, b in itertools.pairwise(edges)]
 
     def draw(axis):
-        axis.hist(values, bins=min(30, max(5, len(values) // 3 or 5)), color="#7b68b5")
+        axis.bar(range(len(counts)), counts, color="#7b68b5")
+        axis.set_xticks(range(len(counts)), labels, rotation=60, fontsize=7)
         axis.set_xlabel(label)
         axis.set_ylabel("faces")
 
-    return _chart(draw, width=3.6, height=2.4)
+    return _chart(draw, width=3.6, height=2.6)
 
 
-def _distributions(rows: pd.DataFrame) -> str:
-    ok = rows[rows["status"] == "ok"]
-    if "face_width" not in ok or not len(ok):
+def _distributions(summary: dict) -> str:
+    histograms = {name: part for name, part in summary["histogram"].items() if sum(part["counts"])}
+    if "face side (px)" not in histograms:
         return _section("distributions", "Distributions", _missing("detect"))
-    charts = [_histogram(np.minimum(ok["face_width"], ok["face_height"]), "face side (px)")]
-    if "original_width" in ok:
-        charts.append(_histogram(np.minimum(ok["original_width"], ok["original_height"]), "image side (px)"))
-    for column, label in (
-        ("q_sharpness", "sharpness"),
-        ("q_brisque", "BRISQUE (lower is better)"),
-        ("q_yaw", "yaw (deg)"),
-    ):
-        if column in ok and ok[column].notna().any():
-            charts.append(_histogram(ok[column], label))
-    text = ""
-    if "caption" in ok and ok["caption"].notna().any():
-        captions = [c[0] for c in ok["caption"] if c is not None and len(c)]
-        lengths = pd.Series([len(c.split()) for c in captions])
-        charts.append(_histogram(lengths, "caption length (words)"))
-        grams = Counter()
-        total = 0
-        for caption in captions:
-            words = caption.lower().split()
-            for i in range(len(words) - 3):
-                grams[tuple(words[i : i + 4])] += 1
-                total += 1
-        share = len(grams) / max(1, total)
-        text = f"<p>Captions: {len(captions):,}; unique 4-grams: {len(grams):,} of {total:,} ({share:.1%}).</p>"
+    charts = [_histogram(part, name) for name, part in histograms.items()]
+    sketch = summary["distinct"].get("caption 4-grams")
+    if "caption length (words)" in histograms and sketch is not None:
+        captions = sum(histograms["caption length (words)"]["counts"])
+        unique, total = distinct_estimate(sketch), sketch["items"]
+        share = unique / max(1, total)
+        text = f"<p>Captions: {captions:,}; unique 4-grams: {unique:,} of {total:,} ({share:.1%}).</p>"
     else:
         text = _missing("caption")
     return _section("distributions", "Distributions", '<div class="grid">' + "".join(charts) + "</div>" + text)
 
 
-def _attributes(rows: pd.DataFrame) -> str:
-    ok = rows[rows["status"] == "ok"]
-    columns = [c for c in ok.columns if c.startswith("attr_") and c != "attr_backends" and ok[c].notna().any()]
-    if not columns:
+def _attributes(summary: dict) -> str:
+    flags = summary["shares"].get("attributes", {})
+    shares = sorted(((name, hits / total) for name, (hits, total) in flags.items() if total), key=lambda x: -x[1])
+    if not shares:
         return _section("attributes", "Attribute frequencies", _missing("tag"))
-    shares = sorted(
-        ((c.removeprefix("attr_"), float((ok[c] > CONFIDENT).mean())) for c in columns), key=lambda x: -x[1]
-    )
 
     def draw(axis):
         axis.barh([n for n, _ in shares], [s for _, s in shares], color="#c0783a")
@@ -301,50 +315,33 @@ def _attributes(rows: pd.DataFrame) -> str:
     return _section("attributes", "Attribute frequencies", _chart(draw, height=max(2.0, 0.25 * len(shares) + 0.8)))
 
 
-def _demographics(rows: pd.DataFrame) -> str:
-    ok = rows[rows["status"] == "ok"]
-    if "age" not in ok and "gender" not in ok:
-        return _section("demographics", "Demographic summary", _missing("tag"))
+DEMOGRAPHICS = (
+    ("estimated age", ["<20", "20s", "30s", "40s", "50s", "60+"], "#4c8c8c"),
+    ("gender presentation", None, "#8c4c7a"),
+    ("Monk skin tone bin (approx.)", [str(i) for i in range(1, 11)], "#a8784c"),
+)
+
+
+def _demographics(summary: dict) -> str:
     charts = []
-    if "age" in ok and ok["age"].notna().any():
-        bins = pd.cut(
-            ok["age"], [0, 20, 30, 40, 50, 60, 200], labels=["<20", "20s", "30s", "40s", "50s", "60+"], right=False
-        )
-        counts = bins.value_counts().sort_index()
+    for name, order, colour in DEMOGRAPHICS:
+        counts = summary["categories"].get(name)
+        if not counts:
+            continue
+        labels = order or sorted(counts, key=lambda label: -counts[label])
+        values = [counts.get(label, 0) for label in labels]
         charts.append(
             _chart(
-                lambda a: (
-                    a.bar([str(i) for i in counts.index], counts.values, color="#4c8c8c"),
-                    a.set_xlabel("estimated age"),
+                lambda a, labels=labels, values=values, name=name, colour=colour: (
+                    a.bar(labels, values, color=colour),
+                    a.set_xlabel(name),
                 ),
                 3.6,
                 2.4,
             )
         )
-    if "gender" in ok and ok["gender"].notna().any():
-        counts = ok["gender"].fillna("unknown").value_counts()
-        charts.append(
-            _chart(
-                lambda a: (
-                    a.bar(counts.index.astype(str), counts.values, color="#8c4c7a"),
-                    a.set_xlabel("gender presentation"),
-                ),
-                3.6,
-                2.4,
-            )
-        )
-    if "skin_monk" in ok and ok["skin_monk"].notna().any():
-        counts = ok["skin_monk"].dropna().astype(int).value_counts().reindex(range(1, 11), fill_value=0)
-        charts.append(
-            _chart(
-                lambda a: (
-                    a.bar([str(i) for i in counts.index], counts.values, color="#a8784c"),
-                    a.set_xlabel("Monk skin tone bin (approx.)"),
-                ),
-                3.6,
-                2.4,
-            )
-        )
+    if not charts:
+        return _section("demographics", "Demographic summary", _missing("tag"))
     note = (
         "<p class='none'>Estimates from models with measured error (docs/attributes.md); "
         "a skew here is a skew in the data or in the models.</p>"
@@ -352,42 +349,53 @@ def _demographics(rows: pd.DataFrame) -> str:
     return _section("demographics", "Demographic summary", '<div class="grid">' + "".join(charts) + "</div>" + note)
 
 
-def _duplicates(rows: pd.DataFrame, thumbs: Thumbnails) -> str:
-    if "duplicate_of" not in rows:
+def _duplicates(last: StageData, summary: dict, thumbs: Thumbnails) -> str:
+    if last.name != "dedup" and not any(s.startswith("dedup:") for s in last.by_status):
         return _section("duplicates", "Duplicate clusters", _missing("dedup"))
-    marked = rows[rows["status"].astype(str).str.startswith("dedup:")]
-    counts = Counter(marked["status"])
-    summary = _table(
+    counts = Counter({s: n for s, n in last.by_status.items() if s.startswith("dedup:")})
+    summary_table = _table(
         ["status", "rows"], [[f"<code>{html.escape(s)}</code>", f"{n:,}"] for s, n in counts.most_common()]
     )
-    by_key = rows.set_index("key")
+    shown = [row for status in counts for row in summary["examples"].get(status, []) if row.get("duplicate_of")][:6]
+    kept_shards = _shards_of(last.dataset, {row["duplicate_of"] for row in shown})
     examples = []
-    for row in marked.dropna(subset=["duplicate_of"]).head(6).to_dict("records"):
+    for row in shown:
         kept = row["duplicate_of"]
-        if kept not in by_key.index:
+        if kept not in kept_shards:
             continue
-        survivor = by_key.loc[kept]
-        pair = [
-            thumbs.of(row["key"], int(row["_shard"]), row.get("image_key")),
-            thumbs.of(kept, int(survivor["_shard"]), survivor.get("image_key")),
-        ]
+        shard, image_key = kept_shards[kept]
+        pair = [_thumb_of(row, thumbs), thumbs.of(kept, shard, image_key)]
         images = "".join(f'<img class="thumb" alt="dup" src="{p}">' for p in pair if p)
         examples.append([html.escape(row["key"]), html.escape(kept), images])
-    body = summary if counts else "<p>No duplicates found.</p>"
+    body = summary_table if counts else "<p>No duplicates found.</p>"
     if examples:
         body += _table(["duplicate", "kept", "duplicate, kept"], examples)
     return _section("duplicates", "Duplicate clusters", body)
 
 
-def _contact_sheet(rows: pd.DataFrame, thumbs: Thumbnails) -> str:
-    ok = rows[(rows["status"] == "ok") & rows["key"].astype(str).str.contains("_f")].head(CONTACT_SHEET)
-    if not len(ok):
+def _shards_of(dataset: Dataset, keys: set[str]) -> dict[str, tuple[int, str | None]]:
+    """Shard and image key of a few rows, read one shard's key columns at a time until all are found."""
+    found: dict[str, tuple[int, str | None]] = {}
+    for shard in dataset.done_shards():
+        if len(found) == len(keys):
+            break
+        table = dataset.read_shard(shard)
+        columns = [c for c in ("key", "image_key") if c in table.column_names]
+        for record in table.select(columns).to_pylist():
+            if record["key"] in keys:
+                found[record["key"]] = (shard, record.get("image_key"))
+    return found
+
+
+def _contact_sheet(summary: dict, thumbs: Thumbnails) -> str:
+    faces = [row for row in summary["examples"].get(OK, []) if "_f" in str(row["key"])][:CONTACT_SHEET]
+    if not faces:
         return _section("contact-sheet", "Contact sheet", _missing("detect"))
     cards = []
-    for row in ok.to_dict("records"):
-        url = thumbs.of(row["key"], int(row["_shard"]), row.get("image_key"))
+    for row in faces:
+        url = _thumb_of(row, thumbs)
         caption = row.get("caption")
-        text = caption[0] if caption is not None and len(caption) else (row.get("alt_text") or "")
+        text = caption[0] if caption else (row.get("alt_text") or "")
         image = f'<img alt="{html.escape(row["key"])}" src="{url}">' if url else ""
         cards.append(f"<figure>{image}<figcaption>{html.escape(str(text))}</figcaption></figure>")
     return _section("contact-sheet", "Contact sheet", '<div class="sheet">' + "".join(cards) + "</div>")
@@ -411,8 +419,10 @@ figure {{ margin: 0; font-size: .8em; }} figure img {{ width: 100%; border-radiu
 """
 
 
-def write_report(directory: str, out_path: str, options: StorageOptions | None = None) -> str:
-    stages = chain(directory, options)
+def write_report(
+    directory: str, out_path: str, options: StorageOptions | None = None, skipped: list[str] | None = None
+) -> str:
+    stages = chain(directory, options, skipped)
     page = render(stages, options)
     with open(out_path, "w", encoding="utf-8") as f:
         f.write(page)

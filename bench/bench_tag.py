@@ -58,7 +58,9 @@ def backends(workdir: Path):
     yield "agegender", AgeGender()
     yield "genderage", InsightGenderAge()
     yield "emotion", Emotion()
-    yield "geometry (pose + face mesh)", Geometry()
+    # The Face Landmarker is mediapipe's graph: its own threads, not OMP_NUM_THREADS.
+    yield "geometry (face landmarker)", Geometry(mesh="face-landmarker")
+    yield "geometry (face-mesh ONNX)", Geometry(mesh="face-mesh")
     yield "skin", Skin()
     checkpoint = workdir / "celeba.pth"
     torch.save(celeba_resnet50().state_dict(), checkpoint)

@@ -1,9 +1,13 @@
-"""Attribute accuracy on ../shared/data/faces (`make eval`): gender, age, emotion, pose signs.
+"""Attribute accuracy on ../shared/data/faces (`make eval`): gender, age, emotion, pose signs, eyes.
 
 Gender labels: the identities images.csv names (public figures whose gender presentation is
 public) and the CF/CM prefixes of the age-gender test photos; emotion labels: the three photos
 images.csv marks with an expression; pose: each labelled portrait mirrored (yaw must change sign)
-and rotated by 20 degrees (roll must follow). Runs every offline backend whose model is present.
+and rotated by 20 degrees (roll must follow); eyes: the two photos images.csv marks with open and
+closed eyes and three more whose closed eyes were checked by eye; mouth: 19 faces checked by eye;
+smile: the emotion labels (happy smiles, anger and sad do not). The eye and mouth measures of the
+Face Landmarker (in its wheel) are compared with the face-mesh ONNX file's where that is present.
+Runs every offline backend whose model is present.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -33,6 +38,34 @@ MALE = {
     "barack_obama", "john_salley", "john_savage", "john_schneider", "john_shimkus", "john_simm", "joe_biden",
     "alex_lacamoire", "kit_harington", "rob_lowe", "lin_manuel_miranda", "tom_cruise", "tom_hanks", "inspireface_kun",
 }  # fmt: skip
+
+
+# Closed eyes beyond images.csv's one, checked by looking at the square crops of the 16 faces with
+# the lowest eye ratio (2026-12-06); the other faces of the set are not labelled for eye state.
+EYES_CLOSED = {
+    "insightface/inspireface_reaction_close_eyes.jpeg",
+    "insightface/inspireface_pose_right_wryneck.png",
+    "insightface/inspireface_pose_lower_face.jpeg",
+    "masked/ultraface_img5.jpeg",
+}
+EYES_OPEN = {"insightface/inspireface_reaction_open_eyes.png"}
+# Mouth open (lips apart: talking, or a smile that shows teeth) or closed, checked by eye on 20 of
+# the 43 faces where the two meshes disagree (drawn at random; one more was too blurred to tell).
+MOUTH_OPEN = {
+    *(f"deepface/img{n}.jpg" for n in (18, 22, 23, 43, 46, 67)),
+    "dlib_johns/John_Salley/000194_02159572.jpg",
+    "dlib_johns/John_Savage/000277_01099000.jpg",
+    "dlib_johns/John_Savage/000293_01099081.jpg",
+    "dlib_johns/John_Shimkus/000373_03228153.jpg",
+    "dlib_johns/John_Shimkus/000378_03227610.jpg",
+    "dlib_johns/John_Shimkus/000394_02340150.jpg",
+    "dlib_johns/John_Simm/000297_00470170.jpg",
+    "dlib_johns/John_Simm/000310_00470511.jpg",
+    "dlib_faces/2008_007676.jpg",
+    "ultraface/10.jpg",
+    "ultraface/11.jpg",
+}
+MOUTH_CLOSED = {"insightface/inspireface_bulk_rgb_fake.jpg", "keijiro/blazeface_Test1.jpg"}
 
 
 def gender_label(row: dict) -> str | None:
@@ -72,6 +105,64 @@ def faces_of(detector, rows):
         )
 
 
+def compare_meshes(detector, rows) -> None:
+    """Eye and mouth measures: the Face Landmarker (the default) against the face-mesh ONNX file."""
+    from facecap.pipeline import models
+    from facecap.stages.tag.offline import EYES_CLOSED_BELOW, Geometry, mesh_ratios
+
+    landmarker = Geometry(mesh="face-landmarker")
+    onnx = Geometry(mesh="face-mesh") if models.state(models.REGISTRY["face-mesh"])[0] == "ok" else None
+    measured, seconds = [], 0.0
+    for row, _image, _face, faces in faces_of(detector, rows):
+        if row["file"].startswith("nonface/"):
+            continue
+        start = time.perf_counter()
+        [mesh] = landmarker.meshes(faces)
+        seconds += time.perf_counter() - start
+        ours = mesh_ratios(mesh) if mesh is not None else None
+        theirs = mesh_ratios(onnx.meshes(faces)[0]) if onnx else None
+        measured.append((row, ours, theirs, landmarker.predict(faces)[0], onnx.predict(faces)[0] if onnx else {}))
+    found = [m for m in measured if m[1] is not None]
+    print(f"{'face landmarker: faces with a mesh':<42}{f'{len(found)}/{len(measured)}':>16}")
+    print(f"{'face landmarker: ms/face (1 crop/call)':<42}{1000 * seconds / max(1, len(measured)):>16.1f}")
+    for name, index in (("landmarker", 1), ("face-mesh ONNX", 2)):
+        eyes = [m[index]["eye"] for m in found if m[index]]
+        if eyes:
+            p5, p50 = np.percentile(eyes, [5, 50])
+            below = sum(e < EYES_CLOSED_BELOW for e in eyes)
+            print(f"{'eye ratio 5th pct / median, ' + name:<42}{f'{p5:.3f} / {p50:.3f}':>16}")
+            print(f"{'  eyes_open < 0.5, ' + name:<42}{f'{below}/{len(eyes)}':>16}")
+    if onnx:
+        for key in ("eye", "mouth", "width"):
+            pairs = np.array([(m[1][key], m[2][key]) for m in found])
+            r = np.corrcoef(pairs.T)[0, 1]
+            diff = np.median(np.abs(pairs[:, 0] - pairs[:, 1]))
+            print(f"{f'{key} ratio, landmarker vs ONNX: r / median |d|':<42}{f'{r:.2f} / {diff:.3f}':>16}")
+        for column in ("eyes_open", "mouth_open", "smile"):
+            same = sum((m[3][column] > 0.5) == (m[4][column] > 0.5) for m in found)
+            print(f"{f'{column}: same side of 0.5 in both':<42}{f'{same}/{len(found)}':>16}")
+    labelled = [(m, False) for m in measured if m[0]["file"] in EYES_CLOSED]
+    labelled += [(m, True) for m in measured if m[0]["file"] in EYES_OPEN]
+    for name, index in (("landmarker", 3), ("face-mesh ONNX", 4)):
+        right = [(m[index].get("eyes_open", -1) > 0.5) == is_open for m, is_open in labelled if m[index]]
+        if right:
+            print(f"{'eyes open/closed right, ' + name:<42}{f'{sum(right)}/{len(right)}':>16}")
+        mouths = [
+            (m[index]["mouth_open"] > 0.5) == (m[0]["file"] in MOUTH_OPEN)
+            for m in measured
+            if m[0]["file"] in MOUTH_OPEN | MOUTH_CLOSED and "mouth_open" in m[index]
+        ]
+        if mouths:
+            print(f"{'mouth open/closed right, ' + name:<42}{f'{sum(mouths)}/{len(mouths)}':>16}")
+        smiles = [
+            (m[index]["smile"] > 0.5) == (emotion_label(m[0]) == "happy")
+            for m in measured
+            if emotion_label(m[0]) and "smile" in m[index]
+        ]
+        if smiles:
+            print(f"{'smile right (emotion labels), ' + name:<42}{f'{sum(smiles)}/{len(smiles)}':>16}")
+
+
 def main() -> None:
     from facecap.pipeline import models
     from facecap.stages.detect.stage import DetectConfig, DetectStage
@@ -90,12 +181,14 @@ def main() -> None:
     geometry = Geometry()
     gender_hits = {name: [] for name in ("agegender", "genderage") if name in backends}
     emotion_hits, ages, yaw_flips, roll_follows = [], {n: [] for n in gender_hits}, [], []
+    gender_scored: dict[str, list[tuple[float, bool]]] = {n: [] for n in gender_hits}
     for row, image, face, faces in faces_of(stage.detector, rows):
         expected = gender_label(row)
         for name in gender_hits:
             predicted = backends[name].predict(faces)[0]
             if expected:
                 gender_hits[name].append(predicted["gender"] == expected)
+                gender_scored[name].append((predicted["gender_score"], predicted["gender"] == expected))
             ages[name].append(predicted["age"])
         expected_emotion = emotion_label(row)
         if expected_emotion and "emotion" in backends:
@@ -121,6 +214,11 @@ def main() -> None:
     print(f"{'measure':<42}{'result':>16}")
     for name, hits in gender_hits.items():
         print(f"{'gender accuracy, ' + name:<42}{f'{sum(hits)}/{len(hits)} ({np.mean(hits):.1%})':>16}")
+        # The caption grammar names a gender only above a score: how often it is right there, and how often said.
+        for cut in (0.5, 0.7, 0.8, 0.9, 0.95):
+            said = [hit for score, hit in gender_scored[name] if score >= cut]
+            share = f"{np.mean(said) if said else float('nan'):.1%} of {len(said)}/{len(hits)}"
+            print(f"{f'  right when score >= {cut}':<42}{share:>16}")
         spread = f"{np.median(ages[name]):.0f} / {np.percentile(ages[name], 90):.0f} y"
         print(f"{'age median / 90th pct, ' + name:<42}{spread:>16}")
     if emotion_hits:
@@ -133,6 +231,7 @@ def main() -> None:
     print(f"{'roll grows under a 20 degree rotation':<42}{f'{turned_right}/{len(roll_follows)}':>16}")
     p5, p50, p95 = np.percentile(roll_follows, [5, 50, 95])
     print(f"{'  by (median, 5th-95th pct)':<42}{f'{p50:.1f} ({p5:.1f}-{p95:.1f})':>16}")
+    compare_meshes(stage.detector, rows)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 import time
@@ -32,6 +33,7 @@ import pyarrow.parquet as pq
 
 from facecap import __version__
 from facecap.pipeline.errors import DatasetError
+from facecap.pipeline.redact import redact, redact_text
 from facecap.pipeline.status import OK
 from facecap.pipeline.storage import Storage, StorageOptions
 
@@ -87,12 +89,16 @@ class Manifest:
     complete: bool = False
     # The whole effective recipe (all sections, after flags), for provenance; not hashed.
     recipe: dict[str, Any] | None = None
+    # ``config`` and ``recipe`` are stored redacted (pipeline/redact.py); ``config_hash`` was
+    # computed from the real config, so a changed key embedded in a URL still changes it.
     format_version: int = FORMAT_VERSION
     code_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
+        data = asdict(self)
+        data["config"], data["recipe"] = redact(data["config"]), redact(data["recipe"])
+        return json.dumps(data, indent=2, sort_keys=True, default=str)
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
@@ -112,6 +118,8 @@ class ShardStats:
     attempts: int = 1
     node: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # What a report needs of this shard's rows, merged across shards (pipeline/summary.py).
+    summary: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -143,6 +151,20 @@ class Dataset:
             return Manifest.from_json(self.storage.read_bytes(MANIFEST).decode())
         except (ValueError, TypeError) as exc:
             raise DatasetError(f"{self.storage.uri(MANIFEST)}: unreadable manifest ({exc})") from exc
+
+    def stage_manifest(self) -> tuple[Manifest | None, str | None]:
+        """(manifest, None) for a stage dataset; (None, why not) for any other folder, for commands
+        that look through a run folder and must skip what is not theirs (an export, a user's files)."""
+        if not self.storage.exists(MANIFEST):
+            return None, "no _manifest.json"
+        try:
+            return self.manifest(), None
+        except DatasetError:
+            try:
+                kind = json.loads(self.storage.read_bytes(MANIFEST)).get("kind")
+            except (ValueError, AttributeError):
+                kind = None
+            return None, "a facecap export" if kind == "facecap-export" else "its _manifest.json is not a stage's"
 
     def require_manifest(self) -> Manifest:
         manifest = self.manifest()
@@ -194,9 +216,12 @@ class Dataset:
                 failed[_shard_index(name)] = {"error": "unreadable failure record"}
         return failed
 
-    def mark_failed(self, shard: int, error: str, attempts: int) -> None:
+    def mark_failed(self, shard: int, error: str, attempts: int) -> str:
+        """Record a shard that failed; returns the error as stored (redacted)."""
+        error = redact_text(error)
         record = {"shard": shard, "error": error, "attempts": attempts, "time": time.time()}
         self.storage.write_bytes(f"{FAILED_DIR}/{shard_name(shard)}.json", json.dumps(record).encode())
+        return error
 
     def clear_shard(self, shard: int) -> None:
         """Forget a shard's state so it is redone (files are overwritten atomically anyway)."""
@@ -301,6 +326,9 @@ class SpooledTar:
         return len(self._index)
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
+        why = unsafe_key(key)
+        if why:  # refused when added, not at the end of the shard
+            raise ValueError(f"refusing tar member key {key[:80]!r}: {why}")
         entries = self._index.setdefault(key, [])
         for ext in sorted(members):
             data = members[ext]
@@ -364,10 +392,40 @@ class HashingWriter:
         return FileDigest(self.size, self._hash.hexdigest())
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def unsafe_key(key: object, member: bool = False) -> str | None:
+    """Why a sample key (or, with ``member``, a tar member name) cannot name tar members safely, or
+    None: extracting a member named ``../x`` or ``/x`` (``tarfile.extractall``, ``tar -x``) writes
+    outside the target folder."""
+    if not isinstance(key, str) or not key:
+        return "empty key"
+    if len(key.encode("utf-8", "surrogateescape")) > 200:
+        return "key longer than 200 bytes"
+    if _CONTROL.search(key):
+        return "control character in key"
+    if "\\" in key or re.match(r"^[A-Za-z]:", key):
+        return "backslash or drive letter in key"
+    if key.startswith("/"):
+        return "absolute path as key"
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        return "'.', '..' or an empty part in key"
+    if key.rpartition("/")[2].startswith("."):
+        return "a name starting with a dot (no key before the extension)"
+    if not member and "." in key.rpartition("/")[2]:
+        return "a dot in key (WebDataset readers split the key from the extension at the first dot)"
+    return None
+
+
 def tar_member_pieces(name: str, data: bytes) -> tuple[bytes, bytes, bytes]:
     """One ustar member as (header, data, padding): what TarFile.addfile writes (mode 644, mtime
     0, no owner), minus its per-member Python overhead and copies, which showed up in download
-    profiles (TarInfo.tobuf alone was a third of writing a shard's tar)."""
+    profiles (TarInfo.tobuf alone was a third of writing a shard's tar). Every tar facecap writes
+    goes through here: an unsafe name is refused, never written."""
+    why = unsafe_key(name, member=True)
+    if why:
+        raise ValueError(f"refusing tar member {name[:80]!r}: {why}")
     encoded = name.encode("utf-8", "surrogateescape")
     if len(encoded) <= 100 and len(data) < 8 << 30:
         header = _ustar_header(encoded, len(data))

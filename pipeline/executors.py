@@ -25,6 +25,7 @@ import pyarrow as pa
 from facecap.pipeline.config import RayConfig
 from facecap.pipeline.dataset import ShardStats
 from facecap.pipeline.errors import ConfigError
+from facecap.pipeline.redact import redact_text
 from facecap.pipeline.worker import StageJob, process_shard
 
 
@@ -53,7 +54,7 @@ def describe_error(error: BaseException) -> str:
     cause = getattr(error, "cause", None)
     if isinstance(cause, BaseException):
         error = cause
-    text = f"{type(error).__name__}: {error}".strip().replace("\n", " ")
+    text = redact_text(f"{type(error).__name__}: {error}".strip().replace("\n", " "))
     return text[:1000]
 
 

@@ -52,3 +52,12 @@ def registered() -> dict[str, type[Stage]]:
 
 def plugin_modules() -> list[str]:
     return [name.strip() for name in os.environ.get(PLUGINS_ENV, "").split(",") if name.strip()]
+
+
+def report_measures() -> tuple:
+    """Every registered stage's report measures, once each by name, in pipeline order."""
+    found: dict[str, object] = {}
+    for stage_cls in registered().values():
+        for measure in stage_cls.summaries:
+            found.setdefault(measure.name, measure)
+    return tuple(found.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -22,9 +23,10 @@ from facecap.pipeline.dataset import Dataset, Manifest, MediaRef, config_hash, s
 from facecap.pipeline.errors import DatasetError, StorageFull, storage_full
 from facecap.pipeline.executors import Executor, Outcome
 from facecap.pipeline.progress import Quiet, StageProgress
+from facecap.pipeline.registry import report_measures
 from facecap.pipeline.source import Source
 from facecap.pipeline.stage import Stage, Summaries
-from facecap.pipeline.storage import Storage
+from facecap.pipeline.storage import Storage, refuse_overlap
 from facecap.pipeline.worker import PLAN_DIR, SUMMARY_DIR, StageJob, _from_pandas, plan_uri, summary_uri
 
 
@@ -82,6 +84,8 @@ def run_stage(
     parent = _check_parent(job) if not job.stage_cls.source else None
     if job.stage_cls.source and source is None:
         raise ValueError(f"stage {job.name} reads outside input: pass a Source")
+    refuse_overlap(out.uri, _inputs_of(parent, source))
+    job = replace(job, measures=report_measures())
     if parent is not None:
         job = replace(job, media={ext: parent[1].media[ext] for ext in job.spec.reads})
     identity = config_hash(
@@ -93,7 +97,13 @@ def run_stage(
     )
     result = StageResult(stage=job.name, output=out.uri, notes=notes)
     existing = out.manifest()
-    if existing is not None and (existing.config_hash != identity or existing.stage != job.name):
+    if existing is not None and existing.stage != job.name:
+        # --overwrite replaces this stage's own earlier output, never another command's.
+        raise DatasetError(
+            f"{out.uri} holds a '{existing.stage}' dataset, not a '{job.name}' one; --overwrite replaces only "
+            f"'{job.name}' output: choose another output folder"
+        )
+    if existing is not None and existing.config_hash != identity:
         if not overwrite:
             raise DatasetError(
                 f"{out.uri} already holds a '{existing.stage}' dataset made from other settings or input "
@@ -161,8 +171,7 @@ def _global_passes(run: _Run, parent: tuple[Dataset, Manifest]) -> bool:
     _dispatch(first, _parent_work(first, parent))
     if summary_result.failed:
         for shard, error in summary_result.failed.items():
-            out.mark_failed(shard, f"summarize: {error}", attempts=runner.max_retries + 1)
-            result.failed[shard] = f"summarize: {error}"
+            result.failed[shard] = out.mark_failed(shard, f"summarize: {error}", attempts=runner.max_retries + 1)
         result.shards = summary_result.shards
         return False
     num_shards = parent[1].num_shards or 0
@@ -229,6 +238,16 @@ class _DatasetSummaries(Summaries):
         return table.drop_columns(private)
 
 
+def _inputs_of(parent: tuple[Dataset, Manifest] | None, source: Source | None) -> list[str]:
+    """Everything the stage reads: the parent dataset and the tars it references, or the outside input."""
+    if parent is not None:
+        dataset, manifest = parent
+        return [dataset.uri, *(ref.root for ref in manifest.media.values())]
+    if source is not None:
+        return [*source.roots, *source.files, *(ref.root for ref in source.media.values())]
+    return []
+
+
 def _check_parent(job: StageJob) -> tuple[Dataset, Manifest]:
     if not job.parent:
         raise DatasetError(f"stage {job.name} needs an input dataset")
@@ -270,8 +289,7 @@ def _parent_work(run: _Run, parent: tuple[Dataset, Manifest]) -> Iterator[_Work]
             continue
         if not dataset.is_done(shard, "none"):
             error = f"parent shard {shard} of {dataset.uri} is not done (it failed or was never run)"
-            out.mark_failed(shard, error, attempts=0)
-            result.failed[shard] = error
+            result.failed[shard] = out.mark_failed(shard, error, attempts=0)
             progress.advance(0, failed=True)
             continue
         out.clear_shard(shard)
@@ -289,8 +307,7 @@ def _source_work(run: _Run, source: Source) -> Iterator[_Work]:
     for piece in source.shards():
         result.shards += 1
         if piece.table is None:
-            out.mark_failed(piece.index, piece.error or "unreadable input", attempts=0)
-            result.failed[piece.index] = piece.error or "unreadable input"
+            result.failed[piece.index] = out.mark_failed(piece.index, piece.error or "unreadable input", attempts=0)
             progress.advance(0, failed=True)
             continue
         prepared = driver_stage.prepare_in_order(piece.table.to_pandas())
@@ -333,8 +350,7 @@ def _dispatch(run: _Run, work: Iterator[_Work]) -> None:
                 item.attempt += 1
                 in_flight[executor.submit(item.shard, item.source, item.attempt)] = item
             else:
-                out.mark_failed(item.shard, outcome.error or "unknown error", item.attempt)
-                result.failed[item.shard] = outcome.error or "unknown error"
+                result.failed[item.shard] = out.mark_failed(item.shard, outcome.error or "unknown error", item.attempt)
                 progress.advance(0, failed=True)
 
     try:
@@ -348,9 +364,13 @@ def _dispatch(run: _Run, work: Iterator[_Work]) -> None:
         executor.stop()
 
 
+# The files a stage writes at the top of its folder: only these are deleted by --overwrite.
+OWN_FILE = re.compile(r"part-\d{5,}\.(parquet|tar)")
+
+
 def _clear(out: Dataset) -> None:
     for name in out.storage.list():
-        if name.startswith("part-") or name == "_manifest.json":
+        if OWN_FILE.fullmatch(name) or name == "_manifest.json":
             out.storage.delete(name)
     folders = ["_done", "_failed", "_stats", PLAN_DIR]
     folders += [SUMMARY_DIR, *(f"{SUMMARY_DIR}/{sub}" for sub in ("_done", "_failed", "_stats"))]

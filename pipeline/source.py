@@ -31,6 +31,8 @@ class Source:
     media: dict[str, MediaRef] = field(default_factory=dict)
     fingerprint: list[tuple[str, int | None]] = field(default_factory=list)
     shard_iter: Any = None
+    # The folders or files the user named (a glob's fixed part): no output may overlap them.
+    roots: list[str] = field(default_factory=list)
 
     def shards(self) -> Iterator[SourceShard]:
         return self.shard_iter()

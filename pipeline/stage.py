@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pandas as pd
 import pyarrow as pa
@@ -134,6 +134,9 @@ class Stage(ABC):
     skip_if_parent_has: ClassVar[tuple[str, ...]] = ()
     # A source stage makes a dataset from outside input instead of reading a parent dataset.
     source: ClassVar[bool] = False
+    # What a report should know of the columns it produces, summarized per shard by the worker
+    # (pipeline/summary.py measures; their value functions must be module-level, i.e. picklable).
+    summaries: ClassVar[tuple[Any, ...]] = ()
     help: ClassVar[str] = ""
 
     def __init__(self, config: StageConfig):

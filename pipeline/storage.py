@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import pyarrow.fs as pafs
 
-from facecap.pipeline.errors import InputError
+from facecap.pipeline.errors import ConfigError, InputError
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,38 @@ def absolute(uri: str | None) -> str | None:
     if uri is None or is_remote(uri):
         return uri
     return os.path.abspath(uri)
+
+
+def _comparable(uri: str) -> str:
+    """A URI in a form where 'inside' is a prefix test: real local paths, remote without a trailing '/'."""
+    if is_remote(uri):
+        return uri.rstrip("/")
+    return os.path.realpath(uri.removeprefix("file://"))
+
+
+def overlap(output: str, given: str) -> str | None:
+    """How an output folder overlaps an input file or folder: 'is', 'is inside', 'contains', or None."""
+    out, other = _comparable(output), _comparable(given)
+    if out == other:
+        return "is"
+    separator = "/" if is_remote(out) else os.sep
+    if out.startswith(other.rstrip(separator) + separator):
+        return "is inside"
+    if other.startswith(out.rstrip(separator) + separator):
+        return "contains"
+    return None
+
+
+def refuse_overlap(output: str, inputs: list[str]) -> None:
+    """One line, before anything is written or deleted, when the output folder is, is inside or
+    contains an input: writing (or --overwrite's clearing) there would destroy what it reads."""
+    for given in dict.fromkeys(inputs):
+        relation = overlap(output, given)
+        if relation:
+            raise ConfigError(
+                f"{output}: the output folder {relation} the input {given}; choose an output folder "
+                "outside every input (nothing was written or deleted)"
+            )
 
 
 def join(base: str, *parts: str) -> str:

@@ -31,9 +31,11 @@ from facecap.pipeline.dataset import (
     config_hash,
     shard_name,
 )
+from facecap.pipeline.redact import redact_text
 from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
 from facecap.pipeline.status import OK, rejected
 from facecap.pipeline.storage import Storage, StorageOptions, join
+from facecap.pipeline.summary import shard_summary, summary_frame
 from facecap.pipeline.threads import apply_thread_budget
 
 T = TypeVar("T")
@@ -57,6 +59,8 @@ class StageJob:
     revisit: bool = False
     # Global stages: "summarize" is pass 1 (writes OUTPUT/_summary); "process" is the usual pass.
     phase: str = "process"
+    # What every registered stage asks reports to know about a shard's rows (pipeline/summary.py).
+    measures: tuple = ()
 
     @property
     def name(self) -> str:
@@ -179,6 +183,7 @@ def process_shard(
         seconds=0.0,
         attempts=attempt,
         node=node or socket.gethostname(),
+        summary=shard_summary(summary_frame(result_table, job.measures), job.measures),
     )
     timings["write"] += time.perf_counter() - t0
     stats.seconds = round(time.perf_counter() - started, 4)
@@ -455,7 +460,7 @@ def _rejected_rows(rows: pd.DataFrame, stage: str, reason: str, error: str | lis
 
 
 def _describe(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}".replace("\n", " ")
+    text = redact_text(f"{type(error).__name__}: {error}".replace("\n", " "))  # before the cut, which could split a URL
     return text[:MAX_ERROR_CHARS]
 
 

@@ -1,7 +1,8 @@
 """A local OpenAI-compatible chat-completions server (127.0.0.1) in front of the transformers engine.
 
-It serves the tiny test models exactly as `vllm serve` would serve a real one, and can be told to
-fail its first N requests with 500 to exercise the client's retries.
+It serves the tiny test models exactly as `vllm serve` would serve a real one (structured outputs
+included: a ``response_format`` JSON schema is decoded under), and can be told to fail its first N
+requests with 500 to exercise the client's retries.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from facecap.stages.shared.engines import Request, Sampling, TransformersEngine
 
 
 class OpenAIServer(BackgroundServer):
-    def __init__(self, model: str, vision: bool, fail_first: int = 0):
+    def __init__(self, model: str, vision: bool, fail_first: int = 0, garble_first: int = 0):
         self.engine = TransformersEngine(model, vision=vision, device="cpu")
         self.fail_first = fail_first
+        self.garble_first = garble_first  # answer this many requests with text that is not JSON
         self.requests = 0
+        self.schemas = 0  # requests that asked for JSON under a schema
         self._lock = threading.Lock()
         server = self
 
@@ -63,7 +66,14 @@ class OpenAIServer(BackgroundServer):
                 content = parts
             messages.append({"role": message["role"], "content": content})
         sampling = Sampling(body.get("max_tokens", 32), body.get("temperature", 0.7), body.get("top_p", 0.9))
-        [generation] = self.engine.generate([Request(messages, image, body.get("seed", 0))], sampling)
+        # response_format json_schema, as vLLM's server honours it: decoding under the schema.
+        schema = (body.get("response_format") or {}).get("json_schema", {}).get("schema")
+        self.schemas += schema is not None
+        request = Request(messages, image, body.get("seed", 0), json_schema=schema)
+        [generation] = self.engine.generate([request], sampling)
+        if self.garble_first > 0:
+            self.garble_first -= 1
+            generation.text = "Sure! The person looks friendly."
         return {
             "object": "chat.completion",
             "model": body["model"],

@@ -189,3 +189,33 @@ class Sleepy(Stage):
         rows = batch.rows.copy()
         rows["worker_pid"] = os.getpid()
         return Output(rows=rows)
+
+
+class AskConfig(StageConfig):
+    base_url: str  # an OpenAI-compatible server, as caption.openai.base_url
+    ask_prefix: str | None = None  # rows whose key starts so ask too (all of a shard: the shard fails)
+
+
+class Ask(Stage):
+    """Asks a chat server about rows whose key ends in 3 or starts with ``ask_prefix``, through
+    the real OpenAI engine, whose errors name its URL."""
+
+    name = "ask"
+    config_model = AskConfig
+    produces: ClassVar = {"answer": pa.string()}
+    resources = Resources(cpus=1, batch_size=100)
+
+    def process(self, batch: Batch) -> Output:
+        from facecap.stages.shared.engines import HttpSettings, OpenAIEngine, Request, Sampling
+
+        engine = OpenAIEngine("m", HttpSettings(base_url=self.config.base_url, retries=0, timeout=10))
+        prefix = self.config.ask_prefix
+        answers = []
+        for key in batch.rows["key"]:
+            if key.endswith("3") or (prefix is not None and key.startswith(prefix)):
+                answers.append(engine.generate([Request([{"role": "user", "content": key}])], Sampling())[0].text)
+            else:
+                answers.append(None)
+        rows = batch.rows.copy()
+        rows["answer"] = answers
+        return Output(rows=rows)

@@ -111,7 +111,7 @@ def article(word: str) -> str:
 class Grammar:
     """Captions for one row: ``caption(values, key, variant)``; values hold the tag stage's columns."""
 
-    def __init__(self, seed: int = 0, min_gender_score: float = 0.7, min_emotion_score: float = 0.6):
+    def __init__(self, seed: int = 0, min_gender_score: float = 0.9, min_emotion_score: float = 0.6):
         self.seed = seed
         self.min_gender_score = min_gender_score
         self.min_emotion_score = min_emotion_score

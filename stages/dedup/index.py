@@ -85,12 +85,16 @@ def _bucket_pairs(keys: np.ndarray) -> Iterator[np.ndarray]:
         yield np.concatenate(chunk)
 
 
-def hamming_pairs(hashes: np.ndarray, radius: int) -> np.ndarray:
-    """Pairs of positions whose 64-bit hashes differ in at most ``radius`` bits."""
+def hamming_pairs(hashes: np.ndarray, radius: int, bands: int | None = None) -> np.ndarray:
+    """Pairs of positions whose 64-bit hashes differ in at most ``radius`` bits.
+
+    With ``radius + 1`` bands (the default) every such pair is found. Fewer, wider bands find a
+    pair only when one band has none of its differing bits (most pairs well inside the radius),
+    for far fewer candidates: the cost of a large radius without comparing nearly all pairs."""
     hashes = np.asarray(hashes, np.int64)
     unsigned = hashes.view(np.uint64)
     found = []
-    for shift, width in _bands(radius):
+    for shift, width in _bands((bands or radius + 1) - 1):
         keys = (unsigned >> np.uint64(64 - shift - width)) & np.uint64((1 << width) - 1)
         for pairs in _bucket_pairs(keys):
             distance = np.bitwise_count(np.bitwise_xor(unsigned[pairs[:, 0]], unsigned[pairs[:, 1]]))

@@ -9,8 +9,10 @@ then gets its decisions (pass 3). Kinds, in order of precedence:
 - ``eval_overlap``: the image is a near-duplicate of an image in ``against`` (held-out eval data).
 - ``exact``: same bytes, same decoded pixels, or same normalised URL as an image kept elsewhere.
 - ``near_duplicate``: image pHashes within ``phash_radius`` bits (resized, re-encoded, lightly
-  cropped copies), or the same face re-cropped: face embeddings with cosine >= ``face_cosine``
-  whose face crops' pHashes are within ``face_phash_radius`` (two photos of one person differ there).
+  cropped copies); or (kind ``face``, no model) aligned face crops within ``face_crop_radius`` pHash
+  bits whose images are within ``face_crop_image_radius`` (a copy cropped by a few percent); or the
+  same face re-cropped: face embeddings with cosine >= ``face_cosine`` whose face crops' pHashes
+  are within ``face_phash_radius`` (two photos of one person differ there).
 - ``identity_cap``: more than ``identity_cap`` faces of one identity cluster (cosine >=
   ``identity_cosine``); the best-scored are kept.
 
@@ -34,11 +36,11 @@ from pydantic import Field
 from facecap.pipeline.errors import ConfigError
 from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, GlobalStage, Output, Resources, StageConfig, Summaries
-from facecap.stages.dedup.hashing import FaceEmbedder, digest64, normalised_url, phash, pixel_digest
+from facecap.stages.dedup.hashing import FaceEmbedder, digest64, hamming, normalised_url, phash, pixel_digest
 from facecap.stages.dedup.index import UnionFind, cosine_pairs, equal_pairs, hamming_pairs, lsh_bits
 from facecap.stages.shared.images import decode_bgr
 
-Kind = Literal["exact", "near", "embedding", "identity"]
+Kind = Literal["exact", "near", "face", "embedding", "identity"]
 PRECEDENCE = ("eval_overlap", "exact", "near_duplicate", "identity_cap")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -46,10 +48,16 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 class DedupConfig(StageConfig):
     kinds: list[Kind] = Field(
         # The embedding and identity kinds need MobileFaceNet (FACECAP_MODELS); recipes turn them on.
-        default_factory=lambda: ["exact", "near"],
-        description="which dedup kinds run: exact, near, embedding, identity",
+        default_factory=lambda: ["exact", "near", "face"],
+        description="which dedup kinds run: exact, near, face, embedding, identity",
     )
     phash_radius: int = Field(4, ge=0, le=12, description="images within this many pHash bits are near-duplicates")
+    # The face kind (no model): a cropped or re-encoded copy moves the detector's landmarks, so the
+    # aligned crop's pHash drifts more than the image's; both must agree. Measured in docs/dedup.md.
+    face_crop_radius: int = Field(8, ge=0, le=20, description="face kind: aligned-crop pHashes within this many bits")
+    face_crop_image_radius: int = Field(
+        12, ge=0, le=20, description="face kind: ... and their images' pHashes within this many bits"
+    )
     face_cosine: float = Field(0.9, ge=0, le=1, description="same face crop: embeddings at least this similar ...")
     face_phash_radius: int = Field(10, ge=0, le=32, description="... and face-crop pHashes within this many bits")
     identity_cosine: float = Field(0.5, ge=0, le=1, description="faces of one identity (SFace cosine)")
@@ -196,6 +204,8 @@ def decide(
     image_scores = frame.groupby("image_key", sort=False)["score"].max().reindex(first["image_key"]).to_numpy()
     for kind, pairs in _image_pairs(first, config):
         _mark_image_groups(frame, first, image_rows, image_scores, pairs, kind, decision, duplicate_of)
+    if "face" in config.kinds:
+        _mark_row_groups(frame, face_crop_pairs(frame, config), "near_duplicate", decision, duplicate_of)
     if vectors is not None and "embedding" in config.kinds:
         pairs = cosine_pairs(vectors, config.face_cosine, tables=config.lsh_tables)
         if len(pairs):
@@ -231,6 +241,23 @@ def decide(
             "identity_cluster_size": sizes,
         }
     )
+
+
+# Candidates for the face kind come from 6 bands of the image pHash (a radius of 12 in full would
+# need 13 narrow bands: nearly every pair of a large set); the bands find most copies (docs/dedup.md).
+FACE_CROP_BANDS = 6
+
+
+def face_crop_pairs(frame: pd.DataFrame, config: DedupConfig) -> np.ndarray:
+    """Faces of different images whose aligned crops and whole images are both near in pHash."""
+    image_hashes = frame["phash"].to_numpy(np.int64)
+    face_hashes = frame["face_phash"].to_numpy(np.int64)
+    pairs = hamming_pairs(image_hashes, config.face_crop_image_radius, bands=FACE_CROP_BANDS)
+    if not len(pairs):
+        return pairs
+    images = frame["image_key"].to_numpy()
+    close = hamming(face_hashes[pairs[:, 0]], face_hashes[pairs[:, 1]]) <= config.face_crop_radius
+    return pairs[close & (images[pairs[:, 0]] != images[pairs[:, 1]])]
 
 
 def _image_pairs(first: pd.DataFrame, config: DedupConfig):

@@ -24,6 +24,7 @@ from pydantic import Field
 from facecap.pipeline import models
 from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
+from facecap.pipeline.summary import Histogram
 from facecap.stages.detect.align import aligned_crop, alignment_matrix, box_crop, square_crop
 from facecap.stages.detect.decode import CropSource, StoredImage
 from facecap.stages.detect.detectors import Face, make_detector
@@ -69,6 +70,17 @@ class DetectConfig(StageConfig):
         return self.min_score if self.min_score is not None else EQUIVALENT_MIN_SCORE[self.detector]
 
 
+# What the report plots of this stage's rows (summarized per shard by the workers).
+FACE_SIDE_EDGES = (0, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 1_000_000)
+
+
+def face_side(rows: pd.DataFrame) -> pd.Series:
+    return np.minimum(rows["face_width"], rows["face_height"])
+
+
+SUMMARIES = (Histogram("face side (px)", ("face_width", "face_height"), FACE_SIDE_EDGES, face_side),)
+
+
 @register
 class DetectStage(Stage):
     name = "detect"
@@ -76,6 +88,7 @@ class DetectStage(Stage):
     help = "Find faces (YuNet, SCRFD or RetinaFace), apply the face policy, store box/square/aligned crops."
     config_model = DetectConfig
     consumes = ("key",)
+    summaries = SUMMARIES
     produces: ClassVar[dict[str, pa.DataType]] = {
         "image_key": pa.string(),
         "face_index": pa.int16(),

@@ -34,6 +34,11 @@ from facecap.stages.download import http1
 DEFAULT_USER_AGENT = "facecap/0.1 (face image-text dataset builder; honours X-Robots-Tag noai)"
 METADATA_ADDRESSES = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")
+# IPv6 forms that carry an IPv4 address and, through a relay or translator, reach it.
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated (RFC 4291); :: and ::1 are themselves
+IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT (RFC 2765)
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known prefix (RFC 6052)
+NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # local-use prefixes (RFC 8215): /48 to /96
 TRANSIENT = {"timeout", "connection_error", "dns_error", "http_408", "http_429", "tls_error", "bad_content_length"}
 DNS_TTL = 60.0
 READ_CHUNK = 1 << 20
@@ -256,10 +261,18 @@ class Fetcher:
         return False
 
     def _address_problem(self, address: ipaddress._BaseAddress) -> str | None:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
+        if isinstance(address, ipaddress.IPv6Address):
+            forms, kind = embedded_ipv4(address)
+            for form, inner in forms:
+                problem = self._address_problem(inner) if kind != GUESSED else _metadata(inner)
+                if problem:
+                    return f"{form} of {inner}: {problem}"
+            if kind == WRAPPER:
+                return None  # judged by the IPv4 address it reaches (NAT64 of a public site, say)
+            if kind == GUESSED and not self.safety.allow_private_networks:
+                return "local-use NAT64 prefix"
         if address in METADATA_ADDRESSES:
-            return "cloud metadata service"
+            return _metadata(address)
         if address.is_multicast or address.is_unspecified:
             return "multicast or unspecified address"
         if self.safety.allow_private_networks:
@@ -294,7 +307,9 @@ class Fetcher:
 
     def _request(self, parts, target: tuple, deadline: float) -> http1.Response:
         """Send the GET and read the response head; a pooled connection the server has meanwhile
-        closed is replaced once (nothing was received, so repeating the GET is safe)."""
+        closed, or whose answer does not start with a response head (stray bytes of the previous
+        response that arrived after it was checked), is replaced once: nothing usable was
+        received, so repeating the GET is safe."""
         scheme = parts.scheme.lower()
         host = parts.hostname
         host_header = f"[{host}]" if ":" in host else _ascii_host(host)
@@ -321,7 +336,7 @@ class Fetcher:
                 response = http1.read_response(connection)
             except BaseException as exc:
                 connection.close()
-                if connection.reused and isinstance(exc, ConnectionError):
+                if connection.reused and isinstance(exc, (ConnectionError, http1.ProtocolError)):
                     continue
                 raise
             if response is None:
@@ -400,6 +415,54 @@ class Fetcher:
                 if directive.strip().lower() in self._directives:
                     return directive.strip().lower()
         return None
+
+
+WRAPPER, OWN, GUESSED = "wrapper", "own", "guessed"
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[list[tuple[str, ipaddress.IPv4Address]], str | None]:
+    """The IPv4 addresses an IPv6 address carries, each named by its form, and what they mean:
+
+    - ``WRAPPER``: the IPv6 address only reaches that IPv4 address (IPv4-mapped, SIIT, NAT64's
+      well-known prefix, 6to4) and is judged by it alone;
+    - ``OWN``: the IPv4 addresses are checked, then the IPv6 address itself (IPv4-compatible,
+      Teredo: both its server and its de-obfuscated client);
+    - ``GUESSED``: local-use NAT64 (64:ff9b:1::/48), whose prefix length (48 to 96) the operator
+      chose, so the address is read at every length; none may be a cloud metadata address, and the
+      prefix itself is a local network;
+    - None: no IPv4 address inside.
+    """
+    value = int(address)
+    if address.ipv4_mapped is not None:
+        return [("IPv4-mapped form", address.ipv4_mapped)], WRAPPER
+    if address in IPV4_TRANSLATED:
+        return [("IPv4-translated form", ipaddress.IPv4Address(value & 0xFFFFFFFF))], WRAPPER
+    if address in NAT64:
+        return [("NAT64 form", ipaddress.IPv4Address(value & 0xFFFFFFFF))], WRAPPER
+    if address.sixtofour is not None:
+        return [("6to4 form", address.sixtofour)], WRAPPER
+    if address.teredo is not None:
+        server, client = address.teredo
+        return [("Teredo client", client), ("Teredo server", server)], OWN
+    if address in IPV4_COMPATIBLE and value > 1:
+        return [("IPv4-compatible form", ipaddress.IPv4Address(value))], OWN
+    if address in NAT64_LOCAL:
+        lengths = (48, 56, 64, 96)
+        return [(f"local-use NAT64 /{n} form", _rfc6052_ipv4(value, n)) for n in lengths], GUESSED
+    return [], None
+
+
+def _metadata(address: ipaddress._BaseAddress) -> str | None:
+    return "cloud metadata service" if address in METADATA_ADDRESSES else None
+
+
+def _rfc6052_ipv4(value: int, prefix: int) -> ipaddress.IPv4Address:
+    """The IPv4 address inside an IPv4-embedded IPv6 address with a ``prefix``-bit prefix (RFC 6052
+    section 2.2: the 32 bits follow the prefix and skip bits 64 to 71)."""
+    octets = value.to_bytes(16, "big")
+    start = prefix // 8
+    carried = [i for i in range(start, 16) if i != 8][:4]
+    return ipaddress.IPv4Address(bytes(octets[i] for i in carried))
 
 
 def _decoder(encoding: str, status: int):

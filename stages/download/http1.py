@@ -107,6 +107,24 @@ class Connection:
                 raise ProtocolError(f"connection closed in the middle of {what}")
             self._buffer += data
 
+    def at_rest(self) -> bool:
+        """True when nothing waits to be read: no buffered byte, and the socket holds neither data
+        nor an end of stream. A connection is reused only then: bytes past the end of the last
+        response (a Content-Length shorter than the body the server sent) would otherwise be read
+        as the head of the next one."""
+        if self._buffer:
+            return False
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return False
+        try:
+            self.sock.settimeout(0.0)
+            self.sock.recv(1)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return True  # nothing there (for TLS: no application data)
+        except OSError:
+            return False
+        return False  # a stray byte, or the server closed: either way, not reusable
+
     def read_head(self) -> bytes | None:
         """A response head up to its empty line (CRLF or, from sloppy servers, bare LF line ends)."""
         return self.read_until((b"\n\r\n", b"\n\n"), MAX_HEAD_BYTES, "the response head")
@@ -139,7 +157,8 @@ class Connection:
 
 
 class Response:
-    """Status, headers and a body read in pieces; ``reusable`` once the body was read to its end."""
+    """Status, headers and a body read in pieces; ``reusable`` once the body was read to its end
+    and nothing followed it."""
 
     def __init__(self, connection: Connection, status: int, version: str, headers: Headers):
         self.connection = connection
@@ -152,7 +171,11 @@ class Response:
         self._chunked = "chunked" in encoding
         self._length_left = None if self._chunked else _content_length(headers)
         close = "close" in (headers.get("connection") or "").lower()
-        self._keep_alive = version == "HTTP/1.1" and not close and (self._chunked or self._length_left is not None)
+        # Chunked with a Content-Length too is framed two ways (RFC 9112 6.3: chunked wins, and
+        # such a message may be an attempt at response splitting): read it, never reuse the connection.
+        ambiguous = self._chunked and headers.get("content-length") is not None
+        framed = self._chunked or self._length_left is not None
+        self._keep_alive = version == "HTTP/1.1" and not close and framed and not ambiguous
         if status in (204, 304) or 100 <= status < 200:
             self._length_left, self._chunked = 0, False
 
@@ -162,7 +185,9 @@ class Response:
 
     @property
     def reusable(self) -> bool:
-        return self.complete and self._keep_alive
+        """Whether the connection may serve another request: the response ended exactly where
+        its framing said (Content-Length or the last chunk) and no byte follows it."""
+        return self.complete and self._keep_alive and self.connection.at_rest()
 
     def read_all_into(self, size: int) -> bytes:
         """The whole body when Content-Length says ``size``: one buffer, no joining of pieces."""
@@ -290,12 +315,18 @@ class ConnectionPool:
         self._lock = threading.Lock()
 
     def take(self, key: tuple) -> Connection | None:
-        with self._lock:
-            idle = self._idle.get(key)
-            if idle:
+        """An idle connection to ``key`` that is still at rest: one that received bytes (or its
+        end of stream) while it waited is closed, never handed out."""
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    return None
                 self._idle.move_to_end(key)
-                return idle.pop()
-        return None
+                connection = idle.pop()
+            if connection.at_rest():
+                return connection
+            connection.close()
 
     def give_back(self, key: tuple, connection: Connection) -> None:
         dropped: list[Connection] = []

@@ -17,23 +17,49 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import cv2
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 from pydantic import Field
 
 from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig, StageSpec
+from facecap.pipeline.summary import Histogram
 from facecap.stages.download.fetch import Fetcher, HttpSettings, SafetySettings, is_transient
 from facecap.stages.shared.images import ImageRejected, ImageSettings, normalize
 
 YIELD_EVERY = 64
 
 
+class DownloadImageSettings(ImageSettings):
+    """The image settings with a face corpus's limits on by default (docs/cli.md, Download): an
+    image whose smaller side is under 64 px holds no face worth keeping (detect keeps faces of at
+    least 128 px by default, 48 in the demo), and one more than 4 times wider than tall, or
+    taller than wide (banners, strips, panoramas, a 6000x1 sliver), holds none at a usable size
+    once detect scales it to ``max_side``. A recipe sets either to null or 0 to turn it off."""
+
+    max_aspect_ratio: float | None = Field(
+        4.0, gt=0, description="reject wider/taller images (after EXIF); null: no limit"
+    )
+    min_image_size: int = Field(64, ge=0, description="reject images whose smaller side is smaller; 0: no limit")
+
+
 class DownloadConfig(StageConfig):
     concurrency: int = Field(32, ge=1, le=1024, description="downloads in flight per worker")
     http: HttpSettings = Field(default_factory=HttpSettings)
     safety: SafetySettings = Field(default_factory=SafetySettings)
-    image: ImageSettings = Field(default_factory=ImageSettings)
+    image: DownloadImageSettings = Field(default_factory=DownloadImageSettings)
+
+
+# What the report plots of this stage's rows (summarized per shard by the workers).
+IMAGE_SIDE_EDGES = (0, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 1_000_000)
+
+
+def image_side(rows: pd.DataFrame) -> pd.Series:
+    return np.minimum(rows["original_width"], rows["original_height"])
+
+
+SUMMARIES = (Histogram("image side (px)", ("original_width", "original_height"), IMAGE_SIDE_EDGES, image_side),)
 
 
 @register
@@ -43,6 +69,7 @@ class DownloadStage(Stage):
     help = "Fetch every ok row's image: safe, polite, bounded; normalised to RGB, metadata stripped."
     config_model = DownloadConfig
     consumes = ("url",)
+    summaries = SUMMARIES
     produces: ClassVar[dict[str, pa.DataType]] = {
         "http_status": pa.int32(),
         "final_url": pa.string(),

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from facecap.pipeline.dataset import Dataset, SpooledTar, TarShardReader, config_hash
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.status import OK
-from facecap.pipeline.storage import Storage, StorageOptions
+from facecap.pipeline.storage import Storage, StorageOptions, refuse_overlap
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 # Columns not worth a trainer's JSON: internal bookkeeping of the stages.
@@ -75,6 +75,8 @@ def export(source: str, output: str, settings: ExportSettings, options: StorageO
     manifest = dataset.require_manifest()
     if not manifest.complete:
         raise FacecapError(f"{source}: its '{manifest.stage}' run did not finish; run it again before exporting")
+    # Writing into the dataset (or a folder holding it) would replace its manifest and shards.
+    refuse_overlap(output, [dataset.uri, *(ref.root for ref in manifest.media.values())])
     rows, origin = _ok_rows(dataset)
     out = Storage(output, options)
     identity = config_hash({"source": dataset.uri, "source_config": manifest.config_hash, "settings": asdict(settings)})

@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from facecap.pipeline.dataset import MediaRef
+from facecap.pipeline.dataset import MediaRef, unsafe_key
 from facecap.pipeline.errors import InputError
 from facecap.pipeline.source import Source, SourceShard
 from facecap.pipeline.stage import StageConfig
@@ -96,7 +96,10 @@ def open_source(config: SourceConfig, options: StorageOptions | None = None) -> 
         for index, table in enumerate(_rechunk(batches, config.shard_size, schema)):
             yield SourceShard(index, table)
 
-    return Source(files=files, kind="urls", fingerprint=fingerprint, shard_iter=shards)
+    # A named folder is read recursively: an output inside it would be read back as input. A glob's
+    # matches are in ``files``.
+    roots = [item for item in config.input if not any(ch in item for ch in "*?[")]
+    return Source(files=files, kind="urls", fingerprint=fingerprint, shard_iter=shards, roots=roots)
 
 
 # --- URL lists --------------------------------------------------------------------------------
@@ -560,10 +563,19 @@ def _img2dataset_table(storage: Storage, stem: str) -> pa.Table:
     n = raw.num_rows
     statuses = raw.column("status").to_pylist() if "status" in raw.column_names else ["success"] * n
     errors = raw.column("error_message").to_pylist() if "error_message" in raw.column_names else [None] * n
+    keys = raw.column("key").cast(pa.string()).to_pylist()
+    # A key names tar members downstream: one like ../../x must never get that far.
+    bad_keys = [unsafe_key(k) for k in keys]
+    outcomes = [
+        ("ingest:invalid_key", f"{bad}: {str(k)[:80]!r}")
+        if bad
+        else (_img2dataset_status(s, e), e if s != "success" else None)
+        for k, bad, s, e in zip(keys, bad_keys, statuses, errors, strict=True)
+    ]
     columns: dict[str, pa.Array] = {
-        "key": raw.column("key").cast(pa.string()),
-        "status": pa.array([_img2dataset_status(s, e) for s, e in zip(statuses, errors, strict=True)], pa.string()),
-        "error": pa.array([e if s != "success" else None for s, e in zip(statuses, errors, strict=True)], pa.string()),
+        "key": pa.array(keys, pa.string()),
+        "status": pa.array([status for status, _ in outcomes], pa.string()),
+        "error": pa.array([error for _, error in outcomes], pa.string()),
         "url": raw.column("url").cast(pa.string()),
         "alt_text": raw.column("caption").cast(pa.string())
         if "caption" in raw.column_names

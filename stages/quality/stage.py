@@ -22,6 +22,7 @@ from pydantic import Field
 
 from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, GlobalStage, Output, Resources, StageConfig, StageSpec, Summaries
+from facecap.pipeline.summary import Histogram
 from facecap.stages.quality import measures
 from facecap.stages.quality.rules import Rule, failing, ranking_cutoff
 from facecap.stages.shared.geometry import head_pose
@@ -90,6 +91,26 @@ class QualityConfig(StageConfig):
     )
 
 
+# What the report plots of this stage's rows (summarized per shard by the workers).
+def sharpness(rows: pd.DataFrame) -> pd.Series:
+    return rows["q_sharpness"]
+
+
+def brisque(rows: pd.DataFrame) -> pd.Series:
+    return rows["q_brisque"]
+
+
+def yaw(rows: pd.DataFrame) -> pd.Series:
+    return rows["q_yaw"]
+
+
+SUMMARIES = (
+    Histogram("sharpness", ("q_sharpness",), (0, 10, 20, 50, 100, 200, 500, 1000, 2000, 1e9), sharpness),
+    Histogram("BRISQUE (lower is better)", ("q_brisque",), (-1e3, 0, 10, 20, 30, 40, 50, 60, 80, 100, 1e3), brisque),
+    Histogram("yaw (deg)", ("q_yaw",), (-90, -60, -45, -30, -15, 0, 15, 30, 45, 60, 90), yaw),
+)
+
+
 @register
 class QualityStage(GlobalStage):
     name = "quality"
@@ -97,6 +118,7 @@ class QualityStage(GlobalStage):
     help = "Measure face and image quality (sharpness, exposure, pose, BRISQUE, text, cartoon, NSFW) and apply rules."
     config_model = QualityConfig
     consumes = ("image_key", "box", "landmarks", "face_width", "face_height")
+    summaries = SUMMARIES
     produces: ClassVar[dict[str, pa.DataType]] = {**MEASURES, "quality_failed": pa.list_(pa.string())}
     reads_media: ClassVar[dict[str, str]] = {"image": "image_key", "aligned112": "key"}
     batch_by = "image_key"  # all faces of an image in one batch: overlap and per-image measures

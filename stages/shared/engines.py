@@ -138,10 +138,17 @@ class TransformersEngine(Engine):
         self._model.to(self._device).eval()
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Generation]:
-        torch = self._torch
-        if not requests:
-            return []
-        torch.manual_seed(requests[0].seed)
+        # Requests with a JSON schema are decoded one by one under it; the rest share one batch.
+        free = [i for i, r in enumerate(requests) if r.json_schema is None]
+        results: list[Generation | None] = [None] * len(requests)
+        for index, generation in zip(free, self._free([requests[i] for i in free], sampling), strict=True):
+            results[index] = generation
+        for index, request in enumerate(requests):
+            if request.json_schema is not None:
+                results[index] = self._constrained(request, sampling)
+        return [r for r in results if r is not None]
+
+    def _inputs(self, requests: list[Request]) -> Any:
         if self.vision:
             from io import BytesIO
 
@@ -156,7 +163,14 @@ class TransformersEngine(Engine):
                 for r in requests
             ]
             inputs = self._tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        inputs = inputs.to(self._device)
+        return inputs.to(self._device)
+
+    def _free(self, requests: list[Request], sampling: Sampling) -> list[Generation]:
+        torch = self._torch
+        if not requests:
+            return []
+        torch.manual_seed(requests[0].seed)
+        inputs = self._inputs(requests)
         options: dict[str, Any] = {"max_new_tokens": sampling.max_tokens, "pad_token_id": self._tokenizer.pad_token_id}
         if sampling.temperature > 0:
             options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
@@ -168,6 +182,74 @@ class TransformersEngine(Engine):
         texts = self._tokenizer.batch_decode(new, skip_special_tokens=True)
         pad = self._tokenizer.pad_token_id
         return [Generation(text, int((row != pad).sum())) for text, row in zip(texts, new, strict=True)]
+
+    def _constrained(self, request: Request, sampling: Sampling) -> Generation:
+        """A JSON object whose fields are all enums, each value chosen by the model's likelihood.
+
+        The answer is written field by field; for each field every allowed value is scored (sum
+        of its tokens' log-probabilities after the prompt and the answer so far) and the best one
+        taken (or one sampled, at temperature > 0). Exact for such schemas, but one forward pass
+        per field: fine for small local models; vllm and openai servers decode under the schema
+        at full speed.
+        """
+        torch = self._torch
+        fields = enum_fields(request.json_schema or {})
+        inputs = self._inputs([request])
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        context = inputs["input_ids"][0].tolist()
+        generator = torch.Generator().manual_seed(request.seed)
+        answer: dict[str, str] = {}
+        chosen_tokens = 0
+        for number, (name, values) in enumerate(fields.items()):
+            context += self._ids(("{" if number == 0 else ", ") + json.dumps(name) + ": ")
+            options = [self._ids(json.dumps(value)) for value in values]
+            scores = self._scores(context, options, extra)
+            if sampling.temperature > 0:
+                weights = torch.softmax(scores / sampling.temperature, dim=0)
+                pick = int(torch.multinomial(weights, 1, generator=generator))
+            else:
+                pick = int(torch.argmax(scores))
+            answer[name] = values[pick]
+            context += options[pick]
+            chosen_tokens += len(options[pick])
+        return Generation(json.dumps(answer), chosen_tokens)
+
+    def _ids(self, text: str) -> list[int]:
+        return self._tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _scores(self, context: list[int], options: list[list[int]], extra: dict[str, Any]) -> Any:
+        """Log-likelihood of each option's tokens after ``context`` (one right-padded batch)."""
+        torch = self._torch
+        width = len(context) + max(len(o) for o in options)
+        pad = self._tokenizer.pad_token_id or 0
+        ids = torch.full((len(options), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(options), width), dtype=torch.long)
+        for row, option in enumerate(options):
+            sequence = context + option
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+            mask[row, : len(sequence)] = 1
+        repeated = {k: v.repeat(len(options), *([1] * (v.dim() - 1))) for k, v in extra.items()}
+        with torch.inference_mode():
+            logits = self._model(
+                input_ids=ids.to(self._device), attention_mask=mask.to(self._device), **repeated
+            ).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        scores = []
+        for row, option in enumerate(options):
+            positions = torch.arange(len(context) - 1, len(context) - 1 + len(option))
+            scores.append(logprobs[row, positions, torch.tensor(option)].sum())
+        return torch.stack(scores).cpu()
+
+
+def enum_fields(schema: dict[str, Any]) -> dict[str, list[str]]:
+    """{field: allowed values} of an object schema whose properties are all string enums."""
+    properties = schema.get("properties") if schema.get("type") == "object" else None
+    if not properties or not all(isinstance(p, dict) and p.get("enum") for p in properties.values()):
+        raise EngineError(
+            "the transformers engine constrains only JSON objects whose fields are all enums; "
+            "use engine vllm or openai for other schemas"
+        )
+    return {name: [str(v) for v in spec["enum"]] for name, spec in properties.items()}
 
 
 @dataclass

@@ -55,7 +55,7 @@ COMMANDS = (
         flags=(
             Flag(
                 "backends",
-                help="comma-separated, in order: agegender, genderage, emotion, geometry, skin, celeba, clip",
+                help="comma-separated, in order: agegender, genderage, emotion, geometry, skin, celeba, clip, vlm",
             ),
             Flag("threshold", help="an attribute counts above this probability (0.85)"),
             Flag(
@@ -73,6 +73,8 @@ COMMANDS = (
             "facecap tag work/quality work/tag --backends celeba,agegender,geometry "
             "--set tag.celeba_checkpoint=celeba_r50.pth",
             "facecap tag work/quality work/tag --min-confident 3 --threshold 0.8",
+            "facecap tag work/quality work/tag --backends vlm,geometry --set tag.vlm.model=Qwen/Qwen2.5-VL-7B-Instruct "
+            "--set tag.vlm.openai.base_url=http://localhost:8000/v1 (a VLM answers all 40 as JSON)",
         ),
     ),
 )

@@ -7,16 +7,19 @@ what it cannot tell stays absent (null in the dataset), never guessed.
   carries as ONNX files: the embedded default, no network needed.
 - ``genderage``: insightface's genderage_v1 (registry ``genderage``; non-commercial weights).
 - ``emotion``: a small FER2013 CNN (registry ``emotion-fer2013``; weak, see docs/attributes.md).
-- ``geometry``: head pose from the 5 landmarks and, with MediaPipe's face mesh (registry
-  ``face-mesh``), eyes open, mouth open and smile from the dense landmarks.
+- ``geometry``: head pose from the 5 landmarks; eyes open, mouth open and smile from MediaPipe's
+  dense face landmarks: the Face Landmarker that the install carries (registry
+  ``face-landmarker``), else the face-mesh ONNX file (registry ``face-mesh``) where present.
 - ``skin``: the ITA angle of skin pixels and a Monk-scale bin from it.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
+import weakref
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,14 +34,20 @@ from facecap.stages.shared.geometry import head_pose
 
 @dataclass
 class Faces:
-    """One batch of faces: ArcFace-aligned 112 crops (BGR) and the 5 landmarks in original pixels."""
+    """One batch of faces: ArcFace-aligned 112 crops (BGR), the 5 landmarks in original pixels, the
+    square crops (decoded, and as stored for backends that send them on), and the face keys."""
 
     aligned: list[np.ndarray]
     landmarks: list[np.ndarray]
     squares: list[np.ndarray | None]
+    jpegs: list[bytes | None] = field(default_factory=list)  # filled by the stage; empty in unit use
+    keys: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.aligned)
+
+    def slice(self, start: int, stop: int) -> Faces:
+        return Faces(*(getattr(self, f.name)[start:stop] for f in fields(self)))
 
 
 class Backend(ABC):
@@ -53,8 +62,20 @@ class Backend(ABC):
         """The CelebA attributes it sets on this machine (a backend may depend on optional files)."""
         return cls.celeba
 
+    # True: it gets every face of the stage's batch at once (an engine that schedules its own batches).
+    whole_batch: ClassVar[bool] = False
+
     @abstractmethod
-    def predict(self, faces: Faces) -> list[dict[str, Any]]: ...
+    def predict(self, faces: Faces) -> list[dict[str, Any]]:
+        """Per face, the attributes it can tell; ``{"_error": why}`` for a face it could not judge
+        (the face gets ``tag:invalid``)."""
+
+    def provenance(self) -> dict[str, Any] | None:
+        """What made its values (model, revision, prompt), for the ``attr_models`` column."""
+        return None
+
+    def close(self) -> None:
+        """Release engines or GPU memory."""
 
 
 def session(path: Path, use_gpu: bool = False) -> ort.InferenceSession:
@@ -197,26 +218,93 @@ MOUTH_CORNERS, LIPS_INNER = (61, 291), (13, 14)
 FACE_SIDES = (234, 454)
 
 
+class Landmarker:
+    """MediaPipe's Face Landmarker through mediapipe's own Tasks API (CPU): 478 points on a face crop.
+
+    Its graph finds the face in the crop (BlazeFace), crops and rotates it to 256x256 itself and
+    normalises it as it was trained, so facecap only hands it the 1.5x square crop.
+    """
+
+    def __init__(self, path: Path):
+        from mediapipe.tasks.python import BaseOptions, vision
+
+        options = vision.FaceLandmarkerOptions(
+            base_options=BaseOptions(model_asset_path=str(path)),
+            running_mode=vision.RunningMode.IMAGE,
+            num_faces=3,  # a square crop can show a neighbour too: the face nearest its centre is ours
+        )
+        self._task = vision.FaceLandmarker.create_from_options(options)
+        # Closed when this object goes. At exit mediapipe's worker thread has already stopped and
+        # closing raises (its __del__ too): the process is ending, so the handle is dropped instead.
+        weakref.finalize(self, self._task.close).atexit = False
+        atexit.register(_drop_at_exit, weakref.ref(self._task))
+
+    def mesh(self, image: np.ndarray) -> np.ndarray | None:
+        """The 468 face-mesh points (pixels of ``image``, BGR) of the face nearest its centre, or None."""
+        import mediapipe as mp
+
+        rgb = np.ascontiguousarray(image[..., ::-1])
+        found = self._task.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb)).face_landmarks
+        if not found:
+            return None
+        height, width = image.shape[:2]
+        meshes = [np.array([(p.x * width, p.y * height, p.z * width) for p in face], np.float32) for face in found]
+        centre = np.array([width / 2, height / 2], np.float32)
+        return min(meshes, key=lambda m: float(np.linalg.norm(m[:468, :2].mean(axis=0) - centre)))[:468]
+
+
+def _drop_at_exit(task: weakref.ref) -> None:
+    if (alive := task()) is not None:
+        alive._handle = None  # what close() checks first
+
+
 class Geometry(Backend):
-    """Pose from the 5 landmarks; eyes, mouth and smile from the face mesh when its file is present."""
+    """Pose from the 5 landmarks; eyes, mouth and smile from MediaPipe's dense face landmarks."""
 
     name = "geometry"
     celeba = frozenset({"Mouth_Slightly_Open", "Smiling"})
+    # The Face Landmarker the install carries first; the face-mesh ONNX file (the path facecap had
+    # first) where it is present and the landmarker is not. On the fixture photos the ONNX mesh
+    # never reads closed eyes as closed (docs/attributes.md), the landmarker does.
+    MESH_MODELS = ("face-landmarker", "face-mesh")
+
+    @classmethod
+    def mesh_model(cls) -> str | None:
+        """The registry model the eye and mouth attributes come from on this machine, or None."""
+        return next((n for n in cls.MESH_MODELS if models.state(models.REGISTRY[n])[0] == "ok"), None)
 
     @classmethod
     def celeba_attributes(cls) -> frozenset[str]:
-        return cls.celeba if models.state(models.REGISTRY["face-mesh"])[0] == "ok" else frozenset()
+        return cls.celeba if cls.mesh_model() is not None else frozenset()
 
-    def __init__(self, use_gpu: bool = False):
-        try:
+    def __init__(self, use_gpu: bool = False, mesh: str | None = None):
+        """``mesh``: one of MESH_MODELS (it must be present), else the first present one."""
+        if mesh is not None and mesh not in self.MESH_MODELS:
+            raise ValueError(f"geometry mesh {mesh!r}: one of {', '.join(self.MESH_MODELS)}")
+        self._mesh: ort.InferenceSession | None = None
+        self._landmarker: Landmarker | None = None
+        self.mesh_source = mesh or self.mesh_model()
+        if self.mesh_source == "face-mesh":
             self._mesh = session(models.resolve("face-mesh"), use_gpu)
-        except models.ModelMissing:
-            self._mesh = None  # pose only; the mesh attributes stay null
+        elif self.mesh_source == "face-landmarker":
+            self._landmarker = Landmarker(models.resolve("face-landmarker"))
+        # else pose only: the mesh attributes stay null
+
+    def meshes(self, faces: Faces) -> list[np.ndarray | None]:
+        """Per face its 468 face-mesh points ([468, 3]; x, y in pixels of the crop the mesh saw), or None."""
+        if self._landmarker is not None:
+            return [self._landmarker.mesh(crop) for crop in landmarker_crops(faces)]
+        if self._mesh is None:
+            return [None] * len(faces)
+        # The mesh expects a face filling a 192 px square: the aligned crop is such a square.
+        blob = (_chips(faces, 192).astype(np.float32) / 255.0).transpose(0, 3, 1, 2)
+        name = self._mesh.get_inputs()[0].name
+        points = [self._mesh.run(None, {name: np.ascontiguousarray(one[None])})[0] for one in blob]
+        return [p.reshape(-1, 3)[:468] for p in points]
 
     def predict(self, faces: Faces) -> list[dict[str, Any]]:
         out = []
-        meshes = self._meshes(faces) if self._mesh is not None else [None] * len(faces)
-        for landmarks, mesh in zip(faces.landmarks, meshes, strict=True):
+        for landmarks, mesh in zip(faces.landmarks, self.meshes(faces), strict=True):
             yaw, pitch, roll = head_pose(landmarks)
             values: dict[str, Any] = {"yaw": yaw, "pitch": pitch, "roll": roll, "pose_bin": pose_bin(yaw)}
             if mesh is not None:
@@ -224,34 +312,55 @@ class Geometry(Backend):
             out.append(values)
         return out
 
-    def _meshes(self, faces: Faces) -> list[np.ndarray]:
-        # The mesh expects a face filling a 192 px square: the aligned crop is such a square.
-        blob = (_chips(faces, 192).astype(np.float32) / 255.0).transpose(0, 3, 1, 2)
-        name = self._mesh.get_inputs()[0].name
-        points = [self._mesh.run(None, {name: np.ascontiguousarray(one[None])})[0] for one in blob]
-        return [p.reshape(-1, 3)[:468] for p in points]
+
+def landmarker_crops(faces: Faces) -> list[np.ndarray]:
+    """The 1.5x square crop, else the aligned crop with a black margin (the landmarker's face
+    detector needs some context around the face)."""
+    crops = []
+    for square, aligned in zip(faces.squares, faces.aligned, strict=True):
+        if square is None:
+            margin = aligned.shape[0] // 4
+            square = cv2.copyMakeBorder(aligned, margin, margin, margin, margin, cv2.BORDER_CONSTANT)
+        crops.append(square)
+    return crops
 
 
 def _logistic(x: float, centre: float, scale: float) -> float:
     return 1.0 / (1.0 + math.exp(-(x - centre) / scale))
 
 
-def _mesh_attributes(mesh: np.ndarray) -> dict[str, float]:
-    """Eye and mouth aspect ratios and mouth width, as probabilities via fixed logistic curves."""
+def mesh_ratios(mesh: np.ndarray) -> dict[str, float]:
+    """Eye aspect ratio (both eyes' mean), mouth gap over mouth width, mouth width over face width."""
 
     def aspect(indices: tuple[int, ...]) -> float:
         p = mesh[list(indices), :2]
         vertical = np.linalg.norm(p[1] - p[5]) + np.linalg.norm(p[2] - p[4])
         return float(vertical / (2 * np.linalg.norm(p[0] - p[3]) + 1e-6))
 
-    eye_ratio = (aspect(LEFT_EYE) + aspect(RIGHT_EYE)) / 2
     mouth_gap = np.linalg.norm(mesh[LIPS_INNER[0], :2] - mesh[LIPS_INNER[1], :2])
     mouth_width = np.linalg.norm(mesh[MOUTH_CORNERS[0], :2] - mesh[MOUTH_CORNERS[1], :2])
     face_width = np.linalg.norm(mesh[FACE_SIDES[0], :2] - mesh[FACE_SIDES[1], :2]) + 1e-6
-    mouth_open = _logistic(float(mouth_gap / (mouth_width + 1e-6)), 0.12, 0.04)
-    smile = _logistic(float(mouth_width / face_width), 0.42, 0.03)
     return {
-        "eyes_open": _logistic(eye_ratio, 0.18, 0.03),
+        "eye": (aspect(LEFT_EYE) + aspect(RIGHT_EYE)) / 2,
+        "mouth": float(mouth_gap / (mouth_width + 1e-6)),
+        "width": float(mouth_width / face_width),
+    }
+
+
+# The eye aspect ratio where eyes_open is 0.5: on the fixture photos the Face Landmarker reads
+# closed eyes at 0.02-0.11 and narrowed open eyes (smiles, squints, blur) from 0.12 but for one
+# broad smile at 0.09 (open: median 0.27). Picked from the 16 lowest-ratio faces, inspected by
+# eye; not checked on held-out faces.
+EYES_CLOSED_BELOW = 0.12
+
+
+def _mesh_attributes(mesh: np.ndarray) -> dict[str, float]:
+    """Eye and mouth aspect ratios and mouth width, as probabilities via fixed logistic curves."""
+    ratios = mesh_ratios(mesh)
+    mouth_open = _logistic(ratios["mouth"], 0.12, 0.04)
+    smile = _logistic(ratios["width"], 0.42, 0.03)
+    return {
+        "eyes_open": _logistic(ratios["eye"], EYES_CLOSED_BELOW, 0.02),
         "mouth_open": mouth_open,
         "smile": smile,
         "Mouth_Slightly_Open": mouth_open,

@@ -36,11 +36,17 @@ OTHER: dict[str, pa.DataType] = {
     "skin_ita": pa.float32(),
     "skin_monk": pa.int8(),
     "hair_color": pa.string(),
+    # Set by the vlm backend (stages/tag/vlm.py lists their values).
+    "hair_length": pa.string(),
+    "headwear": pa.string(),
+    "facial_hair": pa.string(),
+    "makeup": pa.string(),
 }
 COLUMNS: dict[str, pa.DataType] = {
     **{f"attr_{name}": pa.float32() for name in CELEBA40},
     **OTHER,
     "attr_backends": pa.string(),
+    "attr_models": pa.string(),  # per backend that judged the face: engine, model, revision, prompt hash, seed
     "confident_attributes": pa.list_(pa.string()),
 }
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
+import textwrap
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import write_url_csv
+from helpers import facecap_env, write_url_csv
+from rawhttp import RawServer
 from typer.testing import CliRunner
 
 from facecap.cli import app
@@ -280,3 +285,103 @@ def test_run_checks_every_stage_before_running_any(tmp_path):
     result = cli("run", "-c", recipe, "--input", csv, "--output", tmp_path / "work")
     assert result.exit_code == 2 and "tag.celeba_checkpoint" in result.stderr
     assert not (tmp_path / "work").exists()  # nothing ran
+
+
+def _files(folder) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
+def test_an_output_that_overlaps_an_input_is_refused_before_anything_is_touched(tmp_path):
+    # `download DS DS --overwrite` deleted DS's shards; `ingest DIR DIR` re-read its own output.
+    (tmp_path / "in").mkdir()
+    csv = write_url_csv(tmp_path / "in" / "urls.csv", 12)
+    dataset = tmp_path / "ds"
+    assert cli("ingest", csv, dataset, "--executor", "local", "-q").exit_code == 0
+    before = _files(tmp_path)
+    cases = [
+        ("download", dataset, dataset, "--overwrite"),  # the same folder
+        ("download", dataset, dataset / "sub"),  # inside the input dataset
+        ("download", dataset, tmp_path),  # containing it
+        ("ingest", tmp_path / "in", tmp_path / "in"),  # a folder input read recursively
+        ("ingest", tmp_path / "in", tmp_path / "in" / "out"),
+        ("ingest", csv, tmp_path / "in", "--overwrite"),  # a folder containing the input file
+        ("export", dataset, dataset),
+    ]
+    for args in cases:
+        result = cli(*args, "--executor", "local", "-q") if args[0] != "export" else cli(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "the output folder" in result.stderr and len(result.stderr.strip().splitlines()) == 1, args
+        assert _files(tmp_path) == before, args  # nothing written, nothing deleted
+
+
+def test_overwrite_replaces_only_its_own_stage_output_and_its_own_files(tmp_path):
+    csv = write_url_csv(tmp_path / "urls.csv", 30)
+    ingested, other = tmp_path / "ingested", tmp_path / "other"
+    assert cli("ingest", csv, ingested, "--shard-size", "10", "--executor", "local", "-q").exit_code == 0
+    assert cli("ingest", csv, other, "--shard-size", "10", "--executor", "local", "-q").exit_code == 0
+    before = _files(other)
+    # A folder holding another stage's dataset is not this command's output: never cleared.
+    result = cli("download", ingested, other, "--overwrite", "--executor", "local", "-q")
+    assert result.exit_code == 2 and "holds a 'ingest' dataset, not a 'download' one" in result.stderr
+    assert _files(other) == before
+    # Its own output is replaced, but a file of the user's beside the shards stays.
+    (other / "part-notes.txt").write_text("mine")
+    (other / "README.md").write_text("mine")
+    result = cli("ingest", csv, other, "--shard-size", "15", "--executor", "local", "-q", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (other / "part-notes.txt").read_text() == "mine" and (other / "README.md").exists()
+    assert not (other / "part-00002.parquet").exists()
+
+
+SECRET = "sk-live-0123456789abcdef"
+FACECAP = str(Path(sys.executable).parent / "facecap")
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def test_credentials_in_urls_never_reach_the_terminal(tmp_path):
+    """Issue 22 item 6: one-line errors print a URL's user-info and secret parameters masked."""
+    result = cli("ingest", f"https://user:{SECRET}@host/urls.csv?sig={SECRET}", tmp_path / "o", "--executor", "local")
+    assert result.exit_code == 2 and "https://REDACTED@host" in result.stderr
+    csv = write_url_csv(tmp_path / "urls.csv", 5)
+    result = cli("ingest", csv, tmp_path / "o", "--set", f"caption.openai.timeout=http://u:{SECRET}@h/v1")
+    assert result.exit_code == 2 and "caption.openai.timeout" in result.stderr
+    assert "http://REDACTED@h/v1" in result.stderr
+    for printed in (result.stdout, result.stderr):
+        assert SECRET not in printed
+
+
+def test_a_run_with_credentials_in_its_recipe_stores_and_prints_none(tmp_path):
+    """Credentials in any recipe key (a stage's server, caption's and tag's, the S3 endpoint) are
+    kept out of every manifest, failure record, the printed failures, `stats` and the report."""
+    csv = write_url_csv(tmp_path / "urls.csv", 30)
+    with RawServer() as server:  # a chat server that refuses the key
+        server.add("/v1/chat/completions", b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n", close=True)
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(
+            textwrap.dedent(f"""
+                stages: [ingest, ask]
+                ingest: {{shard_size: 10}}
+                ask: {{base_url: "http://user:{SECRET}@127.0.0.1:{server.port}/v1", ask_prefix: "000000001"}}
+                caption: {{openai: {{base_url: "http://user:{SECRET}@head:8000/v1"}}}}
+                tag: {{vlm: {{openai: {{base_url: "https://head/v1?api_key={SECRET}"}}}}}}
+                storage: {{s3_endpoint: "http://AKIA:{SECRET}@127.0.0.1:9000"}}
+            """)
+        )
+        env = facecap_env(FACECAP_STAGES="ask_stage", PYTHONPATH=f"{TESTS / 'plugins'}:{TESTS}")
+        work = tmp_path / "work"
+        args = [FACECAP, "run", "-c", str(recipe), "-i", str(csv), "-o", str(work), "--executor", "local"]
+        result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "shard 1 failed" in result.stderr and "http://REDACTED@127.0.0.1" in result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    manifest = json.loads((work / "ask" / "_manifest.json").read_text())
+    assert manifest["recipe"]["tag"]["vlm"]["openai"]["base_url"] == "https://head/v1?api_key=REDACTED"
+    stored = list(work.rglob("*.json"))
+    assert len(stored) > 5 and not [p for p in stored if SECRET in p.read_text()]
+    page = tmp_path / "r.html"
+    for command in (["stats", str(work), "--json"], ["stats", str(work)], ["report", str(work), "-o", str(page)]):
+        shown = subprocess.run([FACECAP, *command], env=env, capture_output=True, text=True, timeout=300)
+        assert shown.returncode == 0, shown.stderr
+        assert SECRET not in shown.stdout + shown.stderr
+    assert "ask:error" in page.read_text() and "http://REDACTED@127.0.0.1" in page.read_text()
+    assert SECRET not in page.read_text()

@@ -81,3 +81,43 @@ def test_report_renders_in_headless_chromium_without_console_errors(run_folder, 
         [*base, f"--screenshot={shot}", "--window-size=1200,2400", f"file://{out}"], capture_output=True, timeout=120
     )
     assert rendered.returncode == 0 and shot.stat().st_size > 50_000
+
+
+def test_report_and_stats_skip_an_export_beside_the_stage_datasets(run_folder, tmp_path):
+    # `facecap report WORK` failed with "unreadable manifest" once WORK also held an export.
+    runner = CliRunner()
+    export = run_folder / "export"
+    result = runner.invoke(app, ["export", str(run_folder / "dedup"), str(export)])
+    assert result.exit_code == 0, result.output
+    try:
+        report = runner.invoke(app, ["report", str(run_folder), "--out", str(tmp_path / "r.html")])
+        assert report.exit_code == 0, report.output
+        assert "skipped export (a facecap export): not a stage dataset" in report.stdout
+        assert "dedup:exact" in (tmp_path / "r.html").read_text()
+        stats = runner.invoke(app, ["stats", str(run_folder), "--json"])
+        assert stats.exit_code == 0, stats.output
+        on_export = runner.invoke(app, ["stats", str(export)])
+        assert on_export.exit_code == 2 and "a facecap export, not a stage dataset" in on_export.stderr
+        on_export = runner.invoke(app, ["report", str(export), "--out", str(tmp_path / "e.html")])
+        assert on_export.exit_code == 2 and len(on_export.stderr.strip().splitlines()) == 1
+    finally:
+        shutil.rmtree(export)
+
+
+def test_the_report_reads_summaries_not_rows(run_folder, tmp_path, monkeypatch):
+    # 15M rows must not be loaded to draw a funnel: only the kept copies of shown duplicates are looked up.
+    from facecap.pipeline.dataset import Dataset
+
+    reads = []
+    original = Dataset.read_shard
+    monkeypatch.setattr(
+        Dataset,
+        "read_shard",
+        lambda self, shard, *a, **k: reads.append((self.uri, shard)) or original(self, shard, *a, **k),
+    )
+    result = CliRunner().invoke(app, ["report", str(run_folder), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert {uri for uri, _ in reads} <= {str(run_folder / "dedup")}
+    assert len(reads) <= len(Dataset.at(str(run_folder / "dedup")).done_shards())
+    page = (tmp_path / "r.html").read_text()
+    assert "unique 4-grams" in page and "dedup:exact" in page

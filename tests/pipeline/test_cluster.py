@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -34,6 +34,7 @@ from typer.testing import CliRunner
 from facecap.cli import app
 from facecap.corpus_server import CorpusServer
 from facecap.pipeline.dataset import Dataset
+from facecap.pipeline.errors import ConfigError
 from facecap.pipeline.executors import RayExecutor
 from facecap.pipeline.stage import Batch, Output, Resources, Stage, StageConfig
 from facecap.pipeline.storage import Storage
@@ -364,3 +365,15 @@ def test_an_actor_stage_never_has_more_shards_in_flight_than_actors(ray_with_thi
     assert ingest(write_url_csv(tmp_path / "urls.csv", 30), tmp_path / "ingest", shard_size=10).ok
     result = run(Quick, tmp_path / "ingest", tmp_path / "out", executor=RayExecutor(max_in_flight=8))
     assert result.ok and result.processed == result.shards == 3
+
+
+def test_a_gpu_stage_on_a_cluster_without_gpus_is_refused_before_any_shard(ray_with_this_module, tmp_path):
+    # Ray would queue a worker that needs a GPU forever on a CPU-only cluster: a silent hang.
+    assert ingest(write_url_csv(tmp_path / "urls.csv", 3), tmp_path / "ingest", shard_size=10).ok
+    gpu_stage = type("GpuQuick", (Quick,), {"resources": replace(Quick.resources, gpus=1)})
+    job = StageJob(
+        stage_cls=gpu_stage, config=StageConfig(), output=str(tmp_path / "out"), parent=str(tmp_path / "ingest")
+    )
+    with pytest.raises(ConfigError, match=r"needs 1 GPU per worker and the Ray cluster has 0.*set quick\.gpus=0"):
+        RayExecutor().start(job)
+    assert not (tmp_path / "out").exists()

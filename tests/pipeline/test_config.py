@@ -96,3 +96,44 @@ def test_defaults_without_a_file():
     recipe = load_recipe(None, REGISTRY)
     assert recipe.runner.max_retries == 2
     assert recipe.ray.reserve_cpus == 1
+
+
+def _bomb(levels: int = 9) -> str:
+    """Nested YAML aliases: each level repeats the one before nine times (9**levels values)."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, levels):
+        previous = f"*a{level - 1}"
+        lines.append(f"a{level}: &a{level} [{', '.join([previous] * 9)}]")
+    lines.append(f"ingest: {{shard_size: *a{levels - 1}}}")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("ingest:\n  caption_column: l\xe9gende\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte \d+\)"):
+        load_recipe(path, REGISTRY)
+
+
+def test_alias_bombs_and_cycles_are_refused_and_echoed_values_are_cut(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_bomb())
+    assert len(_bomb()) < 600
+    with pytest.raises(ConfigError, match="expands to more than 100,000 values") as refused:
+        load_recipe(bomb, REGISTRY)
+    assert len(str(refused.value)) < 300
+    cycle = tmp_path / "cycle.yaml"
+    cycle.write_text("ingest: &a {input: [*a]}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_recipe(cycle, REGISTRY)
+    # The same bomb as one --set value (a flow mapping of anchored lists).
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 8)]
+    with pytest.raises(ConfigError, match=r"--set ingest\.input: the recipe expands"):
+        parse_set_options(["ingest.input={" + ", ".join(levels) + "}"])
+    # A long value is echoed cut, not whole.
+    big = tmp_path / "big.yaml"
+    big.write_text("ingest: {shard_size: " + "y" * 100_000 + "}\n")
+    with pytest.raises(ConfigError) as echoed:
+        load_recipe(big, REGISTRY)
+    assert len(str(echoed.value)) < 400 and "..." in str(echoed.value)

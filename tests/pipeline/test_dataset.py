@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 import tarfile
 
+import pytest
 import webdataset as wds
 
-from facecap.pipeline.dataset import SpooledTar, TarShardReader
+from facecap.pipeline.dataset import SpooledTar, TarShardReader, tar_member_pieces
 from facecap.pipeline.storage import Storage
 
 
@@ -62,3 +63,15 @@ def test_tar_reader_survives_truncation(tmp_path):
         assert reader.get("k4") is None
     with TarShardReader(Storage(str(tmp_path)), "absent.tar") as reader:
         assert "missing tar" in reader.error and reader.get("k0") is None
+
+
+@pytest.mark.parametrize("key", ["../../evil", "/abs/path", "a/../../b", "a\\b", "C:x", "a//b", "x\x00y", ""])
+def test_every_tar_writer_refuses_member_names_that_escape_the_folder(key):
+    spool = SpooledTar()
+    with pytest.raises(ValueError, match="refusing tar member key"):
+        spool.add(key, {"jpg": b"x"})
+    with pytest.raises(ValueError, match="refusing tar member"):
+        tar_member_pieces(f"{key}.jpg", b"x")
+    spool.add("a/b_f0", {"square.jpg": b"x"})  # a folder in a key is fine (WebDataset allows it)
+    assert len(spool) == 1
+    spool.close()

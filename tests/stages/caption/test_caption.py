@@ -98,12 +98,37 @@ def test_vlm_through_an_openai_compatible_server_that_fails_at_first(tagged, mod
 
 def test_vlm_through_the_transformers_engine_reads_the_square_crop(tagged, models):
     config = CaptionConfig(
-        captioner="vlm", engine="transformers", model=models["vlm"], sampling={"max_tokens": 16}, max_words=40
+        captioner="vlm",
+        engine="transformers",
+        model=models["vlm"],
+        sampling={"max_tokens": 16},
+        max_words=40,
+        vlm={"long_max_words": 60},
     )
     assert CaptionStage.spec(config).reads == {"square": "key"}
     assert CaptionStage.spec(CaptionConfig()).reads == {}
     assert run(CaptionStage, tagged / "tag", tagged / "vlm_tf", config).ok
-    assert set(faces(tagged / "vlm_tf").status) <= {"ok", "caption:invalid"}
+    rows = faces(tagged / "vlm_tf")
+    assert set(rows.status) <= {"ok", "caption:invalid"}
+    seeds = []
+    for _, row in rows[rows.status == "ok"].iterrows():
+        made = json.loads(row.caption_provenance)["captions"]
+        assert [m["kind"] for m in made] == ["short", "long"][: len(row.caption)]
+        assert made[0]["max_words"] == 40 and row.caption[0] == row.caption_short
+        seeds.append(made[0]["seed"])
+    assert len(set(seeds)) == len(seeds)  # one seed per face: the same prompt must not give the same text
+
+
+def test_engine_settings_reach_the_stage_spec():
+    vllm = CaptionConfig(captioner="vlm", engine="vllm", model="m", vllm={"tensor_parallel_size": 2})
+    assert CaptionStage.spec(vllm).resources.gpus == 2  # one model's worth of GPUs per worker by default
+    assert CaptionStage.spec(vllm).resources.batch_size >= 100_000  # the whole shard in one LLM.chat
+    assert CaptionStage.spec(vllm.model_copy(update={"gpus": 0.0})).resources.gpus == 0
+    assert CaptionStage.spec(CaptionConfig(captioner="vlm", engine="openai", model="m")).resources.gpus == 0
+    assert CaptionStage.spec(CaptionConfig(engine="vllm")).resources.gpus == 0  # template: no engine at all
+    kwargs = vllm.vllm.llm_kwargs()
+    assert kwargs["tensor_parallel_size"] == 2 and kwargs["limit_mm_per_prompt"] == {"image": 1}
+    assert "max_model_len" not in kwargs  # unset: vLLM's own default
 
 
 def test_recaption_keeps_earlier_versions_or_replaces_them(tagged):

@@ -57,8 +57,10 @@ def test_pronouns_and_verbs_agree_with_gender_or_stay_neutral():
     neutral = " ".join(grammar.caption(UNKNOWN, f"n{i}") for i in range(10)).lower()
     assert not re.search(r"\b(she|he|her|his|woman|man)\b", neutral)
     assert re.search(r"\bthey (are|have)\b", neutral) and not re.search(r"\bthey (is|has|looks|faces)\b", neutral)
-    unsure = dict(WOMAN, gender_score=0.55)
-    assert "woman" not in grammar.caption(unsure, "u").lower()  # not confident enough to say
+    unsure = dict(WOMAN, gender_score=0.85)
+    # Below 0.9 the offline gender network is wrong one time in ten or more (docs/captioning.md).
+    assert "woman" not in " ".join(grammar.caption(unsure, f"u{i}") for i in range(10)).lower()
+    assert "woman" in " ".join(Grammar(min_gender_score=0.8).caption(unsure, f"u{i}") for i in range(10)).lower()
 
 
 def test_articles_and_capitals():

@@ -109,7 +109,7 @@ def image_decisions(folder: Path, names: dict[str, str]) -> dict[str, set[str]]:
 
 def test_labelled_and_planted_duplicates_are_found_and_other_photos_kept(faces, capsys):
     root, names, groups = faces
-    config = DedupConfig(kinds=["exact", "near", "embedding"])
+    config = DedupConfig(kinds=["exact", "near", "face", "embedding"])
     assert run(DedupStage, root / "detect", root / "dedup", config, executor=ray_executor()).ok
     decided = image_decisions(root / "dedup", names)
     members = defaultdict(list)
@@ -165,3 +165,51 @@ def test_a_missing_eval_folder_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="no such folder"):
         DedupStage.preflight(DedupConfig(against="/nonexistent/eval"))
+
+
+# Portraits of eight people (images.csv identities), each planted again cropped by 3% on every side.
+CROPPED = [
+    "deepface/img1.jpg",
+    "deepface/img2.jpg",
+    "dlib_johns/John_Salley/000190_02159501.jpg",
+    "deepface/img4.jpg",
+    "insightface/Tom_Hanks_54745.png",
+    "face_recognition/obama.jpg",
+    "face_recognition/biden.jpg",
+    "deepface/couple.jpg",
+]
+
+
+@pytest.fixture(scope="module")
+def cropped_copies(tmp_path_factory, face_photos):
+    root = tmp_path_factory.mktemp("cropped")
+    photos = {}
+    for name in CROPPED:
+        if not (face_photos / name).exists():
+            continue
+        image = cv2.imread(str(face_photos / name))
+        height, width = image.shape[:2]
+        dy, dx = round(height * 0.03), round(width * 0.03)
+        photos[name] = (face_photos / name).read_bytes()
+        photos[f"cropped/{name}"] = cv2.imencode(".jpg", image[dy : height - dy, dx : width - dx])[1].tobytes()
+    names = img2dataset_folder(root / "i2d", photos)
+    config = IngestConfig(input=[str(root / "i2d")], shard_size=8)
+    job = StageJob(stage_cls=IngestStage, config=config, output=str(root / "ingest"))
+    assert run_stage(job, LocalExecutor(), source=open_source(SourceConfig(input=config.input, shard_size=8))).ok
+    assert run(DetectStage, root / "ingest", root / "detect", DetectConfig(min_score=0.7, min_face_side=20)).ok
+    return root, names
+
+
+def test_the_default_face_kind_finds_copies_cropped_by_a_few_percent(cropped_copies):
+    # Before the face kind, the defaults (exact, near) kept most copies cropped by 3% a side.
+    root, names = cropped_copies
+    found = {}
+    for label, kinds in (("before", ["exact", "near"]), ("default", DedupConfig().kinds)):
+        assert run(DedupStage, root / "detect", root / label, DedupConfig(kinds=kinds)).ok
+        decided = image_decisions(root / label, names)
+        originals = [n for n in decided if not n.startswith("cropped/")]
+        assert all("ok" in decided[n] for n in originals)  # an original always survives its copy
+        found[label] = sorted(n for n in decided if n.startswith("cropped/") and "ok" not in decided[n])
+    assert DedupConfig().kinds == ["exact", "near", "face"]
+    assert len(found["default"]) > len(found["before"]), found
+    assert len(found["before"]) == 5 and len(found["default"]) == 7, found  # of 8 (docs/dedup.md)

@@ -22,8 +22,7 @@ from facecap.pipeline.models import ModelMissing
 from facecap.pipeline.storage import Storage
 from facecap.stages.detect.stage import DetectConfig, DetectStage
 from facecap.stages.download.fetch import SafetySettings
-from facecap.stages.download.stage import DownloadConfig, DownloadStage
-from facecap.stages.shared.images import ImageSettings
+from facecap.stages.download.stage import DownloadConfig, DownloadImageSettings, DownloadStage
 
 GROUP = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 PORTRAITS = ["deepface/img1.jpg", "deepface/img10.jpg", "deepface/img11.jpg"]
@@ -50,7 +49,7 @@ def downloaded(tmp_path_factory, face_photos):
         run(DownloadStage, root / "ingest", root / "download", config=config)
         small = DownloadConfig(
             safety=SafetySettings(allow_private_networks=True),
-            image=ImageSettings(resize_mode="keep_ratio_largest", image_size=640),
+            image=DownloadImageSettings(resize_mode="keep_ratio_largest", image_size=640),
         )
         run(DownloadStage, root / "ingest", root / "download_small", config=small)
     return root

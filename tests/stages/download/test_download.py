@@ -21,8 +21,7 @@ from facecap.pipeline.dataset import Dataset, TarShardReader
 from facecap.pipeline.executors import ProcessExecutor
 from facecap.pipeline.storage import Storage
 from facecap.stages.download.fetch import HttpSettings, SafetySettings
-from facecap.stages.download.stage import DownloadConfig, DownloadStage
-from facecap.stages.shared.images import ImageSettings
+from facecap.stages.download.stage import DownloadConfig, DownloadImageSettings, DownloadStage
 
 PHOTOS = ["deepface/img1.jpg", "deepface/img10.jpg", "deepface/img11.jpg"]
 
@@ -32,7 +31,7 @@ def loopback_config(**image) -> DownloadConfig:
         concurrency=8,
         http=HttpSettings(total_timeout=3, read_timeout=2, retries=1, backoff=0.05),
         safety=SafetySettings(allow_private_networks=True),
-        image=ImageSettings(**{"max_aspect_ratio": 10, "min_image_size": 16, **image}),
+        image=DownloadImageSettings(**{"max_aspect_ratio": 10, "min_image_size": 16, **image}),
     )
 
 
@@ -186,6 +185,39 @@ def test_retry_failed_redoes_only_transient_rows(tmp_path, face_photos):
         assert tar.get(first.loc[urls[0], "key"]) == kept_member
         assert len(tar.stored_keys()) == 2
     assert Dataset(Storage(str(tmp_path / "dl"))).summary()["rows"] == 3
+
+
+def test_the_default_image_limits_fit_a_face_corpus(tmp_path, face_photos):
+    """Issue 22: without a recipe's limits, a 6000x1 sliver was stored as ok. The download section's
+    defaults refuse slivers, strips and thumbnails and keep photos; a recipe can turn them off."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    shapes = {"sliver": (6000, 1), "strip": (900, 200), "thumbnail": (63, 200), "tall": (150, 600)}
+    for name, size in shapes.items():
+        (folder / f"{name}.png").write_bytes(hostile.png(hostile.gradient(*size)))
+    (folder / "face.jpg").write_bytes((face_photos / PHOTOS[1]).read_bytes())
+    expected = {
+        "sliver": "download:aspect_ratio",
+        "strip": "download:aspect_ratio",  # 4.5:1
+        "thumbnail": "download:too_small",
+        "tall": "ok",  # 1:4 exactly
+        "face": "ok",
+    }
+    with CorpusServer(folder) as server:
+        csv = tmp_path / "urls.csv"
+        names = {server.url(f"/files/{n}.{'jpg' if n == 'face' else 'png'}"): n for n in expected}
+        csv.write_text("url,caption\n" + "\n".join(f"{u},c" for u in names) + "\n")
+        ingest(csv, tmp_path / "ingest")
+        loopback = {"safety": {"allow_private_networks": True}, "http": {"total_timeout": 3, "retries": 0}}
+        run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=DownloadConfig.model_validate(loopback))
+        # A recipe that sets other image keys keeps the limits; null and 0 turn them off.
+        kept = DownloadConfig.model_validate({**loopback, "image": {"resize_mode": "keep_ratio", "image_size": 700}})
+        assert (kept.image.max_aspect_ratio, kept.image.min_image_size) == (4.0, 64)
+        off = DownloadConfig.model_validate({**loopback, "image": {"max_aspect_ratio": None, "min_image_size": 0}})
+        run(DownloadStage, tmp_path / "ingest", tmp_path / "dl_off", config=off)
+    rows = read_all(tmp_path / "dl").to_pandas()
+    assert {names[u]: s for u, s in zip(rows.url, rows.status, strict=True)} == expected
+    assert set(read_all(tmp_path / "dl_off").to_pandas().status) == {"ok"}
 
 
 @pytest.mark.slow

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
 import pytest
 
 from facecap.corpus_server import CorpusServer
+from facecap.stages.download import http1
 from facecap.stages.download.fetch import Fetcher, HttpSettings, SafetySettings, is_transient
 
 PHOTO = "deepface/img10.jpg"
@@ -86,8 +88,73 @@ def test_loopback_is_refused_unless_allowed(server):
         "http://0.0.0.0/x.jpg",
         "file:///etc/passwd",
         "http://224.0.0.1/x.jpg",
+        "http://2130706433/x.jpg",  # IPv4 spelled as one number, in hex, shortened, in octal
+        "http://0x7f.1/x.jpg",
+        "http://127.1/x.jpg",
+        "http://017700000001/x.jpg",
+        "http://[0:0:0:0:0:ffff:127.0.0.1]/x.jpg",
     ):
         assert strict.fetch(url).reason == "blocked_address", url
+
+
+# IPv6 spellings of loopback and of the cloud metadata address (issue 22 item 8): each is refused
+# by the IPv4 address it carries, with its form named.
+IPV6_FORMS = {
+    "2002:7f00:1::": "6to4 form of 127.0.0.1: loopback",
+    "2002:a9fe:a9fe::": "6to4 form of 169.254.169.254: cloud metadata",
+    "::ffff:127.0.0.1": "IPv4-mapped form of 127.0.0.1: loopback",
+    "::ffff:0:7f00:1": "IPv4-translated form of 127.0.0.1: loopback",
+    "::7f00:1": "IPv4-compatible form of 127.0.0.1: loopback",
+    "64:ff9b::7f00:1": "NAT64 form of 127.0.0.1: loopback",
+    "64:ff9b::a9fe:a9fe": "NAT64 form of 169.254.169.254: cloud metadata",
+    "64:ff9b:1::a9fe:a9fe": "local-use NAT64 /96 form of 169.254.169.254: cloud metadata",
+    "64:ff9b:1:a9fe:a9:fe00::": "local-use NAT64 /48 form of 169.254.169.254: cloud metadata",
+    "64:ff9b:1:7f00:1::": "local-use NAT64 prefix",
+    "2001:0:4136:e378:8000:63bf:80ff:fffe": "Teredo client of 127.0.0.1: loopback",  # client bits inverted
+    "2001:0:4136:e378:8000:63bf:5601:5601": "Teredo client of 169.254.169.254: cloud metadata",
+}
+
+
+@pytest.mark.parametrize("address", list(IPV6_FORMS))
+def test_ipv6_forms_are_judged_by_the_ipv4_address_they_carry(address, monkeypatch):
+    strict = Fetcher(HttpSettings(), SafetySettings())
+    literal = strict.fetch(f"http://[{address}]/x.jpg")
+    assert literal.reason == "blocked_address" and IPV6_FORMS[address] in literal.detail, literal.detail
+    real = socket.getaddrinfo
+
+    def resolve(host, port, *args, **kwargs):
+        if host == "images.example":
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, port, 0, 0))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    named = strict.fetch("http://images.example/x.jpg")
+    assert named.reason == "blocked_address" and IPV6_FORMS[address] in named.detail, named.detail
+    if "metadata" in IPV6_FORMS[address]:  # never, even where private networks are allowed
+        assert (
+            Fetcher(HttpSettings(), SafetySettings(allow_private_networks=True))
+            .fetch("http://images.example/x.jpg")
+            .reason
+            == "blocked_address"
+        )
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::808:808", "2002:808:808::1", "::ffff:8.8.8.8", "2606:4700::1111"])
+def test_ipv6_forms_of_public_addresses_are_let_through(address, monkeypatch):
+    """NAT64 is how an IPv6-only network reaches IPv4 sites: its form of a public address passes."""
+    tried = []
+
+    def resolve(host, port, *args, **kwargs):
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, port, 0, 0))]
+
+    def connect(sockaddr, *args, **kwargs):
+        tried.append(sockaddr[0])
+        raise ConnectionRefusedError("not on this test machine")
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(http1, "connect", connect)
+    result = Fetcher(HttpSettings(retries=0), SafetySettings()).fetch("http://images.example/x.jpg")
+    assert (result.reason, tried) == ("connection_error", [address])
 
 
 def test_every_redirect_hop_is_checked(server):

@@ -5,11 +5,14 @@ from __future__ import annotations
 import datetime
 import gzip
 import ipaddress
+import select
+import socket
 import ssl
 
 import pytest
 from rawhttp import RawServer
 
+from facecap.stages.download import http1
 from facecap.stages.download.fetch import Fetcher, HttpSettings, SafetySettings
 
 BODY = bytes(range(256)) * 40
@@ -53,6 +56,71 @@ def test_a_kept_alive_connection_the_server_closed_is_replaced_within_the_same_t
     results = [client.fetch(url) for _ in range(3)]
     assert all(r.ok and r.data == BODY and r.attempts == 1 for r in results)
     assert server.connections == 3
+
+
+FORGED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+
+
+@pytest.mark.parametrize(
+    "lying",
+    [
+        answer(b"hello", headers="") + b"...and more" + FORGED,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello" + FORGED,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" + FORGED,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(b"hello") + FORGED,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n" + chunked(b"hello"),
+    ],
+    ids=[
+        "length-shorter-than-body",
+        "forged-answer-after-body",
+        "zero-length-with-body",
+        "after-last-chunk",
+        "chunked-and-a-length",
+    ],
+)
+def test_bytes_past_the_framing_never_reach_the_next_request(server, lying):
+    """Issue 22 item 5: a Content-Length shorter than the body left bytes on the kept-alive
+    connection, and the next URL on that host read them as its own answer."""
+    liar, honest = server.add("/liar", lying), server.add("/a", answer())
+    client = fetcher()
+    first = client.fetch(liar)
+    assert first.ok and first.data in (b"hello", b"")
+    second = client.fetch(honest)
+    assert second.ok and second.data == BODY
+    assert server.connections == 2  # the liar's connection was not reused
+
+
+def test_stray_bytes_arriving_after_the_check_cost_one_fresh_connection(server):
+    """Bytes the server sends only once the next request is on its way cannot be told from an
+    answer until they fail to parse: the request is repeated once on a new connection."""
+    liar = server.add("/liar", answer(b"hello"), late=b"garbage after the body\r\n\r\n")
+    honest = server.add("/a", answer())
+    client = fetcher()
+    assert client.fetch(liar).data == b"hello"
+    second = client.fetch(honest)
+    assert second.ok and second.data == BODY and second.attempts == 1
+    assert server.connections == 2
+
+
+def test_an_idle_connection_that_received_bytes_or_an_end_is_not_handed_out():
+    pool = http1.ConnectionPool(per_key=2)
+    for stray in (b"HTTP/1.1 200 OK\r\n", b""):
+        ours, theirs = socket.socketpair()
+        pool.give_back(("http", "h"), http1.Connection(ours, 1.0))
+        if stray:
+            theirs.sendall(stray)
+        else:
+            theirs.close()
+        select.select([ours], [], [], 5)  # the bytes (or the end) have arrived
+        assert pool.take(("http", "h")) is None
+        assert ours.fileno() == -1  # closed, not left open
+        theirs.close()
+    quiet_ours, quiet_theirs = socket.socketpair()
+    quiet = http1.Connection(quiet_ours, 1.0)
+    pool.give_back(("http", "h"), quiet)
+    assert pool.take(("http", "h")) is quiet
+    quiet_ours.close()
+    quiet_theirs.close()
 
 
 def test_chunked_bodies_with_extensions_and_trailers(server):

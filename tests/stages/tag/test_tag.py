@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import insightface
@@ -12,6 +13,7 @@ from helpers import detected_faces, ray_executor, read_all, run
 from typer.testing import CliRunner
 
 from facecap.cli import app
+from facecap.pipeline import models
 from facecap.pipeline.errors import ConfigError
 from facecap.stages.tag.schema import CELEBA40, COLUMNS
 from facecap.stages.tag.stage import TagConfig, TagStage
@@ -98,8 +100,13 @@ def test_a_keep_rule_the_backends_cannot_meet_is_refused_before_any_shard(monkey
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match=r"tag\.min_confident 5 cannot be met.*at most 4 .*--min-confident 4"):
         TagStage.preflight(TagConfig(backends=["agegender", "geometry", "skin"], min_confident=5))
-    # Without the face mesh, geometry sets no CelebA attribute: only agegender's Male and Young are left.
+    # A fresh machine: no model folder, and still the Face Landmarker from its wheel.
     monkeypatch.setenv("FACECAP_MODELS", str(tmp_path / "no-models"))
+    with pytest.raises(ConfigError, match=r"at most 4 CelebA attributes here \(Male, Mouth_Slightly_Open, Smiling"):
+        TagStage.preflight(TagConfig(min_confident=5))
+    # Without any face mesh, geometry sets no CelebA attribute: only agegender's Male and Young are left.
+    spec = models.REGISTRY["face-landmarker"]
+    monkeypatch.setitem(models.REGISTRY, "face-landmarker", replace(spec, package=("no_such_package", "x.task")))
     with pytest.raises(ConfigError, match=r"at most 2 CelebA attributes here \(Male, Young\)"):
         TagStage.preflight(TagConfig(min_confident=3))
     assert TagStage.preflight(TagConfig(min_confident=2)) == []
@@ -120,6 +127,21 @@ def test_the_default_keep_rule_adapts_to_the_backends_and_says_so(faces, tmp_pat
     kept = rows[rows.status == "ok"]
     assert all(len(confident) >= 4 for confident in kept.confident_attributes)
     assert all(len(confident) < 4 for confident in rows[rows.status != "ok"].confident_attributes)
+
+
+def test_tag_at_its_defaults_sets_eye_state_on_a_fresh_machine(faces, tmp_path, monkeypatch):
+    """No model folder, no cache: eyes, mouth and smile come from the Face Landmarker in its wheel."""
+    monkeypatch.setenv("FACECAP_MODELS", str(tmp_path / "no-models"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert run(TagStage, faces / "detect", faces / "tag_fresh", TagConfig()).ok
+    rows = face_rows(faces / "tag_fresh")
+    portraits = rows[~rows.alt_text.str.contains("group")]
+    assert len(portraits) == 3 and portraits.eyes_open.between(0.5, 1).all()
+    assert rows.eyes_open.notna().sum() >= len(rows) - 1 and rows.eyes_open.dropna().between(0, 1).all()
+    backends = json.loads(portraits.attr_backends.iloc[0])
+    assert backends["eyes_open"] == backends["Smiling"] == "geometry"
+    happy = portraits[portraits.alt_text.str.contains("happy")]
+    assert happy.attr_Smiling.iloc[0] > 0.85 and "Smiling" in happy.confident_attributes.iloc[0]
 
 
 def test_the_clip_backend_refuses_random_weights_unless_asked():
