@@ -245,17 +245,23 @@ def qwen_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from facecap.stages.tag.vlm import EXTRAS, answer_schema
+
+    # The tag stage's questionnaire too, so its 50 JSON keys are a few tokens each, not dozens.
+    questionnaire = json.dumps({name: spec["enum"][0] for name, spec in answer_schema()["properties"].items()})
     corpus = [
         " ".join(WORDS),
-        "user system assistant caption describe face image",
+        "user system assistant caption describe face image yes no unsure",
         '{"age": 31, "glasses": true, "hair": "brown"} {"smiling": false, "beard": null} [1, 2, 3]',
         " ".join(str(i) for i in range(100)),
+        questionnaire,
+        " ".join(v for values in EXTRAS.values() for v in values),
     ] * 4
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=min(vocab_size, 600),
+        vocab_size=min(vocab_size, 900),
         special_tokens=QWEN_SPECIAL,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,

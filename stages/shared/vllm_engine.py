@@ -40,7 +40,18 @@ class VllmEngine(Engine):
         self.model = model
         self.revision = folder_hash(model)
         self.settings = settings or VllmSettings()
-        self._llm = LLM(model=model, **self.settings.llm_kwargs())
+        kwargs = self.settings.llm_kwargs()
+        # Compact JSON under a schema: without it a weak model can fill the answer with whitespace
+        # until max_tokens (seen with the tiny test model). vLLM 0.32's xgrammar and guidance
+        # backends read this engine-wide setting only (not StructuredOutputsParams' field of that
+        # name), and it needs one of them named: xgrammar, what "auto" picks for JSON schemas.
+        # ``options: {structured_outputs_config: {...}}`` overrides either key.
+        kwargs["structured_outputs_config"] = {
+            "backend": "xgrammar",
+            "disable_any_whitespace": True,
+            **kwargs.get("structured_outputs_config", {}),
+        }
+        self._llm = LLM(model=model, **kwargs)
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Generation]:
         if not requests:
@@ -58,8 +69,7 @@ class VllmEngine(Engine):
         if request.json_schema is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
-            # No free whitespace between JSON tokens: weak models otherwise can emit it until max_tokens.
-            extra["structured_outputs"] = StructuredOutputsParams(json=request.json_schema, disable_any_whitespace=True)
+            extra["structured_outputs"] = StructuredOutputsParams(json=request.json_schema)
         return SamplingParams(
             max_tokens=sampling.max_tokens,
             temperature=sampling.temperature,
