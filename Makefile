@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup setup-vllm chromium demo test test-fast test-stress test-vllm gpu-check lint eval bench bench-download clean
+.PHONY: setup setup-vllm chromium demo test test-fast test-stress test-vllm gpu-check fuzz lint eval bench bench-download clean
 
 setup: $(STAMP)
 
@@ -80,6 +80,11 @@ gpu-check:
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The download stage's fuzz test at a larger size: FUZZ_CASES mutated files (default 30000, split
+# over jpg, png and webp output), FUZZ_SEED to vary them. The normal suite runs 3000.
+fuzz: $(STAMP)
+	FUZZ_CASES=$${FUZZ_CASES:-30000} $(BIN)/python -m pytest -q -p no:warnings tests/stages/download/test_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check app pipeline stages tests tests_vllm bench setup.py

@@ -11,15 +11,19 @@ import functools
 import importlib
 import importlib.util
 import json
+import os
 import pkgutil
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
+import click
 import typer
+import typer.main
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 from facecap import __version__
 from facecap.commands import RUNNER_OPTIONS, build_stage_command, command_help, runner_overrides
@@ -97,12 +101,25 @@ def _recipe(config: Path | None, sets: list[str] | None, extra: dict[str, Any]) 
     return load_recipe(config, REGISTRY, overrides, packaged=RECIPES_PACKAGE)
 
 
-def _make_executor(recipe: RecipeBase):
+def choose_executor(recipe: RecipeBase, job: StageJob) -> tuple[str, str | None]:
+    """The executor a stage runs on, and why when ``auto`` chose it (for the run's output)."""
+    chosen = recipe.runner.executor
+    if chosen != "auto":
+        return chosen, None
+    if recipe.ray.address or os.environ.get("RAY_ADDRESS"):
+        return "ray", None  # a cluster was named: use it
+    if job.resources.gpus > 0:
+        return "ray", f"Ray, which schedules its {job.resources.gpus:g} GPU per worker"
+    # One machine, CPU work: Ray's start-up (5-11 s) and its own processes buy nothing here.
+    return "processes", "a process pool on this machine (no cluster named; --executor ray for Ray)"
+
+
+def _make_executor(recipe: RecipeBase, name: str):
     from facecap.pipeline.executors import LocalExecutor, ProcessExecutor, RayExecutor
 
-    if recipe.runner.executor == "local":
+    if name == "local":
         return LocalExecutor()
-    if recipe.runner.executor == "processes":
+    if name == "processes":
         if recipe.ray.address:
             raise ConfigError("--executor processes runs on this machine only: drop --ray-address (or RAY_ADDRESS)")
         workers = recipe.runner.workers or recipe.ray.num_cpus
@@ -131,9 +148,12 @@ def _run_one(
     )
     source = stage_cls.open_source(config, options) if stage_cls.source else None
     progress = Quiet() if quiet else Bars(stage_cls.name, err_console)
+    executor, why = choose_executor(recipe, job)
+    if why and not quiet:
+        err_console.print(f"{stage_cls.name}: runs on {why}", highlight=False)
     result = run_stage(
         job,
-        _make_executor(recipe),
+        _make_executor(recipe, executor),
         runner=recipe.runner,
         progress=progress,
         source=source,
@@ -189,7 +209,8 @@ def _exit_for(results: list[StageResult]) -> None:
 
 
 def _add_stage_commands() -> None:
-    """The commands every stage folder declares (built from its options), then plain ones (export).
+    """The commands every stage folder declares (built from its options), then plain ones (export)
+    and groups of them (``facecap optout add``).
 
     A registered stage that declares no command still gets one: ``facecap NAME IN OUT``.
     """
@@ -202,6 +223,11 @@ def _add_stage_commands() -> None:
     for module in modules:
         for function, epilog in getattr(module, "EXTRA_COMMANDS", ()):
             app.command(epilog=epilog)(friendly(function))
+        for name, text, commands in getattr(module, "EXTRA_GROUPS", ()):
+            group = typer.Typer(help=text, no_args_is_help=True)
+            for command, function, epilog in commands:
+                group.command(command, epilog=epilog)(friendly(function))
+            app.add_typer(group, name=name)
 
 
 def _show(renderable: Any) -> None:
@@ -212,8 +238,47 @@ def _add_stage_command(spec: StageCommand) -> None:
     stage_cls = REGISTRY[spec.stage]
     command = friendly(build_stage_command(spec, stage_cls, _run_stage_command, _show))
     text, epilog = command_help(spec, stage_cls)
+    cls = None
+    if spec.subcommands:
+        subcommands = {}
+        for function, sub_epilog in spec.subcommands:
+            single = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown")
+            single.command(epilog=sub_epilog)(friendly(function))
+            sub = typer.main.get_command(single)
+            subcommands[sub.name] = sub
+            first = (sub.help or "").split("\n\n")[0].replace("\n", " ")
+            text += f"\n\n`facecap {spec.command} {sub.name} ...`: {first} (`facecap {spec.command} {sub.name} --help`)"
+        cls = type(f"{spec.command.title()}Command", (WithSubcommands,), {"subcommands": subcommands})
     for name in (spec.command, *spec.aliases):
-        app.command(name=name, help=text, epilog=epilog, hidden=name in spec.aliases)(command)
+        app.command(name=name, help=text, epilog=epilog, hidden=name in spec.aliases, cls=cls)(command)
+
+
+class WithSubcommands(TyperCommand):
+    """A stage command with commands under it: ``facecap tag train DATA OUT`` runs ``train``, any
+    other first argument runs the stage (``facecap tag IN OUT``), so the stage command is unchanged."""
+
+    subcommands: ClassVar[dict[str, click.Command]] = {}
+
+    @property
+    def commands(self) -> dict[str, click.Command]:
+        """The commands under this one (what tools that walk the command tree look for)."""
+        return self.subcommands
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] in self.subcommands:
+            ctx.meta["facecap.subcommand"] = (args[0], args[1:])
+            return []
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        chosen = ctx.meta.pop("facecap.subcommand", None)
+        if chosen is None:
+            return super().invoke(ctx)
+        name, rest = chosen
+        command = self.subcommands[name]
+        # No parent context: the usage line is `facecap tag train ...`, without the stage's IN OUT.
+        with command.make_context(f"{ctx.command_path} {name}", rest) as sub:
+            return command.invoke(sub)
 
 
 def _command_modules() -> list[ModuleType]:

@@ -34,7 +34,7 @@ def _option(annotation: Any, *names: str, help: str, **extra: Any) -> Any:
 RUNNER_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     (
         "config",
-        _option(Path | None, "--config", "-c", help="recipe: a YAML file or a packaged name (demo, default, hq)"),
+        _option(Path | None, "--config", "-c", help="recipe: a YAML file or a packaged name (demo, default, hq, vlm)"),
         None,
     ),
     (
@@ -50,10 +50,11 @@ RUNNER_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     (
         "executor",
         _option(
-            Literal["ray", "processes", "local"] | None,
+            Literal["auto", "ray", "processes", "local"] | None,
             "--executor",
-            help="'ray' (default; local or --ray-address), 'processes' (a process pool on this machine: no Ray "
-            "start-up, CPU stages only) or 'local' (one process, for debugging)",
+            help="'auto' (default: Ray when --ray-address/RAY_ADDRESS is set or the stage needs GPUs, else a "
+            "process pool on this machine, which starts in milliseconds), 'ray' (local or --ray-address), "
+            "'processes' (CPU stages only) or 'local' (one process, for debugging)",
         ),
         None,
     ),

@@ -1,17 +1,19 @@
 """The ``facecap`` command: starts the process pool's fork server early, then runs the CLI.
 
-With ``--executor processes``, workers are forked from a server that first imports the stage's
-modules (about a second). Started here, before the CLI has imported anything heavy (another
-second), the two imports run side by side on two cores instead of one after the other: a second
-less before the first image, measured in the download benchmark. This module imports nothing
-heavy itself; every other command goes straight to the CLI, and a run whose executor comes from
-a recipe file rather than the command line simply starts the server later, in the executor.
+With the process pool (``--executor processes``, or ``auto`` with no cluster named), workers are
+forked from a server that first imports the stage's modules (about a second). Started here,
+before the CLI has imported anything heavy (another second), the two imports run side by side on
+two cores instead of one after the other: a second less before the first image, measured in the
+download benchmark. This module imports nothing heavy itself; every other command goes straight
+to the CLI, and a run whose executor comes from a recipe file rather than the command line simply
+starts the server later, in the executor.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import multiprocessing
+import os
 import pkgutil
 import sys
 from multiprocessing import forkserver
@@ -51,9 +53,16 @@ def stage_folders() -> list[str]:
 
 
 def _asks_for_processes(args: list[str]) -> bool:
+    """Whether the run may use the process pool: asked for, or left to ``auto`` with no cluster named."""
+    if (
+        "--ray-address" in args
+        or any(arg.startswith("--ray-address=") for arg in args)
+        or os.environ.get("RAY_ADDRESS")
+    ):
+        return False
     for index, arg in enumerate(args):
-        if arg == "--executor" and args[index + 1 : index + 2] == ["processes"]:
-            return True
-        if arg == "--executor=processes":
-            return True
-    return False
+        if arg == "--executor":
+            return args[index + 1 : index + 2] in (["processes"], ["auto"])
+        if arg.startswith("--executor="):
+            return arg in ("--executor=processes", "--executor=auto")
+    return True  # auto: a stage on one machine runs on the pool unless it needs GPUs

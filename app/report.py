@@ -1,6 +1,7 @@
 """`facecap report`: one self-contained HTML page about a run (no network needed to open it).
 
-Sections: the funnel across stages, every rejection reason with examples, throughput per stage,
+Sections: the funnel across stages (faces of opted-out and eval-set identities on their own lines,
+counts only), every rejection reason with examples (none for those), throughput per stage,
 distributions (face size, resolution, quality measures, caption length, unique 4-grams),
 attribute frequencies, a demographic summary, duplicate clusters, and a contact sheet of faces
 with their captions. Charts are matplotlib PNGs and thumbnails small JPEGs, all embedded as
@@ -37,6 +38,12 @@ THUMB = 96
 EXAMPLES_PER_REASON = 4
 CONTACT_SHEET = 24
 CONFIDENT = 0.85
+# Faces removed for consent or decontamination: the funnel counts them on their own lines, and the
+# report shows counts only (no thumbnail, no name: identity_match stays in the data for audits).
+IDENTITY_REMOVALS = {
+    "dedup:opted_out_identity": "opted-out identities",
+    "dedup:eval_identity": "eval-set identities",
+}
 
 
 @dataclass
@@ -211,6 +218,11 @@ def render(stages: list[StageData], options: StorageOptions | None = None) -> st
 def _funnel(stages: list[StageData]) -> str:
     counts = [(s.name, s.by_status.get(OK, 0), sum(s.by_status.values())) for s in stages]
     rows = [[html.escape(n), f"{t:,}", f"{ok:,}", f"{ok / t:.1%}" if t else "-"] for n, ok, t in counts]
+    for stage in stages:
+        statuses = stage.by_status
+        for status, label in IDENTITY_REMOVALS.items():
+            if statuses[status] and status.startswith(f"{stage.name}:"):  # the stage that removed them
+                rows.append([f"{html.escape(stage.name)}: {label} removed", f"{statuses[status]:,}", "-", "-"])
 
     def draw(axis):
         axis.barh([n for n, _, _ in counts], [t for _, _, t in counts], color="#d5dde8", label="rows")
@@ -230,6 +242,9 @@ def _reasons(last: StageData, summary: dict, thumbs: Thumbnails) -> str:
     rows = []
     for status, count in last.by_status.most_common():
         if status == OK:
+            continue
+        if status in IDENTITY_REMOVALS:
+            rows.append([f"<code>{html.escape(status)}</code>", f"{count:,}", "counts only", "-"])
             continue
         examples = summary["examples"].get(status, [])[:EXAMPLES_PER_REASON]
         images = []

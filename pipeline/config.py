@@ -35,9 +35,10 @@ class RayConfig(Section):
 
 
 class RunnerConfig(Section):
-    executor: Literal["ray", "processes", "local"] = Field(
-        "ray",
-        description="'ray' (local or a cluster), 'processes' (a process pool on this machine, no Ray start-up; "
+    executor: Literal["auto", "ray", "processes", "local"] = Field(
+        "auto",
+        description="'auto' (Ray when a cluster is named or the stage needs GPUs, else the process pool), "
+        "'ray' (local or a cluster), 'processes' (a process pool on this machine, no Ray start-up; "
         "CPU stages), 'local' (shards one by one in this process: debugging, tiny data)",
     )
     workers: int | None = Field(

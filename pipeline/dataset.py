@@ -520,6 +520,11 @@ class TarShardReader:
     def stored_keys(self) -> list[str]:
         return sorted(self._index)
 
+    def size_of(self, key: str, ext: str) -> int | None:
+        """The stored size of one member, from the tar's headers (no data read)."""
+        found = self._index.get(key, {}).get(ext)
+        return found[1] if found else None
+
     def get(self, key: str, exts: Iterable[str] | None = None) -> dict[str, bytes] | None:
         members = self._index.get(key)
         if members is None or self._file is None:

@@ -89,6 +89,9 @@ class StageCommand:
     retry_failed: bool = False
     intercept: Callable[[Invocation], bool] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    # Commands under this one, (function, epilog) as in EXTRA_COMMANDS: ``facecap tag train DATA OUT``
+    # runs ``train``; any other first argument runs the stage as usual.
+    subcommands: tuple[tuple[Callable[..., None], str | None], ...] = ()
 
     @property
     def command(self) -> str:

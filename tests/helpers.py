@@ -7,6 +7,7 @@ import hashlib
 import os
 import signal
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -187,3 +188,26 @@ def run_killing_one_worker(ingested: Path, out: Path, work: Path, executor) -> S
     release.touch()
     thread.join(timeout=120)
     return outcome["result"]
+
+
+def peak_rss_growth_while(action) -> float:
+    """Peak growth (MB) of this process's memory while ``action`` runs (sampled every 20 ms)."""
+    process = psutil.Process()
+    base = process.memory_info().rss
+    peak = base
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        action()
+    finally:
+        done.set()
+        sampler.join()
+    return (peak - base) / 2**20

@@ -18,17 +18,14 @@ image is copied (the stage writes Parquet only; tars stay where they are).
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import yaml
 from pydantic import Field, model_validator
 
 from facecap.pipeline.errors import ConfigError
@@ -47,12 +44,10 @@ from facecap.stages.shared.engines import (
     SamplingSettings,
     VllmSettings,
     default_gpus,
+    load_prompt,
     make_engine,
     request_seed,
 )
-
-# Package data, so an installed wheel (every Ray worker node) has the prompts too.
-PROMPTS = importlib.resources.files("facecap.configs") / "prompts"
 
 
 class TemplateSettings(StageConfig):
@@ -318,14 +313,7 @@ class CaptionStage(Stage):
 
 
 def _load_prompt(config: CaptionConfig) -> dict[str, str]:
-    path = Path(config.prompt) if config.prompt else PROMPTS.joinpath(f"{config.captioner}.yaml")
-    try:
-        prompt = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"caption prompt {path}: cannot read it ({exc})") from None
-    if not isinstance(prompt, dict) or not {"system", "user"} <= set(prompt):
-        raise ConfigError(f"caption prompt {path}: needs 'system' and 'user' texts")
-    return {"system": str(prompt["system"]).strip(), "user": str(prompt["user"]).strip()}
+    return load_prompt(config.prompt, config.captioner, "caption prompt")
 
 
 def _versions(record: dict, replace: bool) -> str | None:

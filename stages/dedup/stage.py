@@ -6,6 +6,10 @@ digest of the stored image bytes, a digest of the decoded pixels, the normalised
 survivor score); the driver groups the compact fingerprints of all rows (pass 2) and every shard
 then gets its decisions (pass 3). Kinds, in order of precedence:
 
+- ``opted_out_identity``: the face is a person who opted out (``opt_out_faces``: their photos;
+  ``opt_out_embeddings``: the list file of ``facecap optout``); the person's name goes to
+  ``identity_match``, never a photo.
+- ``eval_identity``: the face is of an identity present in an evaluation set (``against_identities``).
 - ``eval_overlap``: the image is a near-duplicate of an image in ``against`` (held-out eval data).
 - ``exact``: same bytes, same decoded pixels, or same normalised URL as an image kept elsewhere.
 - ``near_duplicate``: image pHashes within ``phash_radius`` bits (resized, re-encoded, lightly
@@ -34,14 +38,24 @@ import pyarrow as pa
 from pydantic import Field
 
 from facecap.pipeline.errors import ConfigError
+from facecap.pipeline.models import ModelMissing
 from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, GlobalStage, Output, Resources, StageConfig, Summaries
 from facecap.stages.dedup.hashing import FaceEmbedder, digest64, hamming, normalised_url, phash, pixel_digest
 from facecap.stages.dedup.index import UnionFind, cosine_pairs, equal_pairs, hamming_pairs, lsh_bits
+from facecap.stages.shared.identity import (
+    DEFAULT_EMBEDDING_MODEL,
+    IDENTITY_COSINE,
+    OptOutList,
+    embedding_model,
+    match,
+    reference_people,
+)
 from facecap.stages.shared.images import decode_bgr
 
 Kind = Literal["exact", "near", "face", "embedding", "identity"]
-PRECEDENCE = ("eval_overlap", "exact", "near_duplicate", "identity_cap")
+PRECEDENCE = ("opted_out_identity", "eval_identity", "eval_overlap", "exact", "near_duplicate", "identity_cap")
+IDENTITY_OPTIONS = ("opt_out_faces", "opt_out_embeddings", "against_identities")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -65,6 +79,22 @@ class DedupConfig(StageConfig):
     against: str | None = Field(
         None, description="folder of held-out eval images (or a facecap dataset) to decontaminate against"
     )
+    opt_out_faces: str | None = Field(
+        None, description="photos of people who opted out: a subfolder per person, or one photo per file"
+    )
+    opt_out_embeddings: str | None = Field(
+        None, description="an opt-out list file (facecap optout add): people kept as embeddings only"
+    )
+    against_identities: str | None = Field(
+        None, description="folder of eval images: faces of any identity in them are marked dedup:eval_identity"
+    )
+    identity_match_cosine: float = Field(
+        IDENTITY_COSINE, ge=0, le=1, description="opt-out and eval identities: cosine to any of a person's photos"
+    )
+    embedding_model: str = Field(
+        DEFAULT_EMBEDDING_MODEL,
+        description="face-embedding model: a registry name, or an ArcFace-class .onnx (a path or in FACECAP_MODELS)",
+    )
     score: dict[str, float] = Field(
         default_factory=lambda: {"face_width": 1.0, "face_height": 1.0, "det_score": 100.0, "q_brisque": -1.0},
         description="survivor score: weighted sum of these columns (missing ones count 0)",
@@ -85,6 +115,8 @@ class DedupStage(GlobalStage):
         "duplicate_of": pa.string(),
         "identity_cluster": pa.int64(),
         "identity_cluster_size": pa.int32(),
+        "identity_match": pa.string(),
+        "identity_match_cosine": pa.float32(),
     }
     reads_media: ClassVar[dict[str, str]] = {"image": "image_key", "aligned112": "key"}
     batch_by = "image_key"
@@ -97,18 +129,18 @@ class DedupStage(GlobalStage):
 
     @classmethod
     def preflight(cls, config: DedupConfig) -> None:
-        from facecap.pipeline import models
-
         if {"embedding", "identity"} & set(config.kinds):
-            models.resolve("mobilefacenet")
+            embedding_model(config.embedding_model)
+        if _identity_options(config):
+            _identities(config)  # the model, every photo and the list file: refused here, before any shard
         if config.against and not Path(config.against).exists():
             raise ConfigError(f"dedup.against {config.against}: no such folder")
         if config.identity_cap and "identity" not in config.kinds:
             raise ConfigError("dedup.identity_cap needs 'identity' in dedup.kinds")
 
     def setup(self) -> None:
-        if {"embedding", "identity"} & set(self.config.kinds):
-            self.embedder = FaceEmbedder()
+        if _wants_vectors(self.config):
+            self.embedder = FaceEmbedder(self.config.embedding_model)
 
     # -- pass 1 -------------------------------------------------------------------------------
     def summarize(self, batch: Batch) -> pd.DataFrame:
@@ -148,13 +180,13 @@ class DedupStage(GlobalStage):
     @classmethod
     def plan(cls, config: DedupConfig, summaries: Summaries):
         compact = ["image_key", "face_index", "bytes_hash", "pixel_hash", "url_hash", "phash", "face_phash", "score"]
-        wants_vectors = bool({"embedding", "identity"} & set(config.kinds))
+        wants_vectors = _wants_vectors(config)
         table = summaries.read_all(compact + (["embedding"] if wants_vectors else []))
         if table.num_rows == 0:
             return  # no face reached this stage: nothing to decide
         frame = table.drop_columns(["embedding"]).to_pandas() if wants_vectors else table.to_pandas()
         vectors = _vectors(table.column("embedding")) if wants_vectors else None
-        decisions = decide(frame, vectors, config, _eval_hashes(config.against))
+        decisions = decide(frame, vectors, config, _eval_hashes(config.against), _identities(config))
         frame = pd.concat([frame[["key", "shard", "phash"]], decisions], axis=1)
         for shard, part in frame.groupby("shard"):
             yield int(shard), part.drop(columns=["shard"])
@@ -163,7 +195,7 @@ class DedupStage(GlobalStage):
     def process(self, batch: Batch) -> Output:
         rows = batch.rows.copy()
         plan = batch.plan
-        for column in ("phash", "pixel_sha256", "duplicate_of", "identity_cluster", "identity_cluster_size"):
+        for column in self.produces:
             rows[column] = list(plan[column]) if column in plan.columns else None
         rows["status"] = ["ok" if not s else self.reject(s) for s in plan["decision"]]
         rows["error"] = [_reason(s, d) for s, d in zip(plan["decision"], plan["duplicate_of"], strict=True)]
@@ -185,12 +217,27 @@ _SUMMARY = (
 
 
 def decide(
-    frame: pd.DataFrame, vectors: np.ndarray | None, config: DedupConfig, eval_hashes: np.ndarray
+    frame: pd.DataFrame,
+    vectors: np.ndarray | None,
+    config: DedupConfig,
+    eval_hashes: np.ndarray,
+    identities: dict[str, OptOutList] | None = None,
 ) -> pd.DataFrame:
-    """Each row's decision ('' keeps it), the key it duplicates, and its identity cluster."""
+    """Each row's decision ('' keeps it), the key it duplicates, its identity cluster, and the
+    opted-out or eval identity it matches (``identities``: decision -> people, in precedence order)."""
     n = len(frame)
     decision = np.array([""] * n, dtype=object)
     duplicate_of = np.array([None] * n, dtype=object)
+    matched = np.array([None] * n, dtype=object)
+    matched_cosine = np.full(n, np.nan, np.float32)
+    for kind, people in (identities or {}).items():
+        if vectors is None:
+            raise ValueError("identity matching needs the face embeddings")
+        person, cosine = match(vectors, people, config.identity_match_cosine)
+        hits = np.flatnonzero((person >= 0) & (decision == ""))
+        decision[hits] = kind
+        matched[hits] = [people.names[i] for i in person[hits]]
+        matched_cosine[hits] = cosine[hits]
     images = frame.groupby("image_key", sort=False)
     first = images.head(1).reset_index()  # one row per image: its fingerprints
     image_rows = first["index"].to_numpy()
@@ -199,7 +246,7 @@ def decide(
         pairs = hamming_pairs(combined, config.phash_radius)
         hits = pairs[(pairs[:, 0] < len(first)) & (pairs[:, 1] >= len(first))][:, 0]
         contaminated = set(first.loc[hits, "image_key"])
-        mask = frame["image_key"].isin(contaminated).to_numpy()
+        mask = frame["image_key"].isin(contaminated).to_numpy() & (decision == "")
         decision[mask] = "eval_overlap"
     image_scores = frame.groupby("image_key", sort=False)["score"].max().reindex(first["image_key"]).to_numpy()
     for kind, pairs in _image_pairs(first, config):
@@ -239,6 +286,8 @@ def decide(
             "duplicate_of": duplicate_of,
             "identity_cluster": cluster,
             "identity_cluster_size": sizes,
+            "identity_match": matched,
+            "identity_match_cosine": matched_cosine,
         }
     )
 
@@ -384,4 +433,69 @@ def _reason(decision: str, duplicate_of: str | None) -> str | None:
         return None
     if decision == "eval_overlap":
         return "near-duplicate of an image in the held-out eval set (dedup.against)"
+    if decision == "opted_out_identity":
+        return "the face of a person who opted out (name in identity_match)"
+    if decision == "eval_identity":
+        return "a face of an identity in the evaluation set (dedup.against_identities)"
     return f"{decision.replace('_', ' ')} of {duplicate_of}"
+
+
+def _identity_options(config: DedupConfig) -> list[str]:
+    return [name for name in IDENTITY_OPTIONS if getattr(config, name)]
+
+
+def _wants_vectors(config: DedupConfig) -> bool:
+    return bool({"embedding", "identity"} & set(config.kinds)) or bool(_identity_options(config))
+
+
+# The people of one configuration, by the state of their files: preflight and plan run in one
+# driver process, so the photos are detected and embedded once.
+_IDENTITIES: dict[tuple, dict[str, OptOutList]] = {}
+
+
+def _identities(config: DedupConfig) -> dict[str, OptOutList]:
+    """Opted-out people (photos and list file together) and eval identities, as embeddings.
+
+    One line, before any shard runs, when no embedding model is available, a folder or the list
+    is missing, the list was made with another model, or an opt-out photo shows no face.
+    """
+    given = _identity_options(config)
+    if not given:
+        return {}
+    flags = ", ".join("--" + name.replace("_", "-") for name in given)
+    try:
+        name, _, sha256 = embedding_model(config.embedding_model)
+    except ModelMissing as exc:
+        raise ModelMissing(f"dedup {flags} needs a face-embedding model: {exc}") from None
+    key = (sha256, *(_state(getattr(config, option)) for option in IDENTITY_OPTIONS))
+    if key in _IDENTITIES:
+        return _IDENTITIES[key]
+    embedder = FaceEmbedder(config.embedding_model)
+    found: dict[str, OptOutList] = {}
+    opted_out = OptOutList(model=name, model_sha256=sha256)
+    if config.opt_out_embeddings:
+        stored = OptOutList.load(config.opt_out_embeddings)
+        stored.check_model(name, sha256, f"dedup (dedup.embedding_model {config.embedding_model})")
+        opted_out.merge(stored)
+    if config.opt_out_faces:
+        opted_out.merge(OptOutList.from_people(reference_people(config.opt_out_faces, embedder), name, sha256))
+    if config.opt_out_faces or config.opt_out_embeddings:
+        found["opted_out_identity"] = opted_out
+    if config.against_identities:
+        people = reference_people(config.against_identities, embedder, every_face=True)
+        found["eval_identity"] = OptOutList.from_people(people, name, sha256)
+    _IDENTITIES[key] = found
+    return found
+
+
+def _state(path: str | None) -> tuple:
+    """A file's or folder's names, sizes and times: what changes when photos are added or replaced."""
+    if not path:
+        return ()
+    root = Path(path)
+    if root.is_file():
+        stat = root.stat()
+        return ((str(root), stat.st_size, stat.st_mtime_ns),)
+    if not root.is_dir():
+        return (str(root),)
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file())

@@ -387,7 +387,7 @@ class Fetcher:
             if not chunk:
                 break
             if decoder is not None:
-                chunk = decoder.decompress(chunk, limit - size + 1)
+                chunk = _inflate(decoder, chunk, limit - size + 1, encoding, status)
                 if decoder.unconsumed_tail:
                     raise Refused("too_large", f"decoded body exceeds max_bytes {limit}", status)
             size += len(chunk)
@@ -395,7 +395,7 @@ class Fetcher:
                 raise Refused("too_large", f"body exceeds max_bytes {limit}", status)
             parts.append(chunk)
         if decoder is not None:
-            tail = decoder.flush()
+            tail = _inflate(decoder, b"", 0, encoding, status)
             size += len(tail)
             if size > limit:
                 raise Refused("too_large", f"decoded body exceeds max_bytes {limit}", status)
@@ -473,6 +473,15 @@ def _decoder(encoding: str, status: int):
     if encoding == "deflate":
         return zlib.decompressobj()
     raise Refused("unsupported_encoding", f"Content-Encoding {encoding!r} is not supported", status)
+
+
+def _inflate(decoder, chunk: bytes, limit: int, encoding: str, status: int) -> bytes:
+    """The next piece of a compressed body (``limit`` 0: the rest); a body that is not what its
+    Content-Encoding says is a broken response, not a crash."""
+    try:
+        return decoder.decompress(chunk, limit) if limit else decoder.flush()
+    except zlib.error as exc:
+        raise Refused("bad_response", f"the {encoding} body does not decode: {exc}", status) from None
 
 
 PRINTABLE_ASCII = "".join(chr(code) for code in range(0x21, 0x7F))

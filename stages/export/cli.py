@@ -13,6 +13,7 @@ EXAMPLES = """Examples:
 * `facecap export work/dedup shards/ --format webdataset` (KEY.jpg square crop, KEY.txt caption, KEY.json metadata)
 * `facecap export work/dedup shards/ --crop aligned --val-fraction 0.01 --split-by identity --seed 7`
 * `facecap export work/dedup facecaption/ --format parquet` (_id, url, caption, laion_caption, box + ours)
+* `facecap export work/dedup shards/ --opt-out-embeddings optout.json` (leave out the faces of people on the list)
 """
 
 
@@ -32,6 +33,10 @@ def export(
     split_by: Annotated[
         Literal["key", "identity"], typer.Option(help="key (stable hash) or identity (no identity in both)")
     ] = "key",
+    opt_out_embeddings: Annotated[
+        str | None,
+        typer.Option(help="an opt-out list file (facecap optout add): its people's faces are not exported"),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or tables (for scripts)")] = False,
 ) -> None:
     """Export the ok rows of a finished dataset for training: WebDataset shards with a wids index, or
@@ -49,8 +54,11 @@ def export(
         val_fraction=val_fraction,
         split_by=split_by,
     )
-    result = run_export(absolute(directory), absolute(output), settings)
+    opt_out = absolute(opt_out_embeddings) if opt_out_embeddings else None
+    result = run_export(absolute(directory), absolute(output), settings, opt_out=opt_out)
     if not quiet:
+        if opt_out:
+            typer.echo(f"export: {result.opted_out:,} face(s) of people on the opt-out list left out")
         for split, count in result.samples.items():
             shards = len(result.shards[split])
             typer.echo(f"export: {split}: {count:,} samples in {shards} shard(s) -> {result.output}")

@@ -6,7 +6,10 @@ Only ``ok`` rows are exported. WebDataset samples are ``KEY.jpg`` (the chosen cr
 provenance, source URL, licence where known). Rows are shuffled globally with a seed and dealt
 into shards of ``shard_samples`` (or fewer when ``shard_bytes`` is reached); within a shard members
 are sorted by key, so each sample's files are contiguous. An optional validation split is taken by
-a stable hash of the key, or of the identity cluster so no identity is in both splits.
+a stable hash of the key, or of the identity cluster so no identity is in both splits. With an
+opt-out list (``opt_out``, docs/dedup.md) the faces of the people on it are left out: each ok
+row's aligned 112 crop is embedded and matched, so a dataset made before a person opted out
+exports without them.
 
 Memory: the metadata of every exported row is held once (about 1-2 KB a face); images are
 streamed shard by shard from the stage tars they live in.
@@ -23,6 +26,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -66,9 +70,16 @@ class ExportResult:
     samples: dict[str, int] = field(default_factory=dict)
     shards: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     skipped_existing: int = 0
+    opted_out: int = 0
 
 
-def export(source: str, output: str, settings: ExportSettings, options: StorageOptions | None = None) -> ExportResult:
+def export(
+    source: str,
+    output: str,
+    settings: ExportSettings,
+    options: StorageOptions | None = None,
+    opt_out: str | None = None,
+) -> ExportResult:
     settings.check()
     options = options or StorageOptions.from_env()
     dataset = Dataset.at(source, options)
@@ -78,13 +89,18 @@ def export(source: str, output: str, settings: ExportSettings, options: StorageO
     # Writing into the dataset (or a folder holding it) would replace its manifest and shards.
     refuse_overlap(output, [dataset.uri, *(ref.root for ref in manifest.media.values())])
     rows, origin = _ok_rows(dataset)
+    opted_out = _opted_out(dataset, manifest, rows, origin, opt_out) if opt_out else np.zeros(rows.num_rows, bool)
+    rows, origin = rows.filter(pa.array(~opted_out)), origin[~opted_out]
     out = Storage(output, options)
-    identity = config_hash({"source": dataset.uri, "source_config": manifest.config_hash, "settings": asdict(settings)})
+    basis = {"source": dataset.uri, "source_config": manifest.config_hash, "settings": asdict(settings)}
+    if opt_out:  # another list (or more people on it) is another export
+        basis["opt_out_sha256"] = hashlib.sha256(Path(opt_out).read_bytes()).hexdigest()
+    identity = config_hash(basis)
     previous = _read_json(out, "_manifest.json")
     if previous and previous.get("config_hash") != identity:
         raise FacecapError(f"{output} holds an export made from other settings or input; choose another folder")
     splits = _split(rows, settings)
-    result = ExportResult(output=out.root)
+    result = ExportResult(output=out.root, opted_out=int(opted_out.sum()))
     for split, positions in splits.items():
         order = np.random.default_rng(settings.seed).permutation(positions) if len(positions) else positions
         if settings.format == "webdataset":
@@ -135,6 +151,37 @@ def _ok_rows(dataset: Dataset) -> tuple[pa.Table, np.ndarray]:
     if bad:
         raise FacecapError(f"unsafe sample key {bad[0]!r}: keys must be letters, digits, '_' or '-'")
     return rows, np.concatenate(origin)
+
+
+def _opted_out(dataset: Dataset, manifest, rows: pa.Table, origin: np.ndarray, opt_out: str) -> np.ndarray:
+    """Which rows are faces of people on the opt-out list: their aligned 112 crops, embedded and matched."""
+    from facecap.pipeline.dataset import shard_name
+    from facecap.stages.shared.identity import IDENTITY_COSINE, FaceEmbedder, OptOutList, match
+    from facecap.stages.shared.images import decode_bgr
+
+    listing = OptOutList.load(opt_out)
+    if not listing.people:
+        return np.zeros(rows.num_rows, bool)
+    if "aligned112" not in manifest.media:
+        raise FacecapError("export --opt-out-embeddings embeds each face's aligned112 crop; this dataset has none")
+    embedder = FaceEmbedder(listing.model)
+    listing.check_model(embedder.model, embedder.sha256, "this machine's model file")
+    keys = rows.column("key").to_pylist()
+    vectors = np.zeros((len(keys), listing.vectors.shape[1]), np.float32)
+    ref = manifest.media["aligned112"]
+    member = ref.member_ext("aligned112")
+    for shard in np.unique(origin):
+        tar = ref.tar_for(int(shard)) or f"{shard_name(int(shard))}.tar"
+        with TarShardReader(Storage(ref.root, dataset.storage.options), tar) as reader:
+            for position in np.flatnonzero(origin == shard):
+                crop = decode_bgr((reader.get(keys[position], [member]) or {}).get(member))
+                if crop is None:
+                    raise FacecapError(
+                        f"{keys[position]}: its aligned112 crop is missing, so its consent cannot be checked"
+                    )
+                vectors[position] = embedder.embed(crop)
+    person, _ = match(vectors, listing, IDENTITY_COSINE)
+    return person >= 0
 
 
 def _split(rows: pa.Table, settings: ExportSettings) -> dict[str, np.ndarray]:
@@ -205,10 +252,30 @@ def _crop_reader_factory(dataset: Dataset, manifest, settings: ExportSettings):
     return reader, member
 
 
+def _sample_sizes(rows, origin, open_reader, member, settings: ExportSettings) -> np.ndarray:
+    """Bytes each sample takes in a tar: its crop (from the source tar's headers), caption and JSON,
+    three member headers and their padding. Measured, not assumed: crops vary tenfold in size."""
+    sizes = np.zeros(rows.num_rows, np.int64)
+    keys = rows.column("key").to_pylist()
+    for shard in np.unique(origin):
+        positions = np.flatnonzero(origin == shard)
+        with open_reader(int(shard)) as reader:
+            for position, row in zip(positions, rows.take(pa.array(positions)).to_pylist(), strict=True):
+                text, source = _caption_of(row, settings)
+                meta = json.dumps(_metadata(row, source), ensure_ascii=False, default=str).encode()
+                parts = [reader.size_of(keys[position], member) or 0, len(text.encode()), len(meta)]
+                sizes[position] = sum(TAR_BLOCK + -(-part // TAR_BLOCK) * TAR_BLOCK for part in parts)
+    return sizes
+
+
+TAR_BLOCK = 512
+
+
 def _write_webdataset(dataset, manifest, rows, origin, order, split, out, settings, result) -> list[dict[str, Any]]:
     open_reader, member = _crop_reader_factory(dataset, manifest, settings)
+    sizes = _sample_sizes(rows, origin, open_reader, member, settings) if settings.shard_bytes else None
     shards: list[dict[str, Any]] = []
-    for number, chunk in enumerate(_chunks(rows, order, settings)):
+    for number, chunk in enumerate(_chunks(order, settings, sizes)):
         name = f"{settings.prefix}{split}-{number:06d}.tar"
         done = _read_json(out, f"_done/{name}.json")
         if done and out.size(name) == done["size"]:
@@ -238,16 +305,17 @@ def _write_webdataset(dataset, manifest, rows, origin, order, split, out, settin
     return shards
 
 
-def _chunks(rows: pa.Table, order: np.ndarray, settings: ExportSettings) -> Iterator[np.ndarray]:
-    if settings.shard_bytes is None:
+def _chunks(order: np.ndarray, settings: ExportSettings, sizes: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """The shuffled rows dealt into shards: ``shard_samples`` each, or with a byte target as many as
+    fit in ``shard_bytes`` by their measured ``sizes`` (at least one sample a shard)."""
+    if settings.shard_bytes is None or sizes is None:
         for start in range(0, len(order), settings.shard_samples):
             yield order[start : start + settings.shard_samples]
         return
-    # A byte target: estimate each sample by its crop size class; fill until the target or the count.
     start = 0
-    estimate = 40_000  # bytes a 512 px JPEG crop and its metadata take, roughly
     while start < len(order):
-        count = max(1, min(settings.shard_samples, settings.shard_bytes // estimate))
+        filled = np.cumsum(sizes[order[start : start + settings.shard_samples]])
+        count = max(1, int(np.searchsorted(filled, settings.shard_bytes, side="right")))
         yield order[start : start + count]
         start += count
 

@@ -17,16 +17,20 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import hashlib
+import importlib.resources
 import json
 import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import urllib3
+import yaml
 from pydantic import Field
 
+from facecap.pipeline.errors import ConfigError
 from facecap.pipeline.stage import StageConfig
 
 
@@ -320,6 +324,24 @@ class OpenAIEngine(Engine):
 
     def close(self) -> None:
         self._pool.clear()
+
+
+# -- prompts -------------------------------------------------------------------------------------
+# Package data, so an installed wheel (every Ray worker node) has the prompts too.
+PROMPTS = importlib.resources.files("facecap.configs") / "prompts"
+
+
+def load_prompt(given: str | None, packaged: str, what: str) -> dict[str, str]:
+    """A prompt YAML with ``system`` and ``user`` texts: the file ``given``, else the packaged
+    ``prompts/<packaged>.yaml``; one line naming ``what`` (the recipe key) when it is unusable."""
+    path = Path(given) if given else PROMPTS.joinpath(f"{packaged}.yaml")
+    try:
+        prompt = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{what} {path}: cannot read it ({exc})") from None
+    if not isinstance(prompt, dict) or not {"system", "user"} <= set(prompt):
+        raise ConfigError(f"{what} {path}: needs 'system' and 'user' texts")
+    return {"system": str(prompt["system"]).strip(), "user": str(prompt["user"]).strip()}
 
 
 # -- recipe settings, shared by every stage that generates text ------------------------------------

@@ -6,6 +6,11 @@ kept, with metadata segments removed losslessly; otherwise the image is decoded 
 reduced DCT scale when they will be shrunk anyway), converted to 8-bit RGB, turned upright,
 resized and encoded without any metadata.
 
+Before anything is decoded, the real size of what would be decoded is checked against
+``max_pixels`` (containers such as ICO and TIFF hide it: ``containers``), and a worker process
+decodes at most ``decode_pixels_in_flight`` pixels at once (``PixelBudget``), however many
+download threads it runs. Lossless metadata removal is ``metadata``'s.
+
 Pillow reads every header and handles the unusual files (palette, alpha, 16-bit, CMYK with a
 colour profile, animations); the common case, a plain RGB or gray JPEG/PNG/WebP, is decoded,
 resized (area averaging when shrinking) and encoded by OpenCV, which is 1.5-3x faster here.
@@ -13,9 +18,14 @@ resized (area averaging when shrinking) and encoded by OpenCV, which is 1.5-3x f
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import io
 import struct
+import threading
 import warnings
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,16 +34,19 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from facecap.stages.shared.jpeg import header_segments
+from facecap.stages.shared import containers
+from facecap.stages.shared.jpeg import turbojpeg
+from facecap.stages.shared.metadata import colour_profile, strip_metadata
 
-# We check pixel counts ourselves, before decoding, against the configured limit.
-Image.MAX_IMAGE_PIXELS = None
+# Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS) stays as it is: our max_pixels
+# is checked first, on the real size of what will be decoded (facecap.stages.shared.containers).
 
 ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
 OutputFormat = Literal["jpg", "webp", "png"]
 PIL_FORMAT = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 MIME = {"jpg": "image/jpeg", "webp": "image/webp", "png": "image/png"}
 SUPPORTED = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "AVIF", "ICO"}
+OPEN_FORMATS = sorted(SUPPORTED - {"MPO"})  # Pillow's JPEG reader opens MPO files itself
 ORIENTATION_TAG = 0x0112
 
 
@@ -50,6 +63,13 @@ class ImageSettings(BaseModel):
     output_format: OutputFormat = "jpg"
     quality: int = Field(95, ge=1, le=100, description="jpg/webp encoder quality")
     max_pixels: int = Field(50_000_000, ge=1, description="larger images are refused before decoding")
+    keep_original_bytes: bool = Field(
+        True,
+        description="store an image that needs no change as its own bytes minus metadata; false re-encodes every image",
+    )
+    decode_pixels_in_flight: int = Field(
+        100_000_000, ge=1, description="pixels decoded at once per worker process; more waits its turn"
+    )
 
 
 class ImageRejected(Exception):
@@ -71,15 +91,66 @@ class NormalizedImage:
     reencoded: bool
 
 
+class PixelBudget:
+    """At most ``capacity`` pixels being decoded at once in this process, first come first served;
+    one image larger than the whole budget runs alone. The download threads of a worker share it,
+    so their memory stays bounded however many images are in flight."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._used = 0
+        self._queue: collections.deque[object] = collections.deque()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int, capacity: int) -> Iterator[None]:
+        if pixels <= 0:
+            yield
+            return
+        ticket = object()
+        with self._condition:
+            self._queue.append(ticket)
+            while self._queue[0] is not ticket or (self._used and self._used + pixels > capacity):
+                self._condition.wait()
+            self._queue.popleft()
+            self._used += pixels
+            self._condition.notify_all()
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._used -= pixels
+                self._condition.notify_all()
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+
+DECODING = PixelBudget()
+# What Pillow and its codecs raise on malformed data (a fuzz run meets every one of these).
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    struct.error,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    zlib.error,
+    Image.DecompressionBombError,
+)
+
+
 def normalize(data: bytes, settings: ImageSettings) -> NormalizedImage:
     """The image to store for ``data``, or ImageRejected saying why there is none."""
     _sniff(data)
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageRejected("not_an_image", f"unrecognised image data (starts with {data[:12]!r})") from None
-    except (OSError, ValueError, SyntaxError, struct.error) as exc:
-        raise ImageRejected("undecodable", f"cannot read image header: {exc}") from None
+    problem = containers.before_open(data, settings.max_pixels)
+    if problem:
+        raise ImageRejected("too_many_pixels", problem)
+    with DECODING.hold(containers.open_cost(data), settings.decode_pixels_in_flight):
+        image = _open(data)
     fmt = image.format or "?"
     if fmt not in SUPPORTED:
         raise ImageRejected("unsupported_format", f"{fmt} images are not supported")
@@ -88,19 +159,65 @@ def normalize(data: bytes, settings: ImageSettings) -> NormalizedImage:
         raise ImageRejected("undecodable", f"image claims size {width}x{height}")
     if width * height > settings.max_pixels:
         raise ImageRejected("too_many_pixels", f"{width}x{height} exceeds max_pixels {settings.max_pixels}")
+    try:
+        problem = containers.after_open(image, fmt, settings.max_pixels)
+        if problem:
+            raise ImageRejected("too_many_pixels", problem)
+        with DECODING.hold(width * height, settings.decode_pixels_in_flight):
+            return _normalize(data, image, fmt, settings)
+    except DECODE_ERRORS as exc:
+        raise ImageRejected(_decode_reason(exc), f"image does not decode: {type(exc).__name__}: {exc}") from None
+
+
+def _open(data: bytes) -> Image.Image:
+    """Open (lazily, except ICO) with the supported formats' readers only."""
+    try:
+        return Image.open(io.BytesIO(data), formats=OPEN_FORMATS)
+    except UnidentifiedImageError:
+        other = _other_format(data)
+        if other:
+            raise ImageRejected("unsupported_format", f"{other} images are not supported") from None
+        raise ImageRejected("not_an_image", f"unrecognised image data (starts with {data[:12]!r})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected("too_many_pixels", str(exc)) from None
+    except DECODE_ERRORS as exc:
+        raise ImageRejected("undecodable", f"cannot read image header: {exc}") from None
+
+
+def _other_format(data: bytes) -> str | None:
+    """The format of an image Pillow knows but we do not read (named from its signature only)."""
+    Image.init()
+    prefix = data[:16]
+    for name in Image.ID:
+        _factory, accept = Image.OPEN[name]
+        if name in SUPPORTED or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return name
+        except DECODE_ERRORS:  # some signature checks read past a very short body
+            continue
+    return None
+
+
+def _normalize(data: bytes, image: Image.Image, fmt: str, settings: ImageSettings) -> NormalizedImage:
+    width, height = image.size
     orientation = _orientation(image)
     upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     _check_shape(upright, settings)
     target = target_size(upright, settings)
-    reencoded = not _can_keep(image, fmt, orientation, upright, target, settings)
-    if not reencoded:
-        _verify_decodes(data, fmt, image)
-        stored = strip_metadata(data, settings.output_format)
-    elif _plain(image, fmt):
-        pixels = _cv2_decode(data, fmt, orientation, image.size, target)
+    stored = None
+    if _can_keep(image, fmt, orientation, upright, target, settings):
+        # The original bytes minus everything that is not pixels, if those decode without a
+        # single error; otherwise the image is re-encoded from what does decode (or refused).
+        candidate = strip_metadata(data, settings.output_format)
+        stored = candidate if candidate is not None and _decodes_cleanly(candidate, fmt) else None
+    reencoded = stored is None
+    pixels = _cv2_decode(data, fmt, orientation, image.size, target) if reencoded and _plain(image, fmt) else None
+    if pixels is not None:
         pixels = resize_array(pixels, settings)
         stored, (height, width) = encode_array(pixels, settings), pixels.shape[:2]
-    else:
+    elif reencoded:
         resized = resize(_decode_rgb(image, fmt, orientation, target), settings)
         stored, (width, height) = encode(resized, settings), resized.size
     return NormalizedImage(
@@ -166,24 +283,22 @@ def _can_keep(
     target: tuple[int, int],
     settings: ImageSettings,
 ) -> bool:
+    if not settings.keep_original_bytes:
+        return False
     if fmt != PIL_FORMAT[settings.output_format] or orientation != 1 or image.mode != "RGB":
         return False
-    if getattr(image, "n_frames", 1) > 1 or target != upright:
+    if getattr(image, "n_frames", 1) > 1 or target != upright or colour_profile(image) is not None:
         return False
     squares = settings.resize_mode in ("center_crop", "border")
     return not squares or upright[0] == upright[1]
 
 
-def _verify_decodes(data: bytes, fmt: str, image: Image.Image) -> None:
-    if fmt == "JPEG" and not _has_end_marker(data):
-        raise ImageRejected("truncated_image", "the JPEG ends before its end-of-image marker")
-    if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) is not None:
-        return
-    try:
-        image.load()
-    except (OSError, ValueError, SyntaxError, struct.error) as exc:
-        raise ImageRejected(_decode_reason(exc), f"image does not decode: {exc}") from None
-    raise ImageRejected("undecodable", "the image data does not decode")
+def _decodes_cleanly(data: bytes, fmt: str) -> bool:
+    """Whether bytes about to be stored as they are decode completely: for a JPEG without one
+    libjpeg warning (corrupt or extraneous data) when libjpeg-turbo's own API is at hand."""
+    if fmt == "JPEG" and (turbo := turbojpeg()) is not None:
+        return turbo.decode(data) is not None
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) is not None
 
 
 def _has_end_marker(data: bytes) -> bool:
@@ -197,7 +312,7 @@ def _plain(image: Image.Image, fmt: str) -> bool:
     return (
         fmt in ("JPEG", "PNG", "WEBP")
         and image.mode in ("RGB", "L")
-        and "icc_profile" not in image.info
+        and colour_profile(image) is None
         and "transparency" not in image.info
         and getattr(image, "n_frames", 1) == 1
     )
@@ -208,8 +323,9 @@ REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.
 
 def _cv2_decode(
     data: bytes, fmt: str, orientation: int, stored: tuple[int, int], target: tuple[int, int]
-) -> np.ndarray:
-    """Decode to BGR, at 1/2, 1/4 or 1/8 scale when a JPEG will be shrunk anyway, then upright."""
+) -> np.ndarray | None:
+    """Decode to BGR, at 1/2, 1/4 or 1/8 scale when a JPEG will be shrunk anyway, then upright;
+    None for a PNG or WebP that OpenCV does not decode (Pillow then tries, and says why)."""
     flag = cv2.IMREAD_COLOR
     if fmt == "JPEG":
         if not _has_end_marker(data):
@@ -220,9 +336,9 @@ def _cv2_decode(
                 flag = REDUCED[factor]
                 break
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
-    if pixels is None:
-        raise ImageRejected("truncated_image" if fmt == "JPEG" else "undecodable", f"the {fmt} data does not decode")
-    return _upright(pixels, orientation)
+    if pixels is None and fmt == "JPEG":
+        raise ImageRejected("truncated_image", "the JPEG data does not decode")
+    return None if pixels is None else _upright(pixels, orientation)
 
 
 def _upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
@@ -274,6 +390,8 @@ def encode_array(pixels: np.ndarray, settings: ImageSettings) -> bytes:
 
 
 def _decode_reason(exc: BaseException) -> str:
+    if isinstance(exc, Image.DecompressionBombError):
+        return "too_many_pixels"
     text = str(exc).lower()
     return "truncated_image" if "truncated" in text or "premature" in text else "undecodable"
 
@@ -290,7 +408,7 @@ def _decode_rgb(image: Image.Image, fmt: str, orientation: int, target: tuple[in
             image.seek(0)  # animations: the first frame
         image.load()
         rgb = _to_rgb(image)
-    except (OSError, ValueError, SyntaxError, struct.error) as exc:
+    except DECODE_ERRORS as exc:
         raise ImageRejected(_decode_reason(exc), f"image does not decode: {exc}") from None
     if orientation != 1:
         rgb = ImageOps.exif_transpose(_with_orientation(rgb, orientation))
@@ -305,7 +423,7 @@ def _with_orientation(image: Image.Image, orientation: int) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    icc = image.info.get("icc_profile")
+    icc = colour_profile(image)
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         array = np.asarray(image, dtype=np.uint32 if mode == "I" else np.uint16)
@@ -363,6 +481,7 @@ def resize(image: Image.Image, settings: ImageSettings) -> Image.Image:
 def encode(image: Image.Image, settings: ImageSettings) -> bytes:
     buffer = io.BytesIO()
     fmt = settings.output_format
+    image.info.clear()  # nothing of the source's info (a profile, EXIF, text) is written
     if fmt == "jpg":
         image.save(buffer, "JPEG", quality=settings.quality)
     elif fmt == "webp":
@@ -370,71 +489,6 @@ def encode(image: Image.Image, settings: ImageSettings) -> bytes:
     else:
         image.save(buffer, "PNG", compress_level=3)
     return buffer.getvalue()
-
-
-# --- lossless metadata removal ------------------------------------------------------------
-JPEG_KEEP_APP = {0xE0, 0xEE}  # JFIF, Adobe (colour transform); APP2 only when it is an ICC profile
-PNG_DROP = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
-WEBP_DROP = {b"EXIF", b"XMP "}
-
-
-def strip_metadata(data: bytes, fmt: str) -> bytes:
-    """Remove EXIF, XMP, IPTC, comments and text chunks without touching the pixels."""
-    if fmt == "jpg":
-        return _strip_jpeg(data)
-    if fmt == "png":
-        return _strip_png(data)
-    return _strip_webp(data)
-
-
-def _strip_jpeg(data: bytes) -> bytes:
-    if data[:2] != b"\xff\xd8":
-        return data
-    segments, stop, _ = header_segments(data)
-    out = bytearray(data[:2])
-    for segment in segments:
-        body = data[segment.start : segment.end]
-        icc = segment.marker == 0xE2 and body[4:16] == b"ICC_PROFILE\x00"
-        if segment.marker == 0xFE:  # comment
-            continue
-        if not 0xE0 <= segment.marker <= 0xEF or segment.marker in JPEG_KEEP_APP or icc:
-            out += body
-    out += data[stop:]
-    return bytes(out)
-
-
-def _strip_png(data: bytes) -> bytes:
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        return data
-    out = bytearray(data[:8])
-    pos = 8
-    while pos + 8 <= len(data):
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        kind = data[pos + 4 : pos + 8]
-        chunk = data[pos : pos + 12 + length]
-        if kind not in PNG_DROP:
-            out += chunk
-        pos += 12 + length
-        if kind == b"IEND":
-            break
-    return bytes(out)
-
-
-def _strip_webp(data: bytes) -> bytes:
-    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
-        return data
-    chunks = bytearray()
-    pos = 12
-    while pos + 8 <= len(data):
-        kind = data[pos : pos + 4]
-        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
-        chunk = bytearray(data[pos : pos + 8 + size + (size & 1)])
-        if kind == b"VP8X" and len(chunk) > 8:
-            chunk[8] &= ~0x0C & 0xFF  # clear the EXIF and XMP flags
-        if kind not in WEBP_DROP:
-            chunks += chunk
-        pos += 8 + size + (size & 1)
-    return b"RIFF" + (len(chunks) + 4).to_bytes(4, "little") + b"WEBP" + bytes(chunks)
 
 
 def decode_bgr(data: bytes | None) -> np.ndarray | None:

@@ -21,6 +21,7 @@ import ctypes.util
 import functools
 import importlib.util
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -96,6 +97,51 @@ def header_segments(data: bytes) -> tuple[list[Segment], int, bool]:
         segments.append(Segment(marker, position, end))
         position = end
     return segments, position, False
+
+
+# In entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or a restart marker (0xD0-0xD7);
+# any other byte after it (fill bytes aside) is the marker that ends the scan.
+_SCAN_END = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
+STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM and RSTn carry no length
+
+
+def all_segments(data: bytes) -> tuple[list[Segment], int] | None:
+    """Every marker segment from SOI to EOI, progressive files' segments between scans included:
+    (segments, the offset just past EOI). A start-of-scan segment spans its header and the
+    entropy-coded data after it. None when the file is not a well-formed JPEG up to its EOI
+    (truncated, a byte where a marker should be, a length past the end)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    segments: list[Segment] = []
+    position = 2
+    size = len(data)
+    while position + 2 <= size:
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            position += 1
+            continue
+        if marker == 0xD9:
+            segments.append(Segment(marker, position, position + 2))
+            return segments, position + 2
+        if marker in STANDALONE:
+            segments.append(Segment(marker, position, position + 2))
+            position += 2
+            continue
+        if marker in (0x00, 0xD8) or position + 4 > size:
+            return None
+        end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if end - position < 4 or end > size:
+            return None
+        if marker == 0xDA:
+            found = _SCAN_END.search(data, end)
+            if found is None:
+                return None
+            end = found.start()
+        segments.append(Segment(marker, position, end))
+        position = end
+    return None
 
 
 def has_exif(data: bytes) -> bool:

@@ -4,36 +4,109 @@
   sigmoid outputs; input the centre square of the face crop, resized to 256 (bicubic),
   normalised with mean 0.5 and std 0.5. Loaded from a user checkpoint (a state dict, optionally
   under ``state_dict``/``model`` and with ``module.`` prefixes from DataParallel) or an ONNX export.
-  The real weights are not public; tests save and load a randomly initialised one.
+  The real weights are not public; tests save and load a randomly initialised one. An ONNX file
+  with a model card beside it (``NAME.card.json``, written by ``facecap tag train``) brings its own
+  input transform and per-attribute thresholds, and the card's sha256 must match the file. The
+  checkpoint may also be a name in the model registry (``facecap models list``).
 - ``clip``: open_clip zero-shot: for each attribute a prompt ensemble for "has it" and one for "does
   not", and the probability of the first under a softmax of the two similarities.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
+from facecap.pipeline import models
 from facecap.pipeline.errors import ConfigError
+from facecap.pipeline.models import sha256_of
 from facecap.stages.tag.offline import Backend, Faces, session
 from facecap.stages.tag.schema import CELEBA40
 
 CELEBA_SIZE = 256
+CARD_SUFFIX = ".card.json"
 
 
-def celeba_input(squares: list[np.ndarray]) -> np.ndarray:
-    """[N, 3, 256, 256] float32: centre square, bicubic 256, RGB, (x/255 - 0.5) / 0.5."""
+@dataclass(frozen=True)
+class InputTransform:
+    """How a face image becomes the model's input: the centre square of the BGR image, resized
+    (bicubic) to ``size``, as RGB, scaled to 0..1, then ``(x - mean) / std`` per channel."""
+
+    size: int = CELEBA_SIZE
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def card(self) -> dict[str, Any]:
+        return {
+            "crop": "centre square",
+            "size": self.size,
+            "interpolation": "bicubic",
+            "channels": "RGB",
+            "scale": "1/255",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "layout": "NCHW float32",
+        }
+
+    @classmethod
+    def from_card(cls, entry: dict[str, Any]) -> InputTransform:
+        return cls(int(entry["size"]), tuple(map(float, entry["mean"])), tuple(map(float, entry["std"])))
+
+
+def celeba_input(squares: list[np.ndarray], transform: InputTransform | None = None) -> np.ndarray:
+    """[N, 3, S, S] float32: centre square, bicubic S, RGB, (x/255 - mean) / std (256 and 0.5/0.5
+    by default: FaceCaption-15M's classifier)."""
+    transform = transform or InputTransform()
+    size = transform.size
+    mean = np.asarray(transform.mean, np.float32)
+    std = np.asarray(transform.std, np.float32)
     batch = []
     for crop in squares:
         height, width = crop.shape[:2]
         side = min(height, width)
         top, left = (height - side) // 2, (width - side) // 2
-        square = cv2.resize(crop[top : top + side, left : left + side], (CELEBA_SIZE, CELEBA_SIZE), cv2.INTER_CUBIC)
-        batch.append(((square[..., ::-1].astype(np.float32) / 255.0) - 0.5) / 0.5)
+        square = cv2.resize(crop[top : top + side, left : left + side], (size, size), interpolation=cv2.INTER_CUBIC)
+        batch.append(((square[..., ::-1].astype(np.float32) / 255.0) - mean) / std)
     return np.ascontiguousarray(np.stack(batch).transpose(0, 3, 1, 2))
+
+
+def card_path(model: Path) -> Path:
+    """The model card beside an exported model: ``celeba.onnx`` -> ``celeba.card.json``."""
+    return model.with_name(model.stem + CARD_SUFFIX)
+
+
+def read_card(model: Path) -> dict[str, Any] | None:
+    """The card beside ``model``, checked against it; None when there is none."""
+    path = card_path(model)
+    if not path.is_file():
+        return None
+    try:
+        card = json.loads(path.read_text())
+        attributes, digest = card["attributes"], card["onnx"]["sha256"]
+        InputTransform.from_card(card["input_transform"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a facecap model card ({exc!r})") from None
+    if list(attributes) != list(CELEBA40):
+        raise ConfigError(f"{path}: its attributes are not CelebA's 40 in list_attr_celeba.txt order")
+    if sha256_of(model) != digest:
+        raise ConfigError(f"{path}: its sha256 {digest[:12]}... does not match {model.name}; re-export both together")
+    unknown = sorted(set(card.get("thresholds", {})) - set(CELEBA40))
+    if unknown:
+        raise ConfigError(f"{path}: thresholds for unknown attributes {', '.join(unknown)}")
+    return card
+
+
+def resolve_checkpoint(checkpoint: str) -> Path:
+    """A checkpoint path, or the file of a registered model of that name (``facecap models list``)."""
+    path = Path(checkpoint).expanduser()
+    if not path.exists() and checkpoint in models.REGISTRY:
+        return models.resolve(checkpoint)
+    return path
 
 
 def celeba_resnet50():
@@ -74,7 +147,10 @@ class CelebaResnet(Backend):
     name = "celeba"
 
     def __init__(self, checkpoint: str, use_gpu: bool = False):
-        path = Path(checkpoint).expanduser()
+        path = resolve_checkpoint(checkpoint)
+        card = read_card(path) if path.suffix == ".onnx" else None
+        self.transform = InputTransform.from_card(card["input_transform"]) if card else InputTransform()
+        self.thresholds = {a: float(t) for a, t in card.get("thresholds", {}).items()} if card else {}
         self._onnx = session(path, use_gpu) if path.suffix == ".onnx" else None
         self._torch = None if self._onnx is not None else load_celeba_checkpoint(path)
         self._device = "cuda" if use_gpu and self._torch is not None and _cuda() else "cpu"
@@ -82,7 +158,7 @@ class CelebaResnet(Backend):
             self._torch.to(self._device)
 
     def probabilities(self, squares: list[np.ndarray]) -> np.ndarray:
-        batch = celeba_input(squares)
+        batch = celeba_input(squares, self.transform)
         if self._onnx is not None:
             logits = self._onnx.run(None, {self._onnx.get_inputs()[0].name: batch})[0]
         else:

@@ -19,8 +19,10 @@ import atexit
 import math
 import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import cv2
@@ -56,6 +58,8 @@ class Backend(ABC):
     models: ClassVar[tuple[str, ...]] = ()
     # The CelebA-40 attributes it can set (the keep-rule counts only those).
     celeba: ClassVar[frozenset[str]] = frozenset()
+    # Per-attribute thresholds its model brings (a model card); tag.thresholds still win.
+    thresholds: Mapping[str, float] = MappingProxyType({})
 
     @classmethod
     def celeba_attributes(cls) -> frozenset[str]:

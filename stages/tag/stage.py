@@ -4,7 +4,8 @@ Backends run in the configured order and each fills only what the earlier ones l
 ``[celeba, agegender, geometry]`` takes the 40 attributes from FaceCaption-15M's classifier, age
 from dlib's network, pose from the landmarks. ``attr_backends`` records which backend produced
 each value. FaceCaption-15M's keep-rule is the default: an attribute counts when its probability
-is above ``threshold`` (0.85, or a per-attribute value from calibration), and a face needs
+is above ``threshold`` (0.85, or a per-attribute value from calibration or from the model card of
+a ``facecap tag train`` export), and a face needs
 ``min_confident`` (5) of them or gets ``tag:too_few_attributes``. A rule the backends cannot meet
 is refused before any shard runs; left unset, it is 5 or as many as the backends can set, and the
 run says so (offline backends set at most 4 of the 40: a preflight note, not 100% rejections).
@@ -56,7 +57,11 @@ class TagConfig(StageConfig):
         description="faces with fewer confident CelebA attributes are rejected; default 5 (FaceCaption-15M), "
         "or as many as the backends can set when that is fewer (the run says so)",
     )
-    celeba_checkpoint: str | None = Field(None, description="ResNet-50 CelebA-40 checkpoint (.pt/.pth) or .onnx export")
+    celeba_checkpoint: str | None = Field(
+        None,
+        description="CelebA-40 checkpoint: ResNet-50 .pt/.pth, an .onnx export (its NAME.card.json beside it "
+        "supplies input transform and thresholds), or a registered model name",
+    )
     clip_model: str = Field("ViT-B-32", description="open_clip model name for the clip backend")
     clip_pretrained: str | None = Field(None, description="open_clip pretrained tag or weights path (needs the files)")
     clip_random_weights: bool = Field(False, description="tests only: let the clip backend run without weights")
@@ -142,8 +147,14 @@ class TagStage(Stage):
         if "celeba" in config.backends and not config.celeba_checkpoint:
             raise ConfigError(
                 "tag backend celeba needs tag.celeba_checkpoint: a ResNet-50 CelebA-40 checkpoint or ONNX export "
-                "(FaceCaption-15M's classifier; docs/attributes.md says how to provide it)"
+                "(FaceCaption-15M's classifier, or one from `facecap tag train`; docs/attributes.md says how)"
             )
+        if "celeba" in config.backends and config.celeba_checkpoint:
+            from facecap.stages.tag.learned import read_card, resolve_checkpoint
+
+            path = resolve_checkpoint(config.celeba_checkpoint)  # a registered model: present and verified
+            if path.suffix == ".onnx" and path.is_file():
+                read_card(path)  # a card beside it must belong to it
         if "clip" in config.backends and not (config.clip_pretrained or config.clip_random_weights):
             raise ConfigError(
                 "tag backend clip needs tag.clip_pretrained (an open_clip pretrained tag whose files are in its "
@@ -228,6 +239,20 @@ class TagStage(Stage):
             usable.append(i)
         return Faces(aligned, landmarks, squares, jpegs, keys), usable
 
+    def threshold(self, attribute: str, backend: str | None) -> float:
+        """Where an attribute counts: tag.thresholds, else the producing backend's model card, else tag.threshold."""
+        if attribute in self.config.thresholds:
+            return self.config.thresholds[attribute]
+        for model in self.backends:
+            if model.name == backend and attribute in model.thresholds:
+                return model.thresholds[attribute]
+        return self.config.threshold
+
+    def _threshold_words(self) -> str:
+        if self.config.thresholds or any(model.thresholds for model in self.backends):
+            return f"their thresholds ({self.config.threshold} where none is set)"
+        return str(self.config.threshold)
+
     def _rows(
         self,
         rows: pd.DataFrame,
@@ -248,9 +273,7 @@ class TagStage(Stage):
                     table[column][i] = value
             table["attr_backends"][i] = json.dumps(sources[i], sort_keys=True)
             table["attr_models"][i] = json.dumps(judges[i], sort_keys=True) if judges[i] else None
-            confident = [
-                a for a in CELEBA40 if _above(values[i].get(a), self.config.thresholds.get(a, self.config.threshold))
-            ]
+            confident = [a for a in CELEBA40 if _above(values[i].get(a), self.threshold(a, sources[i].get(a)))]
             table["confident_attributes"][i] = confident
             if i not in usable_set:
                 statuses.append(self.reject("undecodable"))
@@ -261,7 +284,7 @@ class TagStage(Stage):
             elif len(confident) < self.min_confident:
                 statuses.append(self.reject("too_few_attributes"))
                 errors.append(
-                    f"{len(confident)} attributes above {self.config.threshold} (need {self.min_confident})"
+                    f"{len(confident)} attributes above {self._threshold_words()} (need {self.min_confident})"
                     + (f": {', '.join(confident)}" if confident else "")
                 )
             else:

@@ -16,13 +16,10 @@ can still set per-attribute thresholds from labelled faces.
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import json
 import re
-from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field
 
 from facecap.pipeline.errors import ConfigError
@@ -34,13 +31,12 @@ from facecap.stages.shared.engines import (
     Sampling,
     SamplingSettings,
     VllmSettings,
+    load_prompt,
     make_engine,
     request_seed,
 )
 from facecap.stages.tag.offline import Backend, Faces
 from facecap.stages.tag.schema import CELEBA40
-
-PROMPTS = importlib.resources.files("facecap.configs") / "prompts"
 
 ANSWERS = ("yes", "no", "unsure")
 # The questionnaire beyond CelebA: field -> allowed values (the schema's enums).
@@ -95,14 +91,7 @@ class VlmTagSettings(StageConfig):
 
 
 def load_questions(settings: VlmTagSettings) -> dict[str, str]:
-    path = Path(settings.prompt) if settings.prompt else PROMPTS.joinpath("tag_vlm.yaml")
-    try:
-        prompt = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"tag.vlm.prompt {path}: cannot read it ({exc})") from None
-    if not isinstance(prompt, dict) or not {"system", "user"} <= set(prompt):
-        raise ConfigError(f"tag.vlm.prompt {path}: needs 'system' and 'user' texts")
-    return {"system": str(prompt["system"]).strip(), "user": str(prompt["user"]).strip()}
+    return load_prompt(settings.prompt, "tag_vlm", "tag.vlm.prompt")
 
 
 def check_settings(settings: VlmTagSettings) -> None:

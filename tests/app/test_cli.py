@@ -385,3 +385,29 @@ def test_a_run_with_credentials_in_its_recipe_stores_and_prints_none(tmp_path):
         assert SECRET not in shown.stdout + shown.stderr
     assert "ask:error" in page.read_text() and "http://REDACTED@127.0.0.1" in page.read_text()
     assert SECRET not in page.read_text()
+
+
+def test_auto_runs_cpu_stages_on_the_process_pool_unless_a_cluster_or_gpus_are_named(tmp_path, monkeypatch):
+    from facecap.cli import REGISTRY, choose_executor
+    from facecap.pipeline.config import load_recipe
+    from facecap.pipeline.worker import StageJob
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def chosen(overrides: dict, stage: str = "download") -> tuple[str, str | None]:
+        recipe = load_recipe(None, REGISTRY, overrides)
+        job = StageJob(stage_cls=REGISTRY[stage], config=getattr(recipe, stage), output=str(tmp_path / "o"))
+        return choose_executor(recipe, job)
+
+    assert chosen({})[0] == "processes" and "no cluster named" in chosen({})[1]
+    assert chosen({"ray.address": "head:6379"}) == ("ray", None)
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert chosen({}) == ("ray", None)
+    monkeypatch.delenv("RAY_ADDRESS")
+    vllm = {"caption.captioner": "vlm", "caption.engine": "vllm", "caption.model": "m"}
+    assert chosen(vllm, "caption")[0] == "ray"  # GPUs are Ray's to schedule
+    assert chosen({"runner.executor": "local"}) == ("local", None)
+    csv = write_url_csv(tmp_path / "urls.csv", 20)
+    result = cli("ingest", csv, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "ingest: runs on a process pool on this machine" in result.stderr

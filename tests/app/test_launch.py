@@ -32,8 +32,11 @@ def test_only_process_pool_runs_preload():
     run_preload = fork_server_preload(["run", "-c", "r.yaml", "--executor", "processes"])
     assert run_preload[0] == "facecap.pipeline.worker"
     assert {f"facecap.stages.{name}" for name in REGISTRY} <= set(run_preload[1:])
-    assert fork_server_preload(["download", "in", "out"]) is None
+    # auto (the default) runs CPU stages on the pool when no cluster is named.
+    assert fork_server_preload(["download", "in", "out"]) == ["facecap.pipeline.worker", "facecap.stages.download"]
+    assert fork_server_preload(["download", "in", "out", "--ray-address", "head:6379"]) is None
     assert fork_server_preload(["download", "in", "out", "--executor", "ray"]) is None
+    assert fork_server_preload(["download", "in", "out", "--executor=local"]) is None
     assert fork_server_preload(["stats", "out", "--executor", "processes"]) is None
     assert fork_server_preload(["download", "in", "out", "--executor"]) is None
     assert fork_server_preload([]) is None

@@ -121,3 +121,30 @@ def test_the_report_reads_summaries_not_rows(run_folder, tmp_path, monkeypatch):
     assert len(reads) <= len(Dataset.at(str(run_folder / "dedup")).done_shards())
     page = (tmp_path / "r.html").read_text()
     assert "unique 4-grams" in page and "dedup:exact" in page
+
+
+def test_opted_out_and_eval_identities_are_funnel_lines_with_counts_only():
+    from facecap.pipeline.dataset import ShardStats
+    from facecap.pipeline.summary import merge
+    from facecap.report import StageData, _funnel, _reasons
+
+    class NoThumbnails:
+        def of(self, *args):
+            raise AssertionError("no picture of a person who opted out")
+
+    by_status = {"ok": 5, "dedup:opted_out_identity": 3, "dedup:eval_identity": 2}
+    examples = {
+        status: [
+            {"key": f"k{i}_f0", "identity_match": "alice", "error": "an opted-out person", "_rank": i, "_shard": 0}
+        ]
+        for i, status in enumerate(by_status)
+    }
+    detect = StageData("detect", None, None, {0: ShardStats(0, 10, 10, {"ok": 10}, 1.0)})
+    dedup = StageData("dedup", None, None, {0: ShardStats(0, 10, 10, by_status, 1.0)})
+    funnel = _funnel([detect, dedup])
+    assert "<td>dedup: opted-out identities removed</td><td>3</td>" in funnel
+    assert "<td>dedup: eval-set identities removed</td><td>2</td>" in funnel
+    reasons = _reasons(dedup, merge([{"examples": examples}]), NoThumbnails())
+    assert "<code>dedup:opted_out_identity</code></td><td>3</td><td>counts only</td>" in reasons
+    text = re.sub(r'src="data:[^"]*"', "", funnel + reasons)  # the chart's base64 may spell anything
+    assert "alice" not in text and "bob" not in text

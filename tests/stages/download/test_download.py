@@ -6,14 +6,11 @@ import hashlib
 import io
 import json
 import tarfile
-import threading
-import time
 from collections import Counter
 
 import hostile
-import psutil
 import pytest
-from helpers import ingest, ray_executor, read_all, run
+from helpers import ingest, peak_rss_growth_while, ray_executor, read_all, run
 from PIL import Image
 
 from facecap.corpus_server import CorpusServer
@@ -87,7 +84,9 @@ def corpus(tmp_path, face_photos):
 def test_hostile_corpus_every_row_gets_its_own_status(corpus, tmp_path):
     _server, csv, expected = corpus
     assert ingest(csv, tmp_path / "ingest", shard_size=12).ok
-    peak = _peak_rss_while(lambda: run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=loopback_config()))
+    peak = peak_rss_growth_while(
+        lambda: run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=loopback_config())
+    )
     rows = read_all(tmp_path / "dl").to_pandas()
     assert len(rows) == len(expected) + 2  # the funnel: every input row is still here
     firsts = rows[rows.status != "ingest:duplicate_url"]
@@ -238,29 +237,6 @@ def test_download_on_ray_and_on_a_process_pool(corpus, tmp_path, where, request)
     assert {url: by_url[url] for url in expected} == expected
 
 
-def _peak_rss_while(action) -> float:
-    """Peak growth (MB) of this process's memory while ``action`` runs."""
-    process = psutil.Process()
-    base = process.memory_info().rss
-    peak = base
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, process.memory_info().rss)
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        action()
-    finally:
-        done.set()
-        sampler.join()
-    return (peak - base) / 2**20
-
-
 @pytest.mark.slow
 def test_ten_thousand_loopback_urls_with_five_percent_broken(tmp_path, face_photos, ray_local):
     folder = tmp_path / "served"
@@ -300,3 +276,40 @@ def test_ten_thousand_loopback_urls_with_five_percent_broken(tmp_path, face_phot
         with TarShardReader(Storage(str(tmp_path / "dl")), f"part-{shard:05d}.tar") as tar:
             keys.update(tar.stored_keys())
     assert len(keys) == n - expected_broken
+
+
+def hostile_flight(server: CorpusServer, count: int = 32) -> list[str]:
+    """``count`` hostile images to have in flight at once: half of them as large as max_pixels
+    allows (16M pixels that compress to 20 kB), half bombs whose real size hides in a container."""
+    large = hostile.png_of_zeros(4000, 4000)
+    bombs = [
+        hostile.ico([(0, 0, hostile.png_of_zeros(6000, 6000))]),
+        hostile.tiff([(16, 16, 8192)]),
+        hostile.tiff([(16, 16, 0), (6000, 6000, 0)]),
+        hostile.gif_frame_beyond_screen(16, 6000, 6000),
+    ]
+    bodies = [large if i % 2 else bombs[i // 2 % len(bombs)] for i in range(count)]
+    return [server.add(f"/flight/{i}", body) for i, body in enumerate(bodies)]
+
+
+def flight_config(**image) -> DownloadConfig:
+    config = loopback_config(max_pixels=16_000_000, resize_mode="keep_ratio", image_size=256, **image)
+    config.concurrency = 32
+    return config
+
+
+@pytest.mark.slow
+def test_32_hostile_images_in_flight_keep_the_worker_bounded(tmp_path):
+    with CorpusServer() as server:
+        urls = hostile_flight(server)
+        csv = tmp_path / "urls.csv"
+        csv.write_text("url\n" + "\n".join(urls) + "\n")
+        ingest(csv, tmp_path / "ingest", shard_size=100)
+        config = flight_config(decode_pixels_in_flight=32_000_000)
+        peak = peak_rss_growth_while(lambda: run(DownloadStage, tmp_path / "ingest", tmp_path / "dl", config=config))
+    statuses = Counter(read_all(tmp_path / "dl").to_pandas().status)
+    assert statuses == {"ok": 16, "download:too_many_pixels": 16}, statuses
+    # Two 16M-pixel decodes at a time (48 MB of BGR each, plus the decoder's buffers): about
+    # 300 MB here; without the budget all sixteen at once grew it by about 1.3 GB, and on the
+    # code before it (bombs decoded too) by 1.6 GB (docs/performance.md).
+    assert peak < 450, f"worker memory grew by {peak:.0f} MB"

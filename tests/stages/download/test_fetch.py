@@ -53,6 +53,15 @@ def test_hostile_answers_get_their_reason(server, path, reason, attempts):
     assert time.monotonic() - started < 4.5
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_body_that_is_not_its_content_encoding_is_a_bad_response(server, face_photos, encoding):
+    photo = (face_photos / PHOTO).read_bytes()
+    url = server.add(f"/claims-{encoding}", photo, headers={"Content-Encoding": encoding})
+    result = fetcher().fetch(url)
+    assert result.reason == "bad_response" and result.data is None
+    assert encoding in result.detail
+
+
 def test_slow_drip_is_cut_at_the_total_deadline(server):
     started = time.monotonic()
     result = fetcher(total_timeout=1.5, read_timeout=1.0).fetch(server.url("/slow-drip"))

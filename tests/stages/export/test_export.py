@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import insightface
+import numpy as np
 import pandas as pd
 import pytest
 from helpers import read_all, run_recipe
@@ -103,3 +104,61 @@ def test_parquet_export_loads_in_datasets_and_pandas(finished, tmp_path, monkeyp
     assert loaded.num_rows == len(ok) and set(loaded["_id"]) == set(ok.index)
     assert isinstance(loaded[0]["caption"], list)
     os.environ.pop("HF_DATASETS_OFFLINE", None)
+
+
+def test_an_opt_out_list_leaves_out_the_faces_of_people_on_it(finished, tmp_path, face_photos):
+    # The dataset was made before she opted out; she opts out with another photo of hers.
+    final, ok = finished
+    photos = tmp_path / "optout"
+    photos.mkdir()
+    (photos / "angelina.jpg").write_bytes((face_photos / "deepface" / "img2.jpg").read_bytes())
+    listing = tmp_path / "optout.json"
+    runner = CliRunner()
+    assert runner.invoke(app, ["optout", "add", str(listing), str(photos)]).exit_code == 0
+    out = tmp_path / "out"
+    args = ["export", str(final), str(out), "--format", "parquet", "--opt-out-embeddings", str(listing)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "export: 1 face(s) of people on the opt-out list left out" in result.output
+    exported = set(pd.concat(pd.read_parquet(f) for f in sorted(out.glob("train-*.parquet")))._id)
+    hers = set(ok.index[ok.url.str.endswith("deepface_img1.jpg")])
+    assert len(hers) == 1 and exported == set(ok.index) - hers  # everyone else stays
+    # More people on the list make another export: never mixed into this folder.
+    (photos / "obama.jpg").write_bytes((face_photos / "face_recognition" / "obama.jpg").read_bytes())
+    assert runner.invoke(app, ["optout", "add", str(listing), str(photos)]).exit_code == 0
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "other settings or input" in again.output
+
+
+def test_without_the_lists_model_export_refuses_in_one_line_before_writing(finished, tmp_path, monkeypatch):
+    from facecap.stages.shared.identity import OptOutList
+
+    final, _ = finished
+    listing = OptOutList(model="mobilefacenet", model_sha256="0" * 64)
+    listing.add("someone", [np.ones(128, np.float32) / np.sqrt(128)])
+    listing.save(tmp_path / "optout.json")
+    out = tmp_path / "out"
+    args = ["export", str(final), str(out), "--opt-out-embeddings", str(tmp_path / "optout.json")]
+    mismatch = CliRunner().invoke(app, args)  # the model here is not the one the list was made with
+    assert mismatch.exit_code == 2 and "made with the face-embedding model" in mismatch.output
+    monkeypatch.setenv("FACECAP_MODELS", str(tmp_path / "none"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    missing = CliRunner().invoke(app, args)
+    assert missing.exit_code == 2 and "model mobilefacenet" in missing.output
+    assert "\n" not in missing.output.strip() and "\n" not in mismatch.output.strip()
+    assert not out.exists()
+
+
+def test_a_byte_target_cuts_shards_by_the_samples_measured_sizes(finished, tmp_path):
+    # It used to assume 40 KB a sample: shards of small crops came out a fraction of the target.
+    final, ok = finished
+    target = 200_000
+    result = export(str(final), str(tmp_path / "bytes"), ExportSettings(shard_bytes=target, seed=3))
+    shards = result.shards["train"]
+    assert sum(s["nsamples"] for s in shards) == len(ok) and len(shards) > 1
+    sizes = [(tmp_path / "bytes" / s["url"]).stat().st_size for s in shards]
+    end_of_archive = 10_240  # two zero blocks, padded to a 10 KiB record
+    assert all(size <= target + end_of_archive for size, s in zip(sizes, shards, strict=True) if s["nsamples"] > 1)
+    assert all(size > target / 2 for size in sizes[:-1])  # filled, not cut at a guess
+    same = export(str(final), str(tmp_path / "again"), ExportSettings(shard_bytes=target, seed=3))
+    assert [s["nsamples"] for s in same.shards["train"]] == [s["nsamples"] for s in shards]  # deterministic

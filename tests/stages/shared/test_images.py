@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from facecap.stages.shared.images import ImageRejected, ImageSettings, normalize, strip_metadata, target_size
+from facecap.stages.shared.images import ImageRejected, ImageSettings, normalize, target_size
+from facecap.stages.shared.metadata import strip_metadata
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,8 @@ def test_transparent_areas_become_white():
         (b'<svg xmlns="http://www.w3.org/2000/svg"/>', "unsupported_format"),
         (b'{"error": "no"}', "not_an_image"),
         (bytes(range(256)) * 4, "not_an_image"),
+        (b"\x01", "not_an_image"),  # shorter than some formats' signature checks read (found by fuzzing)
+        (b"8BPS\x00\x01" + bytes(40), "unsupported_format"),  # a Photoshop file: named, never opened
         (hostile.png_bomb(), "too_many_pixels"),
     ],
 )
@@ -207,3 +210,49 @@ def test_fast_and_pillow_paths_agree_on_a_photo(photo):
     slow = images.resize(images._decode_rgb(pil_image, "JPEG", 1, fast.size), settings)
     assert fast.size == slow.size
     assert np.abs(np.asarray(fast, np.int16) - np.asarray(slow, np.int16)).mean() < 4
+
+
+def test_a_jpeg_whose_scan_data_is_corrupt_is_reencoded_not_kept():
+    """Bytes spliced into the entropy-coded data (here a secret) decode with libjpeg warnings:
+    such a file is re-encoded from what decodes, never stored as it came (found by fuzzing)."""
+    from facecap.stages.shared.jpeg import turbojpeg
+
+    if turbojpeg() is None:
+        pytest.skip("the strict check needs libjpeg-turbo's TurboJPEG 3 API")
+    data = hostile.jpeg(hostile.noise(64, 48))
+    middle = (data.index(b"\xff\xda") + len(data)) // 2
+    result = normalize(data[:middle] + hostile.SECRET + data[middle:], ImageSettings())
+    assert result.reencoded and hostile.SECRET not in result.data
+    assert decode(result.data).size == (64, 48)
+
+
+def test_a_webp_whose_chunk_is_shorter_than_its_bitstream_is_reencoded():
+    """OpenCV decodes such a file by reading past the chunk; cut to its chunks it would not
+    decode, so it is re-encoded rather than stored broken (found by fuzzing)."""
+    buffer = io.BytesIO()
+    hostile.noise(64, 48).save(buffer, "WEBP", quality=80)
+    data = buffer.getvalue()
+    assert data[12:16] == b"VP8 "
+    size = int.from_bytes(data[16:20], "little") - 24
+    # The RIFF and its chunk both end 24 bytes before the bitstream does; those bytes follow.
+    short = b"RIFF" + (12 + size).to_bytes(4, "little") + b"WEBPVP8 " + size.to_bytes(4, "little") + data[20:]
+    result = normalize(short, ImageSettings(output_format="webp"))
+    assert result.reencoded
+    assert decode(result.data).size == (64, 48)
+
+
+def test_keep_original_bytes_off_reencodes_every_image(photo):
+    """What hides inside compressed pixel data (slack after a bitstream, bytes a decoder reads
+    as pixels) cannot be stripped losslessly: an operator who wants nothing but decoded pixels
+    turns the lossless path off."""
+    buffer = io.BytesIO()
+    hostile.noise(64, 48).save(buffer, "WEBP", quality=80)
+    data = buffer.getvalue()
+    size = int.from_bytes(data[16:20], "little")
+    slack = hostile.SECRET + b"\x00" * (len(hostile.SECRET) & 1)  # after the bitstream, inside its chunk
+    hidden = hostile.riff(b"VP8 " + (size + len(slack)).to_bytes(4, "little") + data[20 : 20 + size] + slack)
+    kept = normalize(hidden, ImageSettings(output_format="webp"))
+    assert not kept.reencoded and hostile.SECRET in kept.data  # pixel data is kept as it is
+    for data, fmt in ((hidden, "webp"), (photo, "jpg")):
+        result = normalize(data, ImageSettings(output_format=fmt, keep_original_bytes=False))
+        assert result.reencoded and hostile.SECRET not in result.data
