@@ -119,9 +119,10 @@ def facecap(*args: str, section: str, settings=None) -> subprocess.CompletedProc
     command = [str(Path(sys.executable).parent / "facecap"), *args, "--set", "ray.num_cpus=2"]
     for key in ("dtype", "max_model_len", "enforce_eager", "limit_mm_per_prompt", "options"):
         command += ["--set", f"{section}.vllm.{key}={json.dumps(getattr(settings, key))}"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ})
+    return subprocess.run(command, capture_output=True, text=True, timeout=840, env={**os.environ})
 
 
+@pytest.mark.timeout(900)  # this test took 47 s here, and over 300 s while other jobs loaded the machine
 def test_facecap_caption_with_the_vllm_engine_end_to_end(qwen, faces, tmp_path):
     """The CLI as a user runs it on a machine without GPUs: Ray worker, vLLM inside it."""
     out = tmp_path / "caption"
@@ -139,6 +140,7 @@ def test_facecap_caption_with_the_vllm_engine_end_to_end(qwen, faces, tmp_path):
     assert provenance["engine"] == "vllm" and provenance["model"] == qwen and provenance["revision"]
 
 
+@pytest.mark.timeout(900)
 def test_facecap_tag_with_the_vlm_backend_on_vllm_end_to_end(qwen, faces, tmp_path):
     """The tag stage's questionnaire (50 enum fields) under vLLM's structured outputs: a random
     model's every answer parses and fills every CelebA attribute."""
