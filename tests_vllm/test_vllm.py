@@ -116,7 +116,9 @@ def test_each_shard_of_the_caption_stage_is_one_chat_call(engine, faces, tmp_pat
 def facecap(*args: str, section: str, settings=None) -> subprocess.CompletedProcess:
     """The facecap CLI of this venv, with the CPU vLLM settings under ``section``."""
     settings = settings or cpu_settings()
-    command = [str(Path(sys.executable).parent / "facecap"), *args, "--set", "ray.num_cpus=2"]
+    # --executor ray: with gpus=0 the default executor (auto, merged from main) would pick the process
+    # pool, where the runs hung after that merge (not yet checked that this is why).
+    command = [str(Path(sys.executable).parent / "facecap"), *args, "--executor", "ray", "--set", "ray.num_cpus=2"]
     for key in ("dtype", "max_model_len", "enforce_eager", "limit_mm_per_prompt", "options"):
         command += ["--set", f"{section}.vllm.{key}={json.dumps(getattr(settings, key))}"]
     return subprocess.run(command, capture_output=True, text=True, timeout=840, env={**os.environ})
