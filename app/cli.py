@@ -110,6 +110,8 @@ def choose_executor(recipe: RecipeBase, job: StageJob) -> tuple[str, str | None]
         return "ray", None  # a cluster was named: use it
     if job.resources.gpus > 0:
         return "ray", f"Ray, which schedules its {job.resources.gpus:g} GPU per worker"
+    if job.spec.own_processes:
+        return "ray", "Ray actors, since its engine starts processes of its own"
     # One machine, CPU work: Ray's start-up (5-11 s) and its own processes buy nothing here.
     return "processes", "a process pool on this machine (no cluster named; --executor ray for Ray)"
 

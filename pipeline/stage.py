@@ -55,6 +55,9 @@ class StageSpec:
     reads: dict[str, str] = field(default_factory=dict)
     writes: dict[str, str] = field(default_factory=dict)
     global_passes: bool = False
+    # Its engine starts processes of its own (vLLM): the auto executor runs it on Ray actors, not
+    # in the process pool's workers.
+    own_processes: bool = False
 
 
 @dataclass

@@ -178,7 +178,9 @@ class CaptionStage(Stage):
         reads = {image: "image_key" if image == "image" else "key"} if config.captioner == "vlm" else {}
         gpus = default_gpus(config.engine, config.gpus, config.vllm) if config.captioner != "template" else 0.0
         batch_size = config.batch_size or (SHARD_WIDE if config.engine == "vllm" else 16)
-        return StageSpec(resources=Resources(cpus=1, gpus=gpus, batch_size=batch_size, actor=True), reads=reads)
+        on_vllm = config.engine == "vllm" and config.captioner != "template"
+        resources = Resources(cpus=1, gpus=gpus, batch_size=batch_size, actor=True)
+        return StageSpec(resources=resources, reads=reads, own_processes=on_vllm)
 
     @classmethod
     def preflight(cls, config: CaptionConfig) -> None:

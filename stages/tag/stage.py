@@ -135,7 +135,7 @@ class TagStage(Stage):
         on_vllm = "vlm" in config.backends and config.vlm.engine == "vllm"
         batch_size = SHARD_WIDE if on_vllm else config.batch_size
         resources = Resources(cpus=1, gpus=config.worker_gpus(), batch_size=batch_size, actor=True)
-        return StageSpec(resources=resources, reads=dict(cls.reads_media))
+        return StageSpec(resources=resources, reads=dict(cls.reads_media), own_processes=on_vllm)
 
     @classmethod
     def preflight(cls, config: TagConfig) -> list[str]:

@@ -406,6 +406,8 @@ def test_auto_runs_cpu_stages_on_the_process_pool_unless_a_cluster_or_gpus_are_n
     monkeypatch.delenv("RAY_ADDRESS")
     vllm = {"caption.captioner": "vlm", "caption.engine": "vllm", "caption.model": "m"}
     assert chosen(vllm, "caption")[0] == "ray"  # GPUs are Ray's to schedule
+    on_cpu = chosen({**vllm, "caption.gpus": 0}, "caption")
+    assert on_cpu[0] == "ray" and "processes of its own" in on_cpu[1]  # vLLM spawns its engine: Ray actors
     assert chosen({"runner.executor": "local"}) == ("local", None)
     csv = write_url_csv(tmp_path / "urls.csv", 20)
     result = cli("ingest", csv, tmp_path / "out")
