@@ -20,6 +20,7 @@ import html
 import io
 import itertools
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -61,14 +62,18 @@ class StageData:
         return counts
 
     def summary(self) -> dict:
-        """The done shards' summaries merged (examples carry their shard as ``_shard``)."""
+        """The done shards' summaries merged one at a time (examples carry their shard as ``_shard``)."""
+        return merge(self._summaries())
+
+    def _summaries(self) -> Iterator[dict]:
         measures = report_measures()
-        parts = []
-        for shard, stats in sorted(self.stats.items()):
-            part = stats.summary or shard_summary(summary_frame(self.dataset.read_shard(shard), measures), measures)
+        for shard in sorted(self.stats):
+            stored = self.dataset.shard_stat(shard)
+            part = (stored.summary if stored else None) or shard_summary(
+                summary_frame(self.dataset.read_shard(shard), measures), measures
+            )
             examples = {k: [{**row, "_shard": shard} for row in rows] for k, rows in part.get("examples", {}).items()}
-            parts.append({**part, "examples": examples})
-        return merge(parts)
+            yield {**part, "examples": examples}
 
 
 def chain(directory: str, options: StorageOptions | None = None, skipped: list[str] | None = None) -> list[StageData]:
@@ -86,7 +91,7 @@ def chain(directory: str, options: StorageOptions | None = None, skipped: list[s
     stages = []
     while True:
         done = set(dataset.done_shards())
-        stats = {shard: item for shard, item in dataset.shard_stats().items() if shard in done}
+        stats = {shard: item for shard, item in dataset.shard_stats(with_summaries=False).items() if shard in done}
         stages.append(StageData(manifest.stage, dataset, manifest, stats))
         if not manifest.parent:
             break
