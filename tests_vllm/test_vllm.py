@@ -116,9 +116,9 @@ def test_each_shard_of_the_caption_stage_is_one_chat_call(engine, faces, tmp_pat
 def facecap(*args: str, section: str, settings=None) -> subprocess.CompletedProcess:
     """The facecap CLI of this venv, with the CPU vLLM settings under ``section``."""
     settings = settings or cpu_settings()
-    # --executor ray: with gpus=0 the default executor (auto, merged from main) would pick the process
-    # pool, where the runs hung after that merge (not yet checked that this is why).
-    command = [str(Path(sys.executable).parent / "facecap"), *args, "--executor", "ray", "--set", "ray.num_cpus=2"]
+    # The default executor: auto runs a vLLM stage on Ray actors even with gpus=0 (its engine starts
+    # processes of its own; in the process pool's workers the run hung).
+    command = [str(Path(sys.executable).parent / "facecap"), *args, "--set", "ray.num_cpus=2"]
     for key in ("dtype", "max_model_len", "enforce_eager", "limit_mm_per_prompt", "options"):
         command += ["--set", f"{section}.vllm.{key}={json.dumps(getattr(settings, key))}"]
     return subprocess.run(command, capture_output=True, text=True, timeout=840, env={**os.environ})
@@ -134,6 +134,7 @@ def test_facecap_caption_with_the_vllm_engine_end_to_end(qwen, faces, tmp_path):
         section="caption",
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "caption: runs on Ray actors" in done.stderr  # auto's choice for an engine with its own processes
     rows = read_all(out).to_pandas()
     captioned = rows[rows.key.str.contains("_f")]
     assert len(captioned) == 4 and set(captioned.status) <= {"ok", "caption:invalid"}
