@@ -81,7 +81,8 @@ def stage_snapshot(folder: Path) -> dict:
     dataset = Dataset(Storage(str(folder)))
     summary = dataset.summary()
     table = pa.concat_tables([dataset.read_shard(i) for i in dataset.shard_indices()])
-    timings = [c for c in table.column_names if c.endswith("_seconds")]  # with provenance times, all that varies
+    # Timings (fetch_seconds, quality_ms) and provenance times are all that may vary between runs.
+    timings = [c for c in table.column_names if c.endswith(("_seconds", "_ms"))]
     rows = [without_clock(row) for row in table.drop_columns(timings).sort_by("key").to_pylist()]
     return {
         "rows": rows,
