@@ -9,6 +9,7 @@ done only once its done marker exists, and that marker is written last.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import shutil
@@ -134,6 +135,15 @@ class Storage:
         # compression=None: pyarrow would otherwise gunzip "*.gz" names, so bytes would not round-trip.
         with self.fs.open_input_stream(self._path(name), compression=None) as stream:
             return stream.read()
+
+    def read_json(self, name: str) -> dict | None:
+        """A small JSON record (a done marker, an index), or None when it is absent or not JSON."""
+        if not self.exists(name):
+            return None
+        try:
+            return json.loads(self.read_bytes(name))
+        except ValueError:
+            return None
 
     def open_read(self, name: str) -> BinaryIO:
         """A seekable file (needed by Parquet and tar readers)."""

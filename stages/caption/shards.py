@@ -239,7 +239,7 @@ def recaption_shards(
     stage: CaptionStage | None = None
     for uri in tars:
         stem = _stem(uri)
-        done = _read_json(out, f"_done/{stem}.json")
+        done = out.read_json(f"_done/{stem}.json")
         source_size = Storage(split(uri)[0], options).size(split(uri)[1])
         if _finished(done, version, source_size, out, stem, write):
             shard = ShardResult(stem, samples=done["samples"], skipped=True)
@@ -458,11 +458,11 @@ def carry_indexes(tars: list[str], out: Storage, options: StorageOptions | None 
     names = {posixpath.basename(uri) for uri in tars}
     carried = []
     for name in source.list():
-        index = _read_json(source, name) if name.endswith(".json") else None
+        index = source.read_json(name) if name.endswith(".json") else None
         wids = isinstance(index, dict) and index.get("__kind__") == "wids-shard-index-v1"
         if wids and {str(s.get("url")) for s in index.get("shardlist", [])} <= names:
             carried.append(name)
-    info = _read_json(source, f"{NV_META}/.info.json")
+    info = source.read_json(f"{NV_META}/.info.json")
     if isinstance(info, dict) and set(info.get("shard_counts", {})) <= names:
         carried += [f"{NV_META}/{n}" for n in NV_META_FILES if source.exists(f"{NV_META}/{n}")]
     for name in carried:
@@ -498,12 +498,3 @@ def _card_with_recaption(card: str, out: Storage, tar_names: list[str]) -> str |
     member["struct"] = [f for f in member["struct"] if f.get("name") != "recaption"]
     member["struct"].append({"name": "recaption", **hf_feature(recaption)})
     return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n{body}"
-
-
-def _read_json(storage: Storage, name: str) -> dict | None:
-    if not storage.exists(name):
-        return None
-    try:
-        return json.loads(storage.read_bytes(name))
-    except ValueError:
-        return None

@@ -98,7 +98,7 @@ def export(
     if opt_out:  # another list (or more people on it) is another export
         basis["opt_out_sha256"] = hashlib.sha256(Path(opt_out).read_bytes()).hexdigest()
     identity = config_hash(basis)
-    previous = _read_json(out, "_manifest.json")
+    previous = out.read_json("_manifest.json")
     if previous and previous.get("config_hash") != identity:
         raise FacecapError(f"{output} holds an export made from other settings or input; choose another folder")
     splits = _split(rows, settings)
@@ -292,7 +292,7 @@ def _write_webdataset(dataset, manifest, rows, origin, order, split, out, settin
     shards: list[dict[str, Any]] = []
     for number, chunk in enumerate(_chunks(order, settings, sizes)):
         name = f"{settings.prefix}{split}-{number:06d}.tar"
-        done = _read_json(out, f"_done/{name}.json")
+        done = out.read_json(f"_done/{name}.json")
         if done and out.size(name) == done["size"]:
             shards.append({"url": name, "nsamples": done["nsamples"]})
             result.skipped_existing += 1
@@ -367,12 +367,3 @@ def facecaption_table(part: pa.Table) -> pa.Table:
             continue
         columns[name] = part.column(name).combine_chunks()
     return pa.table(columns)
-
-
-def _read_json(storage: Storage, name: str) -> dict | None:
-    if not storage.exists(name):
-        return None
-    try:
-        return json.loads(storage.read_bytes(name))
-    except ValueError:
-        return None
