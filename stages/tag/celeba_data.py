@@ -20,6 +20,7 @@ Images are read lazily, by index, so a 200,000-image release costs only its labe
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,13 +58,14 @@ class CelebaSplit:
         return self.source.image(self.files[index])
 
 
-class CelebaSource:
+class CelebaSource(ABC):
     """Where the images are: a folder of files or Parquet rows."""
 
     description: str
 
+    @abstractmethod
     def image(self, file: str) -> np.ndarray:
-        raise NotImplementedError
+        """The BGR image of one file name of the release."""
 
 
 class FolderImages(CelebaSource):
