@@ -214,6 +214,7 @@ class RayExecutor:
     """
 
     placement_timeout = 300.0  # seconds queued shards wait when no actor is alive and none can start
+    close_timeout = 60.0  # seconds idle actors get to close their stage when the run ends
 
     def __init__(self, ray_config: RayConfig | None = None, max_in_flight: int | None = None):
         self.ray_config = ray_config or RayConfig()
@@ -356,6 +357,11 @@ class RayExecutor:
                 # ray.cancel(force=True) raises ValueError for actor tasks; killing the actor stops its shard.
                 ray.kill(actor)
         self._pending.clear()
+        if self._idle:
+            # Idle actors close their stage first: ray.kill ends the actor's process at once, and
+            # what the stage started (vLLM's engine processes) would live on, orphaned.
+            closing = [actor.close.remote() for actor in self._idle]
+            ray.wait(closing, num_returns=len(closing), timeout=self.close_timeout)
         for actor in [*self._idle, *self._starting.values()]:
             ray.kill(actor)
         self._idle.clear()
@@ -386,3 +392,8 @@ class _ShardActor:
 
     def process(self, shard: int, source: pa.Table | None, attempt: int) -> ShardStats:
         return process_shard(self.job, shard, source, attempt, node=_node_id())
+
+    def close(self) -> None:
+        from facecap.pipeline.worker import close_stages
+
+        close_stages()

@@ -180,6 +180,10 @@ class Stage(ABC):
     def setup(self) -> None:
         """Load models; called once per worker before the first batch."""
 
+    def close(self) -> None:
+        """Release what setup holds beyond this process (an engine's child processes, GPU memory);
+        called when the worker is done with the stage (a Ray actor before it is stopped)."""
+
     def prepare_in_order(self, rows: pd.DataFrame) -> pd.DataFrame:
         """Optional pass over every shard in input order, on the driver, before dispatch.
 

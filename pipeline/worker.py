@@ -92,13 +92,21 @@ def stage_for(job: StageJob) -> Stage:
     cache_key = (job.stage_cls, job.config_hash, applies_plan)
     stage = _STAGE_CACHE.get(cache_key)
     if stage is None:
-        _STAGE_CACHE.clear()  # one stage (and its models) in memory per worker
+        close_stages()  # one stage (and its models) in memory per worker
         stage = job.stage_cls(job.config)
         if not applies_plan:
             apply_thread_budget()  # before setup: the models it loads size their pools by it
             stage.setup()
         _STAGE_CACHE[cache_key] = stage
     return stage
+
+
+def close_stages() -> None:
+    """Close and forget this worker's set-up stages."""
+    stages = list(_STAGE_CACHE.values())
+    _STAGE_CACHE.clear()
+    for stage in stages:
+        stage.close()
 
 
 def summary_uri(output: str) -> str:

@@ -201,6 +201,11 @@ class CaptionStage(Stage):
         use_gpu = default_gpus(cfg.engine, cfg.gpus, cfg.vllm) > 0
         self.engine = make_engine(cfg.engine, cfg.model or "", vision, cfg.openai, cfg.vllm, use_gpu)
 
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
     def process(self, batch: Batch) -> Output:
         rows = batch.rows.reset_index(drop=True)
         records = rows.to_dict("records")

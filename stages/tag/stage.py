@@ -180,6 +180,12 @@ class TagStage(Stage):
             ]
         return []
 
+    def close(self) -> None:
+        for backend in self.backends:
+            close = getattr(backend, "close", None)
+            if close is not None:
+                close()
+
     def setup(self) -> None:
         use_gpu = self.config.worker_gpus() > 0
         for name in self.config.backends:
