@@ -192,3 +192,53 @@ def test_facecap_tag_with_the_vlm_backend_on_vllm_end_to_end(qwen, faces, tmp_pa
         assert {round(row[f"attr_{name}"], 3) for name in CELEBA40} <= {0.95, 0.5, 0.05}
         judge = json.loads(row.attr_models)["vlm"]
         assert judge["engine"] == "vllm" and judge["model"] == qwen and judge["revision"]
+
+
+def cpu_overrides(section: str, settings) -> list[str]:
+    """``--set`` pairs for the CPU vLLM settings of one recipe section."""
+    pairs = []
+    for key in ("dtype", "max_model_len", "enforce_eager", "limit_mm_per_prompt", "options"):
+        pairs += ["--set", f"{section}.vllm.{key}={json.dumps(getattr(settings, key))}"]
+    return pairs
+
+
+@pytest.mark.timeout(900)
+def test_the_vlm_recipe_tags_and_captions_on_vllm_end_to_end(qwen, faces, tmp_path):
+    """configs/vlm.yaml's tag and caption stages (`facecap run -c vlm --from tag`) with both engines
+    switched to vLLM in the workers: the joint recipe on the tiny model, short and long captions."""
+    questions = tmp_path / "questions.yaml"
+    questions.write_text(
+        yaml.safe_dump({"system": "Label the face. Answer in JSON.", "user": "Answer every question."})
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "quality").symlink_to(faces)  # --from tag reads the work folder's quality dataset: these faces
+    command = [str(Path(sys.executable).parent / "facecap"), "run", "-c", "vlm", "--from", "tag", "--to", "caption"]
+    command += ["-o", str(work), "--set", "ray.num_cpus=2"]
+    for key, value in {
+        "tag.vlm.engine": "vllm",
+        "tag.vlm.model": qwen,
+        "tag.vlm.prompt": str(questions),
+        "tag.gpus": 0,
+        "tag.min_confident": 0,  # a random model's answers: keep every face for the captioner
+        "caption.engine": "vllm",
+        "caption.model": qwen,
+        "caption.gpus": 0,
+        "caption.max_words": 40,
+        "caption.vlm.long_max_words": 40,
+        "caption.sampling.max_tokens": 12,
+    }.items():
+        command += ["--set", f"{key}={value}"]
+    command += cpu_overrides("tag.vlm", cpu_settings(max_model_len=2048)) + cpu_overrides("caption", cpu_settings())
+    done = subprocess.run(command, capture_output=True, text=True, timeout=840, env={**os.environ})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    tagged = read_all(work / "tag").to_pandas()
+    tagged = tagged[tagged.key.str.contains("_f")]
+    assert (tagged.status == "ok").all() and all(json.loads(m)["vlm"]["engine"] == "vllm" for m in tagged.attr_models)
+    captioned = read_all(work / "caption").to_pandas()
+    captioned = captioned[captioned.key.str.contains("_f")]
+    assert len(captioned) == 4 and set(captioned.status) <= {"ok", "caption:invalid"}
+    for provenance in captioned.caption_provenance.dropna():
+        info = json.loads(provenance)
+        assert info["engine"] == "vllm" and info["captions"][0]["kind"] == "short"
+    assert not [pid for pid in vllm_processes() if parent_is_init(pid)]
