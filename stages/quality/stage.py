@@ -321,18 +321,19 @@ class QualityStage(GlobalStage):
             values["q_clip_iqa"][i] = self._scorers["clip_iqa"].score(crop)
 
     def _nsfw(self, faces: list[int], records: list[dict], values: dict, media: _ImageCache) -> None:
-        image = media.image(records[faces[0]]["image_key"])
-        if image is not None:
-            score = self._scorers["nsfw"].nsfw_score(image)
-            for i in faces:
-                values["q_nsfw"][i] = score
+        self._per_image(faces, records, media, values["q_nsfw"], self._scorers["nsfw"].nsfw_score)
 
     def _text(self, faces: list[int], records: list[dict], values: dict, media: _ImageCache) -> None:
+        self._per_image(faces, records, media, values["q_text_fraction"], self._scorers["text"].text_fraction)
+
+    @staticmethod
+    def _per_image(faces: list[int], records: list[dict], media: _ImageCache, column: list, score) -> None:
+        """One score of the whole image (the faces share an image), given to each of its faces."""
         image = media.image(records[faces[0]]["image_key"])
         if image is not None:
-            fraction = self._scorers["text"].text_fraction(image)
+            value = score(image)
             for i in faces:
-                values["q_text_fraction"][i] = fraction
+                column[i] = value
 
 
 _DETECT_COLUMNS = ("det_score", "face_width", "face_height", "face_area_ratio", "num_faces", "is_largest")
