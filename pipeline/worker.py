@@ -79,6 +79,17 @@ class StageJob:
     def config_hash(self) -> str:
         return config_hash({"stage": self.name, "config": self.config.model_dump(mode="json")})
 
+    # What an executor calls (pipeline/tasks.py's Job) ---------------------------------------
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return (self.stage_cls.__module__,)
+
+    def warm(self) -> None:
+        stage_for(self)
+
+    def run(self, shard: int, source: pa.Table | None, attempt: int, node: str | None = None) -> ShardStats:
+        return process_shard(self, shard, source, attempt, node)
+
 
 _STAGE_CACHE: dict[tuple[type[Stage], str], Stage] = {}
 
