@@ -30,7 +30,7 @@ from facecap.commands import RUNNER_OPTIONS, build_stage_command, command_help, 
 from facecap.pipeline.chain import Step, plan_chain, skip_stage
 from facecap.pipeline.config import RecipeBase, load_recipe, parse_set_options
 from facecap.pipeline.dataset import Dataset
-from facecap.pipeline.errors import ConfigError, FacecapError, storage_full
+from facecap.pipeline.errors import FacecapError, storage_full
 from facecap.pipeline.options import StageCommand
 from facecap.pipeline.progress import Bars, Quiet
 from facecap.pipeline.redact import redact, redact_text
@@ -117,16 +117,9 @@ def choose_executor(recipe: RecipeBase, job: StageJob) -> tuple[str, str | None]
 
 
 def _make_executor(recipe: RecipeBase, name: str):
-    from facecap.pipeline.executors import LocalExecutor, ProcessExecutor, RayExecutor
+    from facecap.pipeline.executors import make_executor
 
-    if name == "local":
-        return LocalExecutor()
-    if name == "processes":
-        if recipe.ray.address:
-            raise ConfigError("--executor processes runs on this machine only: drop --ray-address (or RAY_ADDRESS)")
-        workers = recipe.runner.workers or recipe.ray.num_cpus
-        return ProcessExecutor(workers, max_in_flight=recipe.runner.max_in_flight)
-    return RayExecutor(recipe.ray, max_in_flight=recipe.runner.max_in_flight)
+    return make_executor(name, recipe.ray, recipe.runner.workers, recipe.runner.max_in_flight)
 
 
 def _run_one(

@@ -470,6 +470,19 @@ def write_shard(folder: str, shard: int, rows: int, shard_rows: int, seed: int) 
     }
 
 
+def _write_shards(uri: str, sizes: list[int], shard_rows: int, seed: int, workers: int):
+    """Each shard's counts; one worker writes in this process (a test's process has threads, and a
+    child forked from it could hang on a lock one of them held)."""
+    if workers <= 1:
+        for shard, size in enumerate(sizes):
+            yield write_shard(uri, shard, size, shard_rows, seed)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(write_shard, uri, s, size, shard_rows, seed) for s, size in enumerate(sizes)]
+        for future in futures:
+            yield future.result()
+
+
 def write_dataset(folder: str, rows: int, shard_rows: int = 10_000, seed: int = 0, workers: int = 2) -> dict:
     """Write a finished dedup dataset of ``rows`` rows into ``folder`` (which must not exist yet)."""
     from facecap.stages.dedup.stage import DedupConfig
@@ -489,11 +502,9 @@ def write_dataset(folder: str, rows: int, shard_rows: int = 10_000, seed: int = 
     )
     dataset.write_manifest(manifest)
     totals = {"rows": 0, "ok": 0, "copies": 0, "tar_bytes": 0}
-    with ProcessPoolExecutor(max(1, workers)) as pool:
-        futures = [pool.submit(write_shard, dataset.uri, s, size, shard_rows, seed) for s, size in enumerate(sizes)]
-        for future in futures:
-            for name, value in future.result().items():
-                totals[name] += value
+    for counts in _write_shards(dataset.uri, sizes, shard_rows, seed, workers):
+        for name, value in counts.items():
+            totals[name] += value
     manifest.complete = True
     dataset.write_manifest(manifest)
     return {**totals, "shards": shards}

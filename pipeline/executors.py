@@ -398,3 +398,25 @@ class _ShardActor:
         from facecap.pipeline.worker import close_stages
 
         close_stages()
+
+
+def make_executor(
+    name: str,
+    ray_config: RayConfig | None = None,
+    workers: int | None = None,
+    max_in_flight: int | None = None,
+    needs_gpus: bool = False,
+) -> Executor:
+    """The executor called ``name``; ``auto`` is Ray where a cluster is named (or GPUs are needed),
+    else the process pool on this machine."""
+    ray_config = ray_config or RayConfig()
+    if name == "auto":
+        named = ray_config.address or os.environ.get("RAY_ADDRESS")
+        name = "ray" if named or needs_gpus else "processes"
+    if name == "local":
+        return LocalExecutor()
+    if name == "processes":
+        if ray_config.address:
+            raise ConfigError("--executor processes runs on this machine only: drop --ray-address (or RAY_ADDRESS)")
+        return ProcessExecutor(workers or ray_config.num_cpus, max_in_flight=max_in_flight)
+    return RayExecutor(ray_config, max_in_flight=max_in_flight)

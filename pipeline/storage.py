@@ -184,6 +184,18 @@ class Storage:
         with contextlib.suppress(FileNotFoundError, OSError):
             self.fs.delete_file(self._path(name))
 
+    def remove_empty_folder(self, folder: str) -> None:
+        """Remove ``folder`` if nothing is left in it. On S3 that is the marker object pyarrow leaves
+        when it deletes a folder's last file (so the folder would still be listed)."""
+        if not self.remote:
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                os.rmdir(self._path(folder))
+            return
+        selector = pafs.FileSelector(self._path(folder), allow_not_found=True, recursive=True)
+        if not self.fs.get_file_info(selector):
+            with contextlib.suppress(OSError):
+                self.fs.delete_dir(self._path(folder))
+
     def remove_temporaries(self, folder: str = "") -> int:
         """Delete ``*.tmp-*`` files a killed writer left behind, in ``folder`` and below; returns how many.
 

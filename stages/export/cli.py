@@ -14,6 +14,10 @@ EXAMPLES = """Examples:
 * `facecap export work/dedup shards/ --crop aligned --val-fraction 0.01 --split-by identity --seed 7`
 * `facecap export work/dedup facecaption/ --format parquet` (_id, url, caption, laion_caption, box + ours)
 * `facecap export work/dedup shards/ --opt-out-embeddings optout.json` (leave out the faces of people on the list)
+* `facecap export s3://bucket/work/dedup s3://bucket/shards/ --ray-address auto` (the two passes on a Ray cluster)
+
+Both passes (scatter each input shard into buckets by a seeded hash, then write each bucket's
+shards) run on the process pool of this machine, or on Ray with --ray-address; a rerun resumes.
 """
 
 
@@ -37,6 +41,14 @@ def export(
         str | None,
         typer.Option(help="an opt-out list file (facecap optout add): its people's faces are not exported"),
     ] = None,
+    executor: Annotated[
+        Literal["auto", "ray", "processes", "local"],
+        typer.Option(help="'auto' (Ray with --ray-address, else a process pool here), 'ray', 'processes', 'local'"),
+    ] = "auto",
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", envvar="RAY_ADDRESS", help="join this Ray cluster")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="processes of the 'processes' executor")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or tables (for scripts)")] = False,
 ) -> None:
     """Export the ok rows of a finished dataset for training: WebDataset shards with a wids index, or
@@ -54,8 +66,16 @@ def export(
         val_fraction=val_fraction,
         split_by=split_by,
     )
+    from facecap.pipeline.config import RayConfig
+    from facecap.pipeline.executors import make_executor
+    from facecap.pipeline.progress import Bars, Quiet
+
     opt_out = absolute(opt_out_embeddings) if opt_out_embeddings else None
-    result = run_export(absolute(directory), absolute(output), settings, opt_out=opt_out)
+    runner = make_executor(executor, RayConfig(address=ray_address), workers)
+    progress = Quiet() if quiet else Bars("export")
+    result = run_export(
+        absolute(directory), absolute(output), settings, opt_out=opt_out, executor=runner, progress=progress
+    )
     if not quiet:
         if opt_out:
             typer.echo(f"export: {result.opted_out:,} face(s) of people on the opt-out list left out")

@@ -3,48 +3,53 @@ v2-compatible Parquet.
 
 Only ``ok`` rows are exported. WebDataset samples are ``KEY.jpg`` (the chosen crop), ``KEY.txt``
 (the chosen caption) and ``KEY.json`` (every metadata column: box, landmarks, attributes, quality,
-provenance, source URL, licence where known). Rows are shuffled globally with a seed and dealt
-into shards of ``shard_samples`` (or fewer when ``shard_bytes`` is reached); within a shard members
-are sorted by key, so each sample's files are contiguous. An optional validation split is taken by
-a stable hash of the key, or of the identity cluster so no identity is in both splits. With an
-opt-out list (``opt_out``, docs/dedup.md) the faces of the people on it are left out: each ok
-row's aligned 112 crop is embedded and matched, so a dataset made before a person opted out
-exports without them.
+provenance, source URL, licence where known). Rows are shuffled globally with a seed: each is
+dealt into a bucket by a seeded hash of its key, and each bucket becomes one or more shards of at
+most ``shard_samples`` (about ``shard_bytes`` when set), in the hash's order (stages/export/
+shuffle.py); within a tar members are sorted by key, so each sample's files are contiguous. An
+optional validation split is taken by a stable hash of the key, or of the identity cluster so no
+identity is in both splits. With an opt-out list (``opt_out``, docs/dedup.md) the faces of the
+people on it are left out: each ok row's aligned 112 crop is embedded and matched, so a dataset
+made before a person opted out exports without them.
 
-Memory: the metadata of every exported row is held once (about 1-2 KB a face); images are
-streamed shard by shard from the stage tars they live in.
+Both passes run on an executor (the process pool, Ray, or this process), one task per input shard
+and then per bucket, each resumable; the driver holds a few numbers per bucket, never the rows.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import math
-import re
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from facecap.pipeline.dataset import Dataset, SpooledTar, TarShardReader, config_hash
+from facecap.pipeline.dataset import Dataset, Manifest, config_hash
 from facecap.pipeline.errors import FacecapError
+from facecap.pipeline.executors import Executor, LocalExecutor
+from facecap.pipeline.progress import Quiet, StageProgress
 from facecap.pipeline.status import OK
 from facecap.pipeline.storage import Storage, StorageOptions, refuse_overlap
+from facecap.pipeline.tasks import TaskJob, run_tasks
+from facecap.stages.export.shuffle import (
+    SCATTER_DIR,
+    BucketWork,
+    ShufflePlan,
+    bucket_schema,
+    buckets_for,
+    scatter_shard,
+    shards_for,
+    write_bucket,
+)
 from facecap.stages.export.trainers import dataset_card, write_energon_meta
-from facecap.stages.shared.trainers import metadata_schema, tar_index, tar_index_name
 
-SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-# Columns not worth a trainer's JSON: internal bookkeeping of the stages (and timings, which differ run to run).
-SKIP_COLUMNS = {"status", "error", "source_file", "source_row", "fetch_seconds", "attempts", "reencoded", "quality_ms"}
 MAX_SHARD_SAMPLES = 1_000_000
+# Part of every export's identity: an export made with the earlier order is not resumed with this one.
+SHUFFLE = "seeded-hash-buckets-v1"
 
 
 @dataclass
@@ -64,6 +69,8 @@ class ExportSettings:
             raise FacecapError(f"export: shard size {self.shard_samples} must be 1..{MAX_SHARD_SAMPLES}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise FacecapError("export: the validation fraction must be in [0, 1)")
+        if self.shard_bytes is not None and self.shard_bytes < 1:
+            raise FacecapError("export: the shard byte target must be positive")
 
 
 @dataclass
@@ -81,173 +88,77 @@ def export(
     settings: ExportSettings,
     options: StorageOptions | None = None,
     opt_out: str | None = None,
+    executor: Executor | None = None,
+    progress: StageProgress | None = None,
+    max_retries: int = 2,
 ) -> ExportResult:
+    """Export ``source`` into ``output``. ``executor``: where the tasks run (default: this process)."""
     settings.check()
     options = options or StorageOptions.from_env()
+    progress = progress or Quiet()
     dataset = Dataset.at(source, options)
     manifest = dataset.require_manifest()
     if not manifest.complete:
         raise FacecapError(f"{source}: its '{manifest.stage}' run did not finish; run it again before exporting")
     # Writing into the dataset (or a folder holding it) would replace its manifest and shards.
     refuse_overlap(output, [dataset.uri, *(ref.root for ref in manifest.media.values())])
-    rows, origin = _ok_rows(dataset)
-    opted_out = _opted_out(dataset, manifest, rows, origin, opt_out) if opt_out else np.zeros(rows.num_rows, bool)
-    rows, origin = rows.filter(pa.array(~opted_out)), origin[~opted_out]
+    inputs = dataset.done_shards()
+    if not inputs:
+        raise FacecapError(f"{dataset.uri}: no finished shards to export")
+    crop = _crop_ref(manifest, settings) if settings.format == "webdataset" else None
+    if opt_out:
+        _check_opt_out(manifest, opt_out)
     out = Storage(output, options)
     basis = {"source": dataset.uri, "source_config": manifest.config_hash, "settings": asdict(settings)}
+    basis["shuffle"] = SHUFFLE
     if opt_out:  # another list (or more people on it) is another export
         basis["opt_out_sha256"] = hashlib.sha256(Path(opt_out).read_bytes()).hexdigest()
     identity = config_hash(basis)
     previous = out.read_json("_manifest.json")
     if previous and previous.get("config_hash") != identity:
         raise FacecapError(f"{output} holds an export made from other settings or input; choose another folder")
-    splits = _split(rows, settings)
-    result = ExportResult(output=out.root, opted_out=int(opted_out.sum()))
-    for split, positions in splits.items():
-        order = np.random.default_rng(settings.seed).permutation(positions) if len(positions) else positions
-        if settings.format == "webdataset":
-            shards = _write_webdataset(dataset, manifest, rows, origin, order, split, out, settings, result)
-            index = {
-                "__kind__": "wids-shard-index-v1",
-                "wids_version": 1,
-                "name": f"{manifest.recipe.get('name', 'facecap') if manifest.recipe else 'facecap'}-{split}",
-                "shardlist": shards,
-            }
-            out.write_bytes(f"{settings.prefix}{split}.json", json.dumps(index, indent=1).encode())
-        else:
-            shards = _write_parquet(rows, order, split, out, settings)
-        result.shards[split] = shards
-        result.samples[split] = int(sum(s["nsamples"] for s in shards))
-    if settings.format == "webdataset":
-        write_energon_meta(out, result.shards)
-        name = manifest.recipe.get("name", "facecap") if manifest.recipe else "facecap"
-        try:
-            metadata = metadata_schema(_metadata(row, _caption_of(row, settings)[1]) for row in _iter_rows(rows))
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # a JSON field with values of several types
-            metadata = None
-        out.write_bytes("README.md", dataset_card(name, list(result.shards), metadata, settings.prefix).encode())
-    out.write_bytes(
-        "_manifest.json",
-        json.dumps(
-            {
-                "kind": "facecap-export",
-                "format": settings.format,
-                "source": dataset.uri,
-                "source_stage": manifest.stage,
-                "settings": asdict(settings),
-                "config_hash": identity,
-                "samples": result.samples,
-                "shards": result.shards,
-                "time": time.time(),
-            },
-            indent=1,
-        ).encode(),
+    if previous and previous.get("complete"):
+        shards = previous["shards"]
+        return ExportResult(
+            output=out.root,
+            samples=previous["samples"],
+            shards=shards,
+            skipped_existing=sum(len(listed) for listed in shards.values()),
+            opted_out=previous.get("opted_out", 0),
+        )
+    if not out.remote:
+        out.remove_temporaries()
+    plan = ShufflePlan(
+        source=dataset.uri,
+        output=out.root,
+        storage=options,
+        settings=settings,
+        buckets=_bucket_counts(dataset, inputs, settings),
+        crop=crop,
+        opt_out=opt_out,
+        aligned112=manifest.media.get("aligned112"),
     )
+    executor = executor or LocalExecutor()
+    result = ExportResult(output=out.root)
+    with progress:
+        totals = _scatter(plan, inputs, executor, progress, result, max_retries)
+        schema = _write(plan, inputs, totals, executor, progress, result, max_retries)
+    _finish(out, dataset, manifest, settings, identity, schema, result)
+    _remove_scatter(out, plan)
     return result
 
 
-def _ok_rows(dataset: Dataset) -> tuple[pa.Table, np.ndarray]:
-    """Every ok row (all columns) and the shard each came from."""
-    tables, origin = [], []
-    for shard in dataset.done_shards():
-        table = dataset.read_shard(shard)
-        table = table.filter(pc.equal(table.column("status"), OK))
-        tables.append(table)
-        origin.append(np.full(table.num_rows, shard, np.int32))
-    if not tables:
-        raise FacecapError(f"{dataset.uri}: no finished shards to export")
-    rows = pa.concat_tables(tables, promote_options="permissive")
-    bad = [k for k in rows.column("key").to_pylist() if not SAFE_KEY.match(k)]
-    if bad:
-        raise FacecapError(f"unsafe sample key {bad[0]!r}: keys must be letters, digits, '_' or '-'")
-    return rows, np.concatenate(origin)
+def _remove_scatter(out: Storage, plan: ShufflePlan) -> None:
+    """The passes' own temporaries (a copy of every sample), once the manifest says it is done."""
+    folders = [f"{SCATTER_DIR}/{split}" for split in plan.buckets] + [f"{SCATTER_DIR}/_done", f"{SCATTER_DIR}/_written"]
+    for folder in folders:
+        for name in out.list(folder):
+            out.delete(name)
+        out.remove_empty_folder(folder)
+    out.remove_empty_folder(SCATTER_DIR)
 
 
-def _opted_out(dataset: Dataset, manifest, rows: pa.Table, origin: np.ndarray, opt_out: str) -> np.ndarray:
-    """Which rows are faces of people on the opt-out list: their aligned 112 crops, embedded and matched."""
-    from facecap.pipeline.dataset import shard_name
-    from facecap.stages.shared.identity import IDENTITY_COSINE, FaceEmbedder, OptOutList, match
-    from facecap.stages.shared.images import decode_bgr
-
-    listing = OptOutList.load(opt_out)
-    if not listing.people:
-        return np.zeros(rows.num_rows, bool)
-    if "aligned112" not in manifest.media:
-        raise FacecapError("export --opt-out-embeddings embeds each face's aligned112 crop; this dataset has none")
-    embedder = FaceEmbedder(listing.model)
-    listing.check_model(embedder.model, embedder.sha256, "this machine's model file")
-    keys = rows.column("key").to_pylist()
-    vectors = np.zeros((len(keys), listing.vectors.shape[1]), np.float32)
-    ref = manifest.media["aligned112"]
-    member = ref.member_ext("aligned112")
-    for shard in np.unique(origin):
-        tar = ref.tar_for(int(shard)) or f"{shard_name(int(shard))}.tar"
-        with TarShardReader(Storage(ref.root, dataset.storage.options), tar) as reader:
-            for position in np.flatnonzero(origin == shard):
-                crop = decode_bgr((reader.get(keys[position], [member]) or {}).get(member))
-                if crop is None:
-                    raise FacecapError(
-                        f"{keys[position]}: its aligned112 crop is missing, so its consent cannot be checked"
-                    )
-                vectors[position] = embedder.embed(crop)
-    person, _ = match(vectors, listing, IDENTITY_COSINE)
-    return person >= 0
-
-
-def _iter_rows(rows: pa.Table) -> Iterator[dict[str, Any]]:
-    for batch in rows.to_batches(max_chunksize=10_000):
-        yield from batch.to_pylist()
-
-
-def _split(rows: pa.Table, settings: ExportSettings) -> dict[str, np.ndarray]:
-    positions = np.arange(rows.num_rows)
-    if settings.val_fraction <= 0:
-        return {"train": positions}
-    if settings.split_by == "identity":
-        if "identity_cluster" not in rows.column_names:
-            raise FacecapError("export --split-by identity needs identity clusters: run dedup with kind 'identity'")
-        basis = [str(v) for v in rows.column("identity_cluster").to_pylist()]
-    else:
-        basis = rows.column("key").to_pylist()
-    bucket = np.array([int.from_bytes(hashlib.sha256(b.encode()).digest()[:4], "big") / 2**32 for b in basis])
-    validation = bucket < settings.val_fraction
-    return {"train": positions[~validation], "val": positions[validation]}
-
-
-def _caption_of(row: dict[str, Any], settings: ExportSettings) -> tuple[str, str]:
-    captions = row.get("caption")
-    if settings.caption == "short" and row.get("caption_short"):
-        return str(row["caption_short"]), "caption_short"
-    if captions is not None and len(captions):
-        return str(captions[0]), "caption"
-    if row.get("caption_short"):
-        return str(row["caption_short"]), "caption_short"
-    return str(row.get("alt_text") or ""), "alt_text"
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else value
-    if isinstance(value, bytes):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _metadata(row: dict[str, Any], caption_source: str) -> dict[str, Any]:
-    meta = {k: _json_safe(v) for k, v in row.items() if k not in SKIP_COLUMNS}
-    for column in ("caption_provenance", "attr_backends", "caption_versions"):
-        if isinstance(meta.get(column), str):
-            with contextlib.suppress(ValueError):  # not JSON after all: keep the text
-                meta[column] = json.loads(meta[column])
-    meta["caption_source"] = caption_source
-    return meta
-
-
-def _crop_reader_factory(dataset: Dataset, manifest, settings: ExportSettings):
+def _crop_ref(manifest: Manifest, settings: ExportSettings):
     ref = manifest.media.get(settings.crop)
     if ref is None:
         stored = ", ".join(sorted(n for n in manifest.media if n != "image")) or "none"
@@ -255,115 +166,139 @@ def _crop_reader_factory(dataset: Dataset, manifest, settings: ExportSettings):
             f"export --crop {settings.crop}: the dataset stores no '{settings.crop}' crops (stored: {stored}); "
             "choose one of those or rerun detect with it in detect.crops"
         )
-    member = ref.member_ext(settings.crop)
-
-    def reader(shard: int) -> TarShardReader:
-        from facecap.pipeline.dataset import shard_name
-
-        return TarShardReader(
-            Storage(ref.root, dataset.storage.options), ref.tar_for(shard) or f"{shard_name(shard)}.tar"
-        )
-
-    return reader, member
+    return ref
 
 
-def _sample_sizes(rows, origin, open_reader, member, settings: ExportSettings) -> np.ndarray:
-    """Bytes each sample takes in a tar: its crop (from the source tar's headers), caption and JSON,
-    three member headers and their padding. Measured, not assumed: crops vary tenfold in size."""
-    sizes = np.zeros(rows.num_rows, np.int64)
-    keys = rows.column("key").to_pylist()
-    for shard in np.unique(origin):
-        positions = np.flatnonzero(origin == shard)
-        with open_reader(int(shard)) as reader:
-            for position, row in zip(positions, rows.take(pa.array(positions)).to_pylist(), strict=True):
-                text, source = _caption_of(row, settings)
-                meta = json.dumps(_metadata(row, source), ensure_ascii=False, default=str).encode()
-                parts = [reader.size_of(keys[position], member) or 0, len(text.encode()), len(meta)]
-                sizes[position] = sum(TAR_BLOCK + -(-part // TAR_BLOCK) * TAR_BLOCK for part in parts)
-    return sizes
+def _check_opt_out(manifest: Manifest, opt_out: str) -> None:
+    """The list, its model and the crops it needs, checked here: one line before anything is written."""
+    from facecap.stages.shared.identity import FaceEmbedder, OptOutList
 
-
-TAR_BLOCK = 512
-
-
-def _write_webdataset(dataset, manifest, rows, origin, order, split, out, settings, result) -> list[dict[str, Any]]:
-    open_reader, member = _crop_reader_factory(dataset, manifest, settings)
-    sizes = _sample_sizes(rows, origin, open_reader, member, settings) if settings.shard_bytes else None
-    shards: list[dict[str, Any]] = []
-    for number, chunk in enumerate(_chunks(order, settings, sizes)):
-        name = f"{settings.prefix}{split}-{number:06d}.tar"
-        done = out.read_json(f"_done/{name}.json")
-        if done and out.size(name) == done["size"]:
-            shards.append({"url": name, "nsamples": done["nsamples"]})
-            result.skipped_existing += 1
-            continue
-        spool = SpooledTar()
-        try:
-            by_shard: dict[int, list[int]] = {}
-            for position in chunk:
-                by_shard.setdefault(int(origin[position]), []).append(int(position))
-            for shard, positions in sorted(by_shard.items()):
-                with open_reader(shard) as reader:
-                    for row in rows.take(pa.array(positions)).to_pylist():
-                        crop = reader.get(row["key"], [member]) or {}
-                        if member not in crop:
-                            raise FacecapError(f"{row['key']}: its {settings.crop} crop is missing from shard {shard}")
-                        text, source = _caption_of(row, settings)
-                        meta = json.dumps(_metadata(row, source), ensure_ascii=False, default=str).encode()
-                        spool.add(row["key"], {"jpg": crop[member], "txt": text.encode(), "json": meta})
-            with out.open_write(name) as stream:
-                digest = spool.write_sorted(stream)
-            out.write_bytes(tar_index_name(name), tar_index(spool.sample_offsets))
-        finally:
-            spool.close()
-        out.write_bytes(f"_done/{name}.json", json.dumps({"size": digest.size, "nsamples": len(chunk)}).encode())
-        shards.append({"url": name, "nsamples": len(chunk)})
-    return shards
-
-
-def _chunks(order: np.ndarray, settings: ExportSettings, sizes: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """The shuffled rows dealt into shards: ``shard_samples`` each, or with a byte target as many as
-    fit in ``shard_bytes`` by their measured ``sizes`` (at least one sample a shard)."""
-    if settings.shard_bytes is None or sizes is None:
-        for start in range(0, len(order), settings.shard_samples):
-            yield order[start : start + settings.shard_samples]
+    listing = OptOutList.load(opt_out)
+    if not listing.people:
         return
-    start = 0
-    while start < len(order):
-        filled = np.cumsum(sizes[order[start : start + settings.shard_samples]])
-        count = max(1, int(np.searchsorted(filled, settings.shard_bytes, side="right")))
-        yield order[start : start + count]
-        start += count
+    if "aligned112" not in manifest.media:
+        raise FacecapError("export --opt-out-embeddings embeds each face's aligned112 crop; this dataset has none")
+    embedder = FaceEmbedder(listing.model)
+    listing.check_model(embedder.model, embedder.sha256, "this machine's model file")
 
 
-def _write_parquet(rows, order, split, out, settings) -> list[dict[str, Any]]:
-    shards = []
-    for number, start in enumerate(range(0, len(order), settings.shard_samples)):
-        part = rows.take(pa.array(order[start : start + settings.shard_samples]))
-        table = facecaption_table(part)
-        name = f"{settings.prefix}{split}-{number:06d}.parquet"
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        out.write_bytes(name, buffer.getvalue())
-        shards.append({"url": name, "nsamples": table.num_rows})
-    return shards
+def _bucket_counts(dataset: Dataset, inputs: list[int], settings: ExportSettings) -> dict[str, int]:
+    """Buckets per split, from the ok counts in the shards' stats (their rows are not read here)."""
+    total = 0
+    for shard in inputs:
+        stats = dataset.shard_stat(shard)
+        total += stats.by_status.get(OK, 0) if stats is not None else settings.shard_samples
+    val = round(total * settings.val_fraction)
+    buckets = {"train": buckets_for(max(1, total - val), settings.shard_samples)}
+    if settings.val_fraction > 0:
+        buckets["val"] = buckets_for(max(1, val), settings.shard_samples)
+    return buckets
 
 
-def facecaption_table(part: pa.Table) -> pa.Table:
-    """FaceCaption v2 columns first (_id, url, caption, laion_caption, box as a JSON string), then ours."""
-    n = part.num_rows
-    boxes = part.column("box").to_pylist() if "box" in part.column_names else [None] * n
-    captions = part.column("caption").to_pylist() if "caption" in part.column_names else [None] * n
-    alt = part.column("alt_text").to_pylist() if "alt_text" in part.column_names else [None] * n
-    columns: dict[str, pa.Array] = {
-        "_id": part.column("key").combine_chunks(),
-        "url": part.column("url").combine_chunks() if "url" in part.column_names else pa.nulls(n, pa.string()),
-        "caption": pa.array([list(c) if c is not None else [] for c in captions], pa.list_(pa.string())),
-        "laion_caption": pa.array([[a] if a else [] for a in alt], pa.list_(pa.string())),
-        "box": pa.array([json.dumps([round(v) for v in b[:4]]) if b else None for b in boxes], pa.string()),
+def _scatter(plan, inputs, executor, progress, result, max_retries) -> dict[str, dict[str, np.ndarray]]:
+    """Pass 1; returns per split and bucket the samples and tar bytes over every input shard."""
+    totals = {
+        split: {"count": np.zeros(b, np.int64), "bytes": np.zeros(b, np.int64)} for split, b in plan.buckets.items()
     }
-    for name in part.column_names:
-        if name in columns or name in SKIP_COLUMNS or name in ("key", "alt_text"):
-            continue
-        columns[name] = part.column(name).combine_chunks()
-    return pa.table(columns)
+    refused: list[str] = []
+
+    def add(shard: int, record: dict[str, Any]) -> None:
+        progress.advance(0)
+        if "refused" in record:
+            refused.append(record["refused"])
+            return
+        result.opted_out += record["opted_out"]
+        for split, counted in record["splits"].items():
+            totals[split]["count"] += np.asarray(counted["count"], np.int64)
+            totals[split]["bytes"] += np.asarray(counted["bytes"], np.int64)
+
+    progress.phase("export 1/2 scatter")
+    progress.set_total(len(inputs))
+    out = Storage(plan.output, plan.storage)
+    todo = []
+    for shard in inputs:  # a rerun reads what finished shards recorded instead of scattering them again
+        record = out.read_json(plan.scatter_record(shard))
+        if record is None:
+            todo.append(shard)
+        else:
+            add(shard, record)
+    job = TaskJob("export scatter", scatter_shard)
+    run_tasks(executor, job, ((s, plan) for s in todo), max_retries, add, where=plan.output)
+    if refused:
+        raise FacecapError(refused[0])
+    return totals
+
+
+def _write(plan, inputs, totals, executor, progress, result, max_retries) -> pa.Schema | None:
+    """Pass 2: every bucket's shards, numbered in bucket order; returns the samples' JSON schema."""
+    work: list[BucketWork] = []
+    for split in plan.buckets:
+        first = 0
+        for bucket, (count, tar_bytes) in enumerate(zip(totals[split]["count"], totals[split]["bytes"], strict=True)):
+            shards = shards_for(int(count), int(tar_bytes), plan.settings)
+            if shards:
+                work.append(BucketWork(plan, split, bucket, first, shards, tuple(inputs)))
+            first += shards
+    listed: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    schemas: list[pa.Schema] = []
+
+    def add(number: int, record: dict[str, Any]) -> None:
+        progress.advance(sum(s["nsamples"] for s in record["shards"]))
+        listed[(work[number].split, work[number].bucket)] = record["shards"]
+        schema = bucket_schema(record)
+        if schema is not None:
+            schemas.append(schema)
+
+    progress.phase("export 2/2 write")
+    progress.set_total(len(work))
+    out = Storage(plan.output, plan.storage)
+    todo = []
+    for number, item in enumerate(work):
+        record = out.read_json(plan.bucket_record(item.split, item.bucket))
+        if record is None:
+            todo.append((number, item))
+        else:
+            add(number, record)
+            result.skipped_existing += len(record["shards"])
+    job = TaskJob("export write", write_bucket)
+    run_tasks(executor, job, todo, max_retries, add, where=plan.output)
+    for split in plan.buckets:
+        shards = [s for item in work if item.split == split for s in listed[(split, item.bucket)]]
+        result.shards[split] = shards
+        result.samples[split] = int(sum(s["nsamples"] for s in shards))
+    if not schemas:
+        return None
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a JSON field with values of several types
+        return None
+
+
+def _finish(out, dataset, manifest, settings, identity, schema, result) -> None:
+    """What is assembled from the buckets' results: indexes, trainer metadata, the manifest."""
+    name = manifest.recipe.get("name", "facecap") if manifest.recipe else "facecap"
+    if settings.format == "webdataset":
+        for split, shards in result.shards.items():
+            index = {
+                "__kind__": "wids-shard-index-v1",
+                "wids_version": 1,
+                "name": f"{name}-{split}",
+                "shardlist": shards,
+            }
+            out.write_bytes(f"{settings.prefix}{split}.json", json.dumps(index, indent=1).encode())
+        write_energon_meta(out, result.shards)
+        out.write_bytes("README.md", dataset_card(name, list(result.shards), schema, settings.prefix).encode())
+    record = {
+        "kind": "facecap-export",
+        "format": settings.format,
+        "source": dataset.uri,
+        "source_stage": manifest.stage,
+        "settings": asdict(settings),
+        "config_hash": identity,
+        "samples": result.samples,
+        "shards": result.shards,
+        "opted_out": result.opted_out,
+        "complete": True,
+        "time": time.time(),
+    }
+    out.write_bytes("_manifest.json", json.dumps(record, indent=1).encode())

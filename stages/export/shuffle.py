@@ -1,0 +1,291 @@
+"""Export's two passes on the workers: a seeded global shuffle without the rows on the driver.
+
+1. **scatter** (one task per input shard): its ok rows, minus opted-out faces, are split (train /
+   val), rendered as trainers will read them (crop, caption, JSON; or FaceCaption-v2 rows), and
+   dealt into buckets by a seeded hash of the key: one Arrow IPC file per split whose record
+   batch ``k`` holds bucket ``k``, so a bucket task reads just its batch of each file. The task's
+   done record gives each bucket's sample count and tar bytes.
+2. **write** (one task per bucket): its samples from every scatter file, in seeded-hash order,
+   cut into as many output shards as the driver allotted it (at most ``shard_samples`` each, and
+   about ``shard_bytes`` when set), written with their tar index and done markers.
+
+The driver only sums per-bucket counts (a few numbers per bucket) and numbers the shards, so its
+memory does not grow with the dataset. Same source, seed and settings: the same bytes, on any
+executor.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from facecap.pipeline.dataset import Dataset, MediaRef, SpooledTar, TarShardReader, shard_name
+from facecap.pipeline.errors import FacecapError
+from facecap.pipeline.status import OK
+from facecap.pipeline.storage import Storage, StorageOptions
+from facecap.stages.export.rows import TAR_BLOCK, caption_of, facecaption_table, metadata, split_of
+from facecap.stages.shared.trainers import metadata_schema, tar_index, tar_index_name
+
+SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+SCATTER_DIR = "_scatter"
+
+
+@dataclass(frozen=True)
+class ShufflePlan:
+    """What every task of one export needs (picklable; the same object for all of them)."""
+
+    source: str
+    output: str
+    storage: StorageOptions
+    settings: Any  # ExportSettings
+    buckets: dict[str, int]  # split -> number of buckets
+    crop: MediaRef | None  # where the exported crop lives (WebDataset)
+    opt_out: str | None = None
+    aligned112: MediaRef | None = None
+
+    def scatter_name(self, split: str, shard: int) -> str:
+        return f"{SCATTER_DIR}/{split}/{shard_name(shard)}.arrow"
+
+    def scatter_record(self, shard: int) -> str:
+        return f"{SCATTER_DIR}/_done/{shard_name(shard)}.json"
+
+    def bucket_record(self, split: str, bucket: int) -> str:
+        return f"{SCATTER_DIR}/_written/{split}-{bucket:06d}.json"
+
+
+def shuffle_order(seed: int, keys: list[str]) -> np.ndarray:
+    """A key's place in the seeded shuffle: the first 8 bytes of BLAKE2b(seed, key)."""
+    prefix = f"{seed}\0".encode()
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(prefix + k.encode(), digest_size=8).digest(), "big") for k in keys],
+        dtype=np.uint64,
+    )
+
+
+def buckets_for(samples: int, shard_samples: int) -> int:
+    """Buckets for about ``samples`` samples: each expected to hold ``shard_samples`` less four
+    standard deviations of its (Poisson) size, so a bucket rarely needs a second, small shard."""
+    expected = max(1.0, (math.sqrt(shard_samples + 4) - 2) ** 2)
+    return max(1, min(samples, math.ceil(samples / expected)))
+
+
+# -- pass 1: scatter ----------------------------------------------------------------------------
+def scatter_shard(shard: int, plan: ShufflePlan) -> dict[str, Any]:
+    """Deal one input shard's ok rows into buckets; returns (and records) per-bucket counts and bytes.
+
+    A row the export must refuse (an unsafe key, a missing crop) comes back as ``refused``: the same
+    input would fail every retry, so the driver reports it instead of retrying.
+    """
+    out = Storage(plan.output, plan.storage)
+    rows = _ok_rows(Dataset.at(plan.source, plan.storage), shard)
+    try:
+        keys = rows.column("key").to_pylist()
+        bad = next((k for k in keys if not SAFE_KEY.match(k)), None)
+        if bad is not None:
+            raise FacecapError(f"unsafe sample key {bad!r}: keys must be letters, digits, '_' or '-'")
+        opted_out = _opted_out(plan, shard, keys) if plan.opt_out else np.zeros(len(keys), bool)
+        rows = rows.filter(pa.array(~opted_out))
+        pieces = _rendered(plan, shard, rows)
+        splits = split_of(rows, plan.settings)
+    except FacecapError as refusal:
+        return {"refused": str(refusal)}
+    record: dict[str, Any] = {"opted_out": int(opted_out.sum()), "splits": {}}
+    for split, buckets in plan.buckets.items():
+        mask = splits == split
+        record["splits"][split] = _write_scatter(out, plan.scatter_name(split, shard), pieces.filter(mask), buckets)
+    out.write_bytes(plan.scatter_record(shard), json.dumps(record).encode())
+    return record
+
+
+def _ok_rows(dataset: Dataset, shard: int) -> pa.Table:
+    table = dataset.read_shard(shard)
+    return table.filter(pc.equal(table.column("status"), OK).fill_null(False))
+
+
+def _rendered(plan: ShufflePlan, shard: int, rows: pa.Table) -> pa.Table:
+    """The samples as they will be written, with their shuffle order and size in a tar."""
+    settings = plan.settings
+    keys = rows.column("key").to_pylist()
+    order = pa.array(shuffle_order(settings.seed, keys), pa.uint64())
+    if settings.format == "parquet":
+        table = rows.append_column("_order", order)
+        return table.append_column("_bytes", pa.array(np.zeros(rows.num_rows, np.int64)))
+    member = plan.crop.member_ext(settings.crop)
+    tar = plan.crop.tar_for(shard) or f"{shard_name(shard)}.tar"
+    crops, texts, metas, sizes = [], [], [], []
+    with TarShardReader(Storage(plan.crop.root, plan.storage), tar) as reader:
+        for row in rows.to_pylist():
+            crop = (reader.get(row["key"], [member]) or {}).get(member)
+            if crop is None:
+                raise FacecapError(f"{row['key']}: its {settings.crop} crop is missing from shard {shard}")
+            text, source = caption_of(row, settings)
+            meta = json.dumps(metadata(row, source), ensure_ascii=False, default=str).encode()
+            crops.append(crop)
+            texts.append(text.encode())
+            metas.append(meta)
+            sizes.append(sum(TAR_BLOCK + -(-len(p) // TAR_BLOCK) * TAR_BLOCK for p in (crop, texts[-1], meta)))
+    return pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "jpg": pa.array(crops, pa.large_binary()),
+            "txt": pa.array(texts, pa.large_binary()),
+            "json": pa.array(metas, pa.large_binary()),
+            "_order": order,
+            "_bytes": pa.array(sizes, pa.int64()),
+        }
+    )
+
+
+def _write_scatter(out: Storage, name: str, pieces: pa.Table, buckets: int) -> dict[str, list[int]]:
+    """Record batch ``k`` of the file holds bucket ``k`` (empty batches included, so no index is needed)."""
+    bucket = (pieces.column("_order").to_numpy() % np.uint64(buckets)).astype(np.int64)
+    counts = np.bincount(bucket, minlength=buckets)
+    tar_bytes = np.bincount(bucket, weights=pieces.column("_bytes").to_numpy(), minlength=buckets)
+    pieces = pieces.take(pa.array(np.argsort(bucket, kind="stable"))).combine_chunks()
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    with out.open_write(name) as stream, pa.ipc.new_file(stream, pieces.schema) as writer:
+        for k in range(buckets):
+            part = pieces.slice(int(starts[k]), int(counts[k]))
+            writer.write_batch(
+                pa.RecordBatch.from_arrays([c.combine_chunks() for c in part.columns], schema=pieces.schema)
+            )
+    return {"count": counts.tolist(), "bytes": tar_bytes.astype(np.int64).tolist()}
+
+
+_EMBEDDERS: dict[str, Any] = {}
+
+
+def _opted_out(plan: ShufflePlan, shard: int, keys: list[str]) -> np.ndarray:
+    """Which rows are faces of people on the opt-out list: their aligned 112 crops, embedded and matched."""
+    from facecap.stages.shared.identity import IDENTITY_COSINE, FaceEmbedder, OptOutList, match
+    from facecap.stages.shared.images import decode_bgr
+
+    listing = OptOutList.load(plan.opt_out)
+    if not listing.people or not keys:
+        return np.zeros(len(keys), bool)
+    embedder = _EMBEDDERS.get(listing.model)
+    if embedder is None:  # once per worker process, not per shard
+        embedder = _EMBEDDERS[listing.model] = FaceEmbedder(listing.model)
+    listing.check_model(embedder.model, embedder.sha256, "this machine's model file")
+    ref = plan.aligned112
+    member = ref.member_ext("aligned112")
+    vectors = np.zeros((len(keys), listing.vectors.shape[1]), np.float32)
+    with TarShardReader(Storage(ref.root, plan.storage), ref.tar_for(shard) or f"{shard_name(shard)}.tar") as reader:
+        for position, key in enumerate(keys):
+            crop = decode_bgr((reader.get(key, [member]) or {}).get(member))
+            if crop is None:
+                raise FacecapError(f"{key}: its aligned112 crop is missing, so its consent cannot be checked")
+            vectors[position] = embedder.embed(crop)
+    person, _ = match(vectors, listing, IDENTITY_COSINE)
+    return person >= 0
+
+
+# -- pass 2: write ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BucketWork:
+    plan: ShufflePlan
+    split: str
+    bucket: int
+    first: int  # number of its first output shard
+    shards: int  # how many output shards it writes
+    inputs: tuple[int, ...]  # input shards that scattered
+
+
+def write_bucket(number: int, work: BucketWork) -> dict[str, Any]:
+    """One bucket's output shards; returns (and records) their names and counts, and for WebDataset
+    the Arrow schema of its samples' JSON (for the dataset card)."""
+    plan, settings = work.plan, work.plan.settings
+    out = Storage(plan.output, plan.storage)
+    samples = _gather(out, work)
+    parts = _cut(samples.column("_bytes").to_numpy(), work.shards, settings)
+    written, schemas = [], []
+    for offset, (start, stop) in enumerate(parts):
+        part = samples.slice(start, stop - start)
+        name = f"{settings.prefix}{work.split}-{work.first + offset:06d}"
+        if settings.format == "webdataset":
+            written.append(_write_tar(out, f"{name}.tar", part))
+            schemas.append(metadata_schema(json.loads(m) for m in part.column("json").to_pylist()))
+        else:
+            written.append(_write_parquet(out, f"{name}.parquet", part))
+    record: dict[str, Any] = {"shards": written}
+    if schemas:
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+        record["schema"] = base64.b64encode(schema.serialize().to_pybytes()).decode()
+    out.write_bytes(plan.bucket_record(work.split, work.bucket), json.dumps(record).encode())
+    return record
+
+
+def _gather(out: Storage, work: BucketWork) -> pa.Table:
+    """The bucket's samples from every scatter file, in shuffle order (key breaks a tie)."""
+    pieces = []
+    for shard in work.inputs:
+        with out.open_read(work.plan.scatter_name(work.split, shard)) as f:
+            batch = pa.ipc.open_file(f).get_batch(work.bucket)
+            if batch.num_rows:
+                pieces.append(pa.Table.from_batches([batch]))
+    table = pa.concat_tables(pieces, promote_options="permissive")
+    return table.sort_by([("_order", "ascending"), ("key", "ascending")])
+
+
+def _cut(sizes: np.ndarray, parts: int, settings) -> list[tuple[int, int]]:
+    """``parts`` consecutive ranges: by bytes when a byte target is set (each about the same size),
+    else by count; never more than ``shard_samples`` in one."""
+    n = len(sizes)
+    if settings.shard_bytes and parts > 1:
+        filled = np.cumsum(sizes)
+        cuts = np.searchsorted(filled, filled[-1] * np.arange(1, parts) / parts, side="right")
+        bounds = np.concatenate([[0], cuts, [n]])
+        if np.all(np.diff(bounds) >= 1) and np.all(np.diff(bounds) <= settings.shard_samples):
+            return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+def shards_for(count: int, tar_bytes: int, settings) -> int:
+    """Output shards a bucket of ``count`` samples (``tar_bytes`` in a tar) is cut into."""
+    if count == 0:
+        return 0
+    by_count = math.ceil(count / settings.shard_samples)
+    by_bytes = math.ceil(tar_bytes / settings.shard_bytes) if settings.shard_bytes else 1
+    return min(count, max(by_count, by_bytes))
+
+
+def _write_tar(out: Storage, name: str, part: pa.Table) -> dict[str, Any]:
+    spool = SpooledTar()
+    try:
+        columns = [part.column(c).to_pylist() for c in ("key", "jpg", "txt", "json")]
+        for key, jpg, txt, meta in zip(*columns, strict=True):
+            spool.add(key, {"jpg": jpg, "txt": txt, "json": meta})
+        with out.open_write(name) as stream:
+            digest = spool.write_sorted(stream)
+        out.write_bytes(tar_index_name(name), tar_index(spool.sample_offsets))
+    finally:
+        spool.close()
+    out.write_bytes(f"_done/{name}.json", json.dumps({"size": digest.size, "nsamples": part.num_rows}).encode())
+    return {"url": name, "nsamples": part.num_rows}
+
+
+def _write_parquet(out: Storage, name: str, part: pa.Table) -> dict[str, Any]:
+    table = facecaption_table(part.drop_columns(["_order", "_bytes"]))
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    out.write_bytes(name, buffer.getvalue())
+    out.write_bytes(f"_done/{name}.json", json.dumps({"size": buffer.tell(), "nsamples": table.num_rows}).encode())
+    return {"url": name, "nsamples": table.num_rows}
+
+
+def bucket_schema(record: dict[str, Any]) -> pa.Schema | None:
+    encoded = record.get("schema")
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(encoded))) if encoded else None

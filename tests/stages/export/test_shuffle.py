@@ -1,0 +1,163 @@
+"""Export's two passes on the workers (stages/export/shuffle.py): the same bytes on every executor,
+every ok row exactly once, shards within their limits, resumable, nothing of its own left behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tarfile
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from helpers import read_all
+
+from facecap.pipeline.executors import LocalExecutor, ProcessExecutor, RayExecutor
+from facecap.stages.export.export import ExportSettings, export
+from facecap.stages.export.shuffle import buckets_for
+
+REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO / "bench"))
+import scale_data  # noqa: E402  (bench/: synthetic datasets in facecap's own format)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A finished dedup dataset of 3,000 rows in 6 shards (about 2,170 ok faces with real JPEG crops)."""
+    folder = tmp_path_factory.mktemp("synthetic") / "dedup"
+    scale_data.write_dataset(str(folder), rows=3000, shard_rows=500, workers=1)
+    table = read_all(folder)
+    return folder, table.filter(pc.equal(table.column("status"), "ok"))
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """Every file's digest, the manifest's timestamp aside."""
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.name == "_manifest.json":
+            record = json.loads(data)
+            record.pop("time")
+            data = json.dumps(record, sort_keys=True).encode()
+        digests[str(path.relative_to(folder))] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+SETTINGS = {"shard_samples": 200, "seed": 5, "val_fraction": 0.1}
+
+
+@pytest.mark.parametrize("format", ["webdataset", "parquet"])
+def test_the_process_pool_writes_the_bytes_one_process_writes(synthetic, tmp_path, format):
+    folder, _ = synthetic
+    settings = ExportSettings(format=format, **SETTINGS)
+    export(str(folder), str(tmp_path / "one"), settings, executor=LocalExecutor())
+    export(str(folder), str(tmp_path / "pool"), settings, executor=ProcessExecutor(2))
+    assert _files(tmp_path / "one") == _files(tmp_path / "pool")
+    assert not (tmp_path / "pool" / "_scatter").exists()  # its own temporaries, removed when done
+
+
+def test_every_ok_row_is_exported_once_in_shards_within_the_limit(synthetic, tmp_path):
+    folder, ok = synthetic
+    result = export(str(folder), str(tmp_path / "out"), ExportSettings(**SETTINGS), executor=ProcessExecutor(2))
+    keys, sources = [], []
+    for split in ("train", "val"):
+        index = json.loads((tmp_path / "out" / f"{split}.json").read_text())
+        assert [s["url"] for s in index["shardlist"]] == [
+            f"{split}-{n:06d}.tar" for n in range(len(index["shardlist"]))
+        ]
+        for shard in index["shardlist"]:
+            with tarfile.open(tmp_path / "out" / shard["url"]) as tar:
+                names = tar.getnames()
+            samples = sorted({n.split(".", 1)[0] for n in names})
+            assert names == sorted(names) and len(samples) == shard["nsamples"] <= SETTINGS["shard_samples"]
+            keys += samples
+            sources.append({int(k[:10]) // 500 for k in samples})  # input shard of each sample's image
+    assert sorted(keys) == sorted(ok.column("key").to_pylist())
+    assert sum(result.samples.values()) == ok.num_rows and 0.05 < result.samples["val"] / ok.num_rows < 0.15
+    # A global shuffle: each output shard draws from (nearly) every input shard, not a few neighbours.
+    assert np.mean([len(s) for s in sources]) >= 5
+
+
+def test_another_seed_deals_other_shards_and_one_seed_is_stable(synthetic, tmp_path):
+    folder, _ = synthetic
+    first = export(str(folder), str(tmp_path / "a"), ExportSettings(format="parquet", shard_samples=300, seed=1))
+    other = export(str(folder), str(tmp_path / "b"), ExportSettings(format="parquet", shard_samples=300, seed=2))
+    ids = {
+        name: pq.read_table(tmp_path / name / result.shards["train"][0]["url"]).column("_id").to_pylist()
+        for name, result in (("a", first), ("b", other))
+    }
+    assert set(ids["a"]) != set(ids["b"]) and len(set(ids["a"]) & set(ids["b"])) < len(ids["a"]) / 2
+    assert ids["a"] != sorted(ids["a"])  # rows in shuffled order, not key order
+
+
+def test_an_interrupted_export_resumes_to_the_same_bytes(synthetic, tmp_path):
+    folder, _ = synthetic
+    settings = ExportSettings(**SETTINGS)
+    export(str(folder), str(tmp_path / "clean"), settings)
+
+    class InterruptedInTheWritePass(LocalExecutor):
+        written = 0
+
+        def submit(self, shard, source, attempt):
+            if self._job.name == "export write":
+                InterruptedInTheWritePass.written += 1
+                if InterruptedInTheWritePass.written > 4:
+                    raise KeyboardInterrupt
+            return super().submit(shard, source, attempt)
+
+    with pytest.raises(KeyboardInterrupt):
+        export(str(folder), str(tmp_path / "resumed"), settings, executor=InterruptedInTheWritePass())
+    assert not (tmp_path / "resumed" / "_manifest.json").exists()
+    assert len(list((tmp_path / "resumed" / "_scatter" / "_written").iterdir())) == 4
+
+    class Counting(LocalExecutor):
+        runs: ClassVar[dict[str, int]] = {}
+
+        def submit(self, shard, source, attempt):
+            Counting.runs[self._job.name] = Counting.runs.get(self._job.name, 0) + 1
+            return super().submit(shard, source, attempt)
+
+    again = export(str(folder), str(tmp_path / "resumed"), settings, executor=Counting())
+    assert _files(tmp_path / "clean") == _files(tmp_path / "resumed")
+    shards = sum(len(listed) for listed in again.shards.values())
+    assert "export scatter" not in Counting.runs and again.skipped_existing == 4  # only the rest was written
+    assert Counting.runs["export write"] == shards - 4  # one bucket, one shard at these sizes
+
+
+def test_bucket_sizes_leave_room_for_chance():
+    assert buckets_for(1, 10_000) == 1 and buckets_for(0, 10) == 1
+    assert buckets_for(1_000_000, 10_000) == 105  # about 9,600 a bucket: 4 standard deviations below 10,000
+    assert buckets_for(50, 1) == 50  # never more buckets than samples
+
+
+@pytest.mark.slow
+def test_on_ray_the_export_is_the_same(synthetic, tmp_path, ray_local):
+    folder, _ = synthetic
+    settings = ExportSettings(**SETTINGS)
+    export(str(folder), str(tmp_path / "one"), settings)
+    export(str(folder), str(tmp_path / "ray"), settings, executor=RayExecutor())
+    assert _files(tmp_path / "one") == _files(tmp_path / "ray")
+
+
+@pytest.mark.slow
+def test_an_export_to_s3_holds_the_same_objects_and_leaves_no_scatter_behind(synthetic, tmp_path, s3_server):
+    import boto3
+
+    folder, _ = synthetic
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.create_bucket(Bucket="exports")
+    settings = ExportSettings(**SETTINGS)
+    export(str(folder), str(tmp_path / "local"), settings)
+    export(str(folder), "s3://exports/wds", settings)
+    listed = client.list_objects_v2(Bucket="exports", Prefix="wds/")["Contents"]
+    # (pyarrow marks a folder whose last subfolder it deleted with an empty "wds/" object.)
+    remote = {item["Key"].removeprefix("wds/"): item["Key"] for item in listed if item["Key"] != "wds/"}
+    local = _files(tmp_path / "local")
+    assert sorted(remote) == sorted(local)  # no _scatter objects left
+    for name in ("train-000000.tar", "val.json", "train-000003.tar.idx"):
+        body = client.get_object(Bucket="exports", Key=remote[name])["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == local[name]
