@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import math
 import tempfile
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,9 +91,28 @@ def plan_partitioned(
                     scratch.delete(_scratch_name(family, shard))
 
 
+# What the last partitioned plan in this process did, step by step: wall seconds, and per task the
+# seconds and records (bench/bench_scale.py reports them; the figures for a cluster come from these).
+LAST_RUN: dict[str, dict[str, float]] = {}
+
+
+def _step(name: str, started: float, results: dict[int, Any] | None = None) -> None:
+    figures = {"seconds": time.perf_counter() - started, "tasks": len(results or {})}
+    tasks = [r for r in (results or {}).values() if isinstance(r, dict) and "task_seconds" in r]
+    if tasks:
+        figures["task_seconds_max"] = max(r["task_seconds"] for r in tasks)
+        figures["task_seconds_sum"] = sum(r["task_seconds"] for r in tasks)
+        figures["task_records_max"] = max(r["records"] for r in tasks)
+        figures["task_records_sum"] = sum(r["records"] for r in tasks)
+    LAST_RUN[name] = figures
+
+
 def _plan(context: PlanContext) -> Iterator[tuple[int, pd.DataFrame]]:
     summaries = context.summaries
+    LAST_RUN.clear()
+    started = time.perf_counter()
     scattered = summaries.run_tasks(_job("dedup scatter", scatter_shard), ((s, context) for s in summaries.shards))
+    _step("scatter", started, scattered)
     # Each partition reads its row group of every shard's files: where it is, per shard.
     sources: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
     for shard in summaries.shards:
@@ -100,17 +120,26 @@ def _plan(context: PlanContext) -> Iterator[tuple[int, pd.DataFrame]]:
         face_groups = {p: i for i, p in enumerate(scattered[shard]["face_parts"])}
         for partition in set(image_groups) | set(face_groups):
             sources[partition].append((shard, image_groups.get(partition, -1), face_groups.get(partition, -1)))
+    started = time.perf_counter()
     grouped = summaries.run_tasks(
         _job("dedup group", group_partition), ((p, (context, sources[p])) for p in sorted(sources))
     )
+    _step("group", started, grouped)
+    started = time.perf_counter()
     decisions = _Decisions(context.config, scattered)
     decisions.images(list(grouped.values()))
     decisions.faces(list(grouped.values()))
     requests = decisions.requests()
+    _step("decide", started)
+    started = time.perf_counter()
     found = summaries.run_tasks(
         _job("dedup look up", look_up_shard), ((s, (context, *requests[s])) for s in sorted(requests))
     )
     marked = decisions.rows(found)
+    _step("look up", started, found)
+    LAST_RUN["decide"]["pairs"] = float(decisions.pairs)
+    LAST_RUN["decide"]["decided_rows"] = float(sum(len(m["position"]) for m in marked.values()))
+    started = time.perf_counter()
     offsets = np.cumsum([0] + [scattered[s]["rows"] for s in summaries.shards])
     todo = [(s, int(offsets[i])) for i, s in enumerate(summaries.shards) if scattered[s]["rows"]]
     for start in range(0, len(todo), WRITE_WINDOW):
@@ -119,6 +148,7 @@ def _plan(context: PlanContext) -> Iterator[tuple[int, pd.DataFrame]]:
         written = summaries.run_tasks(_job("dedup write plan", write_shard), payloads)
         for shard, _ in window:
             yield shard, written[shard]
+    _step("write", started)
 
 
 def _job(name: str, function) -> TaskJob:
@@ -141,11 +171,13 @@ def _mix(values: np.ndarray, salt: np.ndarray | int) -> np.ndarray:
 # -- 1. scatter ---------------------------------------------------------------------------------
 def scatter_shard(shard: int, context: PlanContext) -> dict:
     """The shard's per-row decisions that need no other row, and its records split by partition."""
+    started = time.perf_counter()
     config = context.config
     wants_vectors = bool(context.identities)
     table = context.summaries.read(shard, COMPACT + (["embedding"] if wants_vectors else []))
     count = table.num_rows
-    result: dict[str, Any] = {"rows": count, "image_parts": [], "face_parts": [], "marks": {}}
+    result: dict[str, Any] = {"rows": count, "image_parts": [], "face_parts": [], "marks": {}, "records": 0}
+    result["task_seconds"] = 0.0
     if not count:
         return result
     row_ids = (np.int64(shard) << np.int64(ROW_BITS)) | np.arange(count, dtype=np.int64)
@@ -197,6 +229,7 @@ def scatter_shard(shard: int, context: PlanContext) -> dict:
             }
         )
         result["image_parts"] = _write_partitioned(context, "image", shard, image_table)
+        result["records"] += image_table.num_rows
     if "face" in kinds:
         bands = list(band_keys(phashes, context.face_bands))
         face_table = pa.table(
@@ -211,6 +244,8 @@ def scatter_shard(shard: int, context: PlanContext) -> dict:
             }
         )
         result["face_parts"] = _write_partitioned(context, "face", shard, face_table)
+        result["records"] += face_table.num_rows
+    result["task_seconds"] = time.perf_counter() - started
     return result
 
 
@@ -233,11 +268,13 @@ def _write_partitioned(context: PlanContext, family: str, shard: int, table: pa.
 # -- 2. group -------------------------------------------------------------------------------------
 def group_partition(partition: int, payload: tuple[PlanContext, list[tuple[int, int, int]]]) -> dict:
     """Verified candidate pairs of one partition, by grouping, with the scores of their members."""
+    started = time.perf_counter()
     context, sources = payload
     config = context.config
     images = _read_groups(context, "image", [(s, i) for s, i, _ in sources if i >= 0])
     faces = _read_groups(context, "face", [(s, f) for s, _, f in sources if f >= 0])
     result: dict[str, Any] = {"image_pairs": {}, "image_scores": None, "face_pairs": None, "face_rows": None}
+    result["records"] = sum(len(part["value"]) for part in (images, faces) if part is not None)
     if images is not None:
         grouping = images["grouping"]
         for code, column in enumerate(EXACT_COLUMNS):
@@ -272,6 +309,7 @@ def group_partition(partition: int, payload: tuple[PlanContext, list[tuple[int, 
         where = pd.Series(np.arange(len(faces["row"])), index=faces["row"])
         where = where[~where.index.duplicated()].reindex(members).to_numpy()
         result["face_rows"] = (members, faces["image"][where], faces["score"][where])
+    result["task_seconds"] = time.perf_counter() - started
     return result
 
 
@@ -306,6 +344,7 @@ class _Decisions:
                 self.marks[(shard << ROW_BITS) | position] = (kind, None, name, cosine)
         self.image_duplicates: dict[int, tuple[str, int]] = {}  # image -> (kind, survivor image)
         self.face_duplicates: dict[int, int] = {}  # row -> survivor row (kind face)
+        self.pairs = 0  # candidate pairs that passed verification, all groupings: what the driver holds
 
     def images(self, grouped: list[dict]) -> None:
         """Each grouping on its own, in precedence order; an image takes the first it loses in."""
@@ -314,6 +353,7 @@ class _Decisions:
         ids, scores = _merged_scores([g["image_scores"] for g in grouped if g["image_scores"] is not None])
         for kind, name in groupings:
             pairs = _unique_pairs([g["image_pairs"][name] for g in grouped if g["image_scores"] is not None])
+            self.pairs += len(pairs)
             for member, survivor in _survivors(pairs, ids, scores).items():
                 self.image_duplicates.setdefault(member, (kind, survivor))
 
@@ -323,6 +363,7 @@ class _Decisions:
         if not found:
             return
         pairs = _unique_pairs([g["face_pairs"] for g in found])
+        self.pairs += len(pairs)
         rows = np.concatenate([g["face_rows"][0] for g in found])
         images = np.concatenate([g["face_rows"][1] for g in found])
         scores = np.concatenate([g["face_rows"][2] for g in found])
