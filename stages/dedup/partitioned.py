@@ -252,7 +252,7 @@ def scatter_shard(shard: int, context: PlanContext) -> dict:
 def _write_partitioned(context: PlanContext, family: str, shard: int, table: pa.Table) -> list[int]:
     """One file, a row group per partition in ascending order; returns the partitions, in file order."""
     grouping = table.column("grouping").to_numpy()
-    partition = (_mix(table.column("value").to_numpy(), grouping.astype(np.uint64)) % np.uint64(context.partitions))
+    partition = _mix(table.column("value").to_numpy(), grouping.astype(np.uint64)) % np.uint64(context.partitions)
     order = np.argsort(partition, kind="stable")
     table, partition = table.take(order), partition[order]
     present, starts = np.unique(partition, return_index=True)
@@ -298,10 +298,11 @@ def group_partition(partition: int, payload: tuple[PlanContext, list[tuple[int, 
             chosen = np.flatnonzero(faces["grouping"] == code)
             for pairs in bucket_pairs(faces["value"][chosen]):
                 a, b = chosen[pairs[:, 0]], chosen[pairs[:, 1]]
-                close = (
-                    (hamming(faces["phash"][a], faces["phash"][b]) <= config.face_crop_image_radius)
-                    & (hamming(faces["face_phash"][a], faces["face_phash"][b]) <= config.face_crop_radius)
-                    & (faces["image"][a] != faces["image"][b])
+                # The image distance first: it drops nearly every candidate, so the rest is checked on few.
+                near = hamming(faces["phash"][a], faces["phash"][b]) <= config.face_crop_image_radius
+                a, b = a[near], b[near]
+                close = (hamming(faces["face_phash"][a], faces["face_phash"][b]) <= config.face_crop_radius) & (
+                    faces["image"][a] != faces["image"][b]
                 )
                 found.append(np.stack([faces["row"][a[close]], faces["row"][b[close]]], axis=1))
         result["face_pairs"] = _unique_pairs(found)

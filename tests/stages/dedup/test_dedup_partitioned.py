@@ -68,7 +68,8 @@ def _write_summaries(folder, seed: int) -> tuple[np.ndarray, np.ndarray]:
             elif draw < 0.25:  # cropped: image pHash 5-12 bits off in 3 of 6 bands, face crops close
                 bits = rng.choice(32, size=int(rng.integers(5, 13)), replace=False).tolist()
                 image["phash"] = _flip(original["phash"], bits)
-                image["face_phash"] = [_flip(h, rng.choice(64, 3, replace=False).tolist()) for h in original["face_phash"]]
+                crops = original["face_phash"]
+                image["face_phash"] = [_flip(h, rng.choice(64, 3, replace=False).tolist()) for h in crops]
             if draw < 0.25:
                 image["faces"] = int(rng.choice([1, 2, 3]))  # a copy may show fewer or more faces
         images.append(image)
