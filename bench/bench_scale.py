@@ -47,12 +47,18 @@ KEEP = os.environ.get("SCALE_KEEP") == "1"
 # Only the steps whose names start with one of these (e.g. "stats,report,dedup"); all by default.
 STEPS = tuple(s.strip() for s in os.environ.get("SCALE_STEPS", "").split(",") if s.strip())
 DEDUP_KINDS = [k.split(",") for k in os.environ.get("SCALE_DEDUP_KINDS", "exact,near;exact,near,face").split(";")]
+# Where dedup's plan runs: "driver" (in one process) and/or "partitioned" (tasks on WORKERS processes).
+DEDUP_PATHS = [p.strip() for p in os.environ.get("SCALE_DEDUP_PATHS", "driver,partitioned").split(",") if p.strip()]
+WORKERS = int(os.environ.get("SCALE_WORKERS", "2"))
+# "summaries": write only dedup's input (pass-1 summaries and the planted pairs), and run only dedup.
+SUMMARIES_ONLY = os.environ.get("SCALE_DATA") == "summaries"
 FACECAP = str(Path(sys.executable).with_name("facecap"))
 SPARE = 2 << 30
 # Bytes a row takes, measured on these datasets (2026-12-06): the dataset (Parquet, 1.5 KB tar
 # members for the 80% of rows with a crop, stats, fingerprints) and a WebDataset export (jpg, txt and
 # a JSON of every column for the 70% ok rows). Used only to refuse sizes that would fill the disk.
 DATA_BYTES_PER_ROW = 2_000
+SUMMARY_BYTES_PER_ROW = 600  # summaries-only data plus the partitioned plan's scratch files (estimate)
 WEBDATASET_BYTES_PER_ROW = 5_500
 
 
@@ -104,22 +110,32 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def dedup_plan(data: str, plans: str, kinds: list[str]) -> None:
-    """In a fresh process: dedup's pass 2 over DATA/_summary, timed; then the planted copies checked."""
+def dedup_plan(data: str, plans: str, kinds: list[str], path: str = "driver") -> None:
+    """In a fresh process: dedup's pass 2 over DATA/_summary, timed; then the planted copies checked.
+
+    ``path`` "driver": the plan in this process (``decide``); "partitioned": fanned out as tasks on a
+    process pool of SCALE_WORKERS workers (the run's executor in ``facecap dedup``), scratch files
+    under PLANS (removed by the plan)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from facecap.pipeline.dataset import Dataset
+    from facecap.pipeline.executors import ProcessExecutor
     from facecap.pipeline.runner import _DatasetSummaries, _write_plan
     from facecap.pipeline.storage import Storage
     from facecap.pipeline.worker import StageJob, summary_uri
+    from facecap.stages.dedup import partitioned
     from facecap.stages.dedup.stage import DedupConfig, DedupStage
 
-    dataset = Dataset.at(data)
-    shards = dataset.require_manifest().num_shards
-    job = StageJob(stage_cls=DedupStage, config=DedupConfig(kinds=kinds), output=plans)
+    summary = Dataset.at(summary_uri(data))
+    shards = len(summary.shard_indices())
+    spread = path == "partitioned"
+    config = DedupConfig(kinds=kinds, partitioned_from_rows=0 if spread else 10**12)
+    job = StageJob(stage_cls=DedupStage, config=config, output=plans)
+    executor = ProcessExecutor(WORKERS) if spread else None
+    summaries = _DatasetSummaries(summary, shards, executor, Storage(f"{plans}/_scratch"))
     started = time.perf_counter()
-    _write_plan(job, _DatasetSummaries(Dataset.at(summary_uri(dataset.uri)), shards), Storage(plans), shards)
+    _write_plan(job, summaries, Storage(plans), shards)
     seconds = time.perf_counter() - started
     import resource
 
@@ -131,8 +147,11 @@ def dedup_plan(data: str, plans: str, kinds: list[str]) -> None:
     pairs: dict[str, str] = {}
     marked: set[str] = set()
     for shard in range(shards):
-        rows = dataset.read_shard(shard, ["key", "status", "duplicate_of"])
-        copies = rows.filter(pc.starts_with(rows.column("status"), "dedup:"))
+        if os.path.exists(f"{data}/_truth"):  # only dedup's input was written: its planted pairs
+            copies = pq.read_table(f"{data}/_truth/part-{shard:05d}.parquet")
+        else:
+            rows = Dataset.at(data).read_shard(shard, ["key", "status", "duplicate_of"])
+            copies = rows.filter(pc.starts_with(rows.column("status"), "dedup:"))
         for key, original in zip(
             copies.column("key").to_pylist(), copies.column("duplicate_of").to_pylist(), strict=True
         ):
@@ -147,6 +166,7 @@ def dedup_plan(data: str, plans: str, kinds: list[str]) -> None:
     found = sum(1 for copy, original in pairs.items() if copy in marked or original in marked)
     right = len(marked & members)
     result = {"plan_seconds": seconds, "plan_peak_mb": peak_mb, "planted": planted, "flagged_rows": flagged}
+    result["partitioned_steps"] = dict(partitioned.LAST_RUN) if spread else None
     result["recall"] = found / max(1, planted)
     result["precision"] = right / max(1, len(marked))
     print("RESULT " + json.dumps(result))
@@ -172,14 +192,15 @@ def save(results: list[dict]) -> None:
 
 
 def run_size(n: int, earlier: list[dict]) -> dict:
-    from scale_data import write_dataset
+    from scale_data import write_dataset, write_summaries
 
     folder = ROOT / f"n{n}"
     shutil.rmtree(folder, ignore_errors=True)
     data = folder / "data"
     result: dict = {"n": n}
     started = time.perf_counter()
-    result["generated"] = write_dataset(str(data), n, SHARD, workers=min(2, os.cpu_count() or 1))
+    write = write_summaries if SUMMARIES_ONLY else write_dataset
+    result["generated"] = write(str(data), n, SHARD, workers=min(2, os.cpu_count() or 1))
     result["generate_seconds"] = time.perf_counter() - started
     result["data_bytes"] = folder_bytes(data)
     print(
@@ -191,17 +212,22 @@ def run_size(n: int, earlier: list[dict]) -> dict:
         "report": [FACECAP, "report", str(data), "-o", str(folder / "report.html"), "-q"],
         "export parquet": [FACECAP, "export", str(data), str(folder / "parquet"), "--format", "parquet", "-q"],
     }
+    if SUMMARIES_ONLY:
+        steps.clear()
     for kinds in DEDUP_KINDS:
-        steps[f"dedup plan ({'+'.join(kinds)})"] = [
-            sys.executable,
-            __file__,
-            "--plan",
-            str(data),
-            str(folder / "plan"),
-            ",".join(kinds),
-        ]
-    # Last: the longest step, and the one that needs the most disk.
-    steps["export webdataset"] = [FACECAP, "export", str(data), str(folder / "wds"), "--format", "webdataset", "-q"]
+        for path in DEDUP_PATHS:
+            steps[f"dedup plan {path} ({'+'.join(kinds)})"] = [
+                sys.executable,
+                __file__,
+                "--plan",
+                str(data),
+                str(folder / "plan"),
+                ",".join(kinds),
+                path,
+            ]
+    if not SUMMARIES_ONLY:  # last: the longest step, and the one that needs the most disk
+        wds = [FACECAP, "export", str(data), str(folder / "wds"), "--format", "webdataset", "-q"]
+        steps["export webdataset"] = wds
     steps = {name: cmd for name, cmd in steps.items() if not STEPS or name.startswith(STEPS)}
     result["steps"] = {}
     for name, cmd in steps.items():
@@ -222,6 +248,8 @@ def run_size(n: int, earlier: list[dict]) -> dict:
         if "recall" in step:
             extra = f", decision {step['plan_seconds']:.1f} s at {step['plan_peak_mb']:,.0f} MB peak"
             extra += f", recall {step['recall']:.3f}, precision {step['precision']:.3f}"
+            for part, figures in (step.get("partitioned_steps") or {}).items():
+                extra += f"\n      {part}: " + ", ".join(f"{k} {v:,.1f}" for k, v in figures.items())
         print(
             f"  {name}: {step['seconds']:.1f} s, driver {step['driver_mb']:,.0f} MB, "
             f"largest child {step['child_mb']:,.0f} MB{extra}",
@@ -236,7 +264,7 @@ def main() -> None:
     print(f"machine: {machine()}; shards of {SHARD:,} rows; data under {ROOT}")
     results = []
     for n in SIZES:
-        need = n * DATA_BYTES_PER_ROW + SPARE
+        need = n * (SUMMARY_BYTES_PER_ROW if SUMMARIES_ONLY else DATA_BYTES_PER_ROW) + SPARE
         if free_bytes() < need:
             print(f"\n{n:,} rows: skipped, needs about {need / 2**30:.1f} GiB, {free_bytes() / 2**30:.1f} free")
             continue
@@ -268,7 +296,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--plan":
-        dedup_plan(sys.argv[2], sys.argv[3], sys.argv[4].split(","))
+    if len(sys.argv) == 6 and sys.argv[1] == "--plan":
+        dedup_plan(sys.argv[2], sys.argv[3], sys.argv[4].split(","), sys.argv[5])
     else:
         main()

@@ -31,6 +31,7 @@ shards are generated independently (in parallel) and a copy's original is known 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -40,6 +41,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from facecap.pipeline.dataset import (
     BASE_COLUMNS,
@@ -52,6 +54,7 @@ from facecap.pipeline.dataset import (
     shard_name,
 )
 from facecap.pipeline.registry import discover, report_measures
+from facecap.pipeline.storage import Storage
 from facecap.pipeline.summary import shard_summary, summary_frame
 from facecap.pipeline.worker import summary_uri
 
@@ -470,17 +473,79 @@ def write_shard(folder: str, shard: int, rows: int, shard_rows: int, seed: int) 
     }
 
 
-def _write_shards(uri: str, sizes: list[int], shard_rows: int, seed: int, workers: int):
-    """Each shard's counts; one worker writes in this process (a test's process has threads, and a
-    child forked from it could hang on a lock one of them held)."""
+def _write_shards(write, uri: str, sizes: list[int], shard_rows: int, seed: int, workers: int):
+    """Each shard's counts from ``write``; one worker writes in this process (a test's process has
+    threads, and a child forked from it could hang on a lock one of them held)."""
     if workers <= 1:
         for shard, size in enumerate(sizes):
-            yield write_shard(uri, shard, size, shard_rows, seed)
+            yield write(uri, shard, size, shard_rows, seed)
         return
     with ProcessPoolExecutor(workers) as pool:
-        futures = [pool.submit(write_shard, uri, s, size, shard_rows, seed) for s, size in enumerate(sizes)]
+        futures = [pool.submit(write, uri, s, size, shard_rows, seed) for s, size in enumerate(sizes)]
         for future in futures:
             yield future.result()
+
+
+def write_summary_shard(folder: str, shard: int, rows: int, shard_rows: int, seed: int) -> dict:
+    """Only what dedup's plan reads: the shard's pass-1 summary, and its planted pairs under ``_truth``.
+
+    The same rows, fingerprints and planted copies as ``write_shard`` (the same plan and hashes);
+    the survivor score is drawn here from the same distributions instead of the written columns."""
+    plan = plan_shard(shard, rows, shard_rows, seed)
+    hashes = copy_hashes(plan, seed)
+    reached = np.flatnonzero((plan.status == "ok") | np.char.startswith(plan.status.astype(str), "dedup:"))
+    rng = np.random.default_rng([seed, shard, 1])
+    image_keys = np.array([f"{i:010d}" for i in plan.image[reached]], dtype=object)
+    keys = np.array([f"{k}_f{f}" for k, f in zip(image_keys, plan.face[reached], strict=True)], dtype=object)
+    side = rng.lognormal(5.0, 0.5, len(reached)).clip(40, 2000)
+    score = side + 1.2 * side + 100.0 * rng.uniform(0.85, 1.0, len(reached)) - rng.normal(30, 10, len(reached))
+    face_phash = np.where(
+        plan.face[reached] == 0,
+        hashes["phash"][reached],
+        _mix(plan.image[reached] * 8 + plan.face[reached], seed + 30).view(np.int64),
+    )
+    summary = pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "image_key": pa.array(image_keys, pa.string()),
+            "face_index": plan.face[reached].astype(np.int64),
+            **{name: hashes[name][reached] for name in ("bytes_hash", "pixel_hash", "url_hash", "phash")},
+            "face_phash": face_phash,
+            "embedding": pa.nulls(len(reached), pa.binary()),
+            "score": score.astype(np.float64),
+            "_status": pa.nulls(len(reached), pa.string()),
+            "_error": pa.nulls(len(reached), pa.string()),
+        }
+    )
+    stats = ShardStats(shard, summary.num_rows, summary.num_rows, {"ok": summary.num_rows}, 0.0, node="synthetic")
+    Dataset.at(summary_uri(folder)).commit_shard(shard, summary, None, stats)
+    copies = np.flatnonzero(plan.original >= 0)
+    truth = pa.table(
+        {
+            "key": [f"{i:010d}_f{f}" for i, f in zip(plan.image[copies], plan.face[copies], strict=True)],
+            "duplicate_of": [f"{o:010d}_f0" for o in plan.original[copies]],
+        }
+    )
+    Storage(folder).write_bytes(f"_truth/{shard_name(shard)}.parquet", _parquet_bytes(truth))
+    return {"rows": summary.num_rows, "ok": 0, "copies": len(copies), "tar_bytes": 0}
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def write_summaries(folder: str, rows: int, shard_rows: int = 10_000, seed: int = 0, workers: int = 2) -> dict:
+    """Only dedup's input (``write_summary_shard`` per shard): a tenth of the disk and time of a dataset."""
+    os.makedirs(folder, exist_ok=False)
+    shards = -(-rows // shard_rows)
+    sizes = [min(shard_rows, rows - s * shard_rows) for s in range(shards)]
+    totals = {"rows": 0, "ok": 0, "copies": 0, "tar_bytes": 0}
+    for counts in _write_shards(write_summary_shard, folder, sizes, shard_rows, seed, workers):
+        for name, value in counts.items():
+            totals[name] += value
+    return {**totals, "shards": shards}
 
 
 def write_dataset(folder: str, rows: int, shard_rows: int = 10_000, seed: int = 0, workers: int = 2) -> dict:
@@ -502,7 +567,7 @@ def write_dataset(folder: str, rows: int, shard_rows: int = 10_000, seed: int = 
     )
     dataset.write_manifest(manifest)
     totals = {"rows": 0, "ok": 0, "copies": 0, "tar_bytes": 0}
-    for counts in _write_shards(dataset.uri, sizes, shard_rows, seed, workers):
+    for counts in _write_shards(write_shard, dataset.uri, sizes, shard_rows, seed, workers):
         for name, value in counts.items():
             totals[name] += value
     manifest.complete = True

@@ -11,8 +11,9 @@ import io
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,8 +27,8 @@ from facecap.pipeline.progress import Quiet, StageProgress
 from facecap.pipeline.registry import report_measures
 from facecap.pipeline.source import Source
 from facecap.pipeline.stage import Stage, Summaries
-from facecap.pipeline.storage import Storage, refuse_overlap
-from facecap.pipeline.tasks import Task, dispatch
+from facecap.pipeline.storage import Storage, join, refuse_overlap
+from facecap.pipeline.tasks import Task, TaskJob, dispatch, run_tasks
 from facecap.pipeline.worker import PLAN_DIR, SUMMARY_DIR, StageJob, _from_pandas, plan_uri, summary_uri
 
 
@@ -173,7 +174,9 @@ def _global_passes(run: _Run, parent: tuple[Dataset, Manifest]) -> bool:
     plans = Storage(plan_uri(out.uri), job.storage)
     if _plan_fingerprint(plans) != fingerprint:
         progress.phase(f"{job.name} 2/3 plan")
-        _write_plan(job, _DatasetSummaries(summaries, num_shards), plans, num_shards)
+        scratch = Storage(join(out.uri, PLAN_SCRATCH_DIR), job.storage)
+        plan_summaries = _DatasetSummaries(summaries, num_shards, run.executor, scratch, runner.max_retries)
+        _write_plan(job, plan_summaries, plans, num_shards)
         for shard in range(num_shards):
             out.clear_shard(shard)
         plans.write_bytes(PLAN_MARKER, json.dumps({"summaries": fingerprint}).encode())
@@ -182,6 +185,8 @@ def _global_passes(run: _Run, parent: tuple[Dataset, Manifest]) -> bool:
 
 
 PLAN_MARKER = "_complete.json"
+# Where a global stage's plan tasks leave intermediate files (dedup's partitions), under the output.
+PLAN_SCRATCH_DIR = "_plan_scratch"
 
 
 def _plan_fingerprint(plans: Storage) -> str | None:
@@ -213,9 +218,41 @@ def _write_plan(job: StageJob, summaries: Summaries, plans: Storage, num_shards:
 
 
 class _DatasetSummaries(Summaries):
-    def __init__(self, dataset: Dataset, num_shards: int):
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_shards: int,
+        executor: Executor | None = None,
+        scratch: Storage | None = None,
+        max_retries: int = 2,
+    ):
         self._dataset = dataset
         self._num_shards = num_shards
+        self._executor = executor
+        self._scratch = scratch
+        self._max_retries = max_retries
+
+    def __reduce__(self):
+        # The executor stays on the driver: a copy on a worker reads shards, it runs no tasks.
+        return (_DatasetSummaries, (self._dataset, self._num_shards, None, self._scratch))
+
+    @property
+    def scratch(self) -> Storage | None:
+        return self._scratch
+
+    def count_rows(self) -> int:
+        """From the Parquet footers, without reading a column."""
+        total = 0
+        for shard in self.shards:
+            with self._dataset.storage.open_read(self._dataset.parquet_name(shard)) as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        return total
+
+    def run_tasks(self, job: TaskJob, payloads: Iterable[tuple[int, Any]]) -> dict[int, Any]:
+        """On the run's executor (dispatch starts and stops it for these tasks alone)."""
+        if self._executor is None:
+            return super().run_tasks(job, payloads)
+        return run_tasks(self._executor, job, payloads, self._max_retries, where=self._dataset.uri)
 
     @property
     def shards(self) -> list[int]:
@@ -345,7 +382,7 @@ def _clear(out: Dataset) -> None:
     for name in out.storage.list():
         if OWN_FILE.fullmatch(name) or name == "_manifest.json":
             out.storage.delete(name)
-    folders = ["_done", "_failed", "_stats", PLAN_DIR]
+    folders = ["_done", "_failed", "_stats", PLAN_DIR, PLAN_SCRATCH_DIR]
     folders += [SUMMARY_DIR, *(f"{SUMMARY_DIR}/{sub}" for sub in ("_done", "_failed", "_stats"))]
     for folder in folders:
         for name in out.storage.list(folder):

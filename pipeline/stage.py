@@ -8,9 +8,9 @@ statuses, plus any media it wants stored. The runner passes rejected rows throug
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pandas as pd
 import pyarrow as pa
@@ -18,7 +18,10 @@ from pydantic import BaseModel, ConfigDict
 
 from facecap.pipeline.source import Source
 from facecap.pipeline.status import OK, rejected
-from facecap.pipeline.storage import StorageOptions
+from facecap.pipeline.storage import Storage, StorageOptions
+
+if TYPE_CHECKING:
+    from facecap.pipeline.tasks import TaskJob
 
 
 class StageConfig(BaseModel):
@@ -109,6 +112,28 @@ class Summaries(ABC):
             return pa.table({"key": pa.array([], pa.string())})
         # A shard with no rows to summarize has fewer columns: fill them with nulls.
         return pa.concat_tables(tables, promote_options="permissive")
+
+    def count_rows(self) -> int:
+        """About how many rows were summarized (rows pass 1 failed on may count): enough to choose
+        between planning on the driver and fanning the plan out."""
+        return sum(self.read(shard, ["key"]).num_rows for shard in self.shards)
+
+    @property
+    def scratch(self) -> Storage | None:
+        """A folder on the run's storage, reachable from every worker, for a plan's intermediate
+        files (the stage removes what it wrote); None when there is none (then tasks run here)."""
+        return None
+
+    def run_tasks(self, job: TaskJob, payloads: Iterable[tuple[int, Any]]) -> dict[int, Any]:
+        """Run ``job`` over ``(number, payload)`` items where the run's shards run (the executor's
+        workers), so a plan can fan out; each number's result comes back. Here: in this process.
+
+        A Summaries is picklable, so a payload may carry it for tasks to read shards; the copy on a
+        worker reads only, it runs no tasks of its own."""
+        from facecap.pipeline.executors import LocalExecutor
+        from facecap.pipeline.tasks import run_tasks
+
+        return run_tasks(LocalExecutor(), job, payloads)
 
 
 class Stage(ABC):
@@ -233,5 +258,6 @@ class GlobalStage(Stage):
     def plan(cls, config: StageConfig, summaries: Summaries) -> Iterator[tuple[int, pd.DataFrame]]:
         """Pass 2, on the driver: yield ``(shard, frame with key + plan columns)`` for each shard.
 
-        Keep memory to compact columns: ``summaries.read_all(columns)`` loads only those.
+        Keep memory to compact columns: ``summaries.read_all(columns)`` loads only those. A plan
+        too large for one process fans out with ``summaries.run_tasks`` on the run's executor.
         """

@@ -13,6 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from facecap.pipeline.stage import Batch, GlobalStage, Output, Resources, Stage, StageConfig
+from facecap.pipeline.tasks import TaskJob
 
 
 class MakeConfig(StageConfig):
@@ -106,6 +107,13 @@ class TopConfig(StageConfig):
     keep: int = 10  # keep the rows with the longest media, across all shards
     poison_marker: str | None = None  # a file: while it exists, summarizing shard 2's rows raises
     bad_key: str | None = None  # a row whose summary always raises
+    fan_out: bool = False  # plan: read each shard's summary in a task on the run's executor
+
+
+def shard_lengths(shard: int, summaries) -> pd.DataFrame:
+    """A plan task: one shard's summary, read where the task runs; leaves its pid in the scratch."""
+    summaries.scratch.write_bytes(f"task-{shard}.pid", str(os.getpid()).encode())
+    return summaries.read(shard, ["length"]).to_pandas().assign(shard=shard)
 
 
 class KeepLongest(GlobalStage):
@@ -132,7 +140,12 @@ class KeepLongest(GlobalStage):
 
     @classmethod
     def plan(cls, config: TopConfig, summaries) -> object:
-        table = summaries.read_all(["length"]).to_pandas()
+        if config.fan_out:
+            job = TaskJob(name="lengths", function=shard_lengths)
+            parts = summaries.run_tasks(job, ((shard, summaries) for shard in summaries.shards))
+            table = pd.concat([parts[shard] for shard in summaries.shards], ignore_index=True)
+        else:
+            table = summaries.read_all(["length"]).to_pandas()
         table = table.sort_values(["length", "key"], ascending=[False, True]).reset_index(drop=True)
         table["rank"] = range(len(table))
         for shard, frame in table.groupby("shard"):

@@ -65,7 +65,15 @@ def _bands(radius: int) -> list[tuple[int, int]]:
     return shifts
 
 
-def _bucket_pairs(keys: np.ndarray) -> Iterator[np.ndarray]:
+def band_keys(hashes: np.ndarray, bands: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(band number, each hash's value in that band) for the ``bands`` bands of ``hamming_pairs``:
+    the one definition that the driver's and the partitioned plan share."""
+    unsigned = np.asarray(hashes, np.int64).view(np.uint64)
+    for band, (shift, width) in enumerate(_bands(bands - 1)):
+        yield band, ((unsigned >> np.uint64(64 - shift - width)) & np.uint64((1 << width) - 1)).view(np.int64)
+
+
+def bucket_pairs(keys: np.ndarray) -> Iterator[np.ndarray]:
     """All pairs of positions sharing a key, in chunks of at most MAX_PAIRS_PER_STEP."""
     order = np.argsort(keys, kind="stable")
     ordered = keys[order]
@@ -94,9 +102,8 @@ def hamming_pairs(hashes: np.ndarray, radius: int, bands: int | None = None) -> 
     hashes = np.asarray(hashes, np.int64)
     unsigned = hashes.view(np.uint64)
     found = []
-    for shift, width in _bands((bands or radius + 1) - 1):
-        keys = (unsigned >> np.uint64(64 - shift - width)) & np.uint64((1 << width) - 1)
-        for pairs in _bucket_pairs(keys):
+    for _, keys in band_keys(hashes, bands or radius + 1):
+        for pairs in bucket_pairs(keys):
             distance = np.bitwise_count(np.bitwise_xor(unsigned[pairs[:, 0]], unsigned[pairs[:, 1]]))
             found.append(pairs[distance <= radius])
     if not found:
@@ -128,7 +135,7 @@ def cosine_pairs(
     for _ in range(tables):
         planes = rng.standard_normal((vectors.shape[1], bits)).astype(np.float32)
         keys = ((vectors @ planes) > 0).astype(np.int64) @ weights
-        for pairs in _bucket_pairs(keys):
+        for pairs in bucket_pairs(keys):
             # Verify in slices: gathering both vectors of 4M pairs at once would take 4 GB.
             for start in range(0, len(pairs), VERIFY_SLICE):
                 part = pairs[start : start + VERIFY_SLICE]
@@ -137,3 +144,28 @@ def cosine_pairs(
     if not found:
         return np.empty((0, 2), np.int64)
     return np.unique(np.sort(np.concatenate(found), axis=1), axis=0)
+
+
+def connected_components(pairs: np.ndarray, size: int) -> np.ndarray:
+    """Each of ``size`` items' component label: the smallest item linked to it through ``pairs``.
+
+    Vectorised label propagation with pointer jumping (a few passes over the pairs), the same
+    components as ``UnionFind`` without a Python loop per pair."""
+    labels = np.arange(size, dtype=np.int64)
+    if not len(pairs):
+        return labels
+    first, second = pairs[:, 0], pairs[:, 1]
+    while True:
+        lowest = np.minimum(labels[first], labels[second])
+        updated = labels.copy()
+        np.minimum.at(updated, first, lowest)
+        np.minimum.at(updated, second, lowest)
+        np.minimum.at(updated, labels, updated)  # a root takes the lowest label of any member
+        while True:  # pointer jumping: every item straight to its label's label
+            jumped = updated[updated]
+            if np.array_equal(jumped, updated):
+                break
+            updated = jumped
+        if np.array_equal(updated, labels):
+            return labels
+        labels = updated

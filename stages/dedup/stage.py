@@ -43,6 +43,7 @@ from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, GlobalStage, Output, Resources, StageConfig, Summaries
 from facecap.stages.dedup.hashing import FaceEmbedder, digest64, hamming, normalised_url, phash, pixel_digest
 from facecap.stages.dedup.index import UnionFind, cosine_pairs, equal_pairs, hamming_pairs, lsh_bits
+from facecap.stages.dedup.partitioned import PARTITIONED_KINDS, plan_partitioned
 from facecap.stages.shared.identity import (
     DEFAULT_EMBEDDING_MODEL,
     IDENTITY_COSINE,
@@ -100,6 +101,17 @@ class DedupConfig(StageConfig):
         description="survivor score: weighted sum of these columns (missing ones count 0)",
     )
     lsh_tables: int = Field(16, ge=1, le=64, description="LSH tables for embedding search (more: better recall)")
+    # The driver's plan holds every face's fingerprints (about 0.8 GB a million faces measured);
+    # the partitioned one holds only what duplicates involve. docs/dedup.md "Scale and memory".
+    partitioned_from_rows: int = Field(
+        2_000_000,
+        ge=0,
+        description="plan across the workers from this many summarized faces on (kinds exact, near, face only); "
+        "below it on the driver",
+    )
+    partition_rows: int = Field(
+        500_000, ge=1_000, description="partitioned plan: summarized faces per grouping partition (one task each)"
+    )
 
 
 @register
@@ -179,6 +191,12 @@ class DedupStage(GlobalStage):
     # -- pass 2 -------------------------------------------------------------------------------
     @classmethod
     def plan(cls, config: DedupConfig, summaries: Summaries):
+        rows = summaries.count_rows() if partitioned(config) else 0
+        if partitioned(config) and rows >= config.partitioned_from_rows:
+            yield from plan_partitioned(
+                config, summaries, rows, FACE_CROP_BANDS, _eval_hashes(config.against), _identities(config)
+            )
+            return
         compact = ["image_key", "face_index", "bytes_hash", "pixel_hash", "url_hash", "phash", "face_phash", "score"]
         wants_vectors = _wants_vectors(config)
         table = summaries.read_all(compact + (["embedding"] if wants_vectors else []))
@@ -441,6 +459,12 @@ def _reason(decision: str, duplicate_of: str | None) -> str | None:
     if decision == "eval_identity":
         return "a face of an identity in the evaluation set (dedup.against_identities)"
     return f"{decision.replace('_', ' ')} of {duplicate_of}"
+
+
+def partitioned(config: DedupConfig) -> bool:
+    """Whether the kinds allow the partitioned plan: embedding and identity compare vectors across
+    the whole set (LSH over every face, identity clusters with a cap) and stay on the driver."""
+    return set(config.kinds) <= PARTITIONED_KINDS
 
 
 def _identity_options(config: DedupConfig) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import pytest
@@ -10,6 +11,7 @@ from toystages import KeepLongest, MakeMedia, TopConfig
 
 from facecap.pipeline.config import RunnerConfig
 from facecap.pipeline.dataset import Dataset
+from facecap.pipeline.executors import ProcessExecutor
 from facecap.pipeline.storage import Storage
 
 
@@ -39,6 +41,18 @@ def test_a_global_rule_sees_every_shard_and_the_funnel_adds_up(made, tmp_path):
     assert sum(after.values()) == sum(before.values()) == 45
     summarized = read_all(tmp_path / "top" / "_summary")
     assert summarized.num_rows == before["ok"] and summarized.column("_status").null_count == before["ok"]
+
+
+def test_a_plan_fans_out_as_tasks_on_the_run_executor(made, tmp_path):
+    result = run(
+        KeepLongest, made, tmp_path / "top", config=TopConfig(keep=7, fan_out=True), executor=ProcessExecutor(2)
+    )
+    assert result.ok
+    rows = read_all(tmp_path / "top").to_pandas()
+    assert sorted(rows[rows.status == "ok"].key) == sorted(expected_top(made, 7))
+    # Each shard's task ran in a worker process and reached the plan's scratch folder on the run's storage.
+    pids = [int(p.read_text()) for p in sorted((tmp_path / "top" / "_plan_scratch").glob("task-*.pid"))]
+    assert len(pids) == 5 and os.getpid() not in pids
 
 
 def test_a_row_that_cannot_be_summarized_is_rejected_alone(made, tmp_path):

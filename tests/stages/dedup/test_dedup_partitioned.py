@@ -1,0 +1,162 @@
+"""The partitioned dedup plan (tasks on the executor) gives the driver's plan's decisions.
+
+Summaries are written as pass 1 leaves them (a Parquet per shard with ``_status``), with planted
+duplicates of every default kind across shards: exact (same bytes, same pixels only, same URL
+only), near (pHash 1-4 bits apart, chained), face (image pHash 5-12 bits apart and face crop
+within 8), multi-face images, equal scores, a chain through two kinds, opted-out faces and
+images of a held-out eval set. Both plans run on the same summaries and must agree on every row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import facecap.stages.dedup.stage as dedup_stage
+from facecap.pipeline.dataset import Dataset
+from facecap.pipeline.executors import LocalExecutor, ProcessExecutor
+from facecap.pipeline.runner import _DatasetSummaries
+from facecap.pipeline.storage import Storage
+from facecap.stages.dedup.stage import DedupConfig, DedupStage
+from facecap.stages.shared.identity import OptOutList
+
+SHARDS = 5
+IMAGES_PER_SHARD = 260
+
+
+def _flip(value: int, bits: list[int]) -> int:
+    value &= (1 << 64) - 1
+    for bit in bits:
+        value ^= 1 << bit
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _random64(rng: np.random.Generator) -> int:
+    return int(rng.integers(-(2**63), 2**63 - 1, dtype=np.int64))
+
+
+def _write_summaries(folder, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summary shards with planted duplicates; returns the eval pHashes and opted-out vectors."""
+    rng = np.random.default_rng(seed)
+    images = []  # per image: dict of its fingerprints and face count
+    for index in range(SHARDS * IMAGES_PER_SHARD):
+        image = {
+            "key": f"{index:08d}",
+            "bytes_hash": _random64(rng),
+            "pixel_hash": _random64(rng),
+            "url_hash": _random64(rng),
+            "phash": _random64(rng),
+            "faces": int(rng.choice([1, 1, 2, 3])),
+            "face_phash": [_random64(rng) for _ in range(3)],
+        }
+        if index > 50:
+            original = images[int(rng.integers(0, index))]
+            draw = rng.random()
+            if draw < 0.04:  # the same file
+                for name in ("bytes_hash", "pixel_hash", "phash"):
+                    image[name] = original[name]
+            elif draw < 0.07:  # re-encoded: same pixels, other bytes
+                image["pixel_hash"], image["phash"] = original["pixel_hash"], original["phash"]
+            elif draw < 0.09:  # the same URL
+                image["url_hash"] = original["url_hash"]
+            elif draw < 0.17:  # resized: pHash 1-4 bits off (copies of copies make chains)
+                bits = rng.choice(64, size=int(rng.integers(1, 5)), replace=False).tolist()
+                image["phash"] = _flip(original["phash"], bits)
+            elif draw < 0.25:  # cropped: image pHash 5-12 bits off in 3 of 6 bands, face crops close
+                bits = rng.choice(32, size=int(rng.integers(5, 13)), replace=False).tolist()
+                image["phash"] = _flip(original["phash"], bits)
+                crops = original["face_phash"]
+                image["face_phash"] = [_flip(h, rng.choice(64, 3, replace=False).tolist()) for h in crops]
+            if draw < 0.25:
+                image["faces"] = int(rng.choice([1, 2, 3]))  # a copy may show fewer or more faces
+        images.append(image)
+    eval_hashes = np.array([_flip(images[i]["phash"], [3]) for i in (10, 600, 1100)], np.int64)
+    vectors = rng.standard_normal((SHARDS * IMAGES_PER_SHARD * 3, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    row = 0
+    for shard in range(SHARDS):
+        rows = []
+        for image in images[shard * IMAGES_PER_SHARD : (shard + 1) * IMAGES_PER_SHARD]:
+            for face in range(image["faces"]):
+                rows.append(
+                    {
+                        "key": f"{image['key']}_f{face}",
+                        "image_key": image["key"],
+                        "face_index": face,
+                        **{n: image[n] for n in ("bytes_hash", "pixel_hash", "url_hash", "phash")},
+                        "face_phash": image["face_phash"][face],
+                        "embedding": vectors[row].astype(np.float16).tobytes(),
+                        # Few distinct scores: ties are decided by position, the same way on both paths.
+                        "score": float(rng.integers(0, 4)),
+                        "_status": None,
+                    }
+                )
+                row += 1
+        table = pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False)
+        table = table.set_column(table.schema.get_field_index("_status"), "_status", pa.nulls(len(rows), pa.string()))
+        pq.write_table(table, folder / f"part-{shard:05d}.parquet")
+    opted_out = vectors[[5, 400, 900]] + 0.05 * rng.standard_normal((3, 16)).astype(np.float32)
+    return eval_hashes, opted_out / np.linalg.norm(opted_out, axis=1, keepdims=True)
+
+
+def _plan(config: DedupConfig, summaries) -> pd.DataFrame:
+    """Every shard's plan rows as the runner stores them (through Arrow), with their shard."""
+    parts = [
+        pd.DataFrame(pa.Table.from_pandas(frame, preserve_index=False).to_pylist()).assign(shard=shard)
+        for shard, frame in DedupStage.plan(config, summaries)
+    ]
+    return pd.concat(parts).sort_values("key").reset_index(drop=True).astype(object)
+
+
+@pytest.mark.parametrize(
+    "kinds, identities",
+    [(["exact"], False), (["exact", "near"], False), (["exact", "near", "face"], True)],
+)
+def test_partitioned_plan_decides_as_the_driver_does(tmp_path, monkeypatch, kinds, identities):
+    folder = tmp_path / "summary"
+    folder.mkdir()
+    eval_hashes, opted_out = _write_summaries(folder, seed=len(kinds))
+    people = OptOutList(model="test", model_sha256="0")
+    people.add("alice", [opted_out[0]])
+    people.add("bob", [opted_out[1], opted_out[2]])
+    monkeypatch.setattr(dedup_stage, "_eval_hashes", lambda against: eval_hashes if identities else eval_hashes[:0])
+    monkeypatch.setattr(dedup_stage, "_identities", lambda config: {"opted_out_identity": people} if identities else {})
+    options = {"opt_out_embeddings": "list.json", "identity_match_cosine": 0.9} if identities else {}
+    single = DedupConfig(kinds=kinds, partitioned_from_rows=10**9, **options)
+    spread = single.model_copy(update={"partitioned_from_rows": 0, "partition_rows": 1_000})
+    dataset = Dataset.at(str(folder))
+    on_driver = _plan(single, _DatasetSummaries(dataset, SHARDS, LocalExecutor()))
+    scratch = Storage(str(tmp_path / "scratch"))
+    partitioned = _plan(spread, _DatasetSummaries(dataset, SHARDS, ProcessExecutor(2), scratch))
+
+    pd.testing.assert_frame_equal(partitioned, on_driver)
+    counts = on_driver["decision"].value_counts()
+    assert counts.get("exact", 0) >= 40
+    if "near" in kinds:
+        assert counts.get("near_duplicate", 0) >= 60
+    if "face" in kinds:  # the cropped copies: only the face kind finds them
+        near_only = _plan(spread.model_copy(update={"kinds": ["exact", "near"]}), _DatasetSummaries(dataset, SHARDS))
+        assert counts["near_duplicate"] - (near_only["decision"] == "near_duplicate").sum() >= 30
+    if identities:
+        assert counts["opted_out_identity"] >= 3 and counts["eval_overlap"] >= 3
+    else:  # every duplicate names a kept row (a chain ending at an opted-out face stays as it was, on both)
+        kept = set(on_driver.loc[on_driver["decision"] == "", "key"])
+        assert set(on_driver.loc[on_driver["decision"] != "", "duplicate_of"]) <= kept
+    assert not list((tmp_path / "scratch").glob("*.parquet"))  # the partitioned plan's scratch is gone
+
+
+def test_small_summaries_plan_on_the_driver(tmp_path, monkeypatch):
+    folder = tmp_path / "summary"
+    folder.mkdir()
+    _write_summaries(folder, seed=0)
+    calls = []
+    monkeypatch.setattr(dedup_stage, "plan_partitioned", lambda *args: calls.append(args) or iter(()))
+    summaries = _DatasetSummaries(Dataset.at(str(folder)), SHARDS)
+    assert len(_plan(DedupConfig(), summaries)) == summaries.count_rows() and not calls
+    list(DedupStage.plan(DedupConfig(partitioned_from_rows=100), summaries))
+    assert len(calls) == 1
+    list(DedupStage.plan(DedupConfig(kinds=["exact", "embedding"], partitioned_from_rows=100), summaries))
+    assert len(calls) == 1  # the embedding kind compares vectors across the whole set: on the driver
