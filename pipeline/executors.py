@@ -26,7 +26,7 @@ from facecap.pipeline.config import RayConfig
 from facecap.pipeline.dataset import ShardStats
 from facecap.pipeline.errors import ConfigError
 from facecap.pipeline.redact import redact_text
-from facecap.pipeline.worker import StageJob, process_shard
+from facecap.pipeline.worker import StageJob
 
 
 @dataclass
@@ -73,7 +73,7 @@ class LocalExecutor:
     def submit(self, shard: int, source: pa.Table | None, attempt: int) -> int:
         ticket = next(self._tickets)
         try:
-            stats = process_shard(self._job, shard, source, attempt)
+            stats = self._job.run(shard, source, attempt)
             self._done.append(Outcome(ticket, stats=stats))
         except Exception as exc:
             self._done.append(Outcome(ticket, error=describe_error(exc)))
@@ -119,7 +119,7 @@ class ProcessExecutor:
     def _ensure_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["facecap.pipeline.worker", self._job.stage_cls.__module__])
+            context.set_forkserver_preload(list(self._job.modules))
             threads = str(max(1, int(self._job.resources.cpus)))
             self._pool = ProcessPoolExecutor(
                 self._size, mp_context=context, initializer=_init_process_worker, initargs=(threads, os.getpid())
@@ -129,10 +129,10 @@ class ProcessExecutor:
     def submit(self, shard: int, source: pa.Table | None, attempt: int) -> int:
         ticket = next(self._tickets)
         try:
-            future = self._ensure_pool().submit(process_shard, self._job, shard, source, attempt)
+            future = self._ensure_pool().submit(_run_job, self._job, shard, source, attempt)
         except BrokenProcessPool:
             self._discard_pool()  # a worker died since the last wait: start afresh
-            future = self._ensure_pool().submit(process_shard, self._job, shard, source, attempt)
+            future = self._ensure_pool().submit(_run_job, self._job, shard, source, attempt)
         self._pending[future] = ticket
         return ticket
 
@@ -379,19 +379,21 @@ def _node_id() -> str | None:
         return None
 
 
+def _run_job(job: StageJob, shard: int, source: pa.Table | None, attempt: int) -> ShardStats:
+    return job.run(shard, source, attempt)
+
+
 def _run_shard_task(job: StageJob, shard: int, source: pa.Table | None, attempt: int) -> ShardStats:
-    return process_shard(job, shard, source, attempt, node=_node_id())
+    return job.run(shard, source, attempt, node=_node_id())
 
 
 class _ShardActor:
     def __init__(self, job: StageJob):
-        from facecap.pipeline.worker import stage_for
-
         self.job = job
-        stage_for(job)  # load models once, before the first shard arrives
+        job.warm()  # load models once, before the first shard arrives
 
     def process(self, shard: int, source: pa.Table | None, attempt: int) -> ShardStats:
-        return process_shard(self.job, shard, source, attempt, node=_node_id())
+        return self.job.run(shard, source, attempt, node=_node_id())
 
     def close(self) -> None:
         from facecap.pipeline.worker import close_stages
