@@ -1,7 +1,8 @@
 """Where shards run: Ray tasks, a Ray actor pool, a pool of local processes, or this process.
 
-An executor only runs ``process_shard`` and reports each outcome; deciding about retries,
-failures and progress is the runner's job.
+An executor only runs a job's ``run`` (``process_shard`` for a stage, a function for a task: see
+pipeline/tasks.py) and reports each outcome; deciding about retries, failures and progress is the
+caller's job.
 """
 
 from __future__ import annotations
@@ -20,28 +21,26 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import pyarrow as pa
-
 from facecap.pipeline.config import RayConfig
-from facecap.pipeline.dataset import ShardStats
 from facecap.pipeline.errors import ConfigError
 from facecap.pipeline.redact import redact_text
-from facecap.pipeline.worker import StageJob
+from facecap.pipeline.tasks import Job
 
 
 @dataclass
 class Outcome:
     ticket: int
-    stats: ShardStats | None = None
+    # What the job returned (a stage's ShardStats); None with ``error`` when it raised.
+    stats: Any = None
     error: str | None = None
 
 
 class Executor(Protocol):
-    def start(self, job: StageJob) -> int:
+    def start(self, job: Job) -> int:
         """Prepare workers; returns how many shards may be in flight at once."""
         ...
 
-    def submit(self, shard: int, source: pa.Table | None, attempt: int) -> int: ...
+    def submit(self, shard: int, source: Any, attempt: int) -> int: ...
 
     def wait(self) -> list[Outcome]:
         """Block until at least one submitted shard finishes; return the finished ones."""
@@ -64,13 +63,13 @@ class LocalExecutor:
     def __init__(self) -> None:
         self._done: list[Outcome] = []
         self._tickets = itertools.count()
-        self._job: StageJob | None = None
+        self._job: Job | None = None
 
-    def start(self, job: StageJob) -> int:
+    def start(self, job: Job) -> int:
         self._job = job
         return 1
 
-    def submit(self, shard: int, source: pa.Table | None, attempt: int) -> int:
+    def submit(self, shard: int, source: Any, attempt: int) -> int:
         ticket = next(self._tickets)
         try:
             stats = self._job.run(shard, source, attempt)
@@ -102,9 +101,9 @@ class ProcessExecutor:
         self._tickets = itertools.count()
         self._pending: dict[Future, int] = {}
         self._pool: ProcessPoolExecutor | None = None
-        self._job: StageJob | None = None
+        self._job: Job | None = None
 
-    def start(self, job: StageJob) -> int:
+    def start(self, job: Job) -> int:
         resources = job.resources
         if resources.gpus:
             raise ConfigError(
@@ -119,14 +118,14 @@ class ProcessExecutor:
     def _ensure_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(list(self._job.modules))
+            context.set_forkserver_preload(["facecap.pipeline.worker", *self._job.modules])
             threads = str(max(1, int(self._job.resources.cpus)))
             self._pool = ProcessPoolExecutor(
                 self._size, mp_context=context, initializer=_init_process_worker, initargs=(threads, os.getpid())
             )
         return self._pool
 
-    def submit(self, shard: int, source: pa.Table | None, attempt: int) -> int:
+    def submit(self, shard: int, source: Any, attempt: int) -> int:
         ticket = next(self._tickets)
         try:
             future = self._ensure_pool().submit(_run_job, self._job, shard, source, attempt)
@@ -172,6 +171,10 @@ class ProcessExecutor:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._job = None
+
+
+def _run_job(job: Job, shard: int, source: Any, attempt: int) -> Any:
+    return job.run(shard, source, attempt)
 
 
 def _init_process_worker(threads: str, driver_pid: int) -> None:
@@ -226,9 +229,9 @@ class RayExecutor:
         self._starting: dict[Any, Any] = {}  # ready ref -> replacement actor not yet placed
         self._pool_size = 0
         self._lost_reason = "no worker is alive for this stage"
-        self._job: StageJob | None = None
+        self._job: Job | None = None
 
-    def start(self, job: StageJob) -> int:
+    def start(self, job: Job) -> int:
         import ray
 
         from facecap.pipeline import cluster
@@ -255,7 +258,7 @@ class RayExecutor:
         )
         return self.max_in_flight or 2 * cluster.task_slots(resources.cpus, resources.gpus)
 
-    def submit(self, shard: int, source: pa.Table | None, attempt: int) -> int:
+    def submit(self, shard: int, source: Any, attempt: int) -> int:
         ticket = next(self._tickets)
         if self._job.resources.actor:
             self._queued.append((ticket, shard, source, attempt))
@@ -379,20 +382,16 @@ def _node_id() -> str | None:
         return None
 
 
-def _run_job(job: StageJob, shard: int, source: pa.Table | None, attempt: int) -> ShardStats:
-    return job.run(shard, source, attempt)
-
-
-def _run_shard_task(job: StageJob, shard: int, source: pa.Table | None, attempt: int) -> ShardStats:
+def _run_shard_task(job: Job, shard: int, source: Any, attempt: int) -> Any:
     return job.run(shard, source, attempt, node=_node_id())
 
 
 class _ShardActor:
-    def __init__(self, job: StageJob):
+    def __init__(self, job: Job):
         self.job = job
         job.warm()  # load models once, before the first shard arrives
 
-    def process(self, shard: int, source: pa.Table | None, attempt: int) -> ShardStats:
+    def process(self, shard: int, source: Any, attempt: int) -> Any:
         return self.job.run(shard, source, attempt, node=_node_id())
 
     def close(self) -> None:

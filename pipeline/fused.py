@@ -22,12 +22,12 @@ import pyarrow as pa
 
 from facecap.pipeline.config import RunnerConfig
 from facecap.pipeline.dataset import Dataset, ShardStats
-from facecap.pipeline.errors import StorageFull, storage_full
-from facecap.pipeline.executors import Executor, Outcome
+from facecap.pipeline.executors import Executor
 from facecap.pipeline.progress import Quiet, StageProgress
 from facecap.pipeline.runner import OpenedStage, StageResult, close_stage, open_stage
 from facecap.pipeline.shard_cache import shard_cache_scope
 from facecap.pipeline.stage import Resources, StageSpec
+from facecap.pipeline.tasks import Task, dispatch
 from facecap.pipeline.worker import MemoryMedia, StageJob, run_shard, stage_for, stage_key
 
 
@@ -144,7 +144,6 @@ class FusedStageError(RuntimeError):
 class _Item:
     shard: int
     todo: list[bool]  # by stage: not done when the shard was submitted
-    attempt: int = 1
 
 
 def run_fused(
@@ -224,39 +223,29 @@ def _dispatch(
     progress: StageProgress,
     work: Iterator[_Item],
 ) -> None:
-    capacity = executor.start(fused)
-    in_flight: dict[int, _Item] = {}
+    todo: dict[int, list[bool]] = {}
 
-    def settle(outcomes: list[Outcome]) -> None:
-        for outcome in outcomes:
-            item = in_flight.pop(outcome.ticket)
-            if outcome.stats is None and storage_full(outcome.error):
-                raise StorageFull(
-                    f"the output storage is full ({outcome.error}); shard {item.shard} and later ones were not "
-                    f"written: free space under {opened[0].out.uri} and rerun the same command to resume"
-                )
-            if outcome.stats is None and item.attempt <= runner.max_retries:
-                item.attempt += 1
-                in_flight[executor.submit(item.shard, None, item.attempt)] = item
-                continue
-            # Stages committed by any attempt count as processed (an earlier attempt may have
-            # committed some before it failed); they stay done.
-            done = [stage.out.is_done(item.shard, "none") for stage in opened]
-            for stage, todo, stage_done in zip(opened, item.todo, done, strict=True):
-                if todo and stage_done:
-                    stage.result.processed += 1
-            if outcome.stats is not None:
-                progress.advance(outcome.stats.rows_out)
-            else:  # the first stage that did not commit the shard is the one at fault
-                _fail(opened, done, item.shard, outcome.error or "unknown error", item.attempt)
-                progress.advance(0, failed=True)
-
-    try:
+    def tasks() -> Iterator[Task]:
         for item in work:
-            while len(in_flight) >= capacity:
-                settle(executor.wait())
-            in_flight[executor.submit(item.shard, None, item.attempt)] = item
-        while in_flight:
-            settle(executor.wait())
-    finally:
-        executor.stop()
+            todo[item.shard] = item.todo
+            yield Task(item.shard)
+
+    def count_committed(task: Task) -> list[bool]:
+        """Stages committed by any attempt count as processed (an earlier attempt may have committed
+        some before it failed); they stay done."""
+        done = [stage.out.is_done(task.number, "none") for stage in opened]
+        for stage, was_todo, stage_done in zip(opened, todo.pop(task.number), done, strict=True):
+            if was_todo and stage_done:
+                stage.result.processed += 1
+        return done
+
+    def finished(task: Task, stats: FusedShardStats) -> None:
+        count_committed(task)
+        progress.advance(stats.rows_out)
+
+    def failed(task: Task, error: str) -> None:
+        # The first stage that did not commit the shard is the one at fault.
+        _fail(opened, count_committed(task), task.number, error or "unknown error", task.attempt)
+        progress.advance(0, failed=True)
+
+    dispatch(executor, fused, tasks(), runner.max_retries, finished, failed, where=opened[0].out.uri)

@@ -19,14 +19,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from facecap.pipeline.config import RunnerConfig
-from facecap.pipeline.dataset import Dataset, Manifest, MediaRef, config_hash, shard_name
-from facecap.pipeline.errors import DatasetError, StorageFull, storage_full
-from facecap.pipeline.executors import Executor, Outcome
+from facecap.pipeline.dataset import Dataset, Manifest, MediaRef, ShardStats, config_hash, shard_name
+from facecap.pipeline.errors import DatasetError
+from facecap.pipeline.executors import Executor
 from facecap.pipeline.progress import Quiet, StageProgress
 from facecap.pipeline.registry import report_measures
 from facecap.pipeline.source import Source
 from facecap.pipeline.stage import Stage, Summaries
 from facecap.pipeline.storage import Storage, refuse_overlap
+from facecap.pipeline.tasks import Task, dispatch
 from facecap.pipeline.worker import PLAN_DIR, SUMMARY_DIR, StageJob, _from_pandas, plan_uri, summary_uri
 
 
@@ -58,13 +59,6 @@ class _Run:
     out: Dataset
     result: StageResult
     progress: StageProgress
-
-
-@dataclass
-class _Work:
-    shard: int
-    source: pa.Table | None
-    attempt: int = 1
 
 
 @dataclass
@@ -306,7 +300,7 @@ def _check_parent(job: StageJob) -> tuple[Dataset, Manifest]:
     return parent, manifest
 
 
-def _parent_work(run: _Run, parent: tuple[Dataset, Manifest]) -> Iterator[_Work]:
+def _parent_work(run: _Run, parent: tuple[Dataset, Manifest]) -> Iterator[Task]:
     dataset, manifest = parent
     out, runner, result, progress = run.out, run.runner, run.result, run.progress
     stage_cls, revisit = run.job.stage_cls, run.job.revisit
@@ -314,7 +308,7 @@ def _parent_work(run: _Run, parent: tuple[Dataset, Manifest]) -> Iterator[_Work]
         result.shards += 1
         if out.is_done(shard, runner.verify):
             if revisit and _has_retryable_rows(out, shard, stage_cls):
-                yield _Work(shard, None)  # the old shard stays valid until the redo commits
+                yield Task(shard, None)  # the old shard stays valid until the redo commits
                 continue
             result.skipped += 1
             progress.advance(0, skipped=True)
@@ -325,7 +319,7 @@ def _parent_work(run: _Run, parent: tuple[Dataset, Manifest]) -> Iterator[_Work]
             progress.advance(0, failed=True)
             continue
         out.clear_shard(shard)
-        yield _Work(shard, None)
+        yield Task(shard, None)
 
 
 def _has_retryable_rows(out: Dataset, shard: int, stage_cls: type[Stage]) -> bool:
@@ -333,7 +327,7 @@ def _has_retryable_rows(out: Dataset, shard: int, stage_cls: type[Stage]) -> boo
     return stats is None or any(stage_cls.retryable(status) for status in stats.by_status)
 
 
-def _source_work(run: _Run, source: Source) -> Iterator[_Work]:
+def _source_work(run: _Run, source: Source) -> Iterator[Task]:
     job, out, runner, result, progress = run.job, run.out, run.runner, run.result, run.progress
     driver_stage = job.stage_cls(job.config)  # only for prepare_in_order: no models loaded here
     for piece in source.shards():
@@ -348,7 +342,7 @@ def _source_work(run: _Run, source: Source) -> Iterator[_Work]:
             progress.advance(0, skipped=True)
             continue
         out.clear_shard(piece.index)
-        yield _Work(piece.index, _prepared_table(prepared, piece.table.schema))
+        yield Task(piece.index, _prepared_table(prepared, piece.table.schema))
 
 
 def _prepared_table(frame, schema: pa.Schema) -> pa.Table:
@@ -361,39 +355,18 @@ def _prepared_table(frame, schema: pa.Schema) -> pa.Table:
     return _from_pandas(frame, pa.schema(fields))
 
 
-def _dispatch(run: _Run, work: Iterator[_Work]) -> None:
-    executor, runner, out, result, progress = run.executor, run.runner, run.out, run.result, run.progress
-    capacity = executor.start(run.job)
-    in_flight: dict[int, _Work] = {}
+def _dispatch(run: _Run, work: Iterator[Task]) -> None:
+    out, result, progress = run.out, run.result, run.progress
 
-    def settle(outcomes: list[Outcome]) -> None:
-        for outcome in outcomes:
-            item = in_flight.pop(outcome.ticket)
-            if outcome.stats is None and storage_full(outcome.error):
-                # Retrying or moving on to other shards would only fill the log with the same error.
-                raise StorageFull(
-                    f"the output storage is full ({outcome.error}); shard {item.shard} and later ones were not "
-                    f"written: free space under {out.uri} and rerun the same command to resume"
-                )
-            if outcome.stats is not None:
-                result.processed += 1
-                progress.advance(outcome.stats.rows_out)
-            elif item.attempt <= runner.max_retries:
-                item.attempt += 1
-                in_flight[executor.submit(item.shard, item.source, item.attempt)] = item
-            else:
-                result.failed[item.shard] = out.mark_failed(item.shard, outcome.error or "unknown error", item.attempt)
-                progress.advance(0, failed=True)
+    def done(task: Task, stats: ShardStats) -> None:
+        result.processed += 1
+        progress.advance(stats.rows_out)
 
-    try:
-        for item in work:
-            while len(in_flight) >= capacity:
-                settle(executor.wait())
-            in_flight[executor.submit(item.shard, item.source, item.attempt)] = item
-        while in_flight:
-            settle(executor.wait())
-    finally:
-        executor.stop()
+    def failed(task: Task, error: str) -> None:
+        result.failed[task.number] = out.mark_failed(task.number, error or "unknown error", task.attempt)
+        progress.advance(0, failed=True)
+
+    dispatch(run.executor, run.job, work, run.runner.max_retries, done, failed, where=out.uri)
 
 
 # The files a stage writes at the top of its folder: only these are deleted by --overwrite.

@@ -79,13 +79,12 @@ class StageJob:
     def config_hash(self) -> str:
         return config_hash({"stage": self.name, "config": self.config.model_dump(mode="json")})
 
+    # What an executor calls (pipeline/tasks.py's Job) ---------------------------------------
     @property
     def modules(self) -> tuple[str, ...]:
-        """Modules a fresh worker imports before its first shard (the process pool's fork server)."""
-        return ("facecap.pipeline.worker", self.stage_cls.__module__)
+        return (self.stage_cls.__module__,)
 
     def warm(self) -> None:
-        """Set the stage up (load its models) before the first shard arrives: on actors."""
         stage_for(self)
 
     def run(self, shard: int, source: pa.Table | None, attempt: int, node: str | None = None) -> ShardStats:

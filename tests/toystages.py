@@ -230,3 +230,14 @@ class Ask(Stage):
         rows = batch.rows.copy()
         rows["answer"] = answers
         return Output(rows=rows)
+
+
+def square_or_fail(number: int, payload: dict) -> dict:
+    """A task function (pipeline/tasks.py): fails while ``payload['fail_while']`` exists, else squares."""
+    marker = payload.get("fail_while")
+    if marker and os.path.exists(marker):
+        # Each try leaves a trace, so the test can count the retries.
+        with open(f"{marker}.tries", "a") as tries:
+            tries.write(f"{number}\n")
+        raise RuntimeError(f"simulated fault in item {number}")
+    return {"number": number, "square": number * number, "pid": os.getpid()}
