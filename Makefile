@@ -99,7 +99,7 @@ eval: $(STAMP)
 	$(BIN)/python bench/eval_tag.py
 
 # bench-detect, bench-dedup, bench-caption, bench-tag, bench-quality, bench-ingest, bench-soak, bench-scale,
-# bench-recaption, bench-tarwriter: each runs bench/bench_<name>.py (figures in docs/performance.md; the
+# bench-recaption, bench-tarwriter, bench-e2e: each runs bench/bench_<name>.py (figures in docs/performance.md; the
 # last two in docs/captioning.md and docs/export.md). bench-soak runs every stage end to end
 # on a loopback corpus (SOAK_URLS, default 50000), memory sampled; SOAK_WORKERS=1,2,4,8,16 repeats it
 # per worker count and prints the scaling efficiency. bench-scale writes synthetic datasets of
@@ -107,6 +107,9 @@ eval: $(STAMP)
 # stats and dedup's decision on them: time, driver and largest-child peak RSS, growth exponents
 # (not in `make bench`: at 1M rows, 1.8 GB of data and 5.5 GB of export on disk, removed after, and
 # tens of minutes; SCALE_STEPS picks steps, e.g. "stats,report,dedup").
+# bench-e2e runs the whole recipe with every quality measure on E2E_URLS loopback URLs (default 2000,
+# shards of E2E_SHARD) for E2E_VARIANTS (default fused,old: this checkout and E2E_OLD_COMMIT, 843965c,
+# in its own worktree and venv under bench-out/e2e), then the model stages' floor in one process.
 # (Not .PHONY: make skips pattern rules for those.)
 bench-%: $(STAMP)
 	$(BIN)/python bench/bench_$*.py

@@ -343,6 +343,14 @@ def run(
     max_retries: RetriesOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    no_fuse: Annotated[
+        bool,
+        typer.Option(
+            "--no-fuse",
+            help="run every stage on its own, each reading the previous stage's folder "
+            "(default: consecutive per-shard stages run in one task per shard; recipe: runner.fuse)",
+        ),
+    ] = False,
 ) -> None:
     recipe = _recipe(
         config,
@@ -350,6 +358,7 @@ def run(
         {
             **{f"{name}.input": [input] for name, cls in REGISTRY.items() if cls.source and input},
             **runner_overrides({"ray_address": ray_address, "executor": executor, "max_retries": max_retries}),
+            **({"runner.fuse": False} if no_fuse else {}),
         },
     )
     work = output or recipe.output
@@ -362,16 +371,87 @@ def run(
     for step in steps:  # every stage's checks (models, servers) before hours of earlier stages run
         step.stage.preflight(getattr(recipe, step.stage.name))
     results = []
-    for index, step in enumerate(steps):
+    index = 0
+    while index < len(steps):
+        step = steps[index]
         if _skipped(recipe, step):
             skip_stage(steps, index)
             if not quiet:
                 out_console.print(f"{step.stage.name}: skipped, {step.input} already has its media", highlight=False)
+            index += 1
             continue
-        results.append(_run_one(recipe, step.stage, step.input, step.output, overwrite, quiet))
+        group = _fusable_run(recipe, steps, index)
+        if len(group) > 1:
+            results += _run_fused(recipe, group, overwrite, quiet)
+        else:
+            results.append(_run_one(recipe, step.stage, step.input, step.output, overwrite, quiet))
+        index += len(group)
     if not quiet:
         out_console.print(f"done: {len(steps)} stage(s); see `facecap stats {work}`", highlight=False)
     _exit_for(results)
+
+
+def _step_job(recipe: RecipeBase, step: Step, retry_failed: bool = False) -> StageJob:
+    return StageJob(
+        stage_cls=step.stage,
+        config=getattr(recipe, step.stage.name),
+        output=absolute(step.output),
+        parent=absolute(step.input),
+        storage=recipe.storage.options(),
+        revisit=retry_failed,
+    )
+
+
+def _fusable_run(recipe: RecipeBase, steps: list[Step], start: int) -> list[Step]:
+    """The steps from ``start`` that run fused in one task per shard (just ``steps[start]`` when
+    none can follow it): per-shard stages on the same executor with the same GPU share. A stage
+    that may be skipped for its parent's media ends the run of steps: that is known only once its
+    parent has run."""
+    from facecap.pipeline.fused import can_follow, why_not_fused
+
+    first = steps[start]
+    if not recipe.runner.fuse or why_not_fused(_step_job(recipe, first).spec, first.stage.source):
+        return [first]
+    group = [first]
+    for step in steps[start + 1 :]:
+        previous, job = _step_job(recipe, group[-1]), _step_job(recipe, step)
+        if (
+            step.stage.skip_if_parent_has
+            or why_not_fused(job.spec, step.stage.source)
+            or not can_follow(previous.spec, job.spec)
+            or choose_executor(recipe, job)[0] != choose_executor(recipe, previous)[0]
+        ):
+            break
+        group.append(step)
+    return group
+
+
+def _run_fused(recipe: RecipeBase, group: list[Step], overwrite: bool, quiet: bool) -> list[StageResult]:
+    """Run consecutive per-shard stages in one task per shard; each still fills its own folder."""
+    from facecap.pipeline.fused import FusedJob, run_fused
+
+    jobs = [_step_job(recipe, step) for step in group]
+    fused = FusedJob(jobs)
+    executor, why = choose_executor(recipe, jobs[0])
+    if not quiet:
+        err_console.print(
+            f"{fused.name}: fused, one task per shard (rows and media passed in memory; --no-fuse: one by one)",
+            highlight=False,
+        )
+        if why:
+            err_console.print(f"{fused.name}: runs on {why}", highlight=False)
+    results = run_fused(
+        jobs,
+        _make_executor(recipe, executor),
+        runner=recipe.runner,
+        progress=Quiet() if quiet else Bars(fused.name, err_console),
+        overwrite=overwrite,
+        recipe=recipe.model_dump(mode="json"),
+    )
+    if not quiet:
+        for result in results:
+            _print_result(result)
+    return results
 
 
 def _skipped(recipe: RecipeBase, step: Step) -> bool:

@@ -49,6 +49,11 @@ class RunnerConfig(Section):
         "size", description="how done shards are checked before they are trusted on resume"
     )
     max_in_flight: int | None = Field(None, ge=1, description="shards queued at once; default 2 per worker")
+    fuse: bool = Field(
+        True,
+        description="`facecap run`: consecutive per-shard stages on the same executor run in one task per "
+        "shard, passing rows and media in memory and decoding each image once (--no-fuse: one by one)",
+    )
 
 
 class StorageConfig(Section):

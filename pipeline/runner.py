@@ -62,6 +62,18 @@ class _Run:
     progress: StageProgress
 
 
+@dataclass
+class OpenedStage:
+    """A stage's output folder checked against the job and its manifest written: ready for shards."""
+
+    job: StageJob  # with the media it reads and the report's measures filled in
+    out: Dataset
+    manifest: Manifest
+    result: StageResult
+    parent: tuple[Dataset, Manifest] | None
+    started: float
+
+
 def run_stage(
     job: StageJob,
     executor: Executor,
@@ -73,6 +85,41 @@ def run_stage(
 ) -> StageResult:
     runner = runner or RunnerConfig()
     progress = progress or Quiet()
+    opened = open_stage(job, runner, source, overwrite, recipe)
+    if opened.result.nothing_to_do:
+        return opened.result
+    job, out, result, parent = opened.job, opened.out, opened.result, opened.parent
+    run = _Run(job, executor, runner, out, result, progress)
+    with progress:
+        progress.set_total(opened.manifest.num_shards)
+        if source:
+            _dispatch(run, _source_work(run, source))
+        # A global stage whose pass 1 left shards failed decides nothing: those are recorded as failed.
+        elif not job.spec.global_passes or _global_passes(run, parent):
+            _dispatch(run, _parent_work(run, parent))
+        progress.set_total(result.shards)
+    return close_stage(opened)
+
+
+def close_stage(opened: OpenedStage) -> StageResult:
+    """Record in the manifest how many shards there are and whether all of them are done."""
+    manifest, result = opened.manifest, opened.result
+    manifest.num_shards = result.shards
+    manifest.complete = not result.failed
+    opened.out.write_manifest(manifest)
+    result.seconds = time.perf_counter() - opened.started
+    return result
+
+
+def open_stage(
+    job: StageJob,
+    runner: RunnerConfig,
+    source: Source | None = None,
+    overwrite: bool = False,
+    recipe: dict | None = None,
+) -> OpenedStage:
+    """Driver-side checks and the manifest, before any shard runs; ``result.nothing_to_do`` when
+    every shard is already done (the manifest is then left as it is)."""
     started = time.perf_counter()
     notes = job.stage_cls.preflight(job.config) or []
     out = Dataset.at(job.output, job.storage)
@@ -116,7 +163,7 @@ def run_stage(
     ):
         result.shards = result.skipped = existing.num_shards
         result.nothing_to_do = True
-        return result
+        return OpenedStage(job, out, existing, result, parent, started)
 
     media = dict(parent[1].media) if parent else dict(source.media if source else {})
     for name, ext in job.spec.writes.items():
@@ -133,22 +180,7 @@ def run_stage(
     out.write_manifest(manifest)
     if not out.storage.remote:
         out.storage.remove_temporaries()
-
-    run = _Run(job, executor, runner, out, result, progress)
-    with progress:
-        progress.set_total(manifest.num_shards)
-        if source:
-            _dispatch(run, _source_work(run, source))
-        # A global stage whose pass 1 left shards failed decides nothing: those are recorded as failed.
-        elif not job.spec.global_passes or _global_passes(run, parent):
-            _dispatch(run, _parent_work(run, parent))
-        progress.set_total(result.shards)
-
-    manifest.num_shards = result.shards
-    manifest.complete = not result.failed
-    out.write_manifest(manifest)
-    result.seconds = time.perf_counter() - started
-    return result
+    return OpenedStage(job, out, manifest, result, parent, started)
 
 
 def _global_passes(run: _Run, parent: tuple[Dataset, Manifest]) -> bool:

@@ -11,7 +11,7 @@ import inspect
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -91,19 +91,28 @@ class StageJob:
         return process_shard(self, shard, source, attempt, node)
 
 
-_STAGE_CACHE: dict[tuple[type[Stage], str], Stage] = {}
+_STAGE_CACHE: dict[tuple[type[Stage], str, bool], Stage] = {}
 
 
-def stage_for(job: StageJob) -> Stage:
-    """The set-up stage for this job, built once per worker process and reused across shards.
+def stage_key(job: StageJob) -> tuple[type[Stage], str, bool]:
+    """What identifies a set-up stage in a worker: its class, its config, and whether it loads models.
 
     The last pass of a global stage only applies its plan, so it loads no models.
     """
-    applies_plan = job.phase == "process" and job.spec.global_passes
-    cache_key = (job.stage_cls, job.config_hash, applies_plan)
+    return job.stage_cls, job.config_hash, job.phase == "process" and job.spec.global_passes
+
+
+def stage_for(job: StageJob, companions: frozenset = frozenset()) -> Stage:
+    """The set-up stage for this job, built once per worker process and reused across shards.
+
+    A worker keeps one stage (and its models) in memory, or the stages of one fused task
+    (``companions``: their ``stage_key``s), which run one after another on every shard.
+    """
+    cache_key = stage_key(job)
+    applies_plan = cache_key[2]
     stage = _STAGE_CACHE.get(cache_key)
     if stage is None:
-        close_stages()  # one stage (and its models) in memory per worker
+        close_stages(keep=companions)
         stage = job.stage_cls(job.config)
         if not applies_plan:
             apply_thread_budget()  # before setup: the models it loads size their pools by it
@@ -112,12 +121,11 @@ def stage_for(job: StageJob) -> Stage:
     return stage
 
 
-def close_stages() -> None:
-    """Close and forget this worker's set-up stages."""
-    stages = list(_STAGE_CACHE.values())
-    _STAGE_CACHE.clear()
-    for stage in stages:
-        stage.close()
+def close_stages(keep: frozenset = frozenset()) -> None:
+    """Close and forget this worker's set-up stages, except those whose ``stage_key`` is in ``keep``."""
+    leaving = [key for key in _STAGE_CACHE if key not in keep]
+    for key in leaving:
+        _STAGE_CACHE.pop(key).close()
 
 
 def summary_uri(output: str) -> str:
@@ -140,6 +148,25 @@ def output_schema(input_schema: pa.Schema, stage_cls: type[Stage]) -> pa.Schema:
     return pa.schema(list(fields.values()))
 
 
+# Media a shard task holds in memory for the next stage of a fused task: dataset folder -> key ->
+# {tar member extension: bytes}, i.e. what that stage's tar holds for the shard.
+MemoryMedia = dict[str, dict[str, dict[str, bytes]]]
+
+# Past this many bytes of media a stage made for one shard, the next fused stage reads the
+# committed tar instead (the bytes are in the tar spool already; twice a big shard is too much).
+MEMORY_MEDIA_BUDGET = 512 << 20
+
+
+@dataclass
+class ShardResult:
+    """A committed shard, and what a fused task hands to its next stage without storage."""
+
+    stats: ShardStats
+    table: pa.Table
+    # This stage's media for the shard by key and member extension; None when not kept.
+    media: dict[str, dict[str, bytes]] | None = None
+
+
 def process_shard(
     job: StageJob,
     shard: int,
@@ -154,6 +181,26 @@ def process_shard(
     """
     if job.phase == "summarize":
         return summarize_shard(job, shard, attempt, node)
+    return run_shard(job, shard, source_table, attempt, node).stats
+
+
+def run_shard(
+    job: StageJob,
+    shard: int,
+    source_table: pa.Table | None = None,
+    attempt: int = 1,
+    node: str | None = None,
+    *,
+    memory_media: MemoryMedia | None = None,
+    keep_media: bool = False,
+    companions: frozenset = frozenset(),
+) -> ShardResult:
+    """``process_shard``'s one pass, returning the committed table too: a fused task passes it (and,
+    with ``keep_media``, this stage's media) to its next stage instead of reading them back.
+
+    ``memory_media`` holds media that earlier stages of the fused task made for this shard; media
+    not there is read from its tar as usual.
+    """
     started = time.perf_counter()
     timings: Counter[str] = Counter()
     out = Dataset.at(job.output, job.storage)
@@ -165,15 +212,16 @@ def process_shard(
 
     schema = output_schema(table.schema, job.stage_cls)
     todo_table, kept = _split(job, table, schema, revisit)
-    stage = stage_for(job) if todo_table.num_rows else None
+    stage = stage_for(job, companions) if todo_table.num_rows else None
     pieces: list[pa.Table] = [kept]
     extensions = job.spec.writes
     spool = SpooledTar() if extensions else None
+    held = _HeldMedia() if keep_media and extensions and not revisit else None
     plan = _ShardPlan.load(job, shard) if job.spec.global_passes and todo_table.num_rows else None
     try:
         if revisit and spool is not None:
             _carry_media(job, shard, kept, spool)
-        for batch, missing in _batches(job, todo_table, shard, timings, plan):
+        for batch, missing in _batches(job, todo_table, shard, timings, plan, memory_media):
             if len(missing):
                 pieces.append(_from_pandas(missing, schema))
             t0 = time.perf_counter()
@@ -182,7 +230,10 @@ def process_shard(
                     pieces.append(_from_pandas(result.rows, schema))
                 if spool is not None:
                     for key, media in result.media.items():
-                        spool.add(key, {extensions[name]: data for name, data in media.items()})
+                        members = {extensions[name]: data for name, data in media.items()}
+                        spool.add(key, members)
+                        if held is not None:
+                            held.add(key, members)
             timings["process"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         tar_digest = None
@@ -208,11 +259,54 @@ def process_shard(
     stats.seconds = round(time.perf_counter() - started, 4)
     stats.timings = {k: round(v, 4) for k, v in timings.items()}
     out.commit_shard(shard, result_table, tar_digest, stats)
-    return stats
+    return ShardResult(stats, result_table, held.members if held is not None else None)
+
+
+class _HeldMedia:
+    """A stage's media for one shard kept in memory for the next fused stage, up to a budget."""
+
+    def __init__(self, budget: int = MEMORY_MEDIA_BUDGET):
+        self.members: dict[str, dict[str, bytes]] | None = {}
+        self._left = budget
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        if self.members is None:
+            return
+        self._left -= sum(len(data) for data in members.values())
+        if self._left < 0:
+            self.members = None  # too big: the next stage reads the committed tar
+            return
+        self.members.setdefault(key, {}).update(members)
+
+
+class _MemoryTar:
+    """``TarShardReader``'s lookups over media held in memory (a fused task's earlier stage)."""
+
+    error: str | None = None
+
+    def __init__(self, members: dict[str, dict[str, bytes]]):
+        self._members = members
+
+    def __enter__(self) -> _MemoryTar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def get(self, key: str, exts: Iterable[str] | None = None) -> dict[str, bytes] | None:
+        members = self._members.get(key)
+        if members is None:
+            return None
+        return dict(members) if exts is None else {ext: members[ext] for ext in exts if ext in members}
 
 
 def _batches(
-    job: StageJob, table: pa.Table, shard: int, timings: Counter[str], plan: _ShardPlan | None = None
+    job: StageJob,
+    table: pa.Table,
+    shard: int,
+    timings: Counter[str],
+    plan: _ShardPlan | None = None,
+    memory_media: MemoryMedia | None = None,
 ) -> Iterator[tuple[Batch, pd.DataFrame]]:
     """The stage's batches over ``table`` with what they need attached: their media (or, in a global
     stage's last pass, their plan rows), and apart the rows whose media or decision is missing.
@@ -222,7 +316,9 @@ def _batches(
     if not table.num_rows:
         return
     with ExitStack() as stack:
-        readers = {} if plan else {n: stack.enter_context(_media_reader(job, n, shard)) for n in job.spec.reads}
+        readers = (
+            {} if plan else {n: stack.enter_context(_media_reader(job, n, shard, memory_media)) for n in job.spec.reads}
+        )
         for start, stop in batch_bounds(table, job.stage_cls.batch_by, job.resources.batch_size):
             rows = table.slice(start, stop - start).to_pandas()
             t0 = time.perf_counter()
@@ -463,10 +559,14 @@ def _attach_media(job: StageJob, rows: pd.DataFrame, readers: dict[str, TarShard
     return Batch(rows=rows.iloc[keep].reset_index(drop=True), media=media), missing
 
 
-def _media_reader(job: StageJob, name: str, shard: int) -> TarShardReader:
+def _media_reader(
+    job: StageJob, name: str, shard: int, memory_media: MemoryMedia | None = None
+) -> TarShardReader | _MemoryTar:
     ref = job.media.get(name)
     if ref is None:
         raise FileNotFoundError(f"no dataset upstream of {job.output} holds '{name}' media")
+    if memory_media and ref.tars is None and ref.root in memory_media:
+        return _MemoryTar(memory_media[ref.root])
     tar = ref.tar_for(shard)
     return TarShardReader(Storage(ref.root, job.storage), tar or f"{shard_name(shard)}.tar")
 

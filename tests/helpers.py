@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import tarfile
@@ -211,3 +212,33 @@ def peak_rss_growth_while(action) -> float:
         done.set()
         sampler.join()
     return (peak - base) / 2**20
+
+
+def without_clock(row: dict) -> dict:
+    for column, value in row.items():
+        if column.endswith("_provenance") and value:
+            row[column] = {k: v for k, v in json.loads(value).items() if k != "time"}
+    return row
+
+
+def stage_snapshot(folder: Path) -> dict:
+    dataset = Dataset(Storage(str(folder)))
+    summary = dataset.summary()
+    table = pa.concat_tables([dataset.read_shard(i) for i in dataset.shard_indices()])
+    # Timings (fetch_seconds, quality_ms) and provenance times are all that may vary between runs.
+    timings = [c for c in table.column_names if c.endswith(("_seconds", "_ms"))]
+    rows = [without_clock(row) for row in table.drop_columns(timings).sort_by("key").to_pylist()]
+    return {
+        "rows": rows,
+        "unique_keys": len({r["key"] for r in rows}) == len(rows),
+        "media": media_hashes(folder),
+        "by_status": summary["by_status"],
+        "complete": summary["complete"],
+        "shards": summary["shards"],
+        "temporaries": sorted(str(p.relative_to(folder)) for p in folder.rglob("*.tmp-*")),
+        "failed": sorted(p.name for p in (folder / "_failed").glob("*")),
+    }
+
+
+def snapshot(out: Path, stages: list[str]) -> dict[str, dict]:
+    return {stage: stage_snapshot(out / stage) for stage in stages}

@@ -10,7 +10,6 @@ and no temporaries, failures or duplicate rows left behind.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import subprocess
@@ -19,14 +18,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import yaml
-from helpers import facecap_env, kill_session, media_hashes
+from helpers import facecap_env, kill_session, snapshot
 
 from facecap.corpus_server import CorpusServer
-from facecap.pipeline.dataset import Dataset
-from facecap.pipeline.storage import Storage
 
 pytestmark = pytest.mark.slow
 
@@ -68,36 +64,6 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
     result = subprocess.run(args, env=facecap_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert result.returncode == 0, f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
-
-
-def without_clock(row: dict) -> dict:
-    for column, value in row.items():
-        if column.endswith("_provenance") and value:
-            row[column] = {k: v for k, v in json.loads(value).items() if k != "time"}
-    return row
-
-
-def stage_snapshot(folder: Path) -> dict:
-    dataset = Dataset(Storage(str(folder)))
-    summary = dataset.summary()
-    table = pa.concat_tables([dataset.read_shard(i) for i in dataset.shard_indices()])
-    # Timings (fetch_seconds, quality_ms) and provenance times are all that may vary between runs.
-    timings = [c for c in table.column_names if c.endswith(("_seconds", "_ms"))]
-    rows = [without_clock(row) for row in table.drop_columns(timings).sort_by("key").to_pylist()]
-    return {
-        "rows": rows,
-        "unique_keys": len({r["key"] for r in rows}) == len(rows),
-        "media": media_hashes(folder),
-        "by_status": summary["by_status"],
-        "complete": summary["complete"],
-        "shards": summary["shards"],
-        "temporaries": sorted(str(p.relative_to(folder)) for p in folder.rglob("*.tmp-*")),
-        "failed": sorted(p.name for p in (folder / "_failed").glob("*")),
-    }
-
-
-def snapshot(out: Path, stages: list[str]) -> dict[str, dict]:
-    return {stage: stage_snapshot(out / stage) for stage in stages}
 
 
 @pytest.fixture(scope="module")

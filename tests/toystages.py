@@ -54,15 +54,26 @@ class MakeMedia(Stage):
         return Output(rows=rows, media=media)
 
 
+class SplitConfig(StageConfig):
+    crash_once_marker: str | None = None  # a file: the setup that finds it removes it and raises (a shard fails)
+
+
 class SplitFaces(Stage):
     """Reads the media, emits two 'face' rows per image (like detect), with crops."""
 
     name = "splitfaces"
+    config_model = SplitConfig
     consumes = ("payload_len",)
     produces: ClassVar = {"image_key": pa.string(), "face_index": pa.int64(), "crop_len": pa.int64()}
     reads_media: ClassVar = {"jpg": "key"}
     writes_media = ("crop.jpg",)
     resources = Resources(cpus=1, batch_size=3, actor=True)
+
+    def setup(self) -> None:
+        marker = self.config.crash_once_marker
+        if marker and os.path.exists(marker):
+            os.remove(marker)
+            raise RuntimeError("simulated fault while loading models, once")
 
     def process(self, batch: Batch) -> Output:
         out_rows, media = [], {}

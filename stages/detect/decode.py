@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from facecap.stages.detect.detectors import downscale
-from facecap.stages.shared.images import ORIENTATION_TAG
+from facecap.stages.shared.images import ORIENTATION_TAG, decode_bgr
 from facecap.stages.shared.jpeg import TurboJpeg, has_exif, scaled, turbojpeg
 
 REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
@@ -123,8 +123,11 @@ class StoredImage:
 
 
 def _opencv_decode(data: bytes, reduction: int) -> np.ndarray | None:
-    flag = REDUCED[reduction] if reduction > 1 else cv2.IMREAD_COLOR
-    return cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    """The image's pixels at 1/``reduction`` scale; a full-scale decode is shared, within a fused
+    shard task, with the later stages that decode the same image (``decode_bgr``: quality)."""
+    if reduction == 1:
+        return decode_bgr(data)
+    return cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED[reduction])  # no later stage decodes this
 
 
 def _upright(data: bytes) -> bool:

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
+from facecap.pipeline.shard_cache import cached
 from facecap.stages.shared import containers
 from facecap.stages.shared.jpeg import turbojpeg
 from facecap.stages.shared.metadata import colour_profile, strip_metadata
@@ -492,8 +493,16 @@ def encode(image: Image.Image, settings: ImageSettings) -> bytes:
 
 
 def decode_bgr(data: bytes | None) -> np.ndarray | None:
-    """Stored image or crop bytes as BGR pixels, or None when absent or undecodable."""
+    """Stored image or crop bytes as BGR pixels, or None when absent or undecodable.
+
+    Within a fused shard task the pixels are decoded once for every stage that reads the same
+    bytes (quality and tag both read the aligned crop), and are then read-only.
+    """
     if not data:
         return None
+    return cached("bgr", data, lambda: _imdecode_bgr(data))
+
+
+def _imdecode_bgr(data: bytes) -> np.ndarray | None:
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     return pixels if pixels is not None and pixels.size else None
