@@ -113,7 +113,10 @@ def choose_executor(recipe: RecipeBase, job: StageJob) -> tuple[str, str | None]
     if job.spec.own_processes:
         return "ray", "Ray actors, since its engine starts processes of its own"
     # One machine, CPU work: Ray's start-up (5-11 s) and its own processes buy nothing here.
-    return "processes", "a process pool on this machine (no cluster named; --executor ray for Ray)"
+    from facecap.pipeline.executors import process_pool_plan
+
+    plan = process_pool_plan(job.resources, recipe.ray, recipe.runner.workers)
+    return "processes", f"a process pool on this machine, {plan.describe()} (no cluster named; --executor ray for Ray)"
 
 
 def _make_executor(recipe: RecipeBase, name: str):

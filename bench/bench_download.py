@@ -3,7 +3,8 @@
 Builds >= 2,000 realistic JPEGs of several sizes (3% broken: dead links and truncated files)
 from real photos, serves them from 127.0.0.1 (nginx when installed, else Python's server),
 then runs, with the same settings (webdataset output, keep_ratio 512, jpg q95, 2 processes):
-facecap's download stage (on the default local Ray, and with ``--executor processes``),
+facecap's download stage (BENCH_EXECUTORS, default "auto,processes,ray": the default command with
+no --executor, which picks the process pool on one machine, then each executor named),
 img2dataset in its own venv (bench-out/img2dataset-venv; its pins
 clash with facecap's), and the CPU floor: decode + resize + encode of every file from local
 disk, no network, in 2 processes. Prints images/s, successes and peak memory for each.
@@ -164,9 +165,11 @@ def count_img2dataset(folder: Path) -> int:
 
 
 def facecap_download(executor: str) -> tuple[object, Path]:
+    """One `facecap download` run; ``executor`` "auto" passes no --executor (the default command)."""
     output = OUT / f"facecap-{executor}"
     shutil.rmtree(output, ignore_errors=True)
     facecap = str(Path(sys.executable).with_name("facecap"))
+    chosen = [] if executor == "auto" else ["--executor", executor]
     measured = run_measured(
         [
             facecap,
@@ -174,8 +177,7 @@ def facecap_download(executor: str) -> tuple[object, Path]:
             str(OUT / "ingest"),
             str(output),
             "-q",
-            "--executor",
-            executor,
+            *chosen,
             "--allow-private-networks",
             "--resize-mode",
             "keep_ratio",
@@ -245,6 +247,9 @@ def img2dataset_download(img2dataset: Path) -> object:
 
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 REPEATS = int(os.environ.get("BENCH_REPEATS", "1"))
+# facecap's executors to run: "auto" is the default command (no --executor: the process pool on one
+# machine with no cluster named), "processes" and "ray" name theirs.
+EXECUTORS = [e.strip() for e in os.environ.get("BENCH_EXECUTORS", "auto,processes,ray").split(",") if e.strip()]
 
 
 def main() -> None:
@@ -261,6 +266,7 @@ def main() -> None:
         times, _, best_peak = results.get(name, ([], ok, peak))
         results[name] = ([*times, seconds], ok, peak if seconds <= min(times, default=seconds) else best_peak)
 
+    load_before = os.getloadavg()  # a shared machine: say how busy it was
     try:
         urls = [f"{base}/{n}" for n in names]
         pq.write_table(
@@ -277,7 +283,7 @@ def main() -> None:
         # Interleaved repeats: this machine's speed drifts by 10-20% over minutes (shared cores),
         # and every tool should meet the same drift; the best of each is compared.
         for _ in range(REPEATS):
-            for executor in ("ray", "processes"):
+            for executor in EXECUTORS:
                 measured, output = facecap_download(executor)
                 record(f"facecap ({executor})", measured.seconds, count_facecap(output), measured.peak_tree_rss_mb)
             if img2dataset:
@@ -292,6 +298,7 @@ def main() -> None:
         server.wait()
 
     print(f"machine: {machine()}")
+    print(f"load average (1, 5, 15 min): before {load_before}, after {os.getloadavg()}")
     print(
         f"corpus: {len(names)} URLs ({size_mb:.0f} MB of JPEG, widths {WIDTHS[0]}-{WIDTHS[-1]} px, "
         f"~{100 / BROKEN_EVERY * 2:.0f}% broken), served by {kind} on 127.0.0.1"
@@ -306,7 +313,7 @@ def main() -> None:
         print(f"{name:<24}{best:>9.1f}{ok / best:>10.1f}{ok:>7}{peak_text}  {runs}")
     floor = min(results["CPU floor (no network)"][0])
     theirs = results.get("img2dataset 1.47")
-    for executor in ("ray", "processes"):
+    for executor in EXECUTORS:
         times, ok, _ = results[f"facecap ({executor})"]
         if theirs and theirs[1]:
             ratio = (ok / min(times)) / (theirs[1] / min(theirs[0]))

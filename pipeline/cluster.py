@@ -7,6 +7,7 @@ import logging
 import os
 
 from facecap.pipeline.config import RayConfig
+from facecap.pipeline.cpu_policy import WorkerPlan, plan_workers
 
 # Ray >= 2.5x writes ~/.ray/auth_token unless told not to; a local embedded Ray needs no token.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -61,16 +62,17 @@ def total_resources() -> tuple[float, float]:
     return float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
 
 
-def pool_size(cpus_per_worker: float, gpus_per_worker: float, reserve_cpus: int) -> int:
-    """Workers an actor pool may have: never every CPU (Ray deadlocks), at least one."""
+def is_local() -> bool:
+    """Whether this process started the Ray it is connected to (one machine: the CPU policy's threads apply)."""
+    return _started_here
+
+
+def worker_plan(cpus_per_worker: float, gpus_per_worker: float, reserve_cpus: float) -> WorkerPlan:
+    """The CPU policy (pipeline/cpu_policy.py) on the connected Ray's CPUs and GPUs."""
     cpus, gpus = total_resources()
-    by_cpu = int((cpus - reserve_cpus) // cpus_per_worker) if cpus_per_worker > 0 else 64
-    by_gpu = int(gpus // gpus_per_worker) if gpus_per_worker > 0 else by_cpu
-    return max(1, min(by_cpu, by_gpu))
+    return plan_workers(cpus, cpus_per_worker, reserve_cpus, gpus, gpus_per_worker)
 
 
 def task_slots(cpus_per_task: float, gpus_per_task: float) -> int:
-    cpus, gpus = total_resources()
-    by_cpu = int(cpus // cpus_per_task) if cpus_per_task > 0 else 64
-    by_gpu = int(gpus // gpus_per_task) if gpus_per_task > 0 else by_cpu
-    return max(1, min(by_cpu, by_gpu))
+    """Tasks Ray runs at once: Ray queues the rest, so no CPU is kept back here."""
+    return worker_plan(cpus_per_task, gpus_per_task, reserve_cpus=0).workers

@@ -31,7 +31,12 @@ class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster address (or env RAY_ADDRESS); none = local")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for the local Ray; default: all cores")
     object_store_mb: int = Field(512, ge=64, description="object store size of the local Ray")
-    reserve_cpus: int = Field(1, ge=0, description="CPUs no actor pool may take (Ray deadlocks without)")
+    reserve_cpus: int = Field(
+        0,
+        ge=0,
+        description="CPUs kept free for the driver by actor pools on the local Ray and by the process pool "
+        "(default 0: the driver only waits, measured at about 1% of a core; pipeline/cpu_policy.py)",
+    )
 
 
 class RunnerConfig(Section):

@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from facecap.pipeline.config import RayConfig
+from facecap.pipeline.cpu_policy import WorkerPlan, plan_workers
 from facecap.pipeline.errors import ConfigError
 from facecap.pipeline.redact import redact_text
+from facecap.pipeline.stage import Resources
 from facecap.pipeline.tasks import Job
+from facecap.pipeline.threads import set_thread_budget
 
 
 @dataclass
@@ -95,9 +98,11 @@ class ProcessExecutor:
     is rebuilt.
     """
 
-    def __init__(self, workers: int | None = None, max_in_flight: int | None = None):
-        self.workers = workers
+    def __init__(self, workers: int | None = None, max_in_flight: int | None = None, reserve_cpus: float = 0):
+        self.workers = workers  # CPUs for the pool; default every core
         self.max_in_flight = max_in_flight
+        self.reserve_cpus = reserve_cpus
+        self.plan: WorkerPlan | None = None
         self._tickets = itertools.count()
         self._pending: dict[Future, int] = {}
         self._pool: ProcessPoolExecutor | None = None
@@ -111,17 +116,18 @@ class ProcessExecutor:
                 "does not schedule: use --executor ray"
             )
         self._job = job
-        cpus = self.workers or os.cpu_count() or 1
-        self._size = max(1, int(cpus // resources.cpus)) if resources.cpus > 0 else cpus
-        return self.max_in_flight or 2 * self._size
+        self.plan = plan_workers(self.workers or os.cpu_count() or 1, resources.cpus, self.reserve_cpus)
+        return self.max_in_flight or 2 * self.plan.workers
 
     def _ensure_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["facecap.pipeline.worker", *self._job.modules])
-            threads = str(max(1, int(self._job.resources.cpus)))
             self._pool = ProcessPoolExecutor(
-                self._size, mp_context=context, initializer=_init_process_worker, initargs=(threads, os.getpid())
+                self.plan.workers,
+                mp_context=context,
+                initializer=_init_process_worker,
+                initargs=(self.plan.threads, os.getpid()),
             )
         return self._pool
 
@@ -177,10 +183,10 @@ def _run_job(job: Job, shard: int, source: Any, attempt: int) -> Any:
     return job.run(shard, source, attempt)
 
 
-def _init_process_worker(threads: str, driver_pid: int) -> None:
+def _init_process_worker(threads: int, driver_pid: int) -> None:
     # The driver owns Ctrl-C: it stops the pool; workers that caught it too would print tracebacks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ["OMP_NUM_THREADS"] = threads  # what Ray does: stages size their thread pools by it
+    set_thread_budget(threads)
     threading.Thread(target=_exit_with_driver, args=(driver_pid,), daemon=True).start()
 
 
@@ -228,6 +234,8 @@ class RayExecutor:
         self._queued: deque = deque()  # (ticket, shard, source, attempt) waiting for an idle actor
         self._starting: dict[Any, Any] = {}  # ready ref -> replacement actor not yet placed
         self._pool_size = 0
+        self.plan: WorkerPlan | None = None
+        self._actor_threads: int | None = None
         self._lost_reason = "no worker is alive for this stage"
         self._job: Job | None = None
 
@@ -248,9 +256,14 @@ class RayExecutor:
             )
         self._job_ref = ray.put(job)
         if resources.actor:
-            self._pool_size = cluster.pool_size(resources.cpus, resources.gpus, self.ray_config.reserve_cpus)
+            self.plan = cluster.worker_plan(resources.cpus, resources.gpus, self.ray_config.reserve_cpus)
+            self._pool_size = self.plan.workers
+            # On the local Ray every actor shares this machine's cores: give each its share of
+            # threads. Ray itself sets OMP_NUM_THREADS to the CPUs asked for, which is what a
+            # joined cluster keeps (its CPUs are spread over nodes).
+            self._actor_threads = self.plan.threads if cluster.is_local() else None
             self._actor_cls = ray.remote(_ShardActor).options(num_cpus=resources.cpus, num_gpus=resources.gpus)
-            self._idle = deque(self._actor_cls.remote(self._job_ref) for _ in range(self._pool_size))
+            self._idle = deque(self._new_actor() for _ in range(self._pool_size))
             # Never more shards than actors: every extra one would only wait in the queue.
             return min(self.max_in_flight or self._pool_size, self._pool_size)
         self._task = ray.remote(_run_shard_task).options(
@@ -274,12 +287,15 @@ class RayExecutor:
             actor = self._idle.popleft()
             self._pending[actor.process.remote(shard, source, attempt)] = (ticket, actor)
 
+    def _new_actor(self) -> Any:
+        return self._actor_cls.remote(self._job_ref, self._actor_threads)
+
     def _actors_alive(self) -> int:
         return len(self._idle) + sum(1 for _, actor in self._pending.values() if actor is not None)
 
     def _replace_lost_actor(self) -> None:
         if self._actors_alive() + len(self._starting) < self._pool_size:
-            actor = self._actor_cls.remote(self._job_ref)
+            actor = self._new_actor()
             self._starting[actor.__ray_ready__.remote()] = actor
 
     def wait(self) -> list[Outcome]:
@@ -387,8 +403,10 @@ def _run_shard_task(job: Job, shard: int, source: Any, attempt: int) -> Any:
 
 
 class _ShardActor:
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, threads: int | None = None):
         self.job = job
+        if threads:
+            set_thread_budget(threads)  # before warm(): the models it loads size their pools by it
         job.warm()  # load models once, before the first shard arrives
 
     def process(self, shard: int, source: Any, attempt: int) -> Any:
@@ -418,5 +436,20 @@ def make_executor(
     if name == "processes":
         if ray_config.address:
             raise ConfigError("--executor processes runs on this machine only: drop --ray-address (or RAY_ADDRESS)")
-        return ProcessExecutor(workers or ray_config.num_cpus, max_in_flight=max_in_flight)
+        cpus, reserve = _process_pool_cpus(ray_config, workers)
+        return ProcessExecutor(cpus, max_in_flight=max_in_flight, reserve_cpus=reserve)
     return RayExecutor(ray_config, max_in_flight=max_in_flight)
+
+
+def _process_pool_cpus(ray_config: RayConfig, workers: int | None) -> tuple[int, float]:
+    """The process pool's CPUs and the reserve taken from them: ``runner.workers`` names the
+    pool's CPUs as given; otherwise ``ray.num_cpus`` (else every core) less ``ray.reserve_cpus``."""
+    if workers:
+        return workers, 0
+    return ray_config.num_cpus or os.cpu_count() or 1, ray_config.reserve_cpus
+
+
+def process_pool_plan(resources: Resources, ray_config: RayConfig, workers: int | None = None) -> WorkerPlan:
+    """The workers and threads the process pool gives a stage of ``resources`` (for the run's output)."""
+    cpus, reserve = _process_pool_cpus(ray_config, workers)
+    return plan_workers(cpus, resources.cpus, reserve)

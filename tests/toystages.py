@@ -254,3 +254,57 @@ def square_or_fail(number: int, payload: dict) -> dict:
             tries.write(f"{number}\n")
         raise RuntimeError(f"simulated fault in item {number}")
     return {"number": number, "square": number * number, "pid": os.getpid()}
+
+
+class MeetConfig(StageConfig):
+    meeting_folder: str  # each worker leaves its pid here, then waits to see the others'
+    workers: int = 2  # distinct workers a shard waits to see before it goes on
+    # Seconds a worker waits for them, once: a run that cannot start them all goes on with fewer,
+    # and the test sees it in ``workers_met``.
+    wait_cap: float = 30.0
+
+
+class Meet(Stage):
+    """Records which worker ran each shard, the thread budget it was given and how many workers
+    were running at once: each worker waits (once) until ``workers`` distinct ones have started."""
+
+    name = "meet"
+    config_model = MeetConfig
+    produces: ClassVar = {
+        "worker_pid": pa.int64(),
+        "omp_threads": pa.int64(),
+        "opencv_threads": pa.int64(),
+        "workers_met": pa.int64(),
+    }
+    resources = Resources(cpus=1, batch_size=100, actor=True)
+
+    def process(self, batch: Batch) -> Output:
+        import time
+
+        import cv2
+
+        folder = self.config.meeting_folder
+        with open(os.path.join(folder, f"{os.getpid()}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+        waited = os.path.join(folder, f"{os.getpid()}.waited")
+        if not os.path.exists(waited):
+            stop = time.monotonic() + self.config.wait_cap
+            while len(self._met()) < self.config.workers and time.monotonic() < stop:
+                time.sleep(0.02)
+            open(waited, "w").close()
+        rows = batch.rows.copy()
+        rows["worker_pid"] = os.getpid()
+        rows["omp_threads"] = int(os.environ.get("OMP_NUM_THREADS", "0"))
+        rows["opencv_threads"] = cv2.getNumThreads()
+        rows["workers_met"] = len(self._met())
+        return Output(rows=rows)
+
+    def _met(self) -> set[str]:
+        return {name for name in os.listdir(self.config.meeting_folder) if name.endswith(".pid")}
+
+
+class WideMeet(Meet):
+    """Meet for workers that ask for two CPUs each."""
+
+    name = "wide_meet"
+    resources = Resources(cpus=2, batch_size=100, actor=True)

@@ -75,7 +75,7 @@ def test_workers_default_to_cpus_per_worker(ingested, tmp_path):
     job = StageJob(stage_cls=wide, config=MakeConfig(), output=str(tmp_path / "x"), parent=str(ingested))
     executor = ProcessExecutor(4, max_in_flight=3)
     assert executor.start(job) == 3
-    assert executor._size == 2
+    assert executor.plan.workers == 2
     executor.stop()
 
 
