@@ -18,6 +18,7 @@ used meanwhile (other users of a shared machine), from /proc/stat.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -112,7 +113,10 @@ def sample_tree(root: psutil.Process, last: dict[int, tuple[str, float]]) -> Tre
         except psutil.Error:
             continue
         if kind is None:
-            kind = "workers" if is_worker(process, fork_servers) else "rest"
+            # Once a worker, always one: when the pool shuts down, its workers outlive the fork
+            # server for a moment and are no longer its children.
+            known_worker = last.get(process.pid, ("",))[0] == "workers"
+            kind = "workers" if known_worker or is_worker(process, fork_servers) else "rest"
         last[process.pid] = (kind, seconds)
     totals = TreeSample()
     for kind, seconds in last.values():
@@ -143,6 +147,30 @@ def run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[float, list[tuple[
     if process.returncode:
         sys.exit(f"{' '.join(cmd[:4])} failed:\n{output[-3000:]}")
     return wall, samples, machine_busy_seconds() - machine_before, process.returncode
+
+
+def split_into_shards(source: Path, folder: Path, size: int) -> int:
+    """Rewrite a one-shard img2dataset folder as shards of ``size`` images (ingest keeps an
+    img2dataset folder's shards as they are): every worker then has shards to run."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    table = pq.read_table(source / "00000.parquet")
+    with tarfile.open(source / "00000.tar") as tar:
+        members = {m.name.split(".")[0]: tar.extractfile(m).read() for m in tar.getmembers()}
+    shards = 0
+    for start in range(0, table.num_rows, size):
+        part = table.slice(start, size)
+        with tarfile.open(folder / f"{shards:05d}.tar", "w") as tar:
+            for key in part.column("key").to_pylist():
+                info = tarfile.TarInfo(f"{key}.jpg")
+                info.size = len(members[key])
+                tar.addfile(info, io.BytesIO(members[key]))
+        pq.write_table(part, folder / f"{shards:05d}.parquet")
+        shards += 1
+    return shards
 
 
 def before_checkout() -> Path:
@@ -212,11 +240,13 @@ def run_variant(label: str, code: str, executor: str, before_path: Path) -> Run:
 def main() -> None:
     files = photos()
     shutil.rmtree(OUT / "images", ignore_errors=True)
+    shutil.rmtree(OUT / "one-shard", ignore_errors=True)
     shutil.rmtree(OUT / "ingest", ignore_errors=True)
-    datas = build_img2dataset_folder(OUT / "images", files)
+    datas = build_img2dataset_folder(OUT / "one-shard", files)
+    shards = split_into_shards(OUT / "one-shard", OUT / "images", SHARD)
     facecap = str(Path(sys.executable).with_name("facecap"))
     ingest = [facecap, "ingest", str(OUT / "images"), str(OUT / "ingest"), "-q", "--executor", "local"]
-    subprocess.run([*ingest, "--shard-size", str(SHARD)], check=True)
+    subprocess.run(ingest, check=True)
     before_path = before_checkout()
     runs: dict[str, list[Run]] = {label: [] for label in VARIANTS}
     load_before = os.getloadavg()
@@ -224,14 +254,13 @@ def main() -> None:
         for label, (code, executor) in VARIANTS.items():
             runs[label].append(run_variant(label, code, executor, before_path))
     load_after = os.getloadavg()
-    shards = -(-len(datas) // SHARD)
     print(f"machine: {machine()}")
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
     print(f"images: {len(datas)} JPEGs in {shards} shards of {SHARD}; `facecap detect` with stage defaults")
     print(f"before: commit {BEFORE_COMMIT}; best of {REPEATS} interleaved run(s) by wall time")
     header = (
         f"{'variant':<24}{'wall s':>8}{'img/s':>8}{'busy s':>8}{'driver':>8}{'driver,busy':>12}"
-        f"{'workers':>9}{'rest':>7}{'others':>8}  all walls"
+        f"{'workers':>9}{'w cores':>8}{'rest':>7}{'others':>8}  all walls"
     )
     print(header)
     for label, results in runs.items():
@@ -239,13 +268,14 @@ def main() -> None:
         walls = ", ".join(f"{r.wall:.1f}" for r in results)
         print(
             f"{label:<24}{best.wall:>8.1f}{len(datas) / best.wall:>8.1f}{best.busy_seconds:>8.1f}"
-            f"{best.driver:>8.1f}{best.driver_busy_cores:>12.3f}{best.workers:>9.1f}{best.rest:>7.1f}"
+            f"{best.driver:>8.1f}{best.driver_busy_cores:>12.3f}{best.workers:>9.1f}"
+            f"{best.workers / best.busy_seconds if best.busy_seconds else 0:>8.2f}{best.rest:>7.1f}"
             f"{best.others_cores:>8.2f}  {walls}"
         )
     print(
         "wall: the whole command; busy s: time the workers used >= half a core; driver, workers, rest:"
-        " CPU-seconds; driver,busy: the driver's cores while workers ran; others: the rest of the"
-        " machine's cores (other users) during the run"
+        " CPU-seconds; driver,busy: the driver's cores while workers ran; w cores: the workers' cores then;"
+        " others: the rest of the machine's cores (other users) during the run"
     )
 
 
