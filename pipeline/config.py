@@ -35,7 +35,7 @@ class RayConfig(Section):
         0,
         ge=0,
         description="CPUs kept free for the driver by actor pools on the local Ray and by the process pool "
-        "(default 0: the driver only waits, measured at about 1% of a core; pipeline/cpu_policy.py)",
+        "(default 0: the driver only waits, measured at 1-2% of a core; pipeline/cpu_policy.py)",
     )
 
 

@@ -9,7 +9,7 @@ One rule for the process pool and the embedded local Ray alike:
   workers x threads = the CPUs, and no core idles when the GPUs (or a large ask) cap the workers.
 
 Why the default reserve is 0: the driver only waits while shards run. Measured during a detect run
-on 2 cores (docs/performance.md, "CPU policy"), the driver used about 1% of a core on the process
+on 2 cores (docs/performance.md, "CPU policy"), the driver used 1-2% of a core on the process
 pool and on the local Ray alike, so keeping a core free for it left half of a 2-core machine idle
 (one actor on the local Ray). Ray Data deadlocks when an actor pool takes every CPU because its own
 operators need CPUs for tasks; facecap's workers start no Ray tasks of their own (only the driver
