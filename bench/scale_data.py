@@ -257,6 +257,18 @@ def copy_hashes(plan: Plan, seed: int) -> dict[str, np.ndarray]:
     return hashes
 
 
+def crop_hashes(plan: Plan, hashes: dict[str, np.ndarray], seed: int) -> np.ndarray:
+    """Each row's face-crop pHash. A first face's is as near its original's as the image pHashes are
+    (a copy's crop moves with it): the image pHash XOR a mask drawn from the original image, so
+    that it shares no bits with the image pHash by construction (a real aligned crop's pHash does
+    not: with equal bits the face kind's second key would add nothing to its first). Other faces
+    get unrelated hashes."""
+    source = np.where(plan.original >= 0, plan.original, plan.image).astype(np.uint64)
+    first_face = hashes["phash"].view(np.uint64) ^ _mix(source, seed + 31)
+    other = _mix(plan.image * 8 + plan.face, seed + 30)
+    return np.where(plan.face == 0, first_face, other).view(np.int64)
+
+
 def _crops() -> list[bytes]:
     import cv2
 
@@ -411,11 +423,7 @@ def summary_table(plan: Plan, hashes: dict[str, np.ndarray], table: pa.Table, se
     frame = table.select(["key", "image_key", "face_index", "face_width", "face_height", "det_score", "q_brisque"])
     frame = frame.take(pa.array(reached)).to_pandas()
     score = frame["face_width"] + frame["face_height"] + 100.0 * frame["det_score"] - frame["q_brisque"]
-    face_phash = np.where(
-        plan.face[reached] == 0,
-        hashes["phash"][reached],
-        _mix(plan.image[reached] * 8 + plan.face[reached], seed + 30).view(np.int64),
-    )
+    face_phash = crop_hashes(plan, hashes, seed)[reached]
     out = pd.DataFrame(
         {
             "key": frame["key"],
@@ -499,11 +507,7 @@ def write_summary_shard(folder: str, shard: int, rows: int, shard_rows: int, see
     keys = np.array([f"{k}_f{f}" for k, f in zip(image_keys, plan.face[reached], strict=True)], dtype=object)
     side = rng.lognormal(5.0, 0.5, len(reached)).clip(40, 2000)
     score = side + 1.2 * side + 100.0 * rng.uniform(0.85, 1.0, len(reached)) - rng.normal(30, 10, len(reached))
-    face_phash = np.where(
-        plan.face[reached] == 0,
-        hashes["phash"][reached],
-        _mix(plan.image[reached] * 8 + plan.face[reached], seed + 30).view(np.int64),
-    )
+    face_phash = crop_hashes(plan, hashes, seed)[reached]
     summary = pa.table(
         {
             "key": pa.array(keys, pa.string()),
