@@ -182,10 +182,7 @@ def _nudenet_postprocess(
     boxes = np.stack([x, y, w, h], axis=1).tolist()
     scores = best[candidates].tolist()
     kept = cv2.dnn.NMSBoxes(boxes, scores, 0.25, 0.45)
-    return [
-        {"class": labels[class_ids[i]], "score": float(scores[i]), "box": [int(v) for v in boxes[i]]}
-        for i in kept
-    ]
+    return [{"class": labels[class_ids[i]], "score": float(scores[i]), "box": [int(v) for v in boxes[i]]} for i in kept]
 
 
 def cartoon_features(face_bgr: np.ndarray) -> tuple[float, float, float]:
