@@ -58,7 +58,10 @@ from facecap.pipeline.storage import Storage
 from facecap.pipeline.summary import shard_summary, summary_frame
 from facecap.pipeline.worker import summary_uri
 
-CROP_SIDE = 32
+# The stored crops: 32x32 (about 1.5 KB) by default; SCALE_CROP_SIDE=320 gives FaceCaption-like
+# crops of about 40 KB (bench_export.py), with the noise that makes a JPEG that large.
+CROP_SIDE = int(os.environ.get("SCALE_CROP_SIDE", "32"))
+CROP_NOISE = 2.0 if CROP_SIDE <= 64 else 30.0
 CROP_VARIANTS = 8
 FACE_EXT = "square.jpg"
 MASK64 = (1 << 64) - 1
@@ -278,7 +281,7 @@ def _crops() -> list[bytes]:
         y, x = np.mgrid[0:CROP_SIDE, 0:CROP_SIDE]
         base = rng.integers(60, 200, 3)
         pixels = np.stack([base[c] + 30 * np.sin((x + y * (c + 1)) / 5.0) for c in range(3)], axis=-1)
-        pixels += rng.normal(0, 2, pixels.shape)
+        pixels += rng.normal(0, CROP_NOISE, pixels.shape)
         _, data = cv2.imencode(".jpg", np.clip(pixels, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 75])
         crops.append(data.tobytes())
     return crops

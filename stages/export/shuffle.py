@@ -35,7 +35,7 @@ from facecap.pipeline.dataset import Dataset, MediaRef, SpooledTar, TarShardRead
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.status import OK
 from facecap.pipeline.storage import Storage, StorageOptions
-from facecap.stages.export.rows import TAR_BLOCK, caption_of, facecaption_table, metadata, split_of
+from facecap.stages.export.rows import TAR_BLOCK, caption_of, facecaption_table, metadata, metadata_json, split_of
 from facecap.stages.shared.trainers import metadata_schema, tar_index, tar_index_name
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -97,11 +97,13 @@ def scatter_shard(shard: int, plan: ShufflePlan) -> dict[str, Any]:
             raise FacecapError(f"unsafe sample key {bad!r}: keys must be letters, digits, '_' or '-'")
         opted_out = _opted_out(plan, shard, keys) if plan.opt_out else np.zeros(len(keys), bool)
         rows = rows.filter(pa.array(~opted_out))
-        pieces = _rendered(plan, shard, rows)
+        pieces, schema = _rendered(plan, shard, rows)
         splits = split_of(rows, plan.settings)
     except FacecapError as refusal:
         return {"refused": str(refusal)}
     record: dict[str, Any] = {"opted_out": int(opted_out.sum()), "splits": {}}
+    if schema is not None:
+        record["schema"] = base64.b64encode(schema.serialize().to_pybytes()).decode()
     for split, buckets in plan.buckets.items():
         mask = splits == split
         record["splits"][split] = _write_scatter(out, plan.scatter_name(split, shard), pieces.filter(mask), buckets)
@@ -114,29 +116,30 @@ def _ok_rows(dataset: Dataset, shard: int) -> pa.Table:
     return table.filter(pc.equal(table.column("status"), OK).fill_null(False))
 
 
-def _rendered(plan: ShufflePlan, shard: int, rows: pa.Table) -> pa.Table:
-    """The samples as they will be written, with their shuffle order and size in a tar."""
+def _rendered(plan: ShufflePlan, shard: int, rows: pa.Table) -> tuple[pa.Table, pa.Schema | None]:
+    """The samples as they will be written, with their shuffle order and size in a tar; for
+    WebDataset also the Arrow schema of their JSON (the dataset card's features)."""
     settings = plan.settings
     keys = rows.column("key").to_pylist()
     order = pa.array(shuffle_order(settings.seed, keys), pa.uint64())
     if settings.format == "parquet":
         table = rows.append_column("_order", order)
-        return table.append_column("_bytes", pa.array(np.zeros(rows.num_rows, np.int64)))
+        return table.append_column("_bytes", pa.array(np.zeros(rows.num_rows, np.int64))), None
     member = plan.crop.member_ext(settings.crop)
     tar = plan.crop.tar_for(shard) or f"{shard_name(shard)}.tar"
-    crops, texts, metas, sizes = [], [], [], []
+    crops, texts, metas, sizes, dicts = [], [], [], [], []
     with TarShardReader(Storage(plan.crop.root, plan.storage), tar) as reader:
         for row in rows.to_pylist():
             crop = (reader.get(row["key"], [member]) or {}).get(member)
             if crop is None:
                 raise FacecapError(f"{row['key']}: its {settings.crop} crop is missing from shard {shard}")
             text, source = caption_of(row, settings)
-            meta = json.dumps(metadata(row, source), ensure_ascii=False, default=str).encode()
+            dicts.append(metadata(row, source))
             crops.append(crop)
             texts.append(text.encode())
-            metas.append(meta)
-            sizes.append(sum(TAR_BLOCK + -(-len(p) // TAR_BLOCK) * TAR_BLOCK for p in (crop, texts[-1], meta)))
-    return pa.table(
+            metas.append(metadata_json(dicts[-1]))
+            sizes.append(sum(TAR_BLOCK + -(-len(p) // TAR_BLOCK) * TAR_BLOCK for p in (crop, texts[-1], metas[-1])))
+    table = pa.table(
         {
             "key": pa.array(keys, pa.string()),
             "jpg": pa.array(crops, pa.large_binary()),
@@ -146,6 +149,14 @@ def _rendered(plan: ShufflePlan, shard: int, rows: pa.Table) -> pa.Table:
             "_bytes": pa.array(sizes, pa.int64()),
         }
     )
+    return table, _schema_or_none(dicts)
+
+
+def _schema_or_none(dicts: list[dict[str, Any]]) -> pa.Schema | None:
+    try:
+        return metadata_schema(dicts)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a field with values of several types: no common schema
+        return None
 
 
 def _write_scatter(out: Storage, name: str, pieces: pa.Table, buckets: int) -> dict[str, list[int]]:
@@ -204,25 +215,20 @@ class BucketWork:
 
 
 def write_bucket(number: int, work: BucketWork) -> dict[str, Any]:
-    """One bucket's output shards; returns (and records) their names and counts, and for WebDataset
-    the Arrow schema of its samples' JSON (for the dataset card)."""
+    """One bucket's output shards; returns (and records) their names and counts."""
     plan, settings = work.plan, work.plan.settings
     out = Storage(plan.output, plan.storage)
     samples = _gather(out, work)
     parts = _cut(samples.column("_bytes").to_numpy(), work.shards, settings)
-    written, schemas = [], []
+    written = []
     for offset, (start, stop) in enumerate(parts):
         part = samples.slice(start, stop - start)
         name = f"{settings.prefix}{work.split}-{work.first + offset:06d}"
         if settings.format == "webdataset":
             written.append(_write_tar(out, f"{name}.tar", part))
-            schemas.append(metadata_schema(json.loads(m) for m in part.column("json").to_pylist()))
         else:
             written.append(_write_parquet(out, f"{name}.parquet", part))
     record: dict[str, Any] = {"shards": written}
-    if schemas:
-        schema = pa.unify_schemas(schemas, promote_options="permissive")
-        record["schema"] = base64.b64encode(schema.serialize().to_pybytes()).decode()
     out.write_bytes(plan.bucket_record(work.split, work.bucket), json.dumps(record).encode())
     return record
 
@@ -286,6 +292,7 @@ def _write_parquet(out: Storage, name: str, part: pa.Table) -> dict[str, Any]:
     return {"url": name, "nsamples": table.num_rows}
 
 
-def bucket_schema(record: dict[str, Any]) -> pa.Schema | None:
+def recorded_schema(record: dict[str, Any]) -> pa.Schema | None:
+    """The JSON schema an input shard's scatter recorded (None: none, or no common one)."""
     encoded = record.get("schema")
     return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(encoded))) if encoded else None
