@@ -107,6 +107,8 @@ eval: $(STAMP)
 # stats and dedup's decision on them: time, driver and largest-child peak RSS, growth exponents
 # (not in `make bench`: at 1M rows, 1.8 GB of data and 5.5 GB of export on disk, removed after, and
 # tens of minutes; SCALE_STEPS picks steps, e.g. "stats,report,dedup").
+# bench-export times `facecap export --format webdataset` of EXPORT_ROWS rows (default 100000) with
+# 40 KB crops beside `tar` of the same bytes (samples/s per core; 4 GB of data, removed after).
 # bench-e2e runs the whole recipe with every quality measure on E2E_URLS loopback URLs (default 2000,
 # shards of E2E_SHARD) for E2E_VARIANTS (default fused,old: this checkout and E2E_OLD_COMMIT, 843965c,
 # in its own worktree and venv under bench-out/e2e), then the model stages' floor in one process.

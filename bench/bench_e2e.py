@@ -138,11 +138,26 @@ def report_variant(variant: str, wall: float, work: Path) -> dict[str, tuple[int
     for stage, (rows, ok, seconds) in figures.items():
         rate = rows / seconds if seconds else 0.0
         print(f"  {stage:<9}{rows:>8,}{ok:>8,}{seconds:>10.1f}{rate:>13.1f}")
+    measure_ms = quality_ms(work / "quality")
+    if measure_ms:
+        print("  quality ms per face, by measure: " + ", ".join(f"{k} {v:.1f}" for k, v in measure_ms.items()))
     return figures
 
 
-def floor(download: Path) -> tuple[float, int, dict[str, float]]:
-    """The model stages' own ``process()`` in a plain loop here: (seconds, images, seconds by stage)."""
+def quality_ms(folder: Path) -> dict[str, float]:
+    """Mean milliseconds per measured face of each quality measure (a per-image measure's time is
+    shared by its faces), from the ``quality_ms`` column; empty for a commit without it."""
+    parts = [pq.read_table(p) for p in sorted(folder.glob("part-*.parquet"))]
+    parts = [t for t in parts if "quality_ms" in t.column_names]
+    if not parts:
+        return {}
+    timed = [m for t in parts for m in t.column("quality_ms").to_pylist() if m]
+    return {k: sum(m[k] or 0.0 for m in timed) / len(timed) for k in timed[0]} if timed else {}
+
+
+def floor(download: Path) -> tuple[float, int, dict[str, float], dict[str, float]]:
+    """The model stages' own ``process()`` in a plain loop here: (seconds, images, seconds by stage,
+    CPU seconds by stage: on a machine shared with other jobs the two part, and the gap is their load)."""
     os.environ["OMP_NUM_THREADS"] = "1"  # one core, like one worker
     from facecap.cli import REGISTRY
     from facecap.pipeline.config import load_recipe
@@ -161,6 +176,7 @@ def floor(download: Path) -> tuple[float, int, dict[str, float]]:
         stage.setup()  # not timed: a worker loads its models once
         stages.append(stage)
     by_stage: Counter[str] = Counter()
+    cpu_by_stage: Counter[str] = Counter()
     images = 0
     for parquet in sorted(download.glob("part-*.parquet")):
         table = pq.read_table(parquet)
@@ -175,11 +191,13 @@ def floor(download: Path) -> tuple[float, int, dict[str, float]]:
                     media["image"][key] = tar.extractfile(member).read()
         with shard_cache_scope():  # each image decoded once, as in a fused task
             for stage in stages:
-                rows = _floor_stage(stage, rows, media, by_stage, Batch, batch_bounds)
-    return sum(by_stage.values()), images, dict(by_stage)
+                rows = _floor_stage(stage, rows, media, (by_stage, cpu_by_stage), Batch, batch_bounds)
+    return sum(by_stage.values()), images, dict(by_stage), dict(cpu_by_stage)
 
 
-def _floor_stage(stage, rows: pd.DataFrame, media: dict, by_stage: Counter, batch_cls, batch_bounds) -> pd.DataFrame:
+def _floor_stage(
+    stage, rows: pd.DataFrame, media: dict, clocks: tuple[Counter, Counter], batch_cls, batch_bounds
+) -> pd.DataFrame:
     """One stage over a chunk's ok rows, batch by batch; its media joins ``media``; returns its ok rows."""
     spec = type(stage).spec(stage.config)
     resources = spec.resources
@@ -191,9 +209,10 @@ def _floor_stage(stage, rows: pd.DataFrame, media: dict, by_stage: Counter, batc
             name: {k: media[name][k] for k in part[column] if k in media.get(name, {})}
             for name, column in spec.reads.items()
         }
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         output = stage.process(batch_cls(rows=part, media=wanted))
-        by_stage[type(stage).name] += time.perf_counter() - started
+        clocks[0][type(stage).name] += time.perf_counter() - started
+        clocks[1][type(stage).name] += time.process_time() - started_cpu
         outputs.append(output.rows)
         for key, members in output.media.items():
             for name, data in members.items():
@@ -230,10 +249,12 @@ def main() -> None:
             if variant != "old":
                 print(f"\n{variant} against {OLD_COMMIT}: {walls['old'] / walls[variant]:.2f}x the URLs/s per core")
     if FLOOR and "fused" in walls:
-        seconds, images, by_stage = floor(OUT / "work-fused" / "download")
+        seconds, images, by_stage, cpu_by_stage = floor(OUT / "work-fused" / "download")
         per_stage = ", ".join(f"{stage} {value:.1f}s" for stage, value in by_stage.items())
+        per_stage_cpu = ", ".join(f"{stage} {value:.1f}s" for stage, value in cpu_by_stage.items())
         print(
-            f"\nfloor: {images:,} images through {'+'.join(MODEL_STAGES)} in {seconds:.1f}s on one core ({per_stage})"
+            f"\nfloor: {images:,} images through {'+'.join(MODEL_STAGES)} in {seconds:.1f}s on one core ({per_stage}); "
+            f"CPU time {sum(cpu_by_stage.values()):.1f}s ({per_stage_cpu})"
         )
         for variant in walls:
             if variant == "old":

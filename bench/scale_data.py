@@ -58,7 +58,10 @@ from facecap.pipeline.storage import Storage
 from facecap.pipeline.summary import shard_summary, summary_frame
 from facecap.pipeline.worker import summary_uri
 
-CROP_SIDE = 32
+# The stored crops: 32x32 (about 1.5 KB) by default; SCALE_CROP_SIDE=320 gives FaceCaption-like
+# crops of about 40 KB (bench_export.py), with the noise that makes a JPEG that large.
+CROP_SIDE = int(os.environ.get("SCALE_CROP_SIDE", "32"))
+CROP_NOISE = 2.0 if CROP_SIDE <= 64 else 30.0
 CROP_VARIANTS = 8
 FACE_EXT = "square.jpg"
 MASK64 = (1 << 64) - 1
@@ -257,6 +260,18 @@ def copy_hashes(plan: Plan, seed: int) -> dict[str, np.ndarray]:
     return hashes
 
 
+def crop_hashes(plan: Plan, hashes: dict[str, np.ndarray], seed: int) -> np.ndarray:
+    """Each row's face-crop pHash. A first face's is as near its original's as the image pHashes are
+    (a copy's crop moves with it): the image pHash XOR a mask drawn from the original image, so
+    that it shares no bits with the image pHash by construction (a real aligned crop's pHash does
+    not: with equal bits the face kind's second key would add nothing to its first). Other faces
+    get unrelated hashes."""
+    source = np.where(plan.original >= 0, plan.original, plan.image).astype(np.uint64)
+    first_face = hashes["phash"].view(np.uint64) ^ _mix(source, seed + 31)
+    other = _mix(plan.image * 8 + plan.face, seed + 30)
+    return np.where(plan.face == 0, first_face, other).view(np.int64)
+
+
 def _crops() -> list[bytes]:
     import cv2
 
@@ -266,7 +281,7 @@ def _crops() -> list[bytes]:
         y, x = np.mgrid[0:CROP_SIDE, 0:CROP_SIDE]
         base = rng.integers(60, 200, 3)
         pixels = np.stack([base[c] + 30 * np.sin((x + y * (c + 1)) / 5.0) for c in range(3)], axis=-1)
-        pixels += rng.normal(0, 2, pixels.shape)
+        pixels += rng.normal(0, CROP_NOISE, pixels.shape)
         _, data = cv2.imencode(".jpg", np.clip(pixels, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 75])
         crops.append(data.tobytes())
     return crops
@@ -411,11 +426,7 @@ def summary_table(plan: Plan, hashes: dict[str, np.ndarray], table: pa.Table, se
     frame = table.select(["key", "image_key", "face_index", "face_width", "face_height", "det_score", "q_brisque"])
     frame = frame.take(pa.array(reached)).to_pandas()
     score = frame["face_width"] + frame["face_height"] + 100.0 * frame["det_score"] - frame["q_brisque"]
-    face_phash = np.where(
-        plan.face[reached] == 0,
-        hashes["phash"][reached],
-        _mix(plan.image[reached] * 8 + plan.face[reached], seed + 30).view(np.int64),
-    )
+    face_phash = crop_hashes(plan, hashes, seed)[reached]
     out = pd.DataFrame(
         {
             "key": frame["key"],
@@ -499,11 +510,7 @@ def write_summary_shard(folder: str, shard: int, rows: int, shard_rows: int, see
     keys = np.array([f"{k}_f{f}" for k, f in zip(image_keys, plan.face[reached], strict=True)], dtype=object)
     side = rng.lognormal(5.0, 0.5, len(reached)).clip(40, 2000)
     score = side + 1.2 * side + 100.0 * rng.uniform(0.85, 1.0, len(reached)) - rng.normal(30, 10, len(reached))
-    face_phash = np.where(
-        plan.face[reached] == 0,
-        hashes["phash"][reached],
-        _mix(plan.image[reached] * 8 + plan.face[reached], seed + 30).view(np.int64),
-    )
+    face_phash = crop_hashes(plan, hashes, seed)[reached]
     summary = pa.table(
         {
             "key": pa.array(keys, pa.string()),

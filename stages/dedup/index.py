@@ -12,9 +12,13 @@ Both return pairs (i, j) of row positions; ``UnionFind`` turns pairs into cluste
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterator
 
 import numpy as np
+
+from facecap.stages.dedup.hashing import hamming
 
 MAX_PAIRS_PER_STEP = 4_000_000  # candidate pairs generated at once: bounds memory (about 100 MB)
 VERIFY_SLICE = 200_000  # embedding pairs compared at once (2 x 200k x 128 floats: 200 MB)
@@ -54,34 +58,76 @@ def equal_pairs(values: np.ndarray) -> np.ndarray:
     return np.stack([order[group_start], order[same]], axis=1)
 
 
-def _bands(radius: int) -> list[tuple[int, int]]:
-    """(shift, width) of radius + 1 bands covering the 64 bits."""
-    count = radius + 1
-    widths = [64 // count + (1 if i < 64 % count else 0) for i in range(count)]
-    shifts, start = [], 0
+def band_layout(bands: int) -> list[tuple[int, int]]:
+    """(start, width) of ``bands`` bands covering the 64 bits, ``start`` counted from the top bit."""
+    widths = [64 // bands + (1 if i < 64 % bands else 0) for i in range(bands)]
+    layout, start = [], 0
     for width in widths:
-        shifts.append((start, width))
+        layout.append((start, width))
         start += width
-    return shifts
+    return layout
 
 
 def band_keys(hashes: np.ndarray, bands: int) -> Iterator[tuple[int, np.ndarray]]:
     """(band number, each hash's value in that band) for the ``bands`` bands of ``hamming_pairs``:
     the one definition that the driver's and the partitioned plan share."""
     unsigned = np.asarray(hashes, np.int64).view(np.uint64)
-    for band, (shift, width) in enumerate(_bands(bands - 1)):
-        yield band, ((unsigned >> np.uint64(64 - shift - width)) & np.uint64((1 << width) - 1)).view(np.int64)
+    for band, (start, width) in enumerate(band_layout(bands)):
+        yield band, ((unsigned >> np.uint64(64 - start - width)) & np.uint64((1 << width) - 1)).view(np.int64)
+
+
+def outside_band(hashes: np.ndarray, band: int, bands: int) -> tuple[np.ndarray, int]:
+    """Each hash with band ``band``'s bits taken out (the bits below it moved up), and how many bits
+    remain: what two hashes sharing that band may still differ in."""
+    start, width = band_layout(bands)[band]
+    unsigned = np.asarray(hashes, np.int64).view(np.uint64)
+    below = 64 - start - width
+    low = unsigned & np.uint64((1 << below) - 1)
+    high = (unsigned >> np.uint64(below + width)) if start else np.zeros_like(unsigned)
+    return ((high << np.uint64(below)) | low).view(np.int64), 64 - width
 
 
 def bucket_pairs(keys: np.ndarray) -> Iterator[np.ndarray]:
-    """All pairs of positions sharing a key, in chunks of at most MAX_PAIRS_PER_STEP."""
+    """All pairs of positions sharing a key, in chunks of at most about MAX_PAIRS_PER_STEP."""
+    keys = np.asarray(keys)
     order = np.argsort(keys, kind="stable")
-    ordered = keys[order]
+    starts, sizes = _runs(keys[order])
+    yield from _pairs_within_runs(order, starts, sizes)
+
+
+def _runs(ordered: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and length of each run of equal values in a sorted array."""
+    if not len(ordered):
+        return np.empty(0, np.int64), np.empty(0, np.int64)
     starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
-    sizes = np.diff(np.concatenate([starts, [len(keys)]]))
-    chunk: list[np.ndarray] = []
-    pending = 0
-    for start, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
+    return starts, np.diff(np.concatenate([starts, [len(ordered)]]))
+
+
+SMALL_RUN = 64  # runs up to this long are paired by offset, vectorised over all of them at once
+
+
+def _pairs_within_runs(order: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> Iterator[np.ndarray]:
+    """Every pair of ``order``'s entries inside one run. Millions of runs of two or three (the
+    usual bucket once keys are about log2 n bits wide) are paired without a Python loop per run:
+    for each offset k, every member with k more members after it in its run."""
+    small = (sizes > 1) & (sizes <= SMALL_RUN)
+    if small.any():
+        run_starts, run_sizes = starts[small], sizes[small]
+        position = np.repeat(run_starts, run_sizes) + _ranks(run_sizes)
+        run_end = np.repeat(run_starts + run_sizes, run_sizes)
+        chunk: list[np.ndarray] = []
+        pending = 0
+        for offset in range(1, int(run_sizes.max())):
+            first = position[position + offset < run_end]
+            chunk.append(np.stack([order[first], order[first + offset]], axis=1))
+            pending += len(first)
+            if pending >= MAX_PAIRS_PER_STEP:
+                yield np.concatenate(chunk)
+                chunk, pending = [], 0
+        if chunk:
+            yield np.concatenate(chunk)
+    chunk, pending = [], 0
+    for start, size in zip(starts[sizes > SMALL_RUN], sizes[sizes > SMALL_RUN], strict=True):
         members = order[start : start + size]
         first, second = np.triu_indices(size, k=1)
         chunk.append(np.stack([members[first], members[second]], axis=1))
@@ -93,22 +139,191 @@ def bucket_pairs(keys: np.ndarray) -> Iterator[np.ndarray]:
         yield np.concatenate(chunk)
 
 
+def _ranks(sizes: np.ndarray) -> np.ndarray:
+    """0, 1, ..., size - 1 for each size, concatenated."""
+    total = int(sizes.sum())
+    return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+
+
+# -- multi-index candidates that grow about linearly ------------------------------------------------
+# A bucket of one band value holds about n / 2^width unrelated hashes, so comparing all its pairs
+# costs n^2 / 2^width: quadratic once n passes 2^width (8,192 for radius 4's 13-bit bands). Inside
+# each bucket the hashes are keyed again on blocks of *other* bits: a pair within R bits on those
+# bits has, split into m blocks, some block within floor(R / m) bits (pigeonhole), so looking up
+# each block's value and its values with up to that many bits flipped (multi-probe) finds every
+# such pair. The two keys together are 20-30 bits wide, a bucket holds O(1) unrelated hashes, and
+# the number of blocks and flips is chosen from the buckets' measured size, so the work per hash
+# stays nearly flat as n grows. Nothing is lost: the result is a superset of the one-level
+# candidates that can pass verification.
+# Relative costs, from a profile at 1M faces (2026-12-06): a hash's share of sorting one block about
+# 100 ns, one probe (a pass over the block's hashes and a binary search for half of them) 60 ns a
+# hash, one candidate pair (expanded, gathered, verified) 150 ns.
+SORT_COST = 1.0
+QUERY_COST = 0.6
+CANDIDATE_COST = 1.5
+MAX_BLOCK_BITS = 32  # the widest block: a block value sits beside its bucket's number in one int64
+
+
+def probe_plan(sub_bits: int, sub_radius: int, sharing: float, max_width: int = MAX_BLOCK_BITS) -> tuple[int, int]:
+    """(blocks, flips) for sub-keys of ``sub_bits`` bits within ``sub_radius``: the split with the
+    least estimated work per hash when each hash shares its first-level key with ``sharing`` others.
+
+    Any split with blocks * (flips + 1) > sub_radius finds every pair; wider blocks mean fewer
+    unrelated hashes per block value but more probes (C(width, k) values within k bits)."""
+    best: tuple[float, int, int] | None = None
+    fewest = max(1, -(-sub_bits // max_width))
+    # More blocks than sub_radius + 1 would only narrow them: with that many one is already exact.
+    for blocks in range(fewest, max(fewest, min(sub_radius + 1, sub_bits)) + 1):
+        flips = sub_radius // blocks
+        width = -(-sub_bits // blocks)  # the widest block
+        within = sum(math.comb(width, k) for k in range(flips + 1))  # block values a probe reaches
+        probes = within - 1  # block values within 1..flips bits: a pass over the block each
+        candidates = sharing * within / 2**width / 2
+        cost = blocks * (SORT_COST + QUERY_COST * probes + CANDIDATE_COST * candidates)
+        if best is None or cost < best[0]:
+            best = (cost, blocks, flips)
+    assert best is not None  # the range above is never empty
+    return best[1], best[2]
+
+
+def sub_keyed_pairs(
+    keys: np.ndarray, key_bits: int, sub_hashes: np.ndarray, sub_bits: int, sub_radius: int
+) -> Iterator[np.ndarray]:
+    """Candidate pairs of positions: every pair with equal ``keys`` (values of ``key_bits`` bits)
+    whose ``sub_hashes`` (their low ``sub_bits`` bits) differ in at most ``sub_radius`` bits, and
+    some others (verify them). In chunks of about MAX_PAIRS_PER_STEP pairs; a pair may come twice."""
+    keys = np.asarray(keys, np.int64)
+    if sub_bits <= 0 or sub_radius >= sub_bits:
+        yield from bucket_pairs(keys)
+        return
+    if key_bits > 31:  # wide keys (no band of a radius >= 1 is): number them densely to fit beside a block
+        keys = np.unique(keys, return_inverse=True)[1].astype(np.int64)
+        key_bits = max(1, int(keys.max(initial=0)).bit_length())
+    ordered, order = _sorted_with_order(keys.view(np.uint64), key_bits)
+    starts, sizes = _runs(ordered)
+    in_shared = np.repeat(sizes > 1, sizes)  # a hash alone in its bucket pairs with nothing
+    shared = order[in_shared]
+    if len(shared) < 2:
+        return
+    bucket = ordered[in_shared]
+    sharing = float((sizes[sizes > 1].astype(np.float64) ** 2).sum() / len(shared) - 1)
+    blocks, flips = probe_plan(sub_bits, sub_radius, sharing, min(MAX_BLOCK_BITS, 63 - key_bits))
+    sub = np.asarray(sub_hashes, np.int64)[shared].view(np.uint64)
+    base, extra = divmod(sub_bits, blocks)
+    low = 0
+    for block in range(blocks):
+        width = base + (1 if block < extra else 0)
+        block_values = (sub >> np.uint64(low)) & np.uint64((1 << width) - 1)
+        low += width
+        ordered, order = _sorted_with_order((bucket << np.uint64(width)) | block_values, key_bits + width)
+        starts, sizes = _runs(ordered)
+        for pairs in _pairs_within_runs(order, starts, sizes):
+            yield shared[pairs]
+        if not flips:
+            continue
+        distinct = ordered[starts]
+        for mask in _flip_masks(width, flips):
+            top = np.uint64(1 << (int(mask).bit_length() - 1))
+            # From the side whose top flipped bit is 0 only: each pair is probed once. In sorted
+            # order, so that the binary searches walk forward.
+            asking = np.flatnonzero((ordered & top) == 0)
+            wanted = ordered[asking] ^ mask
+            found = np.minimum(np.searchsorted(distinct, wanted), len(distinct) - 1)
+            hit = distinct[found] == wanted
+            for pairs in _expand(order[asking[hit]], starts[found[hit]], sizes[found[hit]], order):
+                yield shared[pairs]
+
+
+def _sorted_with_order(values: np.ndarray, value_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` sorted and the positions they came from. When the positions fit beside the values
+    in 64 bits they are packed below them and sorted together: a plain sort is about twice as fast
+    as an argsort, and the sorts are most of this index's time."""
+    values = np.asarray(values, np.uint64)
+    position_bits = max(1, (len(values) - 1).bit_length())
+    if value_bits + position_bits > 64:
+        order = np.argsort(values)
+        return values[order], order
+    packed = np.sort((values << np.uint64(position_bits)) | np.arange(len(values), dtype=np.uint64))
+    return packed >> np.uint64(position_bits), (packed & np.uint64((1 << position_bits) - 1)).astype(np.int64)
+
+
+def _flip_masks(width: int, flips: int) -> Iterator[np.uint64]:
+    """Every mask of 1 to ``flips`` bits within ``width`` bits."""
+    for count in range(1, flips + 1):
+        for bits in itertools.combinations(range(width), count):
+            yield np.uint64(sum(1 << b for b in bits))
+
+
+def _expand(askers: np.ndarray, starts: np.ndarray, sizes: np.ndarray, order: np.ndarray) -> Iterator[np.ndarray]:
+    """Pairs (asker, each member of its matched run), in chunks of about MAX_PAIRS_PER_STEP."""
+    ends = np.cumsum(sizes)
+    begin = 0
+    while begin < len(askers):
+        stop = int(np.searchsorted(ends, (ends[begin - 1] if begin else 0) + MAX_PAIRS_PER_STEP, side="right"))
+        stop = max(stop, begin + 1)
+        part = slice(begin, stop)
+        counts = sizes[part]
+        members = np.repeat(starts[part], counts) + _ranks(counts)
+        yield np.stack([np.repeat(askers[part], counts), order[members]], axis=1)
+        begin = stop
+
+
 def hamming_pairs(hashes: np.ndarray, radius: int, bands: int | None = None) -> np.ndarray:
     """Pairs of positions whose 64-bit hashes differ in at most ``radius`` bits.
 
     With ``radius + 1`` bands (the default) every such pair is found. Fewer, wider bands find a
     pair only when one band has none of its differing bits (most pairs well inside the radius),
-    for far fewer candidates: the cost of a large radius without comparing nearly all pairs."""
+    for far fewer candidates: the cost of a large radius without comparing nearly all pairs.
+    Either way the hashes sharing a band are keyed again on the other bits (``sub_keyed_pairs``),
+    which finds the same pairs with work about linear in n."""
     hashes = np.asarray(hashes, np.int64)
     unsigned = hashes.view(np.uint64)
+    count = bands or radius + 1
     found = []
-    for _, keys in band_keys(hashes, bands or radius + 1):
-        for pairs in bucket_pairs(keys):
+    for band, keys in band_keys(hashes, count):
+        rest, rest_bits = outside_band(hashes, band, count)
+        for pairs in sub_keyed_pairs(keys, 64 - rest_bits, rest, rest_bits, radius):
             distance = np.bitwise_count(np.bitwise_xor(unsigned[pairs[:, 0]], unsigned[pairs[:, 1]]))
             found.append(pairs[distance <= radius])
-    if not found:
+    return unique_pairs(found)
+
+
+def face_candidates(
+    image_hashes: np.ndarray, face_hashes: np.ndarray, bands: int, face_radius: int
+) -> Iterator[np.ndarray]:
+    """Candidate pairs for the face kind: faces sharing one of ``bands`` image-pHash bands, keyed
+    again on their crop pHash, so that every pair sharing a band whose crops are within
+    ``face_radius`` bits is among them (the driver's plan; the partitioned one keys each band's
+    records the same way)."""
+    for band, keys in band_keys(image_hashes, bands):
+        yield from sub_keyed_pairs(keys, band_layout(bands)[band][1], face_hashes, 64, face_radius)
+
+
+def close_faces(
+    pairs: np.ndarray,
+    image_hashes: np.ndarray,
+    face_hashes: np.ndarray,
+    images: np.ndarray,
+    image_radius: int,
+    face_radius: int,
+) -> np.ndarray:
+    """Which candidate face pairs the face kind keeps: images within ``image_radius`` bits, crops
+    within ``face_radius``, and not two faces of one image."""
+    keep = hamming(image_hashes[pairs[:, 0]], image_hashes[pairs[:, 1]]) <= image_radius
+    # The image distance first: it drops nearly every candidate, so the rest is checked on few.
+    near = pairs[keep]
+    keep[keep] = (hamming(face_hashes[near[:, 0]], face_hashes[near[:, 1]]) <= face_radius) & (
+        images[near[:, 0]] != images[near[:, 1]]
+    )
+    return keep
+
+
+def unique_pairs(pieces: list[np.ndarray]) -> np.ndarray:
+    """The distinct pairs of ``pieces``, each as (smaller, larger), sorted."""
+    pieces = [p for p in pieces if len(p)]
+    if not pieces:
         return np.empty((0, 2), np.int64)
-    return np.unique(np.sort(np.concatenate(found), axis=1), axis=0)
+    return np.unique(np.sort(np.concatenate(pieces), axis=1), axis=0)
 
 
 def lsh_bits(n: int) -> int:

@@ -44,7 +44,17 @@ from facecap.pipeline.stage import Resources, Summaries
 from facecap.pipeline.storage import Storage
 from facecap.pipeline.tasks import TaskJob
 from facecap.stages.dedup.hashing import hamming
-from facecap.stages.dedup.index import band_keys, bucket_pairs, connected_components, equal_pairs, hamming_pairs
+from facecap.stages.dedup.index import (
+    band_keys,
+    band_layout,
+    close_faces,
+    connected_components,
+    equal_pairs,
+    hamming_pairs,
+    outside_band,
+    sub_keyed_pairs,
+    unique_pairs,
+)
 from facecap.stages.shared.identity import OptOutList, match
 
 ROW_BITS = 32  # a row id is shard << ROW_BITS | its position in the shard's summary
@@ -281,13 +291,16 @@ def group_partition(partition: int, payload: tuple[PlanContext, list[tuple[int, 
             chosen = np.flatnonzero(grouping == code)
             result["image_pairs"][column] = images["image"][chosen[equal_pairs(images["value"][chosen])]]
         near = []
+        bands = config.phash_radius + 1
         for code in np.unique(grouping[grouping >= NEAR_CODE]):
             chosen = np.flatnonzero(grouping == code)
-            for pairs in bucket_pairs(images["value"][chosen]):
+            # Keyed again on the bits outside the band, as ``hamming_pairs`` does on the driver.
+            rest, rest_bits = outside_band(images["phash"][chosen], int(code) - NEAR_CODE, bands)
+            for pairs in sub_keyed_pairs(images["value"][chosen], 64 - rest_bits, rest, rest_bits, config.phash_radius):
                 pairs = chosen[pairs]
                 close = hamming(images["phash"][pairs[:, 0]], images["phash"][pairs[:, 1]]) <= config.phash_radius
                 near.append(images["image"][pairs[close]])
-        result["image_pairs"]["near"] = _unique_pairs(near)
+        result["image_pairs"]["near"] = unique_pairs(near)
         members = np.unique(np.concatenate([p.ravel() for p in result["image_pairs"].values()]))
         lookup = pd.Series(images["score"], index=images["image"])
         lookup = lookup[~lookup.index.duplicated()]
@@ -296,16 +309,20 @@ def group_partition(partition: int, payload: tuple[PlanContext, list[tuple[int, 
         found = []
         for code in np.unique(faces["grouping"]):
             chosen = np.flatnonzero(faces["grouping"] == code)
-            for pairs in bucket_pairs(faces["value"][chosen]):
-                a, b = chosen[pairs[:, 0]], chosen[pairs[:, 1]]
-                # The image distance first: it drops nearly every candidate, so the rest is checked on few.
-                near = hamming(faces["phash"][a], faces["phash"][b]) <= config.face_crop_image_radius
-                a, b = a[near], b[near]
-                close = (hamming(faces["face_phash"][a], faces["face_phash"][b]) <= config.face_crop_radius) & (
-                    faces["image"][a] != faces["image"][b]
+            band_bits = band_layout(context.face_bands)[int(code)][1]
+            crops, image_hashes = faces["face_phash"][chosen], faces["phash"][chosen]
+            # Keyed again on the crop pHash, as ``face_candidates`` does on the driver.
+            for pairs in sub_keyed_pairs(faces["value"][chosen], band_bits, crops, 64, config.face_crop_radius):
+                close = close_faces(
+                    pairs,
+                    image_hashes,
+                    crops,
+                    faces["image"][chosen],
+                    config.face_crop_image_radius,
+                    config.face_crop_radius,
                 )
-                found.append(np.stack([faces["row"][a[close]], faces["row"][b[close]]], axis=1))
-        result["face_pairs"] = _unique_pairs(found)
+                found.append(faces["row"][chosen[pairs[close]]])
+        result["face_pairs"] = unique_pairs(found)
         members = np.unique(result["face_pairs"].ravel())
         where = pd.Series(np.arange(len(faces["row"])), index=faces["row"])
         where = where[~where.index.duplicated()].reindex(members).to_numpy()
@@ -323,13 +340,6 @@ def _read_groups(context: PlanContext, family: str, groups: list[tuple[int, int]
         return None
     table = pa.concat_tables(tables)
     return {name: table.column(name).to_numpy() for name in table.column_names}
-
-
-def _unique_pairs(pieces: list[np.ndarray]) -> np.ndarray:
-    pieces = [p for p in pieces if len(p)]
-    if not pieces:
-        return np.empty((0, 2), np.int64)
-    return np.unique(np.sort(np.concatenate(pieces), axis=1), axis=0)
 
 
 # -- 3. decide (driver) ----------------------------------------------------------------------------
@@ -353,7 +363,7 @@ class _Decisions:
         groupings += [("near_duplicate", "near")] if "near" in self.config.kinds else []
         ids, scores = _merged_scores([g["image_scores"] for g in grouped if g["image_scores"] is not None])
         for kind, name in groupings:
-            pairs = _unique_pairs([g["image_pairs"][name] for g in grouped if g["image_scores"] is not None])
+            pairs = unique_pairs([g["image_pairs"][name] for g in grouped if g["image_scores"] is not None])
             self.pairs += len(pairs)
             for member, survivor in _survivors(pairs, ids, scores).items():
                 self.image_duplicates.setdefault(member, (kind, survivor))
@@ -363,7 +373,7 @@ class _Decisions:
         found = [g for g in grouped if g["face_rows"] is not None]
         if not found:
             return
-        pairs = _unique_pairs([g["face_pairs"] for g in found])
+        pairs = unique_pairs([g["face_pairs"] for g in found])
         self.pairs += len(pairs)
         rows = np.concatenate([g["face_rows"][0] for g in found])
         images = np.concatenate([g["face_rows"][1] for g in found])

@@ -41,8 +41,17 @@ from facecap.pipeline.errors import ConfigError
 from facecap.pipeline.models import ModelMissing
 from facecap.pipeline.registry import register
 from facecap.pipeline.stage import Batch, GlobalStage, Output, Resources, StageConfig, Summaries
-from facecap.stages.dedup.hashing import FaceEmbedder, digest64, hamming, normalised_url, phash, pixel_digest
-from facecap.stages.dedup.index import UnionFind, cosine_pairs, equal_pairs, hamming_pairs, lsh_bits
+from facecap.stages.dedup.hashing import FaceEmbedder, digest64, normalised_url, phash, pixel_digest
+from facecap.stages.dedup.index import (
+    UnionFind,
+    close_faces,
+    cosine_pairs,
+    equal_pairs,
+    face_candidates,
+    hamming_pairs,
+    lsh_bits,
+    unique_pairs,
+)
 from facecap.stages.dedup.partitioned import PARTITIONED_KINDS, plan_partitioned
 from facecap.stages.shared.identity import (
     DEFAULT_EMBEDDING_MODEL,
@@ -319,12 +328,14 @@ def face_crop_pairs(frame: pd.DataFrame, config: DedupConfig) -> np.ndarray:
     """Faces of different images whose aligned crops and whole images are both near in pHash."""
     image_hashes = frame["phash"].to_numpy(np.int64)
     face_hashes = frame["face_phash"].to_numpy(np.int64)
-    pairs = hamming_pairs(image_hashes, config.face_crop_image_radius, bands=FACE_CROP_BANDS)
-    if not len(pairs):
-        return pairs
     images = frame["image_key"].to_numpy()
-    close = hamming(face_hashes[pairs[:, 0]], face_hashes[pairs[:, 1]]) <= config.face_crop_radius
-    return pairs[close & (images[pairs[:, 0]] != images[pairs[:, 1]])]
+    found = []
+    for pairs in face_candidates(image_hashes, face_hashes, FACE_CROP_BANDS, config.face_crop_radius):
+        close = close_faces(
+            pairs, image_hashes, face_hashes, images, config.face_crop_image_radius, config.face_crop_radius
+        )
+        found.append(pairs[close])
+    return unique_pairs(found)
 
 
 def _image_pairs(first: pd.DataFrame, config: DedupConfig):

@@ -30,8 +30,12 @@ def export(
         typer.Option(help="the image of each sample: square (1.5x, 512), aligned (512), box"),
     ] = "square",
     caption: Annotated[Literal["first", "short"], typer.Option(help="first (of the caption list) or short")] = "first",
-    shard_samples: Annotated[int, typer.Option(help="samples per shard")] = 10_000,
-    shard_bytes: Annotated[int | None, typer.Option(help="aim for shards of about this many bytes")] = None,
+    shard_samples: Annotated[
+        int, typer.Option(help="the most samples in a shard (they hold about 96% of it: buckets of a seeded hash)")
+    ] = 10_000,
+    shard_bytes: Annotated[
+        int | None, typer.Option(help="aim for shards of about this many bytes (by the samples' measured sizes)")
+    ] = None,
     seed: Annotated[int, typer.Option(help="global shuffle seed")] = 0,
     val_fraction: Annotated[float, typer.Option(help="share of samples in a validation split")] = 0.0,
     split_by: Annotated[

@@ -39,8 +39,8 @@ from facecap.stages.export.shuffle import (
     SCATTER_DIR,
     BucketWork,
     ShufflePlan,
-    bucket_schema,
     buckets_for,
+    recorded_schema,
     scatter_shard,
     shards_for,
     write_bucket,
@@ -141,9 +141,9 @@ def export(
     executor = executor or LocalExecutor()
     result = ExportResult(output=out.root)
     with progress:
-        totals = _scatter(plan, inputs, executor, progress, result, max_retries)
-        schema = _write(plan, inputs, totals, executor, progress, result, max_retries)
-    _finish(out, dataset, manifest, settings, identity, schema, result)
+        scattered = _scatter(plan, inputs, executor, progress, result, max_retries)
+        _write(plan, inputs, scattered.totals, executor, progress, result, max_retries)
+    _finish(out, dataset, manifest, settings, identity, scattered.schema, result)
     _remove_scatter(out, plan)
     return result
 
@@ -195,22 +195,47 @@ def _bucket_counts(dataset: Dataset, inputs: list[int], settings: ExportSettings
     return buckets
 
 
-def _scatter(plan, inputs, executor, progress, result, max_retries) -> dict[str, dict[str, np.ndarray]]:
-    """Pass 1; returns per split and bucket the samples and tar bytes over every input shard."""
-    totals = {
-        split: {"count": np.zeros(b, np.int64), "bytes": np.zeros(b, np.int64)} for split, b in plan.buckets.items()
-    }
-    refused: list[str] = []
+class _Scattered:
+    """What the scatter records add up to on the driver: per split and bucket, the samples and their
+    tar bytes; and the JSON schema over every input shard (None once two have no common one)."""
+
+    def __init__(self, buckets: dict[str, int]):
+        self.totals = {
+            split: {"count": np.zeros(b, np.int64), "bytes": np.zeros(b, np.int64)} for split, b in buckets.items()
+        }
+        self.schema: pa.Schema | None = None
+        self.refused: list[str] = []
+        self.opted_out = 0
+        self._records = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        if "refused" in record:
+            self.refused.append(record["refused"])
+            return
+        self.opted_out += record["opted_out"]
+        for split, counted in record["splits"].items():
+            self.totals[split]["count"] += np.asarray(counted["count"], np.int64)
+            self.totals[split]["bytes"] += np.asarray(counted["bytes"], np.int64)
+        schema = recorded_schema(record)
+        if self._records == 0:
+            self.schema = schema
+        elif self.schema is not None and schema is not None:
+            try:
+                self.schema = pa.unify_schemas([self.schema, schema], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # a JSON field with values of several types
+                self.schema = None
+        else:
+            self.schema = None
+        self._records += 1
+
+
+def _scatter(plan, inputs, executor, progress, result, max_retries) -> _Scattered:
+    """Pass 1, one task per input shard not scattered yet."""
+    scattered = _Scattered(plan.buckets)
 
     def add(shard: int, record: dict[str, Any]) -> None:
         progress.advance(0)
-        if "refused" in record:
-            refused.append(record["refused"])
-            return
-        result.opted_out += record["opted_out"]
-        for split, counted in record["splits"].items():
-            totals[split]["count"] += np.asarray(counted["count"], np.int64)
-            totals[split]["bytes"] += np.asarray(counted["bytes"], np.int64)
+        scattered.add(record)
 
     progress.phase("export 1/2 scatter")
     progress.set_total(len(inputs))
@@ -224,13 +249,14 @@ def _scatter(plan, inputs, executor, progress, result, max_retries) -> dict[str,
             add(shard, record)
     job = TaskJob("export scatter", scatter_shard)
     run_tasks(executor, job, ((s, plan) for s in todo), max_retries, add, where=plan.output)
-    if refused:
-        raise FacecapError(refused[0])
-    return totals
+    if scattered.refused:
+        raise FacecapError(scattered.refused[0])
+    result.opted_out = scattered.opted_out
+    return scattered
 
 
-def _write(plan, inputs, totals, executor, progress, result, max_retries) -> pa.Schema | None:
-    """Pass 2: every bucket's shards, numbered in bucket order; returns the samples' JSON schema."""
+def _write(plan, inputs, totals, executor, progress, result, max_retries) -> None:
+    """Pass 2: every bucket's shards, numbered in bucket order."""
     work: list[BucketWork] = []
     for split in plan.buckets:
         first = 0
@@ -240,14 +266,10 @@ def _write(plan, inputs, totals, executor, progress, result, max_retries) -> pa.
                 work.append(BucketWork(plan, split, bucket, first, shards, tuple(inputs)))
             first += shards
     listed: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    schemas: list[pa.Schema] = []
 
     def add(number: int, record: dict[str, Any]) -> None:
         progress.advance(sum(s["nsamples"] for s in record["shards"]))
         listed[(work[number].split, work[number].bucket)] = record["shards"]
-        schema = bucket_schema(record)
-        if schema is not None:
-            schemas.append(schema)
 
     progress.phase("export 2/2 write")
     progress.set_total(len(work))
@@ -266,12 +288,6 @@ def _write(plan, inputs, totals, executor, progress, result, max_retries) -> pa.
         shards = [s for item in work if item.split == split for s in listed[(split, item.bucket)]]
         result.shards[split] = shards
         result.samples[split] = int(sum(s["nsamples"] for s in shards))
-    if not schemas:
-        return None
-    try:
-        return pa.unify_schemas(schemas, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a JSON field with values of several types
-        return None
 
 
 def _finish(out, dataset, manifest, settings, identity, schema, result) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 
 from facecap.pipeline.errors import FacecapError
@@ -43,26 +43,26 @@ def caption_of(row: dict[str, Any], settings) -> tuple[str, str]:
     return str(row.get("alt_text") or ""), "alt_text"
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else value
-    if isinstance(value, bytes):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def metadata(row: dict[str, Any], caption_source: str) -> dict[str, Any]:
-    meta = {k: _json_safe(v) for k, v in row.items() if k not in SKIP_COLUMNS}
+    """A row's ``KEY.json`` content: every column worth a trainer's while (binary ones as null)."""
+    meta = {k: (None if isinstance(v, bytes) else v) for k, v in row.items() if k not in SKIP_COLUMNS}
     for column in ("caption_provenance", "attr_backends", "caption_versions"):
         if isinstance(meta.get(column), str):
             with contextlib.suppress(ValueError):  # not JSON after all: keep the text
                 meta[column] = json.loads(meta[column])
     meta["caption_source"] = caption_source
     return meta
+
+
+def metadata_json(meta: dict[str, Any]) -> bytes:
+    """UTF-8 JSON; NaN and infinities become null (JSON has neither), nested bytes too."""
+    return orjson.dumps(meta, default=_as_text)
+
+
+def _as_text(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return None
+    return str(value)  # what json.dumps(default=str) wrote: Decimal, odd Arrow values
 
 
 def facecaption_table(part: pa.Table) -> pa.Table:

@@ -35,7 +35,7 @@ from facecap.pipeline.dataset import Dataset, MediaRef, SpooledTar, TarShardRead
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.status import OK
 from facecap.pipeline.storage import Storage, StorageOptions
-from facecap.stages.export.rows import TAR_BLOCK, caption_of, facecaption_table, metadata, split_of
+from facecap.stages.export.rows import TAR_BLOCK, caption_of, facecaption_table, metadata, metadata_json, split_of
 from facecap.stages.shared.trainers import metadata_schema, tar_index, tar_index_name
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -97,16 +97,37 @@ def scatter_shard(shard: int, plan: ShufflePlan) -> dict[str, Any]:
             raise FacecapError(f"unsafe sample key {bad!r}: keys must be letters, digits, '_' or '-'")
         opted_out = _opted_out(plan, shard, keys) if plan.opt_out else np.zeros(len(keys), bool)
         rows = rows.filter(pa.array(~opted_out))
-        pieces = _rendered(plan, shard, rows)
-        splits = split_of(rows, plan.settings)
+        rows, buckets, bounds = _in_bucket_order(rows, plan)
+        pieces, schema = _rendered(plan, shard, rows)
     except FacecapError as refusal:
         return {"refused": str(refusal)}
     record: dict[str, Any] = {"opted_out": int(opted_out.sum()), "splits": {}}
-    for split, buckets in plan.buckets.items():
-        mask = splits == split
-        record["splits"][split] = _write_scatter(out, plan.scatter_name(split, shard), pieces.filter(mask), buckets)
+    if schema is not None:
+        record["schema"] = base64.b64encode(schema.serialize().to_pybytes()).decode()
+    for split, (start, stop) in bounds.items():
+        name = plan.scatter_name(split, shard)
+        part = pieces.slice(start, stop - start)
+        record["splits"][split] = _write_scatter(out, name, part, buckets[start:stop], plan.buckets[split])
     out.write_bytes(plan.scatter_record(shard), json.dumps(record).encode())
     return record
+
+
+def _in_bucket_order(rows: pa.Table, plan: ShufflePlan) -> tuple[pa.Table, np.ndarray, dict[str, tuple[int, int]]]:
+    """The rows ordered by split, then bucket (so each bucket's samples are written as one slice,
+    never gathered by a copy of the images), each row's bucket, and each split's row range."""
+    splits = split_of(rows, plan.settings)
+    order = shuffle_order(plan.settings.seed, rows.column("key").to_pylist())
+    names = list(plan.buckets)
+    split_number = np.array([names.index(s) for s in splits], np.int64)
+    counts = np.array([plan.buckets[s] for s in names], np.uint64)
+    bucket = (order % counts[split_number]).astype(np.int64) if len(order) else np.zeros(0, np.int64)
+    arranged = np.lexsort((bucket, split_number))
+    ends = np.cumsum(np.bincount(split_number, minlength=len(names)))
+    bounds = {
+        name: (int(end - count), int(end))
+        for name, end, count in zip(names, ends, np.bincount(split_number, minlength=len(names)), strict=True)
+    }
+    return rows.take(pa.array(arranged)), bucket[arranged], bounds
 
 
 def _ok_rows(dataset: Dataset, shard: int) -> pa.Table:
@@ -114,29 +135,30 @@ def _ok_rows(dataset: Dataset, shard: int) -> pa.Table:
     return table.filter(pc.equal(table.column("status"), OK).fill_null(False))
 
 
-def _rendered(plan: ShufflePlan, shard: int, rows: pa.Table) -> pa.Table:
-    """The samples as they will be written, with their shuffle order and size in a tar."""
+def _rendered(plan: ShufflePlan, shard: int, rows: pa.Table) -> tuple[pa.Table, pa.Schema | None]:
+    """The samples as they will be written, with their shuffle order and size in a tar; for
+    WebDataset also the Arrow schema of their JSON (the dataset card's features)."""
     settings = plan.settings
     keys = rows.column("key").to_pylist()
     order = pa.array(shuffle_order(settings.seed, keys), pa.uint64())
     if settings.format == "parquet":
         table = rows.append_column("_order", order)
-        return table.append_column("_bytes", pa.array(np.zeros(rows.num_rows, np.int64)))
+        return table.append_column("_bytes", pa.array(np.zeros(rows.num_rows, np.int64))), None
     member = plan.crop.member_ext(settings.crop)
     tar = plan.crop.tar_for(shard) or f"{shard_name(shard)}.tar"
-    crops, texts, metas, sizes = [], [], [], []
+    crops, texts, metas, sizes, dicts = [], [], [], [], []
     with TarShardReader(Storage(plan.crop.root, plan.storage), tar) as reader:
         for row in rows.to_pylist():
             crop = (reader.get(row["key"], [member]) or {}).get(member)
             if crop is None:
                 raise FacecapError(f"{row['key']}: its {settings.crop} crop is missing from shard {shard}")
             text, source = caption_of(row, settings)
-            meta = json.dumps(metadata(row, source), ensure_ascii=False, default=str).encode()
+            dicts.append(metadata(row, source))
             crops.append(crop)
             texts.append(text.encode())
-            metas.append(meta)
-            sizes.append(sum(TAR_BLOCK + -(-len(p) // TAR_BLOCK) * TAR_BLOCK for p in (crop, texts[-1], meta)))
-    return pa.table(
+            metas.append(metadata_json(dicts[-1]))
+            sizes.append(sum(TAR_BLOCK + -(-len(p) // TAR_BLOCK) * TAR_BLOCK for p in (crop, texts[-1], metas[-1])))
+    table = pa.table(
         {
             "key": pa.array(keys, pa.string()),
             "jpg": pa.array(crops, pa.large_binary()),
@@ -146,21 +168,26 @@ def _rendered(plan: ShufflePlan, shard: int, rows: pa.Table) -> pa.Table:
             "_bytes": pa.array(sizes, pa.int64()),
         }
     )
+    return table, _schema_or_none(dicts)
 
 
-def _write_scatter(out: Storage, name: str, pieces: pa.Table, buckets: int) -> dict[str, list[int]]:
-    """Record batch ``k`` of the file holds bucket ``k`` (empty batches included, so no index is needed)."""
-    bucket = (pieces.column("_order").to_numpy() % np.uint64(buckets)).astype(np.int64)
+def _schema_or_none(dicts: list[dict[str, Any]]) -> pa.Schema | None:
+    try:
+        return metadata_schema(dicts)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a field with values of several types: no common schema
+        return None
+
+
+def _write_scatter(out: Storage, name: str, pieces: pa.Table, bucket: np.ndarray, buckets: int) -> dict[str, list[int]]:
+    """Record batch ``k`` of the file holds bucket ``k`` (empty batches included, so no index is
+    needed); ``pieces`` are in bucket order already, so each batch is a slice, not a copy."""
     counts = np.bincount(bucket, minlength=buckets)
     tar_bytes = np.bincount(bucket, weights=pieces.column("_bytes").to_numpy(), minlength=buckets)
-    pieces = pieces.take(pa.array(np.argsort(bucket, kind="stable"))).combine_chunks()
     starts = np.concatenate([[0], np.cumsum(counts)])
+    whole = pa.RecordBatch.from_arrays([c.combine_chunks() for c in pieces.columns], schema=pieces.schema)
     with out.open_write(name) as stream, pa.ipc.new_file(stream, pieces.schema) as writer:
         for k in range(buckets):
-            part = pieces.slice(int(starts[k]), int(counts[k]))
-            writer.write_batch(
-                pa.RecordBatch.from_arrays([c.combine_chunks() for c in part.columns], schema=pieces.schema)
-            )
+            writer.write_batch(whole.slice(int(starts[k]), int(counts[k])))
     return {"count": counts.tolist(), "bytes": tar_bytes.astype(np.int64).tolist()}
 
 
@@ -204,39 +231,41 @@ class BucketWork:
 
 
 def write_bucket(number: int, work: BucketWork) -> dict[str, Any]:
-    """One bucket's output shards; returns (and records) their names and counts, and for WebDataset
-    the Arrow schema of its samples' JSON (for the dataset card)."""
+    """One bucket's output shards; returns (and records) their names and counts."""
     plan, settings = work.plan, work.plan.settings
     out = Storage(plan.output, plan.storage)
     samples = _gather(out, work)
-    parts = _cut(samples.column("_bytes").to_numpy(), work.shards, settings)
-    written, schemas = [], []
+    # Shuffle order, the key breaking a tie: it decides which shard a sample goes to (a tar is then
+    # sorted by key, a Parquet file keeps this order).
+    ranked = pc.sort_indices(samples, sort_keys=[("_order", "ascending"), ("key", "ascending")]).to_numpy()
+    parts = _cut(samples.column("_bytes").to_numpy()[ranked], work.shards, settings)
+    members = _members(samples) if settings.format == "webdataset" else None
+    written = []
     for offset, (start, stop) in enumerate(parts):
-        part = samples.slice(start, stop - start)
+        chosen = ranked[start:stop]
         name = f"{settings.prefix}{work.split}-{work.first + offset:06d}"
-        if settings.format == "webdataset":
-            written.append(_write_tar(out, f"{name}.tar", part))
-            schemas.append(metadata_schema(json.loads(m) for m in part.column("json").to_pylist()))
+        if members is not None:
+            written.append(_write_tar(out, f"{name}.tar", members, chosen))
         else:
-            written.append(_write_parquet(out, f"{name}.parquet", part))
+            written.append(_write_parquet(out, f"{name}.parquet", samples.take(pa.array(chosen))))
     record: dict[str, Any] = {"shards": written}
-    if schemas:
-        schema = pa.unify_schemas(schemas, promote_options="permissive")
-        record["schema"] = base64.b64encode(schema.serialize().to_pybytes()).decode()
     out.write_bytes(plan.bucket_record(work.split, work.bucket), json.dumps(record).encode())
     return record
 
 
+def _members(samples: pa.Table) -> dict[str, list]:
+    return {column: samples.column(column).to_pylist() for column in ("key", "jpg", "txt", "json")}
+
+
 def _gather(out: Storage, work: BucketWork) -> pa.Table:
-    """The bucket's samples from every scatter file, in shuffle order (key breaks a tie)."""
+    """The bucket's samples from every scatter file (in input order)."""
     pieces = []
     for shard in work.inputs:
         with out.open_read(work.plan.scatter_name(work.split, shard)) as f:
             batch = pa.ipc.open_file(f).get_batch(work.bucket)
             if batch.num_rows:
                 pieces.append(pa.Table.from_batches([batch]))
-    table = pa.concat_tables(pieces, promote_options="permissive")
-    return table.sort_by([("_order", "ascending"), ("key", "ascending")])
+    return pa.concat_tables(pieces, promote_options="permissive")
 
 
 def _cut(sizes: np.ndarray, parts: int, settings) -> list[tuple[int, int]]:
@@ -262,19 +291,20 @@ def shards_for(count: int, tar_bytes: int, settings) -> int:
     return min(count, max(by_count, by_bytes))
 
 
-def _write_tar(out: Storage, name: str, part: pa.Table) -> dict[str, Any]:
+def _write_tar(out: Storage, name: str, members: dict[str, list], chosen: np.ndarray) -> dict[str, Any]:
     spool = SpooledTar()
     try:
-        columns = [part.column(c).to_pylist() for c in ("key", "jpg", "txt", "json")]
-        for key, jpg, txt, meta in zip(*columns, strict=True):
-            spool.add(key, {"jpg": jpg, "txt": txt, "json": meta})
+        for i in chosen:
+            spool.add(
+                members["key"][i], {"jpg": members["jpg"][i], "txt": members["txt"][i], "json": members["json"][i]}
+            )
         with out.open_write(name) as stream:
             digest = spool.write_sorted(stream)
         out.write_bytes(tar_index_name(name), tar_index(spool.sample_offsets))
     finally:
         spool.close()
-    out.write_bytes(f"_done/{name}.json", json.dumps({"size": digest.size, "nsamples": part.num_rows}).encode())
-    return {"url": name, "nsamples": part.num_rows}
+    out.write_bytes(f"_done/{name}.json", json.dumps({"size": digest.size, "nsamples": len(chosen)}).encode())
+    return {"url": name, "nsamples": len(chosen)}
 
 
 def _write_parquet(out: Storage, name: str, part: pa.Table) -> dict[str, Any]:
@@ -286,6 +316,7 @@ def _write_parquet(out: Storage, name: str, part: pa.Table) -> dict[str, Any]:
     return {"url": name, "nsamples": table.num_rows}
 
 
-def bucket_schema(record: dict[str, Any]) -> pa.Schema | None:
+def recorded_schema(record: dict[str, Any]) -> pa.Schema | None:
+    """The JSON schema an input shard's scatter recorded (None: none, or no common one)."""
     encoded = record.get("schema")
     return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(encoded))) if encoded else None

@@ -61,8 +61,22 @@ class Brisque:
         )
 
     def score(self, bgr: np.ndarray) -> float:
-        value = float(self._model.score(np.ascontiguousarray(bgr[:, :, ::-1])))
+        value = float(self.features_score(np.ascontiguousarray(bgr[:, :, ::-1])))
         return value if math.isfinite(value) else float("nan")
+
+    def features_score(self, rgb: np.ndarray) -> float:
+        """The package's ``BRISQUE.score`` without its first two lines: they compute the MSCN
+        coefficients of the full-size image and its pair products and then drop them
+        (``calculate_brisque_features`` computes them again), a third of its filtering. The same
+        operations in the same order otherwise, so the same score to the bit (tested)."""
+        from skimage.color import rgb2gray
+
+        model = self._model
+        gray_image = rgb2gray(model.remove_alpha_channel(rgb))
+        features = model.calculate_brisque_features(gray_image, kernel_size=7, sigma=7 / 6)
+        half = cv2.resize(gray_image, None, fx=1 / 2, fy=1 / 2, interpolation=cv2.INTER_CUBIC)
+        half_features = model.calculate_brisque_features(half, kernel_size=7, sigma=7 / 6)
+        return model.calculate_image_quality_score(np.concatenate((features, half_features)))
 
 
 class TextDetector:
@@ -113,16 +127,62 @@ class NsfwDetector:
         self.max_side = max_side
 
     def detections(self, bgr: np.ndarray) -> list[dict]:
-        """NudeNet's detections (``class``, ``score``, ``box``) of every class, at ``max_side``."""
+        """NudeNet's detections (``class``, ``score``, ``box``) of every class, at ``max_side``.
+
+        NudeNet's own preprocessing and model call, then its post-processing vectorised
+        (``_nudenet_postprocess``): its Python loop over the 2,100 candidate rows took about a
+        fifth of an image's NSFW time, for the same detections (tested against ``detect``)."""
+        from nudenet import nudenet
+
         height, width = bgr.shape[:2]
         if self.max_side is not None and max(height, width) > self.max_side:
             scale = self.max_side / max(height, width)
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
             bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
-        return self._detector.detect(np.ascontiguousarray(bgr))
+        detector = self._detector
+        blob, _, _, x_pad, y_pad, image_width, image_height = nudenet._read_image(
+            np.ascontiguousarray(bgr), detector.input_width
+        )
+        output = detector.onnx_session.run(None, {detector.input_name: blob})
+        return _nudenet_postprocess(
+            output[0], x_pad, y_pad, image_width, image_height, detector.input_width, detector.input_height
+        )
 
     def nsfw_score(self, bgr: np.ndarray) -> float:
         return max((float(d["score"]) for d in self.detections(bgr) if d["class"] in EXPLICIT), default=0.0)
+
+
+def _nudenet_postprocess(
+    output: np.ndarray, x_pad: int, y_pad: int, image_width: int, image_height: int, model_width: int, model_height: int
+) -> list[dict]:
+    """``nudenet._postprocess`` over every candidate row at once: the same float32 arithmetic in
+    the same order per row, the same rows (best class score >= 0.2) in the same order into the
+    same ``cv2.dnn.NMSBoxes``, so the same detections."""
+    from nudenet import nudenet
+
+    labels = getattr(nudenet, "__labels")  # NudeNet's class names, in its output order
+    rows = np.transpose(np.squeeze(output))
+    class_scores = rows[:, 4:]
+    best = class_scores.max(axis=1)
+    candidates = np.flatnonzero(best >= 0.2)
+    if not len(candidates):
+        return []
+    class_ids = class_scores[candidates].argmax(axis=1)
+    x, y, w, h = (rows[candidates, column] for column in range(4))
+    x = x - w / 2  # centre to top-left corner
+    y = y - h / 2
+    x = x * (image_width + x_pad) / model_width  # to the padded image's pixels
+    y = y * (image_height + y_pad) / model_height
+    w = w * (image_width + x_pad) / model_width
+    h = h * (image_height + y_pad) / model_height
+    x = np.maximum(0, np.minimum(x, image_width))  # clipped to the image
+    y = np.maximum(0, np.minimum(y, image_height))
+    w = np.minimum(w, image_width - x)
+    h = np.minimum(h, image_height - y)
+    boxes = np.stack([x, y, w, h], axis=1).tolist()
+    scores = best[candidates].tolist()
+    kept = cv2.dnn.NMSBoxes(boxes, scores, 0.25, 0.45)
+    return [{"class": labels[class_ids[i]], "score": float(scores[i]), "box": [int(v) for v in boxes[i]]} for i in kept]
 
 
 def cartoon_features(face_bgr: np.ndarray) -> tuple[float, float, float]:

@@ -75,3 +75,48 @@ def test_every_tar_writer_refuses_member_names_that_escape_the_folder(key):
     spool.add("a/b_f0", {"square.jpg": b"x"})  # a folder in a key is fine (WebDataset allows it)
     assert len(spool) == 1
     spool.close()
+
+
+def _tarfile_index(path) -> dict:
+    index = {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if member.isfile():
+                stem, _, ext = member.name.rpartition("/")[2].partition(".")
+                folder = member.name.rpartition("/")[0]
+                index.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext] = (member.offset_data, member.size)
+    return index
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_fast_header_index_agrees_with_tarfile(tmp_path, tar_format):
+    # Plain ustar goes through the fast path; long names (GNU/PAX extension headers) through tarfile.
+    path = tmp_path / "mixed.tar"
+    long_name = "d" * 90 + "/" + "k" * 60 + ".jpg"  # over 100 bytes: ustar splits it into prefix + name
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        for name, data in [("a.jpg", b"x" * 700), ("a.json", b"{}"), ("sub/b.txt", b""), (long_name, b"y" * 513)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("sub/")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    with TarShardReader(Storage(str(tmp_path)), "mixed.tar") as reader:
+        assert reader._index == _tarfile_index(path) and reader.error is None
+        assert reader.get("a", ["jpg"]) == {"jpg": b"x" * 700}
+        assert reader.get("d" * 90 + "/" + "k" * 60, ["jpg"]) == {"jpg": b"y" * 513}
+
+
+def test_a_damaged_header_falls_back_to_tarfile_which_keeps_what_came_before(tmp_path):
+    spool = SpooledTar()
+    for key in ("k0", "k1", "k2"):
+        spool.add(key, {"jpg": key.encode() * 300})
+    with open(tmp_path / "part-00000.tar", "wb") as out:
+        spool.write_sorted(out)
+    data = bytearray((tmp_path / "part-00000.tar").read_bytes())
+    second = 512 + 1024  # k0's header and its 600 bytes padded to 1,024
+    data[second + 10] ^= 0xFF  # k1's name: its checksum no longer matches
+    (tmp_path / "part-00000.tar").write_bytes(bytes(data))
+    with TarShardReader(Storage(str(tmp_path)), "part-00000.tar") as reader:
+        # What tarfile makes of it (it ends the archive at a bad header after the first).
+        assert reader.stored_keys() == ["k0"] and reader._index == _tarfile_index(tmp_path / "part-00000.tar")

@@ -8,7 +8,18 @@ import numpy as np
 import pytest
 
 from facecap.stages.dedup.hashing import hamming, normalised_url, phash, pixel_digest
-from facecap.stages.dedup.index import UnionFind, cosine_pairs, equal_pairs, hamming_pairs
+from facecap.stages.dedup.index import (
+    UnionFind,
+    band_keys,
+    bucket_pairs,
+    cosine_pairs,
+    equal_pairs,
+    face_candidates,
+    hamming_pairs,
+    probe_plan,
+    sub_keyed_pairs,
+    unique_pairs,
+)
 
 
 def test_equal_pairs_and_union_find():
@@ -33,6 +44,70 @@ def test_banded_index_finds_exactly_the_pairs_brute_force_finds(radius):
     distances = hamming(hashes[:, None], hashes[None, :])
     expected = {(i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes)) if distances[i, j] <= radius}
     assert found == expected and len(expected) >= 20
+
+
+def _flipped(hashes: np.ndarray, rng: np.random.Generator, most: int, bits: int = 64) -> np.ndarray:
+    """Each hash with 0 to ``most`` of its low ``bits`` bits flipped."""
+    out = hashes.copy()
+    for i in range(len(out)):
+        for bit in rng.choice(bits, size=rng.integers(0, most + 1), replace=False):
+            out[i] ^= np.int64(1) << np.int64(bit) if bit < 63 else np.int64(-(2**63))
+    return out
+
+
+def test_bucket_pairs_pairs_every_run_small_and_large():
+    keys = np.concatenate([np.repeat(np.arange(300), [1, 2, 3] * 100), np.full(100, 7_000)])  # one run of 100
+    keys = np.random.default_rng(0).permutation(keys)
+    found = unique_pairs(list(bucket_pairs(keys)))
+    expected = {(i, j) for i in range(len(keys)) for j in range(i + 1, len(keys)) if keys[i] == keys[j]}
+    assert {tuple(p) for p in found} == expected and len(found) == len(expected)
+
+
+@pytest.mark.parametrize("sub_bits, sub_radius, buckets", [(20, 3, 1), (20, 5, 1), (64, 4, 1), (64, 8, 1), (64, 8, 40)])
+def test_sub_keyed_pairs_find_every_pair_within_the_sub_radius(sub_bits, sub_radius, buckets):
+    """The second key of the index: whatever split of blocks and flips the plan picks for a bucket
+    size, every pair sharing a first key whose sub-hashes are within the radius is a candidate."""
+    rng = np.random.default_rng(sub_radius)
+    keys = rng.integers(0, buckets, size=600)
+    sub = (
+        rng.integers(0, 2**sub_bits - 1, size=600, dtype=np.int64)
+        if sub_bits < 64
+        else rng.integers(-(2**63), 2**63 - 1, size=600, dtype=np.int64)
+    )
+    sub[300:] = _flipped(sub[:300], rng, sub_radius + 2, sub_bits)  # some within the radius, some just outside
+    keys[300:] = keys[:300]
+    sharing = 600 / buckets - 1
+    blocks, flips = probe_plan(sub_bits, sub_radius, sharing)
+    assert blocks * (flips + 1) > sub_radius
+    if sub_bits == 20:  # narrow sub-hashes in one bucket: probing with flips is the cheaper plan
+        assert flips >= 1
+    found = {tuple(p) for p in unique_pairs(list(sub_keyed_pairs(keys, 6, sub, sub_bits, sub_radius)))}
+    distances = hamming(sub[:, None], sub[None, :])
+    close = np.triu((distances <= sub_radius) & (keys[:, None] == keys[None, :]), 1)
+    expected = set(zip(*np.nonzero(close), strict=True))
+    assert expected <= found and len(expected) >= 100
+
+
+def test_probe_plan_trades_blocks_for_flips_as_buckets_grow():
+    """Small buckets: many narrow exact blocks; large ones: fewer, wider blocks probed with flips."""
+    assert probe_plan(64, 8, 10.0) == (9, 0)
+    blocks, flips = probe_plan(64, 8, 100_000.0)
+    assert flips >= 1 and blocks < 9
+
+
+def test_face_candidates_hold_every_pair_sharing_an_image_band_with_close_crops():
+    rng = np.random.default_rng(3)
+    images = rng.integers(-(2**63), 2**63 - 1, size=500, dtype=np.int64)
+    images[250:] = _flipped(images[:250], rng, 14)  # past the 6 bands' guarantee: some share none
+    crops = rng.integers(-(2**63), 2**63 - 1, size=500, dtype=np.int64)
+    crops[250:] = _flipped(crops[:250], rng, 10)
+    found = {tuple(p) for p in unique_pairs(list(face_candidates(images, crops, 6, 8)))}
+    share = np.zeros((500, 500), bool)
+    for _, keys in band_keys(images, 6):
+        share |= keys[:, None] == keys[None, :]
+    close = np.triu(share & (hamming(crops[:, None], crops[None, :]) <= 8), 1)
+    expected = set(zip(*np.nonzero(close), strict=True))
+    assert expected <= found and len(expected) >= 50
 
 
 def test_cosine_lsh_finds_planted_close_vectors_and_no_far_ones():

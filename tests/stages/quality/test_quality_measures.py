@@ -96,6 +96,16 @@ def test_brisque_prefers_the_clean_face(aligned):
     assert brisque.score(noisy) > clean + 10
 
 
+def test_brisque_gives_the_packages_own_score_to_the_bit(aligned, portrait):
+    from brisque import BRISQUE
+
+    brisque = Brisque()
+    noisy = np.clip(aligned + np.random.default_rng(1).normal(0, 25, aligned.shape), 0, 255).astype(np.uint8)
+    for crop in (aligned, cv2.GaussianBlur(aligned, (0, 0), 2.0), noisy, portrait[100:300, 150:330]):
+        rgb = np.ascontiguousarray(crop[:, :, ::-1])
+        assert brisque.score(crop) == float(BRISQUE.score(brisque._model, rgb))
+
+
 def test_text_fraction_sees_overlaid_text(portrait):
     detector = TextDetector(TEXT_SIDE)
     plain = detector.text_fraction(portrait)
@@ -114,6 +124,24 @@ def test_nsfw_scores_ordinary_portraits_low(portrait, face_photos):
     detector = NsfwDetector(NSFW_SIDE)
     for name in ("deepface/img1.jpg", "deepface/img10.jpg", "nonface/sheep.jpg"):
         assert detector.nsfw_score(cv2.imread(str(face_photos / name))) < 0.2, name
+
+
+def test_nsfw_detections_are_nudenets_own(face_photos):
+    """The vectorised post-processing finds what NudeNet's loop finds: classes, scores, boxes."""
+    import csv
+
+    detector = NsfwDetector(None)  # no shrink: NudeNet's detect() sees the same pixels
+    with open(face_photos / "images.csv", newline="") as f:
+        names = [row["file"] for row in csv.DictReader(f)][::12]
+    found = 0
+    for name in names:
+        image = cv2.imread(str(face_photos / name))
+        if image is None:
+            continue
+        ours = detector.detections(image)
+        assert ours == detector._detector.detect(np.ascontiguousarray(image)), name
+        found += len(ours)
+    assert found > 10  # faces and covered parts: the comparison saw detections
 
 
 def test_nsfw_keeps_to_the_worker_thread_budget(monkeypatch, portrait):
