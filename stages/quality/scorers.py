@@ -68,7 +68,8 @@ class Brisque:
         """The package's ``BRISQUE.score`` without its first two lines: they compute the MSCN
         coefficients of the full-size image and its pair products and then drop them
         (``calculate_brisque_features`` computes them again), a third of its filtering. The same
-        operations in the same order otherwise, so the same score to the bit (tested)."""
+        operations in the same order otherwise, so the same score (tested: within 1e-9, as the filters'
+        sums may be ordered differently with another thread count)."""
         from skimage.color import rgb2gray
 
         model = self._model

@@ -96,14 +96,16 @@ def test_brisque_prefers_the_clean_face(aligned):
     assert brisque.score(noisy) > clean + 10
 
 
-def test_brisque_gives_the_packages_own_score_to_the_bit(aligned, portrait):
+def test_brisque_gives_the_packages_own_score(aligned, portrait):
     from brisque import BRISQUE
 
     brisque = Brisque()
     noisy = np.clip(aligned + np.random.default_rng(1).normal(0, 25, aligned.shape), 0, 255).astype(np.uint8)
     for crop in (aligned, cv2.GaussianBlur(aligned, (0, 0), 2.0), noisy, portrait[100:300, 150:330]):
         rgb = np.ascontiguousarray(crop[:, :, ::-1])
-        assert brisque.score(crop) == float(BRISQUE.score(brisque._model, rgb))
+        # Equal to the last few bits: the filters' floating-point sums may be ordered differently
+        # with another thread count (a CI run gave 1.78378423597789 against ...59878948).
+        assert brisque.score(crop) == pytest.approx(float(BRISQUE.score(brisque._model, rgb)), rel=1e-9, abs=0)
 
 
 def test_text_fraction_sees_overlaid_text(portrait):
