@@ -122,11 +122,8 @@ def _in_bucket_order(rows: pa.Table, plan: ShufflePlan) -> tuple[pa.Table, np.nd
     counts = np.array([plan.buckets[s] for s in names], np.uint64)
     bucket = (order % counts[split_number]).astype(np.int64) if len(order) else np.zeros(0, np.int64)
     arranged = np.lexsort((bucket, split_number))
-    ends = np.cumsum(np.bincount(split_number, minlength=len(names)))
-    bounds = {
-        name: (int(end - count), int(end))
-        for name, end, count in zip(names, ends, np.bincount(split_number, minlength=len(names)), strict=True)
-    }
+    sizes = np.bincount(split_number, minlength=len(names))
+    bounds = {name: (int(end - size), int(end)) for name, end, size in zip(names, np.cumsum(sizes), sizes, strict=True)}
     return rows.take(pa.array(arranged)), bucket[arranged], bounds
 
 
