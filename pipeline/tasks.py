@@ -31,11 +31,9 @@ class Job(Protocol):
     @property
     def modules(self) -> tuple[str, ...]:
         """Modules a fresh worker imports before its first item (the process pool's fork server)."""
-        ...
 
     def warm(self) -> None:
         """Load what every item needs once per worker (a stage's models); called on actors."""
-        ...
 
     def run(self, number: int, payload: Any, attempt: int, node: str | None = None) -> Any: ...
 

@@ -110,28 +110,36 @@ def _pairs_within_runs(order: np.ndarray, starts: np.ndarray, sizes: np.ndarray)
     """Every pair of ``order``'s entries inside one run. Millions of runs of two or three (the
     usual bucket once keys are about log2 n bits wide) are paired without a Python loop per run:
     for each offset k, every member with k more members after it in its run."""
+    yield from _in_steps(_pairs_in_small_runs(order, starts, sizes))
+    yield from _in_steps(_pairs_in_large_runs(order, starts, sizes))
+
+
+def _pairs_in_small_runs(order: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> Iterator[np.ndarray]:
     small = (sizes > 1) & (sizes <= SMALL_RUN)
-    if small.any():
-        run_starts, run_sizes = starts[small], sizes[small]
-        position = np.repeat(run_starts, run_sizes) + _ranks(run_sizes)
-        run_end = np.repeat(run_starts + run_sizes, run_sizes)
-        chunk: list[np.ndarray] = []
-        pending = 0
-        for offset in range(1, int(run_sizes.max())):
-            first = position[position + offset < run_end]
-            chunk.append(np.stack([order[first], order[first + offset]], axis=1))
-            pending += len(first)
-            if pending >= MAX_PAIRS_PER_STEP:
-                yield np.concatenate(chunk)
-                chunk, pending = [], 0
-        if chunk:
-            yield np.concatenate(chunk)
-    chunk, pending = [], 0
+    if not small.any():
+        return
+    run_starts, run_sizes = starts[small], sizes[small]
+    position = np.repeat(run_starts, run_sizes) + _ranks(run_sizes)
+    run_end = np.repeat(run_starts + run_sizes, run_sizes)
+    for offset in range(1, int(run_sizes.max())):
+        first = position[position + offset < run_end]
+        yield np.stack([order[first], order[first + offset]], axis=1)
+
+
+def _pairs_in_large_runs(order: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> Iterator[np.ndarray]:
     for start, size in zip(starts[sizes > SMALL_RUN], sizes[sizes > SMALL_RUN], strict=True):
         members = order[start : start + size]
         first, second = np.triu_indices(size, k=1)
-        chunk.append(np.stack([members[first], members[second]], axis=1))
-        pending += len(first)
+        yield np.stack([members[first], members[second]], axis=1)
+
+
+def _in_steps(pieces: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """The pieces concatenated into arrays of about MAX_PAIRS_PER_STEP pairs (bounded memory)."""
+    chunk: list[np.ndarray] = []
+    pending = 0
+    for piece in pieces:
+        chunk.append(piece)
+        pending += len(piece)
         if pending >= MAX_PAIRS_PER_STEP:
             yield np.concatenate(chunk)
             chunk, pending = [], 0

@@ -57,6 +57,9 @@ def export(
 ) -> None:
     """Export the ok rows of a finished dataset for training: WebDataset shards with a wids index, or
     FaceCaption v2-compatible Parquet."""
+    from facecap.pipeline.config import RayConfig
+    from facecap.pipeline.executors import make_executor
+    from facecap.pipeline.progress import Bars, Quiet
     from facecap.stages.export.export import ExportSettings
     from facecap.stages.export.export import export as run_export
 
@@ -70,10 +73,6 @@ def export(
         val_fraction=val_fraction,
         split_by=split_by,
     )
-    from facecap.pipeline.config import RayConfig
-    from facecap.pipeline.executors import make_executor
-    from facecap.pipeline.progress import Bars, Quiet
-
     opt_out = absolute(opt_out_embeddings) if opt_out_embeddings else None
     runner = make_executor(executor, RayConfig(address=ray_address), workers)
     progress = Quiet() if quiet else Bars("export")
