@@ -358,33 +358,56 @@ class SpooledTar:
         """Write the tar; ``sample_offsets`` then holds where each sample's first header starts
         and, last, where the end-of-archive blocks start (Megatron-Energon's ``.tar.idx``)."""
         hashing = HashingWriter(stream)
-        pieces: list[bytes] = []
-        pending = 0
-        offset = 0
-        self.sample_offsets = []
+        tar = TarWriter(hashing)
         for key in sorted(self._index):
-            self.sample_offsets.append(offset)
-            for ext, held in sorted(self._index[key], key=lambda entry: entry[0]):
-                data = self._data(held)
-                member = tar_member_pieces(f"{key}.{ext}", data)
-                pieces += member
-                offset += sum(len(piece) for piece in member)
-                pending += len(data)
-            if pending >= 8 << 20:
-                hashing.write(b"".join(pieces))
-                pieces.clear()
-                pending = 0
-        # End of archive: two zero blocks, padded to a whole record, as tarfile writes it.
-        self.sample_offsets.append(offset)
-        written = hashing.size + sum(len(piece) for piece in pieces)
-        pieces.append(bytes(2 * tarfile.BLOCKSIZE + (-(written + 2 * tarfile.BLOCKSIZE) % tarfile.RECORDSIZE)))
-        hashing.write(b"".join(pieces))
+            tar.add(key, ((ext, self._data(held)) for ext, held in sorted(self._index[key], key=lambda e: e[0])))
+        tar.finish()
+        self.sample_offsets = tar.sample_offsets
         return hashing.digest()
 
     def close(self) -> None:
         if self._spool is not None:
             self._spool.close()
         self._index.clear()
+
+
+class TarWriter:
+    """Writes samples, in the order given, as one ustar tar: each sample's members together, in
+    writes of about 8 MB. ``sample_offsets`` holds where each sample's first header starts and,
+    after ``finish``, where the end-of-archive blocks start (Megatron-Energon's ``.tar.idx``)."""
+
+    def __init__(self, stream: BinaryIO, flush_bytes: int = 8 << 20):
+        self._stream = stream
+        self._flush_bytes = flush_bytes
+        self._pieces: list[bytes] = []
+        self._pending = 0
+        self.size = 0
+        self.sample_offsets: list[int] = []
+
+    def add(self, key: str, members: Iterable[tuple[str, bytes]]) -> None:
+        self.sample_offsets.append(self.size)
+        for ext, data in members:
+            header, _, padding = tar_member_pieces(f"{key}.{ext}", data)
+            self._pieces += (header, data, padding)
+            added = len(header) + len(data) + len(padding)
+            self.size += added
+            self._pending += added
+        if self._pending >= self._flush_bytes:
+            self._write()
+
+    def finish(self) -> int:
+        """End of archive (two zero blocks, padded to a whole record, as tarfile writes it); the tar's size."""
+        self.sample_offsets.append(self.size)
+        end = bytes(2 * tarfile.BLOCKSIZE + (-(self.size + 2 * tarfile.BLOCKSIZE) % tarfile.RECORDSIZE))
+        self._pieces.append(end)
+        self.size += len(end)
+        self._write()
+        return self.size
+
+    def _write(self) -> None:
+        self._stream.writelines(self._pieces)  # no joined copy: a buffered file passes large pieces through
+        self._pieces.clear()
+        self._pending = 0
 
 
 class HashingWriter:
@@ -401,17 +424,27 @@ class HashingWriter:
         self.size += len(data)
         return len(data)
 
+    def writelines(self, pieces: Iterable[bytes]) -> None:
+        for piece in pieces:
+            self.write(piece)
+
     def digest(self) -> FileDigest:
         return FileDigest(self.size, self._hash.hexdigest())
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Up to 200 ASCII letters, digits, '_' or '-' (a member name: then also dots, not first): one path
+# part that is neither '.' nor '..', has no control character and no backslash.
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,200}")
+_PLAIN_MEMBER = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")
 
 
 def unsafe_key(key: object, member: bool = False) -> str | None:
     """Why a sample key (or, with ``member``, a tar member name) cannot name tar members safely, or
     None: extracting a member named ``../x`` or ``/x`` (``tarfile.extractall``, ``tar -x``) writes
     outside the target folder."""
+    if isinstance(key, str) and (_PLAIN_MEMBER if member else _PLAIN_KEY).fullmatch(key):
+        return None  # the common case, safe by construction: skips the checks below
     if not isinstance(key, str) or not key:
         return "empty key"
     if len(key.encode("utf-8", "surrogateescape")) > 200:
@@ -565,6 +598,10 @@ class TarShardReader:
 
     def stored_keys(self) -> list[str]:
         return sorted(self._index)
+
+    def location(self, key: str, ext: str) -> tuple[int, int] | None:
+        """Where one member's bytes lie in the tar: (offset, size), from its headers (no data read)."""
+        return self._index.get(key, {}).get(ext)
 
     def size_of(self, key: str, ext: str) -> int | None:
         """The stored size of one member, from the tar's headers (no data read)."""

@@ -111,6 +111,12 @@ class Storage:
     def _path(self, name: str) -> str:
         return posixpath.join(self._base, name) if name else self._base
 
+    def local_path(self, name: str) -> str:
+        """The file's path on this machine, for direct reads (local storage only)."""
+        if self.remote:
+            raise ValueError(f"{self.uri(name)} is not on this machine")
+        return self._path(name)
+
     def exists(self, name: str) -> bool:
         return self.fs.get_file_info(self._path(name)).type != pafs.FileType.NotFound
 

@@ -22,7 +22,9 @@ import io
 import itertools
 import json
 import math
+import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +33,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from facecap.pipeline.dataset import Dataset, MediaRef, SpooledTar, TarShardReader, shard_name
+from facecap.pipeline.dataset import Dataset, MediaRef, TarShardReader, TarWriter, shard_name
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.status import OK
 from facecap.pipeline.storage import Storage, StorageOptions
-from facecap.stages.export.rows import TAR_BLOCK, caption_of, facecaption_table, metadata, metadata_json, split_of
+from facecap.stages.export.rows import TAR_BLOCK, facecaption_table, metadata_json, samples_json, split_of
 from facecap.stages.shared.trainers import metadata_schema, tar_index, tar_index_name
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -134,7 +136,12 @@ def _ok_rows(dataset: Dataset, shard: int) -> pa.Table:
 
 def _rendered(plan: ShufflePlan, shard: int, rows: pa.Table) -> tuple[pa.Table, pa.Schema | None]:
     """The samples as they will be written, with their shuffle order and size in a tar; for
-    WebDataset also the Arrow schema of their JSON (the dataset card's features)."""
+    WebDataset also the Arrow schema of their JSON (the dataset card's features).
+
+    A local crop is not copied: the sample records where it lies in its input tar (``_shard``,
+    ``_crop_offset``, ``_crop_size``) and the write pass reads it from there, so the image bytes are
+    written once. A remote one (S3) is carried in ``jpg``, as one range request a sample would be slow.
+    """
     settings = plan.settings
     keys = rows.column("key").to_pylist()
     order = pa.array(shuffle_order(settings.seed, keys), pa.uint64())
@@ -143,29 +150,42 @@ def _rendered(plan: ShufflePlan, shard: int, rows: pa.Table) -> tuple[pa.Table, 
         return table.append_column("_bytes", pa.array(np.zeros(rows.num_rows, np.int64))), None
     member = plan.crop.member_ext(settings.crop)
     tar = plan.crop.tar_for(shard) or f"{shard_name(shard)}.tar"
-    crops, texts, metas, sizes, dicts = [], [], [], [], []
-    with TarShardReader(Storage(plan.crop.root, plan.storage), tar) as reader:
-        for row in rows.to_pylist():
-            crop = (reader.get(row["key"], [member]) or {}).get(member)
-            if crop is None:
-                raise FacecapError(f"{row['key']}: its {settings.crop} crop is missing from shard {shard}")
-            text, source = caption_of(row, settings)
-            dicts.append(metadata(row, source))
-            crops.append(crop)
-            texts.append(text.encode())
-            metas.append(metadata_json(dicts[-1]))
-            sizes.append(sum(TAR_BLOCK + -(-len(p) // TAR_BLOCK) * TAR_BLOCK for p in (crop, texts[-1], metas[-1])))
+    crops = Storage(plan.crop.root, plan.storage)
+    texts, dicts = samples_json(rows, settings)
+    metas = [metadata_json(meta) for meta in dicts]
+    images, offsets, sizes = [], [], []
+    with TarShardReader(crops, tar) as reader:
+        for key in keys:
+            where = reader.location(key, member)
+            if where is None:
+                raise FacecapError(f"{key}: its {settings.crop} crop is missing from shard {shard}")
+            offsets.append(where[0])
+            sizes.append(where[1])
+            if crops.remote:
+                images.append(reader.get(key, [member])[member])
     table = pa.table(
         {
             "key": pa.array(keys, pa.string()),
-            "jpg": pa.array(crops, pa.large_binary()),
+            "jpg": pa.array(images, pa.large_binary()) if crops.remote else pa.nulls(len(keys), pa.large_binary()),
+            "_shard": pa.array(np.full(len(keys), shard, np.int64)),
+            "_crop_offset": pa.array(offsets, pa.int64()),
+            "_crop_size": pa.array(sizes, pa.int64()),
             "txt": pa.array(texts, pa.large_binary()),
             "json": pa.array(metas, pa.large_binary()),
             "_order": order,
-            "_bytes": pa.array(sizes, pa.int64()),
+            "_bytes": pa.array(_tar_bytes(sizes, texts, metas), pa.int64()),
         }
     )
     return table, _schema_or_none(dicts)
+
+
+def _tar_bytes(*member_sizes: list) -> np.ndarray:
+    """Each sample's bytes in a tar: per member a header and the data padded to whole blocks."""
+    total = np.zeros(len(member_sizes[0]), np.int64)
+    for sizes in member_sizes:
+        lengths = np.array([s if isinstance(s, int) else len(s) for s in sizes], np.int64)
+        total += TAR_BLOCK + -(-lengths // TAR_BLOCK) * TAR_BLOCK
+    return total
 
 
 def _schema_or_none(dicts: list[dict[str, Any]]) -> pa.Schema | None:
@@ -236,22 +256,59 @@ def write_bucket(number: int, work: BucketWork) -> dict[str, Any]:
     # sorted by key, a Parquet file keeps this order).
     ranked = pc.sort_indices(samples, sort_keys=[("_order", "ascending"), ("key", "ascending")]).to_numpy()
     parts = _cut(samples.column("_bytes").to_numpy()[ranked], work.shards, settings)
-    members = _members(samples) if settings.format == "webdataset" else None
     written = []
-    for offset, (start, stop) in enumerate(parts):
-        chosen = ranked[start:stop]
-        name = f"{settings.prefix}{work.split}-{work.first + offset:06d}"
-        if members is not None:
-            written.append(_write_tar(out, f"{name}.tar", members, chosen))
-        else:
-            written.append(_write_parquet(out, f"{name}.parquet", samples.take(pa.array(chosen))))
+    if settings.format == "webdataset":
+        members = _members(samples)
+        with _CropFiles(plan.crop, plan.storage) as crops:
+            for offset, (start, stop) in enumerate(parts):
+                name = f"{settings.prefix}{work.split}-{work.first + offset:06d}.tar"
+                written.append(_write_tar(out, name, members, ranked[start:stop], crops))
+    else:
+        for offset, (start, stop) in enumerate(parts):
+            name = f"{settings.prefix}{work.split}-{work.first + offset:06d}.parquet"
+            written.append(_write_parquet(out, name, samples.take(pa.array(ranked[start:stop]))))
     record: dict[str, Any] = {"shards": written}
     out.write_bytes(plan.bucket_record(work.split, work.bucket), json.dumps(record).encode())
     return record
 
 
 def _members(samples: pa.Table) -> dict[str, list]:
-    return {column: samples.column(column).to_pylist() for column in ("key", "jpg", "txt", "json")}
+    columns = ("key", "jpg", "txt", "json", "_shard", "_crop_offset", "_crop_size")
+    # Scatter files of an earlier facecap carry every crop in ``jpg`` and no location.
+    absent = [None] * samples.num_rows
+    return {c: samples.column(c).to_pylist() if c in samples.column_names else absent for c in columns}
+
+
+class _CropFiles:
+    """Crops read where they lie in the input tars: a bucket draws from every input shard, so the
+    files are opened as needed and a few hundred kept open."""
+
+    def __init__(self, ref: MediaRef, options: StorageOptions, keep_open: int = 256):
+        self._ref = ref
+        self._storage = Storage(ref.root, options)
+        self._keep_open = keep_open
+        self._open: OrderedDict[int, int] = OrderedDict()
+
+    def read(self, shard: int, offset: int, size: int) -> bytes:
+        descriptor = self._open.pop(shard, None)
+        if descriptor is None:
+            if len(self._open) >= self._keep_open:
+                os.close(self._open.popitem(last=False)[1])
+            tar = self._ref.tar_for(shard) or f"{shard_name(shard)}.tar"
+            descriptor = os.open(self._storage.local_path(tar), os.O_RDONLY)
+        self._open[shard] = descriptor
+        data = os.pread(descriptor, size, offset)
+        if len(data) != size:
+            raise FacecapError(f"{self._storage.uri(tar)} is shorter than when the export began; export again")
+        return data
+
+    def __enter__(self) -> _CropFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for descriptor in self._open.values():
+            os.close(descriptor)
+        self._open.clear()
 
 
 def _gather(out: Storage, work: BucketWork) -> pa.Table:
@@ -288,19 +345,21 @@ def shards_for(count: int, tar_bytes: int, settings) -> int:
     return min(count, max(by_count, by_bytes))
 
 
-def _write_tar(out: Storage, name: str, members: dict[str, list], chosen: np.ndarray) -> dict[str, Any]:
-    spool = SpooledTar()
-    try:
-        for i in chosen:
-            spool.add(
-                members["key"][i], {"jpg": members["jpg"][i], "txt": members["txt"][i], "json": members["json"][i]}
-            )
-        with out.open_write(name) as stream:
-            digest = spool.write_sorted(stream)
-        out.write_bytes(tar_index_name(name), tar_index(spool.sample_offsets))
-    finally:
-        spool.close()
-    out.write_bytes(f"_done/{name}.json", json.dumps({"size": digest.size, "nsamples": len(chosen)}).encode())
+def _write_tar(
+    out: Storage, name: str, members: dict[str, list], chosen: np.ndarray, crops: _CropFiles
+) -> dict[str, Any]:
+    """One output tar, its samples sorted by key (each sample's members together), with its index."""
+    keys, images = members["key"], members["jpg"]
+    with out.open_write(name) as stream:
+        tar = TarWriter(stream)
+        for i in sorted(chosen.tolist(), key=keys.__getitem__):
+            image = images[i]
+            if image is None:
+                image = crops.read(members["_shard"][i], members["_crop_offset"][i], members["_crop_size"][i])
+            tar.add(keys[i], (("jpg", image), ("json", members["json"][i]), ("txt", members["txt"][i])))
+        size = tar.finish()
+    out.write_bytes(tar_index_name(name), tar_index(tar.sample_offsets))
+    out.write_bytes(f"_done/{name}.json", json.dumps({"size": size, "nsamples": len(chosen)}).encode())
     return {"url": name, "nsamples": len(chosen)}
 
 

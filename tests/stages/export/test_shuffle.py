@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import tarfile
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from helpers import read_all
 
+from facecap.pipeline.dataset import TarShardReader
+from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.executors import LocalExecutor, ProcessExecutor, RayExecutor
+from facecap.pipeline.storage import Storage
 from facecap.stages.export.export import ExportSettings, export
 from facecap.stages.export.shuffle import buckets_for
 
@@ -128,6 +133,84 @@ def test_an_interrupted_export_resumes_to_the_same_bytes(synthetic, tmp_path):
     assert Counting.runs["export write"] == shards - 4  # one bucket, one shard at these sizes
 
 
+class StopsAfterTheScatter(LocalExecutor):
+    def submit(self, shard, source, attempt):
+        if self._job.name == "export write":
+            raise KeyboardInterrupt
+        return super().submit(shard, source, attempt)
+
+
+def _scattered(folder: Path, settings: ExportSettings, out: Path) -> list[Path]:
+    with pytest.raises(KeyboardInterrupt):
+        export(str(folder), str(out), settings, executor=StopsAfterTheScatter())
+    return sorted((out / "_scatter" / "train").glob("*.arrow"))
+
+
+def test_local_crops_stay_in_their_tars_until_the_write_pass_reads_them(synthetic, tmp_path):
+    folder, _ = synthetic
+    settings = ExportSettings(**SETTINGS)
+    export(str(folder), str(tmp_path / "clean"), settings)
+    files = _scattered(folder, settings, tmp_path / "resumed")
+    scattered = pa.concat_tables(pa.ipc.open_file(pa.py_buffer(f.read_bytes())).read_all() for f in files)
+    assert scattered.column("jpg").null_count == scattered.num_rows  # no image bytes copied
+    with TarShardReader(Storage(str(folder)), "part-00002.tar") as reader:
+        row = scattered.filter(pc.equal(scattered.column("_shard"), 2)).slice(0, 1).to_pylist()[0]
+        stored = reader.get(row["key"], ["square.jpg"])["square.jpg"]
+        assert (row["_crop_offset"], row["_crop_size"]) == reader.location(row["key"], "square.jpg")
+    export(str(folder), str(tmp_path / "resumed"), settings)
+    exported = []
+    for path in sorted((tmp_path / "resumed").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            if f"{row['key']}.jpg" in tar.getnames():
+                exported.append(tar.extractfile(f"{row['key']}.jpg").read())
+    assert exported == [stored]
+    assert _files(tmp_path / "clean") == _files(tmp_path / "resumed")
+
+
+def test_an_input_tar_cut_short_after_the_scatter_stops_the_export_with_one_line(synthetic, tmp_path):
+    folder, _ = synthetic
+    copy = tmp_path / "source"
+    shutil.copytree(folder, copy)
+    manifest = json.loads((copy / "_manifest.json").read_text())
+    manifest["media"]["square"]["root"] = str(copy)
+    (copy / "_manifest.json").write_text(json.dumps(manifest))
+    _scattered(copy, ExportSettings(**SETTINGS), tmp_path / "out")
+    with open(copy / "part-00003.tar", "r+b") as tar:  # (our own copy of the input)
+        tar.truncate(4096)
+    with pytest.raises(FacecapError, match=r"part-00003\.tar is shorter than when the export began"):
+        export(str(copy), str(tmp_path / "out"), ExportSettings(**SETTINGS), max_retries=0)
+
+
+def test_scatter_files_of_an_earlier_version_with_the_crops_in_them_still_resume(synthetic, tmp_path):
+    folder, _ = synthetic
+    settings = ExportSettings(**SETTINGS)
+    export(str(folder), str(tmp_path / "clean"), settings)
+    for path in _scattered(folder, settings, tmp_path / "resumed"):  # rewritten as the earlier version wrote them
+        batches = _batches(pa.py_buffer(path.read_bytes()))  # (a memory map would break when rewritten)
+        earlier = [_with_crops(folder, batch) for batch in batches]
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, earlier[0].schema) as writer:
+            for batch in earlier:
+                writer.write_batch(batch)
+    export(str(folder), str(tmp_path / "resumed"), settings)
+    assert _files(tmp_path / "clean") == _files(tmp_path / "resumed")
+
+
+def _batches(source) -> list[pa.RecordBatch]:
+    reader = pa.ipc.open_file(source)
+    return [reader.get_batch(k) for k in range(reader.num_record_batches)]
+
+
+def _with_crops(folder: Path, batch: pa.RecordBatch) -> pa.RecordBatch:
+    crops = []
+    for row in batch.to_pylist():
+        with open(folder / f"part-{row['_shard']:05d}.tar", "rb") as tar:
+            tar.seek(row["_crop_offset"])
+            crops.append(tar.read(row["_crop_size"]))
+    table = pa.Table.from_batches([batch], batch.schema).drop_columns(["jpg", "_shard", "_crop_offset", "_crop_size"])
+    table = table.add_column(1, "jpg", pa.array(crops, pa.large_binary()))
+    return table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], table.schema)
+
+
 def test_bucket_sizes_leave_room_for_chance():
     assert buckets_for(1, 10_000) == 1 and buckets_for(0, 10) == 1
     assert buckets_for(1_000_000, 10_000) == 105  # about 9,600 a bucket: 4 standard deviations below 10,000
@@ -161,3 +244,27 @@ def test_an_export_to_s3_holds_the_same_objects_and_leaves_no_scatter_behind(syn
     for name in ("train-000000.tar", "val.json", "train-000003.tar.idx"):
         body = client.get_object(Bucket="exports", Key=remote[name])["Body"].read()
         assert hashlib.sha256(body).hexdigest() == local[name]
+
+
+@pytest.mark.slow
+def test_crops_on_s3_are_carried_through_the_scatter_and_export_the_same_bytes(synthetic, tmp_path, s3_server):
+    import boto3
+
+    folder, _ = synthetic
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.create_bucket(Bucket="datasets")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.upload_file(str(path), "datasets", f"dedup/{path.relative_to(folder)}")
+    manifest = json.loads((folder / "_manifest.json").read_text())
+    manifest["media"]["square"]["root"] = "s3://datasets/dedup"
+    client.put_object(Bucket="datasets", Key="dedup/_manifest.json", Body=json.dumps(manifest).encode())
+    settings = ExportSettings(**SETTINGS)
+    export(str(folder), str(tmp_path / "local"), settings)
+    files = _scattered("s3://datasets/dedup", settings, tmp_path / "remote")
+    scattered = pa.ipc.open_file(pa.py_buffer(files[0].read_bytes())).read_all()
+    assert scattered.num_rows and scattered.column("jpg").null_count == 0  # the crops themselves
+    export("s3://datasets/dedup", str(tmp_path / "remote"), settings)
+    local, remote = _files(tmp_path / "local"), _files(tmp_path / "remote")
+    assert {k: v for k, v in local.items() if k != "_manifest.json"} == {
+        k: v for k, v in remote.items() if k != "_manifest.json"
+    }
