@@ -25,6 +25,7 @@ import math
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,19 +174,16 @@ def _rendered(plan: ShufflePlan, shard: int, rows: pa.Table) -> tuple[pa.Table, 
             "txt": pa.array(texts, pa.large_binary()),
             "json": pa.array(metas, pa.large_binary()),
             "_order": order,
-            "_bytes": pa.array(_tar_bytes(sizes, texts, metas), pa.int64()),
+            "_bytes": pa.array(_tar_bytes(sizes, map(len, texts), map(len, metas)), pa.int64()),
         }
     )
     return table, _schema_or_none(dicts)
 
 
-def _tar_bytes(*member_sizes: list) -> np.ndarray:
-    """Each sample's bytes in a tar: per member a header and the data padded to whole blocks."""
-    total = np.zeros(len(member_sizes[0]), np.int64)
-    for sizes in member_sizes:
-        lengths = np.array([s if isinstance(s, int) else len(s) for s in sizes], np.int64)
-        total += TAR_BLOCK + -(-lengths // TAR_BLOCK) * TAR_BLOCK
-    return total
+def _tar_bytes(*member_sizes: Iterable[int]) -> np.ndarray:
+    """Each sample's bytes in a tar, from its members' sizes: a header each, the data padded to whole blocks."""
+    lengths = np.array([list(sizes) for sizes in member_sizes], np.int64).reshape(len(member_sizes), -1)
+    return (TAR_BLOCK + -(-lengths // TAR_BLOCK) * TAR_BLOCK).sum(axis=0)
 
 
 def _schema_or_none(dicts: list[dict[str, Any]]) -> pa.Schema | None:
