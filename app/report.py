@@ -19,7 +19,7 @@ import base64
 import html
 import io
 import itertools
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -122,12 +122,17 @@ def _last_stage_of_run(directory: str, options: StorageOptions, skipped: list[st
 
 
 class Thumbnails:
-    """Small JPEG data URLs of a row's face crop (or its image), read from wherever they are stored."""
+    """Small JPEG data URLs of a row's face crop (or its image), read from wherever they are stored.
 
-    def __init__(self, manifest: Manifest, options: StorageOptions):
+    A report shows a few hundred examples drawn from anywhere in the dataset; keeping the index of
+    every tar they touched grew the driver with the number of shards (about 0.3 MB a shard at
+    10,000 rows, measured by ``make bench-scale``), so only the ``keep_open`` latest are kept."""
+
+    def __init__(self, manifest: Manifest, options: StorageOptions, keep_open: int = 8):
         self.media = manifest.media
         self.options = options
-        self._readers: dict[tuple[str, int], TarShardReader] = {}
+        self.keep_open = keep_open
+        self._readers: OrderedDict[tuple[str, int], TarShardReader] = OrderedDict()
 
     def of(self, key: str, shard: int, image_key: str | None = None) -> str | None:
         image_key = image_key if isinstance(image_key, str) else key  # NaN for rows that are images
@@ -142,18 +147,28 @@ class Thumbnails:
         return None
 
     def _reader(self, name: str, shard: int) -> TarShardReader | None:
-        if (name, shard) not in self._readers:
-            ref = self.media[name]
-            tar = ref.tar_for(shard) or f"{shard_name(shard)}.tar"
-            try:
-                self._readers[(name, shard)] = TarShardReader(Storage(ref.root, self.options), tar)
-            except (OSError, FacecapError):
-                return None
-        return self._readers[(name, shard)]
+        if (name, shard) in self._readers:
+            self._readers.move_to_end((name, shard))
+            return self._readers[(name, shard)]
+        ref = self.media[name]
+        tar = ref.tar_for(shard) or f"{shard_name(shard)}.tar"
+        try:
+            reader = TarShardReader(Storage(ref.root, self.options), tar)
+        except (OSError, FacecapError):
+            return None
+        self._readers[(name, shard)] = reader
+        while len(self._readers) > self.keep_open:
+            self._readers.popitem(last=False)[1].close()
+        return reader
+
+    @property
+    def open_readers(self) -> int:
+        return len(self._readers)
 
     def close(self) -> None:
         for reader in self._readers.values():
             reader.close()
+        self._readers.clear()
 
 
 def _thumbnail(data: bytes) -> str | None:

@@ -148,3 +148,39 @@ def test_opted_out_and_eval_identities_are_funnel_lines_with_counts_only():
     assert "<code>dedup:opted_out_identity</code></td><td>3</td><td>counts only</td>" in reasons
     text = re.sub(r'src="data:[^"]*"', "", funnel + reasons)  # the chart's base64 may spell anything
     assert "alice" not in text and "bob" not in text
+
+
+def test_thumbnails_keep_few_tar_indexes_open_and_give_the_same_images(tmp_path):
+    # A report's examples come from anywhere in the dataset: the driver must not keep every tar's index.
+    import sys
+
+    import pyarrow.compute as pc
+
+    from facecap.report import Thumbnails
+    from facecap.pipeline.dataset import Dataset
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import scale_data
+
+    folder = tmp_path / "dedup"
+    scale_data.write_dataset(str(folder), rows=1200, shard_rows=200, workers=1)
+    dataset = Dataset.at(str(folder))
+    wanted = []
+    for shard in dataset.done_shards():
+        table = dataset.read_shard(shard)
+        faces = table.filter(pc.match_substring(table.column("key"), "_f")).column("key").to_pylist()
+        wanted += [(key, shard) for key in faces[:3]]
+    wanted = wanted[::2] + wanted[1::2]  # back and forth between the shards
+    every = Thumbnails(dataset.require_manifest(), dataset.storage.options, keep_open=100)
+    few = Thumbnails(dataset.require_manifest(), dataset.storage.options, keep_open=2)
+    try:
+        seen = []
+        for key, shard in wanted:
+            seen.append(few.of(key, shard))
+            assert few.open_readers <= 2
+        assert seen == [every.of(key, shard) for key, shard in wanted]
+        assert all(url and url.startswith("data:image/jpeg;base64,") for url in seen)
+        assert every.open_readers == len(dataset.done_shards())
+    finally:
+        every.close()
+        few.close()
