@@ -43,6 +43,10 @@ from facecap.stages.shared.trainers import metadata_schema, tar_index, tar_index
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 SCATTER_DIR = "_scatter"
+# Uncompressed, a Parquet export's scatter files were 2 KB a row (every column of it): 14 GB of
+# temporaries at 7M rows beside 18 GB of data. Zstandard at level 1 halves that (a WebDataset
+# export's captions and JSON: a quarter) at no time measurable, and is read back transparently.
+SCATTER_OPTIONS = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=1))
 
 
 @dataclass(frozen=True)
@@ -200,7 +204,7 @@ def _write_scatter(out: Storage, name: str, pieces: pa.Table, bucket: np.ndarray
     tar_bytes = np.bincount(bucket, weights=pieces.column("_bytes").to_numpy(), minlength=buckets)
     starts = np.concatenate([[0], np.cumsum(counts)])
     whole = pa.RecordBatch.from_arrays([c.combine_chunks() for c in pieces.columns], schema=pieces.schema)
-    with out.open_write(name) as stream, pa.ipc.new_file(stream, pieces.schema) as writer:
+    with out.open_write(name) as stream, pa.ipc.new_file(stream, pieces.schema, options=SCATTER_OPTIONS) as writer:
         for k in range(buckets):
             writer.write_batch(whole.slice(int(starts[k]), int(counts[k])))
     return {"count": counts.tolist(), "bytes": tar_bytes.astype(np.int64).tolist()}

@@ -153,6 +153,7 @@ def test_local_crops_stay_in_their_tars_until_the_write_pass_reads_them(syntheti
     files = _scattered(folder, settings, tmp_path / "resumed")
     scattered = pa.concat_tables(pa.ipc.open_file(pa.py_buffer(f.read_bytes())).read_all() for f in files)
     assert scattered.column("jpg").null_count == scattered.num_rows  # no image bytes copied
+    assert sum(f.stat().st_size for f in files) < scattered.nbytes / 2  # compressed (zstd)
     with TarShardReader(Storage(str(folder)), "part-00002.tar") as reader:
         row = scattered.filter(pc.equal(scattered.column("_shard"), 2)).slice(0, 1).to_pylist()[0]
         stored = reader.get(row["key"], ["square.jpg"])["square.jpg"]
