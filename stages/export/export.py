@@ -49,7 +49,7 @@ from facecap.stages.export.trainers import dataset_card, write_energon_meta
 
 MAX_SHARD_SAMPLES = 1_000_000
 # Part of every export's identity: an export made with the earlier order is not resumed with this one.
-SHUFFLE = "seeded-hash-buckets-v1"
+SHUFFLE = "seeded-hash-buckets-v2"  # v2: buckets of several shards
 
 
 @dataclass

@@ -24,10 +24,11 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -43,10 +44,17 @@ from facecap.stages.shared.trainers import metadata_schema, tar_index, tar_index
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 SCATTER_DIR = "_scatter"
-# Uncompressed, a Parquet export's scatter files were 2 KB a row (every column of it): 14 GB of
-# temporaries at 7M rows beside 18 GB of data. Zstandard at level 1 halves that (a WebDataset
-# export's captions and JSON: a quarter) at no time measurable, and is read back transparently.
-SCATTER_OPTIONS = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=1))
+# A write task's samples: five output shards at the default size (it holds their captions and
+# JSON, or their rows for Parquet; crops are read from where they lie, or spooled to local disk).
+# Each input shard writes a record batch per bucket, with its own metadata (about 9 KB for a
+# Parquet export's 134 columns): with a bucket per output shard, a Parquet export's scatter files
+# at 7M rows were 14 GB, more than half of it metadata.
+BUCKET_SAMPLES = 50_000
+# However large the export, so the batches (input shards x buckets) grow linearly, not as N^2;
+# beyond this, buckets hold more shards each.
+MAX_BUCKETS = 256
+CROP_LOCATION = ("_shard", "_crop_offset", "_crop_size")  # where a sample's crop lies
+SPOOLED = -1  # as its "shard": in the write task's spool file (crops carried from S3)
 
 
 @dataclass(frozen=True)
@@ -82,10 +90,12 @@ def shuffle_order(seed: int, keys: list[str]) -> np.ndarray:
 
 
 def buckets_for(samples: int, shard_samples: int) -> int:
-    """Buckets for about ``samples`` samples: each expected to hold ``shard_samples`` less four
-    standard deviations of its (Poisson) size, so a bucket rarely needs a second, small shard."""
-    expected = max(1.0, (math.sqrt(shard_samples + 4) - 2) ** 2)
-    return max(1, min(samples, math.ceil(samples / expected)))
+    """Buckets for about ``samples`` samples: each expected to fill a whole number of shards (about
+    ``BUCKET_SAMPLES`` samples) less four standard deviations of its (Poisson) size, so a bucket
+    rarely needs an extra, small shard; at most ``MAX_BUCKETS`` (then each fills more shards)."""
+    shards = max(1, BUCKET_SAMPLES // shard_samples)
+    expected = max(1.0, (math.sqrt(shards * shard_samples + 4) - 2) ** 2)
+    return max(1, min(samples, MAX_BUCKETS, math.ceil(samples / expected)))
 
 
 # -- pass 1: scatter ----------------------------------------------------------------------------
@@ -204,7 +214,7 @@ def _write_scatter(out: Storage, name: str, pieces: pa.Table, bucket: np.ndarray
     tar_bytes = np.bincount(bucket, weights=pieces.column("_bytes").to_numpy(), minlength=buckets)
     starts = np.concatenate([[0], np.cumsum(counts)])
     whole = pa.RecordBatch.from_arrays([c.combine_chunks() for c in pieces.columns], schema=pieces.schema)
-    with out.open_write(name) as stream, pa.ipc.new_file(stream, pieces.schema, options=SCATTER_OPTIONS) as writer:
+    with out.open_write(name) as stream, pa.ipc.new_file(stream, pieces.schema) as writer:
         for k in range(buckets):
             writer.write_batch(whole.slice(int(starts[k]), int(counts[k])))
     return {"count": counts.tolist(), "bytes": tar_bytes.astype(np.int64).tolist()}
@@ -253,45 +263,42 @@ def write_bucket(number: int, work: BucketWork) -> dict[str, Any]:
     """One bucket's output shards; returns (and records) their names and counts."""
     plan, settings = work.plan, work.plan.settings
     out = Storage(plan.output, plan.storage)
-    samples = _gather(out, work)
-    # Shuffle order, the key breaking a tie: it decides which shard a sample goes to (a tar is then
-    # sorted by key, a Parquet file keeps this order).
-    ranked = pc.sort_indices(samples, sort_keys=[("_order", "ascending"), ("key", "ascending")]).to_numpy()
-    parts = _cut(samples.column("_bytes").to_numpy()[ranked], work.shards, settings)
-    written = []
-    if settings.format == "webdataset":
-        members = _members(samples)
-        with _CropFiles(plan.crop, plan.storage) as crops:
+    with tempfile.TemporaryFile(prefix="facecap-crops-") as spool:
+        samples = _gather(out, work, spool)
+        # Shuffle order, the key breaking a tie: it decides which shard a sample goes to (a tar is
+        # then sorted by key, a Parquet file keeps this order).
+        ranked = pc.sort_indices(samples, sort_keys=[("_order", "ascending"), ("key", "ascending")]).to_numpy()
+        parts = _cut(samples.column("_bytes").to_numpy()[ranked], work.shards, settings)
+        written = []
+        if settings.format == "webdataset":
+            members = {c: samples.column(c).to_pylist() for c in ("key", "txt", "json", *CROP_LOCATION)}
+            with _CropFiles(plan.crop, plan.storage, spool) as crops:
+                for offset, (start, stop) in enumerate(parts):
+                    name = f"{settings.prefix}{work.split}-{work.first + offset:06d}.tar"
+                    written.append(_write_tar(out, name, members, ranked[start:stop], crops))
+        else:
             for offset, (start, stop) in enumerate(parts):
-                name = f"{settings.prefix}{work.split}-{work.first + offset:06d}.tar"
-                written.append(_write_tar(out, name, members, ranked[start:stop], crops))
-    else:
-        for offset, (start, stop) in enumerate(parts):
-            name = f"{settings.prefix}{work.split}-{work.first + offset:06d}.parquet"
-            written.append(_write_parquet(out, name, samples.take(pa.array(ranked[start:stop]))))
+                name = f"{settings.prefix}{work.split}-{work.first + offset:06d}.parquet"
+                written.append(_write_parquet(out, name, samples.take(pa.array(ranked[start:stop]))))
     record: dict[str, Any] = {"shards": written}
     out.write_bytes(plan.bucket_record(work.split, work.bucket), json.dumps(record).encode())
     return record
 
 
-def _members(samples: pa.Table) -> dict[str, list]:
-    columns = ("key", "jpg", "txt", "json", "_shard", "_crop_offset", "_crop_size")
-    # Scatter files of an earlier facecap carry every crop in ``jpg`` and no location.
-    absent = [None] * samples.num_rows
-    return {c: samples.column(c).to_pylist() if c in samples.column_names else absent for c in columns}
-
-
 class _CropFiles:
-    """Crops read where they lie in the input tars: a bucket draws from every input shard, so the
-    files are opened as needed and a few hundred kept open."""
+    """Crops read where they lie: in the input tars (a bucket draws from every input shard, so the
+    files are opened as needed and a few hundred kept open), or in this task's spool file."""
 
-    def __init__(self, ref: MediaRef, options: StorageOptions, keep_open: int = 256):
+    def __init__(self, ref: MediaRef, options: StorageOptions, spool: BinaryIO, keep_open: int = 256):
         self._ref = ref
         self._storage = Storage(ref.root, options)
+        self._spool = spool
         self._keep_open = keep_open
         self._open: OrderedDict[int, int] = OrderedDict()
 
     def read(self, shard: int, offset: int, size: int) -> bytes:
+        if shard == SPOOLED:
+            return os.pread(self._spool.fileno(), size, offset)
         descriptor = self._open.pop(shard, None)
         if descriptor is None:
             if len(self._open) >= self._keep_open:
@@ -313,15 +320,42 @@ class _CropFiles:
         self._open.clear()
 
 
-def _gather(out: Storage, work: BucketWork) -> pa.Table:
-    """The bucket's samples from every scatter file (in input order)."""
+def _gather(out: Storage, work: BucketWork, spool: BinaryIO) -> pa.Table:
+    """The bucket's samples from every scatter file (in input order), crops carried in them moved
+    to ``spool``, so a write task holds its bucket's captions and JSON but never its crops."""
     pieces = []
     for shard in work.inputs:
         with out.open_read(work.plan.scatter_name(work.split, shard)) as f:
             batch = pa.ipc.open_file(f).get_batch(work.bucket)
-            if batch.num_rows:
-                pieces.append(pa.Table.from_batches([batch]))
+        if batch.num_rows:
+            table = pa.Table.from_batches([batch])
+            if "jpg" in table.column_names:
+                table = _spooled(table, spool)
+            pieces.append(table)
+    spool.flush()
     return pa.concat_tables(pieces, promote_options="permissive")
+
+
+def _spooled(table: pa.Table, spool: BinaryIO) -> pa.Table:
+    """Carried crops (from S3, or in a scatter file of an earlier facecap, which carried every crop
+    and no location) appended to ``spool``; their rows then point there."""
+    crops = table.column("jpg").to_pylist()
+    if all(crop is None for crop in crops):
+        return table.drop_columns(["jpg"])
+    if "_shard" not in table.column_names:
+        table = table.append_column("_shard", pa.nulls(table.num_rows, pa.int64()))
+        table = table.append_column("_crop_offset", pa.nulls(table.num_rows, pa.int64()))
+        table = table.append_column("_crop_size", pa.nulls(table.num_rows, pa.int64()))
+    location = {c: table.column(c).to_pylist() for c in CROP_LOCATION}
+    for row, crop in enumerate(crops):
+        if crop is not None:
+            location["_shard"][row] = SPOOLED
+            location["_crop_offset"][row] = spool.seek(0, os.SEEK_END)
+            location["_crop_size"][row] = spool.write(crop)
+    table = table.drop_columns(["jpg", *CROP_LOCATION])
+    for column in CROP_LOCATION:
+        table = table.append_column(column, pa.array(location[column], pa.int64()))
+    return table
 
 
 def _cut(sizes: np.ndarray, parts: int, settings) -> list[tuple[int, int]]:
@@ -351,13 +385,11 @@ def _write_tar(
     out: Storage, name: str, members: dict[str, list], chosen: np.ndarray, crops: _CropFiles
 ) -> dict[str, Any]:
     """One output tar, its samples sorted by key (each sample's members together), with its index."""
-    keys, images = members["key"], members["jpg"]
+    keys = members["key"]
     with out.open_write(name) as stream:
         tar = TarWriter(stream)
         for i in sorted(chosen.tolist(), key=keys.__getitem__):
-            image = images[i]
-            if image is None:
-                image = crops.read(members["_shard"][i], members["_crop_offset"][i], members["_crop_size"][i])
+            image = crops.read(members["_shard"][i], members["_crop_offset"][i], members["_crop_size"][i])
             tar.add(keys[i], (("jpg", image), ("json", members["json"][i]), ("txt", members["txt"][i])))
         size = tar.finish()
     out.write_bytes(tar_index_name(name), tar_index(tar.sample_offsets))
