@@ -49,7 +49,7 @@ from facecap.stages.dedup.index import (
     equal_pairs,
     face_candidates,
     hamming_pairs,
-    lsh_bits,
+    identity_lsh_bits,
     unique_pairs,
 )
 from facecap.stages.dedup.partitioned import PARTITIONED_KINDS, plan_partitioned
@@ -111,15 +111,18 @@ class DedupConfig(StageConfig):
     )
     lsh_tables: int = Field(16, ge=1, le=64, description="LSH tables for embedding search (more: better recall)")
     # The driver's plan holds every face's fingerprints (about 0.8 GB a million faces measured);
-    # the partitioned one holds only what duplicates involve. docs/dedup.md "Scale and memory".
+    # the partitioned one holds only what duplicates and identity clusters involve. docs/dedup.md
+    # "Scale and memory".
     partitioned_from_rows: int = Field(
         2_000_000,
         ge=0,
-        description="plan across the workers from this many summarized faces on (kinds exact, near, face only); "
-        "below it on the driver",
+        description="plan across the workers from this many summarized faces on (any kinds); below it on the driver",
     )
     partition_rows: int = Field(
-        500_000, ge=1_000, description="partitioned plan: summarized faces per grouping partition (one task each)"
+        500_000,
+        ge=1_000,
+        description="partitioned plan: summarized faces per grouping partition (one task each); "
+        "embedding and identity: LSH records (a face per table) per partition",
     )
 
 
@@ -298,8 +301,7 @@ def decide(
     sizes = np.ones(n, dtype=np.int32)
     if vectors is not None and "identity" in config.kinds:
         finder = UnionFind(n)
-        # Identity needs a low threshold: fewer bits per table keep such pairs in one bucket.
-        bits = min(8, lsh_bits(n))
+        bits = identity_lsh_bits(n)
         finder.union_pairs(cosine_pairs(vectors, config.identity_cosine, tables=config.lsh_tables, bits=bits))
         cluster = finder.roots()
         counts = pd.Series(cluster).value_counts()
@@ -473,8 +475,10 @@ def _reason(decision: str, duplicate_of: str | None) -> str | None:
 
 
 def partitioned(config: DedupConfig) -> bool:
-    """Whether the kinds allow the partitioned plan: embedding and identity compare vectors across
-    the whole set (LSH over every face, identity clusters with a cap) and stay on the driver."""
+    """Whether the kinds allow the partitioned plan: every kind does. The embedding and identity
+    kinds scatter each face's embedding into its LSH bucket of every table; a partition verifies its
+    buckets' pairs and returns them (identity: a spanning forest of them), so the driver holds the
+    faces that duplicates and identity clusters involve, never every face's embedding."""
     return set(config.kinds) <= PARTITIONED_KINDS
 
 
