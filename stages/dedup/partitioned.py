@@ -642,11 +642,11 @@ class _Decisions:
         self.cluster_roots = self.cluster_rows[labels]  # the smallest row: UnionFind's root on the driver
         self.cluster_sizes = np.bincount(labels)[labels].astype(np.int32)
 
-    def _capped_rows(self) -> np.ndarray:
-        """Rows of clusters larger than the cap: the cap ranks them by score, looked up per shard."""
-        if not self.config.identity_cap:
-            return np.empty(0, np.int64)
-        return self.cluster_rows[self.cluster_sizes > self.config.identity_cap]
+    def _over_cap(self) -> np.ndarray:
+        """Which clustered rows are in clusters larger than the cap: the cap ranks their faces by
+        score (looked up per shard); a smaller cluster keeps every face."""
+        cap = self.config.identity_cap
+        return self.cluster_sizes > cap if cap else np.zeros(len(self.cluster_rows), bool)
 
     def requests(self) -> dict[int, tuple[list[int], list[int], list[int]]]:
         """Per shard: the images whose faces (and face indices) the decisions need, single rows
@@ -659,7 +659,7 @@ class _Decisions:
                 images[image >> ROW_BITS].add(image & ((1 << ROW_BITS) - 1))
         for survivor in self.row_duplicates.values():
             rows[survivor >> ROW_BITS].add(survivor & ((1 << ROW_BITS) - 1))
-        for row in self._capped_rows().tolist():
+        for row in self.cluster_rows[self._over_cap()].tolist():
             scored[row >> ROW_BITS].append(row & ((1 << ROW_BITS) - 1))
         shards = set(images) | set(rows) | set(scored)
         return {s: (sorted(images[s]), sorted(rows[s]), scored[s]) for s in shards}
@@ -701,16 +701,15 @@ class _Decisions:
     def _capped(self, decided: dict[int, tuple], scores: dict[int, float]) -> dict[int, tuple]:
         """``_cap_identities``: in each cluster over the cap, its undecided faces beyond the cap
         best-scored (ties: the earlier row) point at the best."""
-        cap = self.config.identity_cap
-        capped = self.cluster_sizes > cap if cap else np.zeros(len(self.cluster_sizes), bool)
+        capped = self._over_cap()
         if not capped.any():
             return {}
         members = pd.DataFrame({"cluster": self.cluster_roots[capped], "row": self.cluster_rows[capped]})
-        members = members[~members["row"].isin(decided.keys())]
-        members["score"] = members["row"].map(scores)
+        members = members[~members["row"].isin(list(decided))]
+        members = members.assign(score=members["row"].map(scores))
         ranked = members.sort_values(["cluster", "score", "row"], ascending=[True, False, True])
         best = ranked.groupby("cluster")["row"].transform("first")
-        over = (ranked.groupby("cluster").cumcount() >= cap).to_numpy()
+        over = (ranked.groupby("cluster").cumcount() >= self.config.identity_cap).to_numpy()
         rows, targets = ranked["row"].to_numpy()[over], best.to_numpy()[over]
         return {int(r): ("identity_cap", int(t), None, float("nan")) for r, t in zip(rows, targets, strict=True)}
 
