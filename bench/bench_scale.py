@@ -11,7 +11,9 @@ fresh process with the memory of its process tree sampled every 0.1 s:
   measured, to keep the disk free);
 - dedup's decision (pass 2, the driver's part): the stage's ``plan`` over the pass-1 summaries
   through the runner's own plan writer, once per kind set in SCALE_DEDUP_KINDS (default
-  "exact,near;exact,near,face"), with recall and precision of the planted copies.
+  "exact,near;exact,near,face"), with recall and precision of the planted copies. The kinds
+  embedding and identity need SCALE_EMBEDDINGS=1 (a 128-d embedding a face in the summaries:
+  scale_data.py), e.g. SCALE_DEDUP_KINDS="exact,near,embedding;exact,near,identity".
 
 Prints wall seconds, the peak RSS of the driver (the command's process) and of its largest child
 process, and the fitted growth exponent of each (least squares of log value on log N; 1.0 is
