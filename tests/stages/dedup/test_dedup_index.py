@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from facecap.stages.dedup.hashing import hamming, normalised_url, phash, pixel_digest
@@ -23,6 +24,7 @@ from facecap.stages.dedup.index import (
     sub_keyed_pairs,
     unique_pairs,
 )
+from facecap.stages.dedup.stage import _vectors
 
 
 def test_equal_pairs_and_union_find():
@@ -136,6 +138,16 @@ def test_lsh_buckets_of_a_slice_are_those_of_the_whole_set():
         assert len(np.unique(whole)) > 1000
         for start, end in ((0, 1), (7, 1000), (1000, 4999), (4321, 5000)):
             assert np.array_equal(lsh_keys(vectors[start:end], planes), whole[start:end])
+
+
+def test_embeddings_decode_from_chunks_and_slices_and_a_missing_one_is_zeros():
+    vectors = np.random.default_rng(3).standard_normal((50, 16)).astype(np.float16)
+    stored = [v.tobytes() for v in vectors]
+    column = pa.chunked_array([pa.array(stored[:20], pa.binary()), pa.array(stored[20:], pa.binary())])
+    assert np.array_equal(_vectors(column), vectors.astype(np.float32))
+    assert np.array_equal(_vectors(column.slice(7, 30)), vectors[7:37].astype(np.float32))
+    gaps = _vectors(pa.chunked_array([pa.array([None, *stored[1:]], pa.binary())]))
+    assert np.array_equal(gaps[1:], vectors[1:].astype(np.float32)) and not gaps[0].any()
 
 
 def test_star_forest_keeps_the_components_with_an_edge_per_member_but_one():
