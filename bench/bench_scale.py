@@ -61,6 +61,10 @@ SPARE = 2 << 30
 # a JSON of every column for the 70% ok rows). Used only to refuse sizes that would fill the disk.
 DATA_BYTES_PER_ROW = 2_000
 SUMMARY_BYTES_PER_ROW = 600  # summaries-only data plus the partitioned plan's scratch files (estimate)
+# With SCALE_EMBEDDINGS=1, per vector kind run at once: 0.73 faces a row, each with a 256-byte
+# embedding in the summaries and a copy per LSH table (16) in the partitioned plan's scratch.
+EMBEDDING_BYTES_PER_ROW = 3_200
+VECTOR_KINDS = max((len({"embedding", "identity"} & set(k)) for k in DEDUP_KINDS), default=0)
 WEBDATASET_BYTES_PER_ROW = 5_500
 
 
@@ -267,6 +271,8 @@ def main() -> None:
     results = []
     for n in SIZES:
         need = n * (SUMMARY_BYTES_PER_ROW if SUMMARIES_ONLY else DATA_BYTES_PER_ROW) + SPARE
+        if os.environ.get("SCALE_EMBEDDINGS") == "1":
+            need += n * EMBEDDING_BYTES_PER_ROW * max(1, VECTOR_KINDS)
         if free_bytes() < need:
             print(f"\n{n:,} rows: skipped, needs about {need / 2**30:.1f} GiB, {free_bytes() / 2**30:.1f} free")
             continue
