@@ -3,8 +3,9 @@
 A global stage (docs/architecture.md): every shard is fingerprinted on the workers (pass 1: a
 digest of the stored image bytes, a digest of the decoded pixels, the normalised URL, a
 64-bit pHash of the image and of the face crop, an SFace embedding of the aligned face, and a
-survivor score); the driver groups the compact fingerprints of all rows (pass 2) and every shard
-then gets its decisions (pass 3). Kinds, in order of precedence:
+survivor score); the fingerprints of all rows are grouped (pass 2: on the driver, ``decide``, or
+from ``partitioned_from_rows`` faces on fanned out over the workers, ``partitioned.py``, whatever
+the kinds) and every shard then gets its decisions (pass 3). Kinds, in order of precedence:
 
 - ``opted_out_identity``: the face is a person who opted out (``opt_out_faces``: their photos;
   ``opt_out_embeddings``: the list file of ``facecap optout``); the person's name goes to
