@@ -11,7 +11,9 @@ fresh process with the memory of its process tree sampled every 0.1 s:
   measured, to keep the disk free);
 - dedup's decision (pass 2, the driver's part): the stage's ``plan`` over the pass-1 summaries
   through the runner's own plan writer, once per kind set in SCALE_DEDUP_KINDS (default
-  "exact,near;exact,near,face"), with recall and precision of the planted copies.
+  "exact,near;exact,near,face"), with recall and precision of the planted copies. The kinds
+  embedding and identity need SCALE_EMBEDDINGS=1 (a 128-d embedding a face in the summaries:
+  scale_data.py), e.g. SCALE_DEDUP_KINDS="exact,near,embedding;exact,near,identity".
 
 Prints wall seconds, the peak RSS of the driver (the command's process) and of its largest child
 process, and the fitted growth exponent of each (least squares of log value on log N; 1.0 is
@@ -59,6 +61,10 @@ SPARE = 2 << 30
 # a JSON of every column for the 70% ok rows). Used only to refuse sizes that would fill the disk.
 DATA_BYTES_PER_ROW = 2_000
 SUMMARY_BYTES_PER_ROW = 600  # summaries-only data plus the partitioned plan's scratch files (estimate)
+# With SCALE_EMBEDDINGS=1, per vector kind run at once: 0.73 faces a row, each with a 256-byte
+# embedding in the summaries and a copy per LSH table (16) in the partitioned plan's scratch.
+EMBEDDING_BYTES_PER_ROW = 3_200
+VECTOR_KINDS = max((len({"embedding", "identity"} & set(k)) for k in DEDUP_KINDS), default=0)
 WEBDATASET_BYTES_PER_ROW = 5_500
 
 
@@ -265,6 +271,8 @@ def main() -> None:
     results = []
     for n in SIZES:
         need = n * (SUMMARY_BYTES_PER_ROW if SUMMARIES_ONLY else DATA_BYTES_PER_ROW) + SPARE
+        if os.environ.get("SCALE_EMBEDDINGS") == "1":
+            need += n * EMBEDDING_BYTES_PER_ROW * max(1, VECTOR_KINDS)
         if free_bytes() < need:
             print(f"\n{n:,} rows: skipped, needs about {need / 2**30:.1f} GiB, {free_bytes() / 2**30:.1f} free")
             continue

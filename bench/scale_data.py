@@ -81,6 +81,13 @@ FACE_STATUSES = (
 )
 EXACT_COPIES = 0.01  # shares of face images that are copies of an earlier image
 NEAR_COPIES = 0.04
+# SCALE_EMBEDDINGS=1: dedup's summaries carry a 128-d float16 embedding a face (else none), for the
+# embedding and identity kinds: a copy's is its original's (a resized copy's moved a little), and
+# PERSON_SHARE of the faces are one of SCALE_PEOPLE people (cosine about 0.65 to each other).
+EMBEDDINGS = os.environ.get("SCALE_EMBEDDINGS") == "1"
+EMBEDDING_DIM = 128
+PEOPLE = int(os.environ.get("SCALE_PEOPLE", "20000"))
+PERSON_SHARE = 0.3
 STAGE_ORDER = ("download", "detect", "quality", "tag", "caption", "dedup")
 
 WORDS = (
@@ -272,6 +279,38 @@ def crop_hashes(plan: Plan, hashes: dict[str, np.ndarray], seed: int) -> np.ndar
     return np.where(plan.face == 0, first_face, other).view(np.int64)
 
 
+def _normals(ids: np.ndarray, salt: int) -> np.ndarray:
+    """EMBEDDING_DIM standard normals for each id, a fixed function of it (Box-Muller on splitmix)."""
+    cells = ids.astype(np.uint64)[:, None] * np.uint64(EMBEDDING_DIM) + np.arange(EMBEDDING_DIM, dtype=np.uint64)
+    first = np.maximum(_unit(cells, salt), 1e-300)
+    second = _unit(cells, salt + 1)
+    return np.sqrt(-2.0 * np.log(first)) * np.cos(2.0 * np.pi * second)
+
+
+def face_embeddings(plan: Plan, rows: np.ndarray, seed: int) -> pa.Array:
+    """The float16 embedding of each of ``rows`` as pass 1 stores it (EMBEDDINGS), else nulls."""
+    if not EMBEDDINGS:
+        return pa.nulls(len(rows), pa.binary())
+    copied = plan.original[rows] >= 0
+    # A copy shows its original's first face (copies have one face).
+    image = np.where(copied, plan.original[rows], plan.image[rows]).astype(np.uint64)
+    face = np.where(copied, 0, plan.face[rows]).astype(np.uint64)
+    ids = image * np.uint64(8) + face
+    vectors = _normals(ids, seed + 40)
+    person = np.flatnonzero(_unit(ids, seed + 41) < PERSON_SHARE)
+    if len(person):
+        centre = _normals(_mix(ids[person], seed + 42) % np.uint64(PEOPLE), seed + 43)
+        centre /= np.linalg.norm(centre, axis=1, keepdims=True)
+        vectors[person] = centre + 0.065 * vectors[person]  # about 0.8 to the centre
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    resized = np.flatnonzero(copied & (plan.status[rows] == "dedup:near_duplicate"))
+    if len(resized):  # cosine about 0.97 to the original's
+        moved = vectors[resized] + 0.02 * _normals(plan.image[rows][resized], seed + 44)
+        vectors[resized] = moved / np.linalg.norm(moved, axis=1, keepdims=True)
+    values = vectors.astype(np.float16)
+    return pa.array([v.tobytes() for v in values], pa.binary())
+
+
 def _crops() -> list[bytes]:
     import cv2
 
@@ -438,7 +477,8 @@ def summary_table(plan: Plan, hashes: dict[str, np.ndarray], table: pa.Table, se
         }
     )
     summary = pa.Table.from_pandas(out, preserve_index=False)
-    summary = summary.add_column(summary.schema.get_field_index("score"), "embedding", pa.nulls(len(out)))
+    embeddings = face_embeddings(plan, reached, seed)
+    summary = summary.add_column(summary.schema.get_field_index("score"), "embedding", embeddings)
     summary = summary.append_column("_status", pa.nulls(len(out), pa.string()))
     return summary.append_column("_error", pa.nulls(len(out), pa.string()))
 
@@ -518,7 +558,7 @@ def write_summary_shard(folder: str, shard: int, rows: int, shard_rows: int, see
             "face_index": plan.face[reached].astype(np.int64),
             **{name: hashes[name][reached] for name in ("bytes_hash", "pixel_hash", "url_hash", "phash")},
             "face_phash": face_phash,
-            "embedding": pa.nulls(len(reached), pa.binary()),
+            "embedding": face_embeddings(plan, reached, seed),
             "score": score.astype(np.float64),
             "_status": pa.nulls(len(reached), pa.string()),
             "_error": pa.nulls(len(reached), pa.string()),

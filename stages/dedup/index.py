@@ -339,6 +339,37 @@ def lsh_bits(n: int) -> int:
     return int(min(20, max(6, round(np.log2(max(n, 2) / 16)))))
 
 
+def identity_lsh_bits(n: int) -> int:
+    """Bits per table for the identity kind: its low threshold needs fewer bits, so that pairs of
+    one identity (cosine 0.5 and up) share a bucket in some table."""
+    return min(8, lsh_bits(n))
+
+
+def lsh_planes(dim: int, tables: int, bits: int, seed: int = 0) -> list[np.ndarray]:
+    """The random hyperplanes of each table: the one definition that the driver's plan and the
+    partitioned one share, so that both put a face into the same buckets."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((dim, bits)).astype(np.float32) for _ in range(tables)]
+
+
+def lsh_keys(vectors: np.ndarray, planes: np.ndarray) -> np.ndarray:
+    """Each vector's bucket in one table: a bit per hyperplane, set on its positive side."""
+    # In float64: the partitioned plan projects each shard on its own, and a float32 product's last
+    # bit may depend on how the matrix is blocked; a sign must not.
+    projected = np.asarray(vectors, np.float64) @ planes.astype(np.float64)
+    return (projected > 0).astype(np.int64) @ (1 << np.arange(planes.shape[1], dtype=np.int64))
+
+
+def similar_in_buckets(keys: np.ndarray, vectors: np.ndarray, threshold: float) -> Iterator[np.ndarray]:
+    """Pairs of positions sharing a key whose vectors have cosine >= threshold, in chunks."""
+    for pairs in bucket_pairs(keys):
+        # Verify in slices: gathering both vectors of 4M pairs at once would take 4 GB.
+        for start in range(0, len(pairs), VERIFY_SLICE):
+            part = pairs[start : start + VERIFY_SLICE]
+            similarity = np.einsum("ij,ij->i", vectors[part[:, 0]], vectors[part[:, 1]])
+            yield part[similarity >= threshold]
+
+
 def cosine_pairs(
     vectors: np.ndarray, threshold: float, tables: int = 8, bits: int | None = None, seed: int = 0
 ) -> np.ndarray:
@@ -352,21 +383,21 @@ def cosine_pairs(
     vectors = np.asarray(vectors, np.float32)
     if len(vectors) < 2:
         return np.empty((0, 2), np.int64)
-    rng = np.random.default_rng(seed)
     found = []
-    weights = 1 << np.arange(bits, dtype=np.int64)
-    for _ in range(tables):
-        planes = rng.standard_normal((vectors.shape[1], bits)).astype(np.float32)
-        keys = ((vectors @ planes) > 0).astype(np.int64) @ weights
-        for pairs in bucket_pairs(keys):
-            # Verify in slices: gathering both vectors of 4M pairs at once would take 4 GB.
-            for start in range(0, len(pairs), VERIFY_SLICE):
-                part = pairs[start : start + VERIFY_SLICE]
-                similarity = np.einsum("ij,ij->i", vectors[part[:, 0]], vectors[part[:, 1]])
-                found.append(part[similarity >= threshold])
-    if not found:
+    for planes in lsh_planes(vectors.shape[1], tables, bits, seed):
+        found.extend(similar_in_buckets(lsh_keys(vectors, planes), vectors, threshold))
+    return unique_pairs(found)
+
+
+def star_forest(pairs: np.ndarray) -> np.ndarray:
+    """A spanning forest of the components over ``pairs``: (smallest member, member) for every
+    other member of each, so a component of k items takes k - 1 edges however many pairs it had."""
+    if not len(pairs):
         return np.empty((0, 2), np.int64)
-    return np.unique(np.sort(np.concatenate(found), axis=1), axis=0)
+    items, local = np.unique(pairs, return_inverse=True)
+    labels = connected_components(local.reshape(-1, 2), len(items))
+    others = np.flatnonzero(labels != np.arange(len(items)))
+    return np.stack([items[labels[others]], items[others]], axis=1)
 
 
 def connected_components(pairs: np.ndarray, size: int) -> np.ndarray:

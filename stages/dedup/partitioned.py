@@ -1,26 +1,39 @@
 """Dedup's plan fanned out over the run's executor, for datasets too large for one process.
 
-The driver's plan (``stage.decide``) holds the fingerprints of every face. This one holds only
-what duplicates involve, which are rare: it gives the same decisions (tests compare both) in five
-steps, each but the third a ``TaskJob`` on the run's executor (``Summaries.run_tasks``):
+The driver's plan (``stage.decide``) holds the fingerprints of every face, and with the embedding
+or identity kind every face's embedding. This one holds only what duplicates and identity clusters
+involve: it gives the same decisions, ``duplicate_of``, ``identity_cluster`` and
+``identity_cluster_size`` (tests compare both) in these steps, each but the decide step a
+``TaskJob`` on the run's executor (``Summaries.run_tasks``):
 
 1. **scatter**, a task per summary shard: the per-row work that needs no other row (opt-out and
    eval identities, eval overlap) and, for each grouping, the shard's records (a hash value or a
    pHash band, and the image or face it belongs to) split into partitions by a hash of that value,
    one Parquet file per shard with a row group per partition, on the run's storage (scratch);
+   with the embedding or identity kind, a second task per shard (once the number of faces, which
+   sets the LSH bits, is known) writes a record per face and LSH table: the face's bucket in that
+   table (the hyperplanes of ``index.cosine_pairs``), which decides the partition, the face, its
+   float16 embedding as stored and, for the embedding kind, its crop pHash, image and score;
 2. **group**, a task per partition: reads its row group of every shard, so every record sharing a
    value is in one task, and returns the verified candidate pairs (equal hashes; image pHashes within
    ``phash_radius``; for the face kind, faces whose crop and image pHashes are both near) with the
-   scores of the images and faces in them;
+   scores of the images and faces in them. A vector partition holds whole (table, bucket) groups, so
+   its candidates are those ``cosine_pairs`` compares: the embedding kind returns the pairs with
+   cosine >= ``face_cosine`` and crops within ``face_phash_radius``; the identity kind (a bucket of
+   one celebrity may hold k^2 pairs of k faces) reduces its pairs with cosine >= ``identity_cosine``
+   to a spanning forest as they come and returns that, at most k - 1 edges a component;
 3. **decide**, on the driver: connected components over those pairs, the survivor of each by score
-   (ties: the earlier row), the kinds in their order of precedence, as ``decide`` does;
+   (ties: the earlier row), the kinds in their order of precedence, as ``decide`` does; the
+   partitions' identity forests are merged a window of partitions at a time (a distributed
+   connected components), so the driver holds one forest: an edge per clustered face but one;
 4. **look up**, a task per shard holding a row a decision names: the keys and face indices of the
-   images and faces the decisions involve;
+   images and faces the decisions involve, and the scores of faces in clusters over ``identity_cap``;
 5. **write**, a task per shard: the shard's plan rows, returned to the runner, which stores them.
 
 Rows are named by ``shard << 32 | position`` in their summary shard, which orders them as the
 driver's plan orders its rows, and an image by its first row; an image's faces are in one shard (detect
-writes them together). The embedding and identity kinds stay on the driver (``DedupStage.plan``).
+writes them together). An identity cluster is numbered by its smallest row's position among all rows
+(the root ``UnionFind`` gives on the driver); a face in no identity pair is a cluster of its own.
 """
 
 from __future__ import annotations
@@ -45,13 +58,20 @@ from facecap.pipeline.storage import Storage
 from facecap.pipeline.tasks import TaskJob
 from facecap.stages.dedup.hashing import hamming
 from facecap.stages.dedup.index import (
+    MAX_PAIRS_PER_STEP,
     band_keys,
     band_layout,
     close_faces,
     connected_components,
     equal_pairs,
     hamming_pairs,
+    identity_lsh_bits,
+    lsh_bits,
+    lsh_keys,
+    lsh_planes,
     outside_band,
+    similar_in_buckets,
+    star_forest,
     sub_keyed_pairs,
     unique_pairs,
 )
@@ -62,8 +82,11 @@ COMPACT = ["image_key", "face_index", "bytes_hash", "pixel_hash", "url_hash", "p
 EXACT_COLUMNS = ("bytes_hash", "pixel_hash", "url_hash")  # grouping codes 0, 1, 2, in precedence order
 NEAR_CODE = len(EXACT_COLUMNS)  # the near kind's pHash band b has grouping code NEAR_CODE + b
 WRITE_WINDOW = 64  # plan shards written per round: what the driver holds of them at once
-# Kinds the partitioned plan decides; embedding and identity compare vectors across the whole set.
-PARTITIONED_KINDS = frozenset({"exact", "near", "face"})
+GROUP_WINDOW = 64  # vector partitions grouped per round: the identity forests held at once
+# Kinds the partitioned plan decides: all of them.
+PARTITIONED_KINDS = frozenset({"exact", "near", "face", "embedding", "identity"})
+VECTOR_KINDS = ("embedding", "identity")  # grouped by LSH bucket; each is also its scratch family
+SCRATCH_FAMILIES = ("image", "face", *VECTOR_KINDS)
 
 
 @dataclass(frozen=True)
@@ -77,6 +100,26 @@ class PlanContext:
     face_bands: int
     eval_hashes: np.ndarray
     identities: dict[str, OptOutList]
+
+
+@dataclass(frozen=True)
+class VectorKind:
+    """One vector kind's LSH: the tables, bits and threshold of the driver's ``cosine_pairs`` call."""
+
+    name: str  # "embedding" or "identity"
+    threshold: float
+    tables: int
+    bits: int
+
+
+def vector_kinds(config: Any, rows: int) -> list[VectorKind]:
+    """The vector kinds that run, with the bits ``decide`` gives them for ``rows`` faces."""
+    kinds = []
+    if "embedding" in config.kinds:
+        kinds.append(VectorKind("embedding", config.face_cosine, config.lsh_tables, lsh_bits(rows)))
+    if "identity" in config.kinds:
+        kinds.append(VectorKind("identity", config.identity_cosine, config.lsh_tables, identity_lsh_bits(rows)))
+    return kinds
 
 
 def plan_partitioned(
@@ -97,7 +140,7 @@ def plan_partitioned(
             yield from _plan(context)
         finally:
             for shard in summaries.shards:
-                for family in ("image", "face"):
+                for family in SCRATCH_FAMILIES:
                     scratch.delete(_scratch_name(family, shard))
 
 
@@ -123,6 +166,7 @@ def _plan(context: PlanContext) -> Iterator[tuple[int, pd.DataFrame]]:
     started = time.perf_counter()
     scattered = summaries.run_tasks(_job("dedup scatter", scatter_shard), ((s, context) for s in summaries.shards))
     _step("scatter", started, scattered)
+    kinds, vector_sources = _scatter_vectors(context, scattered)
     # Each partition reads its row group of every shard's files: where it is, per shard.
     sources: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
     for shard in summaries.shards:
@@ -135,10 +179,14 @@ def _plan(context: PlanContext) -> Iterator[tuple[int, pd.DataFrame]]:
         _job("dedup group", group_partition), ((p, (context, sources[p])) for p in sorted(sources))
     )
     _step("group", started, grouped)
+    offsets = np.cumsum([0] + [scattered[s]["rows"] for s in summaries.shards])
+    decisions = _Decisions(context.config, scattered, dict(zip(summaries.shards, offsets[:-1].tolist(), strict=True)))
+    grouped_vectors = _group_vectors(context, kinds, vector_sources, decisions)
     started = time.perf_counter()
-    decisions = _Decisions(context.config, scattered)
     decisions.images(list(grouped.values()))
     decisions.faces(list(grouped.values()))
+    decisions.embeddings(grouped_vectors)
+    decisions.identities()
     requests = decisions.requests()
     _step("decide", started)
     started = time.perf_counter()
@@ -146,19 +194,73 @@ def _plan(context: PlanContext) -> Iterator[tuple[int, pd.DataFrame]]:
         _job("dedup look up", look_up_shard), ((s, (context, *requests[s])) for s in sorted(requests))
     )
     marked = decisions.rows(found)
+    clusters = decisions.clusters()
     _step("look up", started, found)
     LAST_RUN["decide"]["pairs"] = float(decisions.pairs)
+    LAST_RUN["decide"]["identity_edges"] = float(len(decisions.forest))
     LAST_RUN["decide"]["decided_rows"] = float(sum(len(m["position"]) for m in marked.values()))
     started = time.perf_counter()
-    offsets = np.cumsum([0] + [scattered[s]["rows"] for s in summaries.shards])
     todo = [(s, int(offsets[i])) for i, s in enumerate(summaries.shards) if scattered[s]["rows"]]
     for start in range(0, len(todo), WRITE_WINDOW):
         window = todo[start : start + WRITE_WINDOW]
-        payloads = ((s, (context, offset, marked.get(s))) for s, offset in window)
+        payloads = ((s, (context, offset, marked.get(s), clusters.get(s))) for s, offset in window)
         written = summaries.run_tasks(_job("dedup write plan", write_shard), payloads)
         for shard, _ in window:
             yield shard, written[shard]
     _step("write", started)
+
+
+def _scatter_vectors(context: PlanContext, scattered: dict[int, dict]) -> tuple[list[VectorKind], dict]:
+    """The vector kinds' records scattered; the kinds, and where each partition's records are."""
+    shards = context.summaries.shards
+    # The LSH bits follow the number of faces, known exactly only now (the count before may include
+    # rows pass 1 failed on): the vectors are scattered in a step of their own.
+    rows = sum(scattered[s]["rows"] for s in shards)
+    kinds = vector_kinds(context.config, rows)
+    if not kinds:
+        return [], {}
+    started = time.perf_counter()
+    # A record per face and table, each with its 256-byte embedding: partitions of about
+    # ``partition_rows`` records, so that a task holds about as much as one of the others.
+    partitions = max(1, math.ceil(rows * sum(k.tables for k in kinds) / context.config.partition_rows))
+    payloads = ((s, (context, kinds, partitions)) for s in shards if scattered[s]["rows"])
+    scattered_vectors = context.summaries.run_tasks(_job("dedup scatter vectors", scatter_vectors), payloads)
+    _step("scatter vectors", started, scattered_vectors)
+    return kinds, _sources({s: r["parts"] for s, r in scattered_vectors.items()})
+
+
+def _group_vectors(
+    context: PlanContext, kinds: list[VectorKind], sources: dict[int, dict], decisions: _Decisions
+) -> list[dict]:
+    """The vector partitions' results, a window of partitions at a time: each window's identity
+    forests are merged into the driver's at once, so it holds one forest (an edge per clustered face
+    at most) and a window's, not every partition's (a face is in a bucket of every table)."""
+    if not sources:
+        return []
+    started = time.perf_counter()
+    results: dict[int, dict] = {}
+    partitions = sorted(sources)
+    for start in range(0, len(partitions), GROUP_WINDOW):
+        window = partitions[start : start + GROUP_WINDOW]
+        payloads = ((p, (context, kinds, sources[p])) for p in window)
+        grouped = context.summaries.run_tasks(_job("dedup group vectors", group_vectors), payloads)
+        decisions.add_identity_edges([g.pop("identity_edges") for g in grouped.values()])
+        results.update(grouped)
+    _step("group vectors", started, results)
+    if "group vectors" in LAST_RUN:
+        LAST_RUN["group vectors"]["identity_edges_received"] = float(decisions.identity_edges_received)
+    return list(results.values())
+
+
+def _sources(parts: dict[int, dict[str, list[int]]]) -> dict[int, dict[str, list[tuple[int, int]]]]:
+    """Partition -> family -> (shard, row group) of each shard file holding some of it, from each
+    shard's partitions per family in file order."""
+    sources: dict[int, dict[str, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
+    for shard in sorted(parts):
+        for family, partitions in parts[shard].items():
+            for group, partition in enumerate(partitions):
+                sources[partition][family].append((shard, group))
+    return {p: dict(families) for p, families in sources.items()}
 
 
 def _job(name: str, function) -> TaskJob:
@@ -190,7 +292,7 @@ def scatter_shard(shard: int, context: PlanContext) -> dict:
     result["task_seconds"] = 0.0
     if not count:
         return result
-    row_ids = (np.int64(shard) << np.int64(ROW_BITS)) | np.arange(count, dtype=np.int64)
+    row_ids = _row_ids(shard, count)
     codes, _ = pd.factorize(table.column("image_key").to_numpy(zero_copy_only=False))
     first = np.unique(codes, return_index=True)[1]  # each image's first row (codes follow first appearance)
     image_of_row = row_ids[first[codes]]
@@ -259,10 +361,13 @@ def scatter_shard(shard: int, context: PlanContext) -> dict:
     return result
 
 
-def _write_partitioned(context: PlanContext, family: str, shard: int, table: pa.Table) -> list[int]:
+def _write_partitioned(
+    context: PlanContext, family: str, shard: int, table: pa.Table, partitions: int | None = None
+) -> list[int]:
     """One file, a row group per partition in ascending order; returns the partitions, in file order."""
     grouping = table.column("grouping").to_numpy()
-    partition = _mix(table.column("value").to_numpy(), grouping.astype(np.uint64)) % np.uint64(context.partitions)
+    count = np.uint64(partitions or context.partitions)
+    partition = _mix(table.column("value").to_numpy(), grouping.astype(np.uint64)) % count
     order = np.argsort(partition, kind="stable")
     table, partition = table.take(order), partition[order]
     present, starts = np.unique(partition, return_index=True)
@@ -273,6 +378,51 @@ def _write_partitioned(context: PlanContext, family: str, shard: int, table: pa.
             writer.write_table(table.slice(int(start), int(end - start)), row_group_size=int(end - start))
     context.scratch.write_bytes(_scratch_name(family, shard), buffer.getvalue())
     return [int(p) for p in present]
+
+
+def scatter_vectors(shard: int, payload: tuple[PlanContext, list[VectorKind], int]) -> dict:
+    """The shard's LSH records of each vector kind: per table, the face's bucket (its partition),
+    the face and its embedding as stored, and what the embedding kind verifies and ranks with."""
+    from facecap.stages.dedup.stage import _vectors  # the stage's decoding of the float16 column
+
+    started = time.perf_counter()
+    context, kinds, partitions = payload
+    table = context.summaries.read(shard, ["image_key", "face_phash", "score", "embedding"])
+    count = table.num_rows
+    result: dict[str, Any] = {"parts": {}, "records": 0, "task_seconds": 0.0}
+    if not count:
+        return result
+    row_ids = _row_ids(shard, count)
+    vectors = _vectors(table.column("embedding"))
+    for kind in kinds:
+        planes = lsh_planes(vectors.shape[1], kind.tables, kind.bits)
+        every_table = np.tile(np.arange(count), kind.tables)
+        columns: dict[str, Any] = {
+            "grouping": np.repeat(np.arange(kind.tables, dtype=np.int8), count),
+            "value": np.concatenate([lsh_keys(vectors, p) for p in planes]),
+            "row": row_ids[every_table],
+            "embedding": table.column("embedding").take(every_table),
+        }
+        if kind.name == "embedding":
+            columns["image"] = _image_rows(table, row_ids)[every_table]
+            columns["score"] = table.column("score").to_numpy().astype(np.float64)[every_table]
+            columns["face_phash"] = table.column("face_phash").to_numpy().astype(np.int64)[every_table]
+        records = pa.table(columns)
+        result["parts"][kind.name] = _write_partitioned(context, kind.name, shard, records, partitions)
+        result["records"] += records.num_rows
+    result["task_seconds"] = time.perf_counter() - started
+    return result
+
+
+def _row_ids(shard: int, count: int) -> np.ndarray:
+    return (np.int64(shard) << np.int64(ROW_BITS)) | np.arange(count, dtype=np.int64)
+
+
+def _image_rows(table: pa.Table, row_ids: np.ndarray) -> np.ndarray:
+    """Each row's image, named by the image's first row (an image's faces are in one shard)."""
+    codes, _ = pd.factorize(table.column("image_key").to_numpy(zero_copy_only=False))
+    first = np.unique(codes, return_index=True)[1]  # codes follow first appearance
+    return row_ids[first[codes]]
 
 
 # -- 2. group -------------------------------------------------------------------------------------
@@ -331,31 +481,102 @@ def group_partition(partition: int, payload: tuple[PlanContext, list[tuple[int, 
     return result
 
 
-def _read_groups(context: PlanContext, family: str, groups: list[tuple[int, int]]) -> dict[str, np.ndarray] | None:
+def group_vectors(partition: int, payload: tuple[PlanContext, list[VectorKind], dict]) -> dict:
+    """One partition's verified pairs of the embedding kind, with their members' images and scores,
+    and a spanning forest of the identity kind's verified pairs."""
+    started = time.perf_counter()
+    context, kinds, sources = payload
+    result: dict[str, Any] = {"embedding_pairs": None, "embedding_rows": None, "identity_edges": None, "records": 0}
+    for kind in kinds:
+        if kind.name not in sources:
+            continue
+        records = _read_table(context, kind.name, sources[kind.name])
+        result["records"] += records.num_rows
+        if kind.name == "embedding":
+            result["embedding_pairs"], result["embedding_rows"] = _same_faces(records, kind, context.config)
+        else:
+            result["identity_edges"] = _identity_forest(records, kind)
+    result["task_seconds"] = time.perf_counter() - started
+    return result
+
+
+def _candidates(records: pa.Table, kind: VectorKind) -> Iterator[np.ndarray]:
+    """Pairs of record positions in one (table, bucket) whose cosine passes, in chunks: every
+    record of a bucket is in this partition, so these are the pairs ``cosine_pairs`` verifies."""
+    from facecap.stages.dedup.stage import _vectors
+
+    tables = records.column("grouping").to_numpy().astype(np.int64)
+    keys = (tables << np.int64(kind.bits)) | records.column("value").to_numpy()
+    yield from similar_in_buckets(keys, _vectors(records.column("embedding")), kind.threshold)
+
+
+def _same_faces(records: pa.Table, kind: VectorKind, config: Any) -> tuple[np.ndarray, tuple]:
+    """The embedding kind: pairs whose crops' pHashes are near too, and (rows, images, scores) of
+    their members."""
+    rows = records.column("row").to_numpy()
+    crops = records.column("face_phash").to_numpy()
+    found = []
+    for pairs in _candidates(records, kind):
+        close = hamming(crops[pairs[:, 0]], crops[pairs[:, 1]]) <= config.face_phash_radius
+        found.append(rows[pairs[close]])
+    pairs = unique_pairs(found)
+    members, where = np.unique(rows, return_index=True)
+    where = where[np.searchsorted(members, np.unique(pairs))]
+    images, scores = records.column("image").to_numpy(), records.column("score").to_numpy()
+    return pairs, (rows[where], images[where], scores[where])
+
+
+def _identity_forest(records: pa.Table, kind: VectorKind) -> np.ndarray:
+    """A spanning forest of the identity pairs: a bucket of k faces of one person may hold k^2
+    pairs, a forest k - 1 edges, and the components (what the driver needs) are the same."""
+    rows = records.column("row").to_numpy()
+    forest = np.empty((0, 2), np.int64)
+    pending: list[np.ndarray] = []
+    waiting = 0
+    for pairs in _candidates(records, kind):
+        pending.append(rows[pairs])
+        waiting += len(pairs)
+        if waiting >= MAX_PAIRS_PER_STEP:  # reduced as they come: the pairs are never all held
+            forest, pending, waiting = star_forest(np.concatenate([forest, *pending])), [], 0
+    return star_forest(np.concatenate([forest, *pending]))
+
+
+def _read_table(context: PlanContext, family: str, groups: list[tuple[int, int]]) -> pa.Table:
     tables = []
     for shard, group in groups:
         with context.scratch.open_read(_scratch_name(family, shard)) as f:
             tables.append(pq.ParquetFile(f).read_row_group(group))
-    if not tables:
+    return pa.concat_tables(tables, promote_options="permissive")  # an embedding column may be all null
+
+
+def _read_groups(context: PlanContext, family: str, groups: list[tuple[int, int]]) -> dict[str, np.ndarray] | None:
+    if not groups:
         return None
-    table = pa.concat_tables(tables)
+    table = _read_table(context, family, groups)
     return {name: table.column(name).to_numpy() for name in table.column_names}
 
 
 # -- 3. decide (driver) ----------------------------------------------------------------------------
 class _Decisions:
-    """The driver's part: small, it holds only rows and images that duplicates involve."""
+    """The driver's part: small, it holds only rows and images that duplicates involve, and the
+    faces of identity clusters (a forest: an edge per face beyond each cluster's first)."""
 
-    def __init__(self, config: Any, scattered: dict[int, dict]):
+    def __init__(self, config: Any, scattered: dict[int, dict], offsets: dict[int, int]):
         self.config = config
+        self.offsets = offsets  # shard -> its first row's position among all rows (the driver's order)
         # row id -> (decision, row it duplicates or None, identity match, its cosine)
         self.marks: dict[int, tuple[str, int | None, str | None, float]] = {}
         for shard, result in scattered.items():
             for position, (kind, name, cosine) in result["marks"].items():
                 self.marks[(shard << ROW_BITS) | position] = (kind, None, name, cosine)
         self.image_duplicates: dict[int, tuple[str, int]] = {}  # image -> (kind, survivor image)
-        self.face_duplicates: dict[int, int] = {}  # row -> survivor row (kind face)
+        self.row_duplicates: dict[int, int] = {}  # row -> survivor row (kinds face and embedding)
+        self.cluster_rows = np.empty(0, np.int64)  # rows in identity clusters of two or more, ascending
+        self.cluster_roots = np.empty(0, np.int64)  # ... each one's cluster: its smallest row
+        self.cluster_sizes = np.empty(0, np.int32)
         self.pairs = 0  # candidate pairs that passed verification, all groupings: what the driver holds
+        self.forest = np.empty((0, 2), np.int64)  # the identity kind's spanning forest, partitions merged
+        self.identity_edges_received = 0  # forest edges the partitions returned, all together
 
     def images(self, grouped: list[dict]) -> None:
         """Each grouping on its own, in precedence order; an image takes the first it loses in."""
@@ -371,16 +592,30 @@ class _Decisions:
     def faces(self, grouped: list[dict]) -> None:
         """The face kind over faces no earlier kind decided, as ``_mark_row_groups``."""
         found = [g for g in grouped if g["face_rows"] is not None]
-        if not found:
+        self._row_groups([g["face_pairs"] for g in found], [g["face_rows"] for g in found])
+
+    def embeddings(self, grouped: list[dict]) -> None:
+        """The embedding kind over faces no earlier kind (the face kind included) decided."""
+        found = [g for g in grouped if g["embedding_rows"] is not None]
+        self._row_groups([g["embedding_pairs"] for g in found], [g["embedding_rows"] for g in found])
+
+    def _row_groups(self, pieces: list[np.ndarray], members: list[tuple]) -> None:
+        """Components over the pairs; the live faces of each but its best point at the best."""
+        if not members:
             return
-        pairs = unique_pairs([g["face_pairs"] for g in found])
+        pairs = unique_pairs(pieces)
         self.pairs += len(pairs)
-        rows = np.concatenate([g["face_rows"][0] for g in found])
-        images = np.concatenate([g["face_rows"][1] for g in found])
-        scores = np.concatenate([g["face_rows"][2] for g in found])
+        rows = np.concatenate([m[0] for m in members])
+        images = np.concatenate([m[1] for m in members])
+        scores = np.concatenate([m[2] for m in members])
         rows, first = np.unique(rows, return_index=True)
         images, scores = images[first], scores[first]
-        decided = np.array([r in self.marks or i in self.image_duplicates for r, i in zip(rows, images, strict=True)])
+        decided = np.array(
+            [
+                r in self.marks or r in self.row_duplicates or i in self.image_duplicates
+                for r, i in zip(rows.tolist(), images.tolist(), strict=True)
+            ]
+        )
         labels = connected_components(np.searchsorted(rows, pairs), len(rows))
         groups = pd.DataFrame({"label": labels, "row": rows, "score": scores})[~decided]
         groups = groups[groups.groupby("label")["label"].transform("size") > 1]
@@ -388,29 +623,59 @@ class _Decisions:
         survivors = ranked.groupby("label")["row"].transform("first")
         for row, survivor in zip(ranked["row"], survivors, strict=True):
             if row != survivor:
-                self.face_duplicates[int(row)] = int(survivor)
+                self.row_duplicates[int(row)] = int(survivor)
 
-    def requests(self) -> dict[int, tuple[list[int], list[int]]]:
-        """Per shard: the images whose faces (and face indices) the decisions need, and single rows."""
+    def add_identity_edges(self, forests: list[np.ndarray | None]) -> None:
+        """Partitions' forests merged into one: a face's clusters in several partitions (one per LSH
+        table) are joined here, a distributed connected components."""
+        forests = [f for f in forests if f is not None and len(f)]
+        if forests:
+            self.identity_edges_received += sum(len(f) for f in forests)
+            self.forest = star_forest(np.concatenate([self.forest, *forests]))
+
+    def identities(self) -> None:
+        """Identity clusters: the components of the merged forest, each face's cluster and size."""
+        if not len(self.forest):
+            return
+        self.cluster_rows = np.unique(self.forest)
+        labels = connected_components(np.searchsorted(self.cluster_rows, self.forest), len(self.cluster_rows))
+        self.cluster_roots = self.cluster_rows[labels]  # the smallest row: UnionFind's root on the driver
+        self.cluster_sizes = np.bincount(labels)[labels].astype(np.int32)
+
+    def _over_cap(self) -> np.ndarray:
+        """Which clustered rows are in clusters larger than the cap: the cap ranks their faces by
+        score (looked up per shard); a smaller cluster keeps every face."""
+        cap = self.config.identity_cap
+        return self.cluster_sizes > cap if cap else np.zeros(len(self.cluster_rows), bool)
+
+    def requests(self) -> dict[int, tuple[list[int], list[int], list[int]]]:
+        """Per shard: the images whose faces (and face indices) the decisions need, single rows
+        (their keys), and rows whose scores the identity cap needs (and their keys)."""
         images: dict[int, set[int]] = defaultdict(set)
         rows: dict[int, set[int]] = defaultdict(set)
+        scored: dict[int, list[int]] = defaultdict(list)
         for member, (_, survivor) in self.image_duplicates.items():
             for image in (member, survivor):
                 images[image >> ROW_BITS].add(image & ((1 << ROW_BITS) - 1))
-        for survivor in self.face_duplicates.values():
+        for survivor in self.row_duplicates.values():
             rows[survivor >> ROW_BITS].add(survivor & ((1 << ROW_BITS) - 1))
-        return {s: (sorted(images[s]), sorted(rows[s])) for s in set(images) | set(rows)}
+        for row in self.cluster_rows[self._over_cap()].tolist():
+            scored[row >> ROW_BITS].append(row & ((1 << ROW_BITS) - 1))
+        shards = set(images) | set(rows) | set(scored)
+        return {s: (sorted(images[s]), sorted(rows[s]), scored[s]) for s in shards}
 
     def rows(self, found: dict[int, dict]) -> dict[int, dict[str, list]]:
         """Every decided row's decision, the key it duplicates, its identity match: per shard."""
         faces_of: dict[int, list[tuple[int, int]]] = {}  # image -> [(face_index, row)]
         keys: dict[int, str] = {}
+        scores: dict[int, float] = {}
         for shard, result in found.items():
             base = shard << ROW_BITS
             for image, faces in result["images"].items():
                 faces_of[base | image] = [(index, base | position) for index, position, _ in faces]
                 keys.update((base | position, key) for _, position, key in faces)
             keys.update((base | position, key) for position, key in result["rows"].items())
+            scores.update((base | position, score) for position, score in result["scores"].items())
         decided = dict(self.marks)
         for image, (kind, survivor) in sorted(self.image_duplicates.items()):
             survivor_faces = faces_of[survivor]
@@ -418,11 +683,13 @@ class _Decisions:
             for index, row in faces_of[image]:
                 if row not in decided:
                     decided[row] = (kind, by_index.get(index, survivor_faces[0][1]), None, float("nan"))
-        for row, survivor in self.face_duplicates.items():
+        for row, survivor in self.row_duplicates.items():
             decided[row] = ("near_duplicate", survivor, None, float("nan"))
+        # Chains are followed before the cap, as ``decide`` does: a capped face keeps its duplicates.
+        final = {row: (kind, _followed(row, decided), name, cosine) for row, (kind, _, name, cosine) in decided.items()}
+        final.update(self._capped(decided, scores))
         marked: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-        for row, (kind, target, name, cosine) in sorted(decided.items()):
-            target = _followed(row, decided)
+        for row, (kind, target, name, cosine) in sorted(final.items()):
             shard = marked[row >> ROW_BITS]
             shard["position"].append(row & ((1 << ROW_BITS) - 1))
             shard["decision"].append(kind)
@@ -430,6 +697,40 @@ class _Decisions:
             shard["identity_match"].append(name)
             shard["identity_match_cosine"].append(cosine)
         return {s: dict(v) for s, v in marked.items()}
+
+    def _capped(self, decided: dict[int, tuple], scores: dict[int, float]) -> dict[int, tuple]:
+        """``_cap_identities``: in each cluster over the cap, its undecided faces beyond the cap
+        best-scored (ties: the earlier row) point at the best."""
+        capped = self._over_cap()
+        if not capped.any():
+            return {}
+        members = pd.DataFrame({"cluster": self.cluster_roots[capped], "row": self.cluster_rows[capped]})
+        members = members[~members["row"].isin(list(decided))]
+        members = members.assign(score=members["row"].map(scores))
+        ranked = members.sort_values(["cluster", "score", "row"], ascending=[True, False, True])
+        best = ranked.groupby("cluster")["row"].transform("first")
+        over = (ranked.groupby("cluster").cumcount() >= self.config.identity_cap).to_numpy()
+        rows, targets = ranked["row"].to_numpy()[over], best.to_numpy()[over]
+        return {int(r): ("identity_cap", int(t), None, float("nan")) for r, t in zip(rows, targets, strict=True)}
+
+    def clusters(self) -> dict[int, dict[str, np.ndarray]]:
+        """Per shard: the positions of its faces in identity clusters, their cluster (the smallest
+        row's position among all rows, as the driver's plan numbers them) and its size."""
+        shards = self.cluster_rows >> ROW_BITS
+        positions = self.cluster_rows & ((1 << ROW_BITS) - 1)
+        numbers = np.array(sorted(self.offsets), np.int64)
+        offsets = np.array([self.offsets[s] for s in numbers.tolist()], np.int64)
+        roots = offsets[np.searchsorted(numbers, self.cluster_roots >> ROW_BITS)]
+        roots += self.cluster_roots & ((1 << ROW_BITS) - 1)
+        found = {}
+        for shard in np.unique(shards).tolist():
+            chosen = shards == shard
+            found[shard] = {
+                "position": positions[chosen],
+                "identity_cluster": roots[chosen],
+                "identity_cluster_size": self.cluster_sizes[chosen],
+            }
+        return found
 
 
 def _followed(row: int, decided: dict[int, tuple]) -> int | None:
@@ -466,10 +767,11 @@ def _survivors(pairs: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> dict[i
 
 
 # -- 4. look up --------------------------------------------------------------------------------------
-def look_up_shard(shard: int, payload: tuple[PlanContext, list[int], list[int]]) -> dict:
-    """The faces (face index, position, key) of the images that start at ``images``; keys of ``rows``."""
-    context, images, rows = payload
-    table = context.summaries.read(shard, ["image_key", "face_index"])
+def look_up_shard(shard: int, payload: tuple[PlanContext, list[int], list[int], list[int]]) -> dict:
+    """The faces (face index, position, key) of the images that start at ``images``; keys of ``rows``;
+    scores and keys of ``scored`` (faces the identity cap ranks)."""
+    context, images, rows, scored = payload
+    table = context.summaries.read(shard, ["image_key", "face_index"] + (["score"] if scored else []))
     keys = table.column("key").to_numpy(zero_copy_only=False)
     codes, _ = pd.factorize(table.column("image_key").to_numpy(zero_copy_only=False))
     face_index = table.column("face_index").to_numpy()
@@ -477,13 +779,20 @@ def look_up_shard(shard: int, payload: tuple[PlanContext, list[int], list[int]])
     found: dict[int, list[tuple[int, int, str]]] = {}
     for image in images:
         found[image] = [(int(face_index[p]), int(p), str(keys[p])) for p in positions_of[codes[image]]]
-    return {"images": found, "rows": {int(p): str(keys[p]) for p in rows}}
+    scores = table.column("score").to_numpy().astype(np.float64) if scored else np.empty(0)
+    return {
+        "images": found,
+        "rows": {int(p): str(keys[p]) for p in [*rows, *scored]},
+        "scores": {int(p): float(scores[p]) for p in scored},
+    }
 
 
 # -- 5. write ------------------------------------------------------------------------------------------
-def write_shard(shard: int, payload: tuple[PlanContext, int, dict[str, list] | None]) -> pd.DataFrame:
+def write_shard(
+    shard: int, payload: tuple[PlanContext, int, dict[str, list] | None, dict[str, np.ndarray] | None]
+) -> pd.DataFrame:
     """The shard's plan rows, in the columns and types of the driver's plan."""
-    context, offset, marked = payload
+    context, offset, marked, clusters = payload
     table = context.summaries.read(shard, ["phash", "pixel_hash"])
     count = table.num_rows
     decision = np.full(count, "", dtype=object)
@@ -496,6 +805,12 @@ def write_shard(shard: int, payload: tuple[PlanContext, int, dict[str, list] | N
         duplicate_of[where] = marked["duplicate_of"]
         matched[where] = marked["identity_match"]
         matched_cosine[where] = marked["identity_match_cosine"]
+    # A face in no identity pair is a cluster of its own, numbered by its position, as on the driver.
+    cluster = np.arange(offset, offset + count, dtype=np.int64)
+    sizes = np.ones(count, np.int32)
+    if clusters:
+        cluster[clusters["position"]] = clusters["identity_cluster"]
+        sizes[clusters["position"]] = clusters["identity_cluster_size"]
     pixel = table.column("pixel_hash").to_numpy()
     return pd.DataFrame(
         {
@@ -504,8 +819,8 @@ def write_shard(shard: int, payload: tuple[PlanContext, int, dict[str, list] | N
             "pixel_sha256": [f"{int(v) & ((1 << 64) - 1):016x}" for v in pixel],
             "decision": decision,
             "duplicate_of": duplicate_of,
-            "identity_cluster": np.arange(offset, offset + count, dtype=np.int64),
-            "identity_cluster_size": np.ones(count, np.int32),
+            "identity_cluster": cluster,
+            "identity_cluster_size": sizes,
             "identity_match": matched,
             "identity_match_cosine": matched_cosine,
         }

@@ -3,8 +3,9 @@
 A global stage (docs/architecture.md): every shard is fingerprinted on the workers (pass 1: a
 digest of the stored image bytes, a digest of the decoded pixels, the normalised URL, a
 64-bit pHash of the image and of the face crop, an SFace embedding of the aligned face, and a
-survivor score); the driver groups the compact fingerprints of all rows (pass 2) and every shard
-then gets its decisions (pass 3). Kinds, in order of precedence:
+survivor score); the fingerprints of all rows are grouped (pass 2: on the driver, ``decide``, or
+from ``partitioned_from_rows`` faces on fanned out over the workers, ``partitioned.py``, whatever
+the kinds) and every shard then gets its decisions (pass 3). Kinds, in order of precedence:
 
 - ``opted_out_identity``: the face is a person who opted out (``opt_out_faces``: their photos;
   ``opt_out_embeddings``: the list file of ``facecap optout``); the person's name goes to
@@ -49,7 +50,7 @@ from facecap.stages.dedup.index import (
     equal_pairs,
     face_candidates,
     hamming_pairs,
-    lsh_bits,
+    identity_lsh_bits,
     unique_pairs,
 )
 from facecap.stages.dedup.partitioned import PARTITIONED_KINDS, plan_partitioned
@@ -111,15 +112,18 @@ class DedupConfig(StageConfig):
     )
     lsh_tables: int = Field(16, ge=1, le=64, description="LSH tables for embedding search (more: better recall)")
     # The driver's plan holds every face's fingerprints (about 0.8 GB a million faces measured);
-    # the partitioned one holds only what duplicates involve. docs/dedup.md "Scale and memory".
+    # the partitioned one holds only what duplicates and identity clusters involve. docs/dedup.md
+    # "Scale and memory".
     partitioned_from_rows: int = Field(
         2_000_000,
         ge=0,
-        description="plan across the workers from this many summarized faces on (kinds exact, near, face only); "
-        "below it on the driver",
+        description="plan across the workers from this many summarized faces on (any kinds); below it on the driver",
     )
     partition_rows: int = Field(
-        500_000, ge=1_000, description="partitioned plan: summarized faces per grouping partition (one task each)"
+        500_000,
+        ge=1_000,
+        description="partitioned plan: summarized faces per grouping partition (one task each); "
+        "embedding and identity: LSH records (a face per table) per partition",
     )
 
 
@@ -298,8 +302,7 @@ def decide(
     sizes = np.ones(n, dtype=np.int32)
     if vectors is not None and "identity" in config.kinds:
         finder = UnionFind(n)
-        # Identity needs a low threshold: fewer bits per table keep such pairs in one bucket.
-        bits = min(8, lsh_bits(n))
+        bits = identity_lsh_bits(n)
         finder.union_pairs(cosine_pairs(vectors, config.identity_cosine, tables=config.lsh_tables, bits=bits))
         cluster = finder.roots()
         counts = pd.Series(cluster).value_counts()
@@ -444,6 +447,16 @@ def _eval_hashes(against: str | None) -> np.ndarray:
 
 
 def _vectors(column: pa.ChunkedArray) -> np.ndarray:
+    """The float16 embeddings as float32 rows; a missing one is zeros (in no pair)."""
+    array = column.combine_chunks()
+    if pa.types.is_binary(array.type) and len(array) and array.null_count == 0:
+        # Every embedding as wide as the others: one view of the column's bytes, without a bytes
+        # object per face (a partition task decodes 500,000 of them).
+        offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset : array.offset + len(array) + 1]
+        widths = np.diff(offsets)
+        if widths.min() == widths.max() > 0:
+            data = np.frombuffer(array.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+            return data.view(np.float16).reshape(len(array), -1).astype(np.float32)
     values = column.to_pylist()
     width = next((len(v) for v in values if v), 256) // 2
     return np.stack(
@@ -473,8 +486,10 @@ def _reason(decision: str, duplicate_of: str | None) -> str | None:
 
 
 def partitioned(config: DedupConfig) -> bool:
-    """Whether the kinds allow the partitioned plan: embedding and identity compare vectors across
-    the whole set (LSH over every face, identity clusters with a cap) and stay on the driver."""
+    """Whether the kinds allow the partitioned plan: every kind does. The embedding and identity
+    kinds scatter each face's embedding into its LSH bucket of every table; a partition verifies its
+    buckets' pairs and returns them (identity: a spanning forest of them), so the driver holds the
+    faces that duplicates and identity clusters involve, never every face's embedding."""
     return set(config.kinds) <= PARTITIONED_KINDS
 
 

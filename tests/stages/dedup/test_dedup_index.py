@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from facecap.stages.dedup.hashing import hamming, normalised_url, phash, pixel_digest
@@ -16,10 +17,14 @@ from facecap.stages.dedup.index import (
     equal_pairs,
     face_candidates,
     hamming_pairs,
+    lsh_keys,
+    lsh_planes,
     probe_plan,
+    star_forest,
     sub_keyed_pairs,
     unique_pairs,
 )
+from facecap.stages.dedup.stage import _vectors
 
 
 def test_equal_pairs_and_union_find():
@@ -121,6 +126,44 @@ def test_cosine_lsh_finds_planted_close_vectors_and_no_far_ones():
     planted = {(i, 2000 + i) for i in range(200)}
     assert len(planted & pairs) / len(planted) > 0.95
     assert all(float(everything[a] @ everything[b]) >= 0.9 for a, b in pairs)
+
+
+def test_lsh_buckets_of_a_slice_are_those_of_the_whole_set():
+    """The partitioned plan projects each shard on its own: a face's bucket must not depend on which
+    other faces are projected with it."""
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((5000, 128)).astype(np.float16).astype(np.float32)
+    for planes in lsh_planes(128, tables=4, bits=12):
+        whole = lsh_keys(vectors, planes)
+        assert len(np.unique(whole)) > 1000
+        for start, end in ((0, 1), (7, 1000), (1000, 4999), (4321, 5000)):
+            assert np.array_equal(lsh_keys(vectors[start:end], planes), whole[start:end])
+
+
+def test_embeddings_decode_from_chunks_and_slices_and_a_missing_one_is_zeros():
+    vectors = np.random.default_rng(3).standard_normal((50, 16)).astype(np.float16)
+    stored = [v.tobytes() for v in vectors]
+    column = pa.chunked_array([pa.array(stored[:20], pa.binary()), pa.array(stored[20:], pa.binary())])
+    assert np.array_equal(_vectors(column), vectors.astype(np.float32))
+    assert np.array_equal(_vectors(column.slice(7, 30)), vectors[7:37].astype(np.float32))
+    gaps = _vectors(pa.chunked_array([pa.array([None, *stored[1:]], pa.binary())]))
+    assert np.array_equal(gaps[1:], vectors[1:].astype(np.float32)) and not gaps[0].any()
+
+
+def test_star_forest_keeps_the_components_with_an_edge_per_member_but_one():
+    rng = np.random.default_rng(2)
+    pairs = np.concatenate(
+        [rng.integers(0, 400, size=(300, 2)), np.stack(np.triu_indices(60, k=1), axis=1) + 1000]  # a clique of 60
+    )
+    forest = star_forest(pairs)
+    finder = UnionFind(1100)
+    finder.union_pairs(pairs)
+    roots = finder.roots()
+    involved = np.unique(pairs)
+    assert len(forest) == len(involved) - len(np.unique(roots[involved]))  # 59 edges for the clique's 1,770
+    rebuilt = UnionFind(1100)
+    rebuilt.union_pairs(forest)
+    assert np.array_equal(rebuilt.roots(), roots)
 
 
 def test_phash_survives_resize_reencode_and_small_crops_but_not_another_photo(face_photos):

@@ -5,6 +5,10 @@ duplicates of every default kind across shards: exact (same bytes, same pixels o
 only), near (pHash 1-4 bits apart, chained), face (image pHash 5-12 bits apart and face crop
 within 8), multi-face images, equal scores, a chain through two kinds, opted-out faces and
 images of a held-out eval set. Both plans run on the same summaries and must agree on every row.
+
+For the vector kinds the summaries' embeddings are rewritten as faces of people (128-d, like SFace's):
+identity groups (one of 300 faces), same-face copies (cosine about 0.97, crop pHash a few bits off)
+and look-alikes whose crops differ (not duplicates).
 """
 
 from __future__ import annotations
@@ -20,11 +24,17 @@ from facecap.pipeline.dataset import Dataset
 from facecap.pipeline.executors import LocalExecutor, ProcessExecutor
 from facecap.pipeline.runner import _DatasetSummaries
 from facecap.pipeline.storage import Storage
+from facecap.stages.dedup import partitioned as partitioned_plan
+from facecap.stages.dedup.index import cosine_pairs, identity_lsh_bits
 from facecap.stages.dedup.stage import DedupConfig, DedupStage
 from facecap.stages.shared.identity import OptOutList
 
 SHARDS = 5
 IMAGES_PER_SHARD = 260
+DIM = 128  # SFace's width: two random faces are far apart (cosine 0 +- 0.09)
+PEOPLE = (300, 40, 12, 6, 3)  # faces per planted identity
+SAME_FACE_COPIES = 60
+LOOK_ALIKES = 20
 
 
 def _flip(value: int, bits: list[int]) -> int:
@@ -102,6 +112,57 @@ def _write_summaries(folder, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return eval_hashes, opted_out / np.linalg.norm(opted_out, axis=1, keepdims=True)
 
 
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+def _plant_faces(folder, seed: int) -> tuple[np.ndarray, set[str]]:
+    """Rewrites the summaries' embeddings as faces of people, and some crop pHashes; returns the
+    vectors of three opted-out people (one of them the largest identity) and the keys of the
+    same-face copies and their originals."""
+    rng = np.random.default_rng(seed + 100)
+    paths = sorted(folder.glob("part-*.parquet"))
+    tables = [pq.read_table(path) for path in paths]
+    keys = np.concatenate([t.column("key").to_numpy(zero_copy_only=False) for t in tables])
+    total = len(keys)
+    same_face: set[str] = set()
+    vectors = _unit(rng.standard_normal((total, DIM)))
+    crops = np.concatenate([t.column("face_phash").to_numpy() for t in tables]).astype(np.int64)
+    order = rng.permutation(total)
+    start = 0
+    for size in PEOPLE:  # a face of a person at cosine about 0.8 to the centre, 0.65 to the others
+        members = order[start : start + size]
+        centre = _unit(rng.standard_normal(DIM))
+        vectors[members] = _unit(centre + 0.065 * rng.standard_normal((size, DIM)))
+        start += size
+    for _ in range(SAME_FACE_COPIES):  # copies of copies make chains
+        original, copy = rng.choice(total, 2, replace=False)
+        vectors[copy] = _unit(vectors[original] + 0.02 * rng.standard_normal(DIM))
+        bits = rng.choice(64, size=int(rng.integers(0, 9)), replace=False).tolist()
+        crops[copy] = _flip(int(crops[original]), bits)
+        same_face |= {keys[original], keys[copy]}
+    for _ in range(LOOK_ALIKES):  # as close in embedding, but their crops differ: two photos, kept
+        original, other = rng.choice(total, 2, replace=False)
+        vectors[other] = _unit(vectors[original] + 0.02 * rng.standard_normal(DIM))
+    start = 0
+    for path, table in zip(paths, tables, strict=True):
+        end = start + table.num_rows
+        embeddings = pa.array([v.astype(np.float16).tobytes() for v in vectors[start:end]], pa.binary())
+        table = table.set_column(table.schema.get_field_index("embedding"), "embedding", embeddings)
+        table = table.set_column(table.schema.get_field_index("face_phash"), "face_phash", pa.array(crops[start:end]))
+        pq.write_table(table, path)
+        start = end
+    opted_out = vectors[[order[0], 400, 900]] + 0.02 * rng.standard_normal((3, DIM))
+    return _unit(opted_out).astype(np.float32), same_face
+
+
+def _people(opted_out: np.ndarray) -> OptOutList:
+    people = OptOutList(model="test", model_sha256="0")
+    people.add("alice", [opted_out[0]])
+    people.add("bob", [opted_out[1], opted_out[2]])
+    return people
+
+
 def _plan(config: DedupConfig, summaries) -> pd.DataFrame:
     """Every shard's plan rows as the runner stores them (through Arrow), with their shard."""
     parts = [
@@ -119,9 +180,7 @@ def test_partitioned_plan_decides_as_the_driver_does(tmp_path, monkeypatch, kind
     folder = tmp_path / "summary"
     folder.mkdir()
     eval_hashes, opted_out = _write_summaries(folder, seed=len(kinds))
-    people = OptOutList(model="test", model_sha256="0")
-    people.add("alice", [opted_out[0]])
-    people.add("bob", [opted_out[1], opted_out[2]])
+    people = _people(opted_out)
     monkeypatch.setattr(dedup_stage, "_eval_hashes", lambda against: eval_hashes if identities else eval_hashes[:0])
     monkeypatch.setattr(dedup_stage, "_identities", lambda config: {"opted_out_identity": people} if identities else {})
     options = {"opt_out_embeddings": "list.json", "identity_match_cosine": 0.9} if identities else {}
@@ -158,5 +217,69 @@ def test_small_summaries_plan_on_the_driver(tmp_path, monkeypatch):
     assert len(_plan(DedupConfig(), summaries)) == summaries.count_rows() and not calls
     list(DedupStage.plan(DedupConfig(partitioned_from_rows=100), summaries))
     assert len(calls) == 1
-    list(DedupStage.plan(DedupConfig(kinds=["exact", "embedding"], partitioned_from_rows=100), summaries))
-    assert len(calls) == 1  # the embedding kind compares vectors across the whole set: on the driver
+    list(DedupStage.plan(DedupConfig(kinds=["exact", "embedding", "identity"], partitioned_from_rows=100), summaries))
+    assert len(calls) == 2  # the vector kinds too
+
+
+@pytest.mark.parametrize(
+    "kinds, cap, identities",
+    [(["exact", "near", "face", "embedding", "identity"], 5, True), (["embedding", "identity"], None, False)],
+)
+def test_partitioned_plan_decides_vector_kinds_as_the_driver_does(tmp_path, monkeypatch, kinds, cap, identities):
+    folder = tmp_path / "summary"
+    folder.mkdir()
+    eval_hashes, _ = _write_summaries(folder, seed=7)
+    opted_out, same_face = _plant_faces(folder, seed=7)
+    people = _people(opted_out)
+    monkeypatch.setattr(dedup_stage, "_eval_hashes", lambda against: eval_hashes if identities else eval_hashes[:0])
+    monkeypatch.setattr(dedup_stage, "_identities", lambda config: {"opted_out_identity": people} if identities else {})
+    options = {"opt_out_embeddings": "list.json", "identity_match_cosine": 0.9} if identities else {}
+    single = DedupConfig(kinds=kinds, identity_cap=cap, partitioned_from_rows=10**9, **options)
+    spread = single.model_copy(update={"partitioned_from_rows": 0, "partition_rows": 1_000})
+    dataset = Dataset.at(str(folder))
+    on_driver = _plan(single, _DatasetSummaries(dataset, SHARDS, LocalExecutor()))
+    scratch = Storage(str(tmp_path / "scratch"))
+    partitioned = _plan(spread, _DatasetSummaries(dataset, SHARDS, ProcessExecutor(2), scratch))
+
+    pd.testing.assert_frame_equal(partitioned, on_driver)
+    assert partitioned_plan.LAST_RUN["group vectors"]["tasks"] > partitioned_plan.GROUP_WINDOW  # forests merged twice
+    # The planted people are clusters of their own (LSH misses a few of the largest one's faces).
+    sizes = on_driver.groupby("identity_cluster")["identity_cluster_size"].first()
+    assert sizes.max() >= 0.9 * PEOPLE[0] and (sizes >= PEOPLE[-1]).sum() >= len(PEOPLE)
+    assert (on_driver["identity_cluster_size"] == 1).sum() > len(on_driver) / 2
+    counts = on_driver["decision"].value_counts()
+    other_kinds = single.model_copy(update={"kinds": [k for k in kinds if k != "embedding"]})
+    without_embedding = _plan(other_kinds, _DatasetSummaries(dataset, SHARDS))
+    near = on_driver["decision"] == "near_duplicate"
+    found_by_embedding = set(on_driver.loc[near & (without_embedding["decision"] != "near_duplicate"), "key"])
+    # The copies (chains of them included), never a look-alike: their crops are far apart.
+    assert len(found_by_embedding) >= 30 and found_by_embedding <= same_face
+    if cap:
+        assert counts["identity_cap"] >= 0.7 * PEOPLE[0]  # the largest cluster but its best and other duplicates
+        capped = on_driver[on_driver["decision"] == "identity_cap"]
+        kept = on_driver[on_driver["decision"] == ""]
+        assert set(capped["duplicate_of"]) <= set(kept["key"])
+        assert kept.groupby("identity_cluster").size().max() == cap
+    if identities:
+        assert counts["opted_out_identity"] >= 3
+    assert not list((tmp_path / "scratch").glob("*.parquet"))
+
+
+def test_the_driver_merges_identity_forests_not_pairs(tmp_path):
+    """Each partition returns a spanning forest of its identity pairs, and the driver holds one."""
+    folder = tmp_path / "summary"
+    folder.mkdir()
+    _write_summaries(folder, seed=3)
+    _plant_faces(folder, seed=3)
+    config = DedupConfig(kinds=["identity"], partitioned_from_rows=0, partition_rows=1_000)
+    summaries = _DatasetSummaries(Dataset.at(str(folder)), SHARDS)
+    plan = _plan(config, summaries)
+    vectors = dedup_stage._vectors(summaries.read_all(["embedding"]).column("embedding"))
+    pairs = cosine_pairs(vectors, config.identity_cosine, config.lsh_tables, bits=identity_lsh_bits(len(vectors)))
+    clustered = plan[plan["identity_cluster_size"] > 1]
+    received = partitioned_plan.LAST_RUN["group vectors"]["identity_edges_received"]
+    held = partitioned_plan.LAST_RUN["decide"]["identity_edges"]
+    # The largest cluster's pairs grow as its faces squared; the partitions' forests as its faces
+    # (each face is in a bucket of every table, each bucket's forest has an edge per face but one).
+    assert received <= config.lsh_tables * len(clustered) < len(pairs)
+    assert held == len(clustered) - clustered["identity_cluster"].nunique()  # one forest: k - 1 edges a cluster
