@@ -1,17 +1,18 @@
 """Export's two passes on the workers: a seeded global shuffle without the rows on the driver.
 
 1. **scatter** (one task per input shard): its ok rows, minus opted-out faces, are split (train /
-   val), rendered as trainers will read them (crop, caption, JSON; or FaceCaption-v2 rows), and
-   dealt into buckets by a seeded hash of the key: one Arrow IPC file per split whose record
-   batch ``k`` holds bucket ``k``, so a bucket task reads just its batch of each file. The task's
-   done record gives each bucket's sample count and tar bytes.
+   val), rendered as trainers will read them (caption, JSON and where the crop lies; or
+   FaceCaption-v2 rows), and dealt into buckets of about five shards by a seeded hash of the key:
+   one Arrow IPC file per split whose record batch ``k`` holds bucket ``k``, so a bucket task reads
+   just its batch of each file. The task's done record gives each bucket's sample count and tar bytes.
 2. **write** (one task per bucket): its samples from every scatter file, in seeded-hash order,
    cut into as many output shards as the driver allotted it (at most ``shard_samples`` each, and
-   about ``shard_bytes`` when set), written with their tar index and done markers.
+   about ``shard_bytes`` when set), written with their tar index and done markers, each crop read
+   from its input tar (or from S3 via a local spool file) and written once.
 
 The driver only sums per-bucket counts (a few numbers per bucket) and numbers the shards, so its
 memory does not grow with the dataset. Same source, seed and settings: the same bytes, on any
-executor.
+executor, wherever the crops are stored.
 """
 
 from __future__ import annotations
