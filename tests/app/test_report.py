@@ -156,8 +156,8 @@ def test_thumbnails_keep_few_tar_indexes_open_and_give_the_same_images(tmp_path)
 
     import pyarrow.compute as pc
 
-    from facecap.report import Thumbnails
     from facecap.pipeline.dataset import Dataset
+    from facecap.report import Thumbnails
 
     sys.path.insert(0, str(REPO / "bench"))
     import scale_data

@@ -172,6 +172,22 @@ def _plan(config: DedupConfig, summaries) -> pd.DataFrame:
     return pd.concat(parts).sort_values("key").reset_index(drop=True).astype(object)
 
 
+def _both_plans(tmp_path, monkeypatch, kinds, cap, identities, eval_hashes, opted_out):
+    """The plan of the summaries under ``tmp_path/summary`` on the driver and partitioned over a
+    process pool (and both configs), with the opted-out people and eval hashes given."""
+    people = _people(opted_out)
+    monkeypatch.setattr(dedup_stage, "_eval_hashes", lambda against: eval_hashes if identities else eval_hashes[:0])
+    monkeypatch.setattr(dedup_stage, "_identities", lambda config: {"opted_out_identity": people} if identities else {})
+    options = {"opt_out_embeddings": "list.json", "identity_match_cosine": 0.9} if identities else {}
+    single = DedupConfig(kinds=kinds, identity_cap=cap, partitioned_from_rows=10**9, **options)
+    spread = single.model_copy(update={"partitioned_from_rows": 0, "partition_rows": 1_000})
+    dataset = Dataset.at(str(tmp_path / "summary"))
+    on_driver = _plan(single, _DatasetSummaries(dataset, SHARDS, LocalExecutor()))
+    scratch = Storage(str(tmp_path / "scratch"))
+    partitioned = _plan(spread, _DatasetSummaries(dataset, SHARDS, ProcessExecutor(2), scratch))
+    return on_driver, partitioned, single, spread
+
+
 @pytest.mark.parametrize(
     "kinds, identities",
     [(["exact"], False), (["exact", "near"], False), (["exact", "near", "face"], True)],
@@ -180,16 +196,10 @@ def test_partitioned_plan_decides_as_the_driver_does(tmp_path, monkeypatch, kind
     folder = tmp_path / "summary"
     folder.mkdir()
     eval_hashes, opted_out = _write_summaries(folder, seed=len(kinds))
-    people = _people(opted_out)
-    monkeypatch.setattr(dedup_stage, "_eval_hashes", lambda against: eval_hashes if identities else eval_hashes[:0])
-    monkeypatch.setattr(dedup_stage, "_identities", lambda config: {"opted_out_identity": people} if identities else {})
-    options = {"opt_out_embeddings": "list.json", "identity_match_cosine": 0.9} if identities else {}
-    single = DedupConfig(kinds=kinds, partitioned_from_rows=10**9, **options)
-    spread = single.model_copy(update={"partitioned_from_rows": 0, "partition_rows": 1_000})
+    on_driver, partitioned, _, spread = _both_plans(
+        tmp_path, monkeypatch, kinds, None, identities, eval_hashes, opted_out
+    )
     dataset = Dataset.at(str(folder))
-    on_driver = _plan(single, _DatasetSummaries(dataset, SHARDS, LocalExecutor()))
-    scratch = Storage(str(tmp_path / "scratch"))
-    partitioned = _plan(spread, _DatasetSummaries(dataset, SHARDS, ProcessExecutor(2), scratch))
 
     pd.testing.assert_frame_equal(partitioned, on_driver)
     counts = on_driver["decision"].value_counts()
@@ -230,16 +240,10 @@ def test_partitioned_plan_decides_vector_kinds_as_the_driver_does(tmp_path, monk
     folder.mkdir()
     eval_hashes, _ = _write_summaries(folder, seed=7)
     opted_out, same_face = _plant_faces(folder, seed=7)
-    people = _people(opted_out)
-    monkeypatch.setattr(dedup_stage, "_eval_hashes", lambda against: eval_hashes if identities else eval_hashes[:0])
-    monkeypatch.setattr(dedup_stage, "_identities", lambda config: {"opted_out_identity": people} if identities else {})
-    options = {"opt_out_embeddings": "list.json", "identity_match_cosine": 0.9} if identities else {}
-    single = DedupConfig(kinds=kinds, identity_cap=cap, partitioned_from_rows=10**9, **options)
-    spread = single.model_copy(update={"partitioned_from_rows": 0, "partition_rows": 1_000})
+    on_driver, partitioned, single, _ = _both_plans(
+        tmp_path, monkeypatch, kinds, cap, identities, eval_hashes, opted_out
+    )
     dataset = Dataset.at(str(folder))
-    on_driver = _plan(single, _DatasetSummaries(dataset, SHARDS, LocalExecutor()))
-    scratch = Storage(str(tmp_path / "scratch"))
-    partitioned = _plan(spread, _DatasetSummaries(dataset, SHARDS, ProcessExecutor(2), scratch))
 
     pd.testing.assert_frame_equal(partitioned, on_driver)
     assert partitioned_plan.LAST_RUN["group vectors"]["tasks"] > partitioned_plan.GROUP_WINDOW  # forests merged twice
