@@ -605,7 +605,7 @@ class TarShardReader:
 
     def size_of(self, key: str, ext: str) -> int | None:
         """The stored size of one member, from the tar's headers (no data read)."""
-        found = self._index.get(key, {}).get(ext)
+        found = self.location(key, ext)
         return found[1] if found else None
 
     def get(self, key: str, exts: Iterable[str] | None = None) -> dict[str, bytes] | None:
