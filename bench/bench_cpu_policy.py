@@ -25,7 +25,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Enough images that the shards, not Ray's start-up, take most of a run: 6 x 239 photos.
 os.environ.setdefault("BENCH_COPIES", "6")
 from bench_detect import build_img2dataset_folder, photos  # noqa: E402
-from common import machine  # noqa: E402
+from common import communicate_sampling, machine  # noqa: E402
 
 OUT = REPO / "bench-out" / "cpu-policy"
 SHARED = Path(os.environ.get("FACECAP_SHARED", REPO.parent / "shared"))
@@ -131,18 +130,11 @@ def run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[float, list[tuple[
     root = psutil.Process(process.pid)
     last: dict[int, tuple[str, float]] = {}
     samples: list[tuple[float, TreeSample]] = []
-    stop = threading.Event()
 
     def sample() -> None:
-        while not stop.is_set():
-            samples.append((time.perf_counter() - started, sample_tree(root, last)))
-            stop.wait(SAMPLE_SECONDS)
+        samples.append((time.perf_counter() - started, sample_tree(root, last)))
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    output, _ = process.communicate()
-    stop.set()
-    sampler.join()
+    output = communicate_sampling(process, sample, SAMPLE_SECONDS)
     wall = time.perf_counter() - started
     if process.returncode:
         sys.exit(f"{' '.join(cmd[:4])} failed:\n{output[-3000:]}")

@@ -7,6 +7,7 @@ import platform
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -28,27 +29,38 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None, interval: fl
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
     )
     peak_tree = peak_main = 0.0
-    stop = threading.Event()
+    root = psutil.Process(proc.pid)
 
     def sample() -> None:
         nonlocal peak_tree, peak_main
-        root = psutil.Process(proc.pid)
+        try:
+            main = root.memory_info().rss
+            tree = main + sum(_rss(c) for c in root.children(recursive=True))
+            peak_main = max(peak_main, main / 2**20)
+            peak_tree = max(peak_tree, tree / 2**20)
+        except psutil.Error:
+            pass
+
+    output = communicate_sampling(proc, sample, interval)
+    return Measured(time.perf_counter() - started, peak_tree, peak_main, proc.returncode, output)
+
+
+def communicate_sampling(proc: subprocess.Popen, sample: Callable[[], None], interval: float) -> str:
+    """Wait for ``proc`` and return its output, calling ``sample()`` every ``interval`` seconds
+    meanwhile (on a thread: the output pipe must be drained while it runs)."""
+    stop = threading.Event()
+
+    def loop() -> None:
         while not stop.is_set():
-            try:
-                main = root.memory_info().rss
-                tree = main + sum(_rss(c) for c in root.children(recursive=True))
-                peak_main = max(peak_main, main / 2**20)
-                peak_tree = max(peak_tree, tree / 2**20)
-            except psutil.Error:
-                pass
+            sample()
             stop.wait(interval)
 
-    sampler = threading.Thread(target=sample, daemon=True)
+    sampler = threading.Thread(target=loop, daemon=True)
     sampler.start()
     output, _ = proc.communicate()
     stop.set()
     sampler.join()
-    return Measured(time.perf_counter() - started, peak_tree, peak_main, proc.returncode, output)
+    return output
 
 
 def _rss(process: psutil.Process) -> int:

@@ -64,14 +64,18 @@ def test_process_pool_follows_the_plan(ingested, tmp_path):
     named.stop()
 
 
-@pytest.mark.parametrize(("stage_cls", "workers", "threads"), [(Meet, 2, 1), (WideMeet, 2, 2)])
-def test_process_pool_workers_run_at_once_with_their_thread_budget(ingested, tmp_path, stage_cls, workers, threads):
+def _run_meeting(stage_cls, workers, ingested, tmp_path, executor):
+    """Run a toy stage whose workers wait for ``workers`` of them at once; the rows they wrote."""
     meeting = tmp_path / "meeting"
     meeting.mkdir()
     config = MeetConfig(meeting_folder=str(meeting), workers=workers)
-    result = run(stage_cls, ingested, tmp_path / "out", config, ProcessExecutor(2 * threads))
-    assert result.ok
-    rows = _processed(tmp_path / "out")
+    assert run(stage_cls, ingested, tmp_path / "out", config, executor).ok
+    return _processed(tmp_path / "out")
+
+
+@pytest.mark.parametrize(("stage_cls", "workers", "threads"), [(Meet, 2, 1), (WideMeet, 2, 2)])
+def test_process_pool_workers_run_at_once_with_their_thread_budget(ingested, tmp_path, stage_cls, workers, threads):
+    rows = _run_meeting(stage_cls, workers, ingested, tmp_path, ProcessExecutor(2 * threads))
     assert rows.worker_pid.nunique() == workers
     assert set(rows.workers_met) == {workers}
     assert set(rows.omp_threads) == {threads}
@@ -81,13 +85,9 @@ def test_process_pool_workers_run_at_once_with_their_thread_budget(ingested, tmp
 def test_a_model_stage_gets_every_cpu_of_a_local_ray(ray_local, ingested, tmp_path):
     """On the session's 2-CPU local Ray, where the driver only waits, a model stage runs two actors
     at once (the old reserve of one CPU ran one), each with one thread."""
-    meeting = tmp_path / "meeting"
-    meeting.mkdir()
     executor = RayExecutor(RayConfig(num_cpus=2))
-    result = run(Meet, ingested, tmp_path / "out", MeetConfig(meeting_folder=str(meeting), workers=2), executor)
-    assert result.ok
+    rows = _run_meeting(Meet, 2, ingested, tmp_path, executor)
     assert executor.plan == WorkerPlan(workers=2, threads=1)
-    rows = _processed(tmp_path / "out")
     assert rows.worker_pid.nunique() == 2
     assert set(rows.workers_met) == {2}
     assert set(rows.omp_threads) == {1}
@@ -95,12 +95,8 @@ def test_a_model_stage_gets_every_cpu_of_a_local_ray(ray_local, ingested, tmp_pa
 
 
 def test_a_wide_actor_on_a_local_ray_gets_the_threads_it_asked_for(ray_local, ingested, tmp_path):
-    meeting = tmp_path / "meeting"
-    meeting.mkdir()
     executor = RayExecutor(RayConfig(num_cpus=2))
-    result = run(WideMeet, ingested, tmp_path / "out", MeetConfig(meeting_folder=str(meeting), workers=1), executor)
-    assert result.ok
+    rows = _run_meeting(WideMeet, 1, ingested, tmp_path, executor)
     assert executor.plan == WorkerPlan(workers=1, threads=2)
-    rows = _processed(tmp_path / "out")
     assert set(rows.omp_threads) == {2}
     assert set(rows.opencv_threads) == {2}
