@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -163,18 +163,24 @@ def _ranks(sizes: np.ndarray) -> np.ndarray:
 # the number of blocks and flips is chosen from the buckets' measured size, so the work per hash
 # stays nearly flat as n grows. Nothing is lost: the result is a superset of the one-level
 # candidates that can pass verification.
-# Relative costs, from a profile at 1M faces (2026-12-06): a hash's share of sorting one block about
-# 100 ns, one probe (a pass over the block's hashes and a binary search for half of them) 60 ns a
-# hash, one candidate pair (expanded, gathered, verified) 150 ns.
+# Relative costs, from profiles at 0.7M and 7.3M faces (2026-12-06/07): a hash's share of sorting one
+# block about 45-100 ns, one probe 60 ns a hash by binary search (a pass over the block's hashes and
+# a search for half of them) or 35 ns through a direct table (``_run_finder``), one candidate pair
+# (expanded, gathered, verified) 70-150 ns.
 SORT_COST = 1.0
 QUERY_COST = 0.6
+TABLE_QUERY_COST = 0.35
 CANDIDATE_COST = 1.5
 MAX_BLOCK_BITS = 32  # the widest block: a block value sits beside its bucket's number in one int64
+MAX_TABLE_BITS = 25  # a direct table of run numbers up to 2^25 int32 entries: 128 MB
 
 
-def probe_plan(sub_bits: int, sub_radius: int, sharing: float, max_width: int = MAX_BLOCK_BITS) -> tuple[int, int]:
+def probe_plan(
+    sub_bits: int, sub_radius: int, sharing: float, max_width: int = MAX_BLOCK_BITS, key_bits: int = 0
+) -> tuple[int, int]:
     """(blocks, flips) for sub-keys of ``sub_bits`` bits within ``sub_radius``: the split with the
-    least estimated work per hash when each hash shares its first-level key with ``sharing`` others.
+    least estimated work per hash when each hash shares its first-level key (``key_bits`` wide)
+    with ``sharing`` others.
 
     Any split with blocks * (flips + 1) > sub_radius finds every pair; wider blocks mean fewer
     unrelated hashes per block value but more probes (C(width, k) values within k bits)."""
@@ -187,7 +193,8 @@ def probe_plan(sub_bits: int, sub_radius: int, sharing: float, max_width: int = 
         within = sum(math.comb(width, k) for k in range(flips + 1))  # block values a probe reaches
         probes = within - 1  # block values within 1..flips bits: a pass over the block each
         candidates = sharing * within / 2**width / 2
-        cost = blocks * (SORT_COST + QUERY_COST * probes + CANDIDATE_COST * candidates)
+        query = TABLE_QUERY_COST if key_bits + width <= MAX_TABLE_BITS else QUERY_COST
+        cost = blocks * (SORT_COST + query * probes + CANDIDATE_COST * candidates)
         if best is None or cost < best[0]:
             best = (cost, blocks, flips)
     assert best is not None  # the range above is never empty
@@ -204,18 +211,19 @@ def sub_keyed_pairs(
     if sub_bits <= 0 or sub_radius >= sub_bits:
         yield from bucket_pairs(keys)
         return
-    if key_bits > 31:  # wide keys (no band of a radius >= 1 is): number them densely to fit beside a block
-        keys = np.unique(keys, return_inverse=True)[1].astype(np.int64)
-        key_bits = max(1, int(keys.max(initial=0)).bit_length())
     ordered, order = _sorted_with_order(keys.view(np.uint64), key_bits)
     starts, sizes = _runs(ordered)
     in_shared = np.repeat(sizes > 1, sizes)  # a hash alone in its bucket pairs with nothing
     shared = order[in_shared]
     if len(shared) < 2:
         return
-    bucket = ordered[in_shared]
-    sharing = float((sizes[sizes > 1].astype(np.float64) ** 2).sum() / len(shared) - 1)
-    blocks, flips = probe_plan(sub_bits, sub_radius, sharing, min(MAX_BLOCK_BITS, 63 - key_bits))
+    # The shared buckets numbered densely: a partition holds a few of a band's values, so its keys
+    # need fewer bits than the band, and the block tables below are that much smaller.
+    shared_sizes = sizes[sizes > 1]
+    bucket = np.repeat(np.arange(len(shared_sizes), dtype=np.uint64), shared_sizes)
+    key_bits = max(1, (len(shared_sizes) - 1).bit_length())
+    sharing = float((shared_sizes.astype(np.float64) ** 2).sum() / len(shared) - 1)
+    blocks, flips = probe_plan(sub_bits, sub_radius, sharing, min(MAX_BLOCK_BITS, 63 - key_bits), key_bits)
     sub = np.asarray(sub_hashes, np.int64)[shared].view(np.uint64)
     base, extra = divmod(sub_bits, blocks)
     low = 0
@@ -229,17 +237,33 @@ def sub_keyed_pairs(
             yield shared[pairs]
         if not flips:
             continue
-        distinct = ordered[starts]
+        find_run = _run_finder(ordered[starts], key_bits + width)
         for mask in _flip_masks(width, flips):
             top = np.uint64(1 << (int(mask).bit_length() - 1))
-            # From the side whose top flipped bit is 0 only: each pair is probed once. In sorted
-            # order, so that the binary searches walk forward.
+            # From the side whose top flipped bit is 0 only: each pair is probed once.
             asking = np.flatnonzero((ordered & top) == 0)
-            wanted = ordered[asking] ^ mask
-            found = np.minimum(np.searchsorted(distinct, wanted), len(distinct) - 1)
-            hit = distinct[found] == wanted
-            for pairs in _expand(order[asking[hit]], starts[found[hit]], sizes[found[hit]], order):
+            found = find_run(ordered[asking] ^ mask)
+            hit = found >= 0
+            found = found[hit]
+            for pairs in _expand(order[asking[hit]], starts[found], sizes[found], order):
                 yield shared[pairs]
+
+
+def _run_finder(distinct: np.ndarray, value_bits: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A function giving, for each wanted value, the number of its run in the sorted ``distinct``
+    values, or -1 where none has it. Probes are most of the face kind's work at 10M faces: a binary
+    search costs a cache miss per level over arrays of millions, so keys narrow enough to address
+    directly (a band and a block: about 24 bits) are looked up in a table, one read a probe."""
+    if value_bits > MAX_TABLE_BITS:
+
+        def search(wanted: np.ndarray) -> np.ndarray:
+            found = np.minimum(np.searchsorted(distinct, wanted), len(distinct) - 1)
+            return np.where(distinct[found] == wanted, found, -1)
+
+        return search
+    table = np.full(1 << value_bits, -1, np.int32)
+    table[distinct.astype(np.int64)] = np.arange(len(distinct), dtype=np.int32)
+    return lambda wanted: table[wanted]
 
 
 def _sorted_with_order(values: np.ndarray, value_bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -331,7 +355,12 @@ def unique_pairs(pieces: list[np.ndarray]) -> np.ndarray:
     pieces = [p for p in pieces if len(p)]
     if not pieces:
         return np.empty((0, 2), np.int64)
-    return np.unique(np.sort(np.concatenate(pieces), axis=1), axis=0)
+    pairs = np.sort(np.concatenate(pieces), axis=1).astype(np.int64, copy=False)
+    if pairs.min() < 0 or pairs.max() >= 2**31:
+        return np.unique(pairs, axis=0)
+    # Packed into one int64 each: a plain unique is several times faster than one over rows.
+    packed = np.unique((pairs[:, 0] << 32) | pairs[:, 1])
+    return np.stack([packed >> 32, packed & 0xFFFFFFFF], axis=1)
 
 
 def lsh_bits(n: int) -> int:

@@ -38,7 +38,6 @@ writes them together). An identity cluster is numbered by its smallest row's pos
 
 from __future__ import annotations
 
-import io
 import math
 import tempfile
 import time
@@ -50,7 +49,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from facecap.pipeline.dataset import shard_name
 from facecap.pipeline.stage import Resources, Summaries
@@ -268,7 +266,7 @@ def _job(name: str, function) -> TaskJob:
 
 
 def _scratch_name(family: str, shard: int) -> str:
-    return f"{family}-{shard_name(shard)}.parquet"
+    return f"{family}-{shard_name(shard)}.arrow"
 
 
 def _mix(values: np.ndarray, salt: np.ndarray | int) -> np.ndarray:
@@ -372,11 +370,17 @@ def _write_partitioned(
     table, partition = table.take(order), partition[order]
     present, starts = np.unique(partition, return_index=True)
     ends = [*starts[1:], len(partition)]
-    buffer = io.BytesIO()
-    with pq.ParquetWriter(buffer, table.schema, compression="zstd") as writer:
+    if not table.num_rows:
+        return []
+    records = table.combine_chunks().to_batches()[0]
+    # Arrow IPC, not Parquet: each group task reads one batch from every shard's file, so opening a
+    # file and reading a batch must cost next to nothing (a Parquet footer and a row group per
+    # (shard, partition) grew as shards x partitions); lz4 keeps the files small at little CPU.
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as writer:
         for start, end in zip(starts, ends, strict=True):
-            writer.write_table(table.slice(int(start), int(end - start)), row_group_size=int(end - start))
-    context.scratch.write_bytes(_scratch_name(family, shard), buffer.getvalue())
+            writer.write_batch(records.slice(int(start), int(end - start)))
+    context.scratch.write_bytes(_scratch_name(family, shard), sink.getvalue().to_pybytes())
     return [int(p) for p in present]
 
 
@@ -452,9 +456,7 @@ def group_partition(partition: int, payload: tuple[PlanContext, list[tuple[int, 
                 near.append(images["image"][pairs[close]])
         result["image_pairs"]["near"] = unique_pairs(near)
         members = np.unique(np.concatenate([p.ravel() for p in result["image_pairs"].values()]))
-        lookup = pd.Series(images["score"], index=images["image"])
-        lookup = lookup[~lookup.index.duplicated()]
-        result["image_scores"] = (members, lookup.reindex(members).to_numpy())
+        result["image_scores"] = (members, images["score"][_first_positions(images["image"], members)])
     if faces is not None:
         found = []
         for code in np.unique(faces["grouping"]):
@@ -474,11 +476,18 @@ def group_partition(partition: int, payload: tuple[PlanContext, list[tuple[int, 
                 found.append(faces["row"][chosen[pairs[close]]])
         result["face_pairs"] = unique_pairs(found)
         members = np.unique(result["face_pairs"].ravel())
-        where = pd.Series(np.arange(len(faces["row"])), index=faces["row"])
-        where = where[~where.index.duplicated()].reindex(members).to_numpy()
+        where = _first_positions(faces["row"], members)
         result["face_rows"] = (members, faces["image"][where], faces["score"][where])
     result["task_seconds"] = time.perf_counter() - started
     return result
+
+
+def _first_positions(values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Where each of ``wanted`` (distinct, sorted, each somewhere in ``values``) first occurs in
+    ``values``: found among the few records holding one, not by indexing a partition's millions."""
+    holding = np.flatnonzero(np.isin(values, wanted))
+    found, first = np.unique(values[holding], return_index=True)
+    return holding[first[np.searchsorted(found, wanted)]]
 
 
 def group_vectors(partition: int, payload: tuple[PlanContext, list[VectorKind], dict]) -> dict:
@@ -545,7 +554,7 @@ def _read_table(context: PlanContext, family: str, groups: list[tuple[int, int]]
     tables = []
     for shard, group in groups:
         with context.scratch.open_read(_scratch_name(family, shard)) as f:
-            tables.append(pq.ParquetFile(f).read_row_group(group))
+            tables.append(pa.Table.from_batches([pa.ipc.open_file(f).get_batch(group)]))
     return pa.concat_tables(tables, promote_options="permissive")  # an embedding column may be all null
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from facecap.stages.dedup import index as dedup_index
 from facecap.stages.dedup.hashing import hamming, normalised_url, phash, pixel_digest
 from facecap.stages.dedup.index import (
     UnionFind,
@@ -68,10 +69,14 @@ def test_bucket_pairs_pairs_every_run_small_and_large():
     assert {tuple(p) for p in found} == expected and len(found) == len(expected)
 
 
+@pytest.mark.parametrize("probe_by", ["table", "binary search"])
 @pytest.mark.parametrize("sub_bits, sub_radius, buckets", [(20, 3, 1), (20, 5, 1), (64, 4, 1), (64, 8, 1), (64, 8, 40)])
-def test_sub_keyed_pairs_find_every_pair_within_the_sub_radius(sub_bits, sub_radius, buckets):
+def test_sub_keyed_pairs_find_every_pair_within_the_sub_radius(sub_bits, sub_radius, buckets, probe_by, monkeypatch):
     """The second key of the index: whatever split of blocks and flips the plan picks for a bucket
-    size, every pair sharing a first key whose sub-hashes are within the radius is a candidate."""
+    size, and whether its probes look runs up in a direct table or search for them, every pair
+    sharing a first key whose sub-hashes are within the radius is a candidate."""
+    if probe_by == "binary search":
+        monkeypatch.setattr(dedup_index, "MAX_TABLE_BITS", 0)
     rng = np.random.default_rng(sub_radius)
     keys = rng.integers(0, buckets, size=600)
     sub = (
@@ -91,6 +96,15 @@ def test_sub_keyed_pairs_find_every_pair_within_the_sub_radius(sub_bits, sub_rad
     close = np.triu((distances <= sub_radius) & (keys[:, None] == keys[None, :]), 1)
     expected = set(zip(*np.nonzero(close), strict=True))
     assert expected <= found and len(expected) >= 100
+
+
+def test_unique_pairs_orders_and_dedups_small_and_wide_positions():
+    """Positions under 2^31 are packed into one integer a pair; wider ones take the row-wise path."""
+    for offset in (0, 2**40):
+        pieces = [np.array([[5, 2], [2, 5], [0, 9]]) + offset, np.array([[9, 0], [3, 4]]) + offset]
+        expected = np.array([[0, 9], [2, 5], [3, 4]]) + offset
+        assert np.array_equal(unique_pairs(pieces), expected)
+    assert unique_pairs([np.empty((0, 2), np.int64)]).shape == (0, 2)
 
 
 def test_probe_plan_trades_blocks_for_flips_as_buckets_grow():

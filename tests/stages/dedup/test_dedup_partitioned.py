@@ -214,7 +214,7 @@ def test_partitioned_plan_decides_as_the_driver_does(tmp_path, monkeypatch, kind
     else:  # every duplicate names a kept row (a chain ending at an opted-out face stays as it was, on both)
         kept = set(on_driver.loc[on_driver["decision"] == "", "key"])
         assert set(on_driver.loc[on_driver["decision"] != "", "duplicate_of"]) <= kept
-    assert not list((tmp_path / "scratch").glob("*.parquet"))  # the partitioned plan's scratch is gone
+    assert not list((tmp_path / "scratch").glob("*"))  # the partitioned plan's scratch is gone
 
 
 def test_small_summaries_plan_on_the_driver(tmp_path, monkeypatch):
@@ -266,7 +266,7 @@ def test_partitioned_plan_decides_vector_kinds_as_the_driver_does(tmp_path, monk
         assert kept.groupby("identity_cluster").size().max() == cap
     if identities:
         assert counts["opted_out_identity"] >= 3
-    assert not list((tmp_path / "scratch").glob("*.parquet"))
+    assert not list((tmp_path / "scratch").glob("*"))
 
 
 def test_the_driver_merges_identity_forests_not_pairs(tmp_path):
@@ -287,3 +287,9 @@ def test_the_driver_merges_identity_forests_not_pairs(tmp_path):
     # (each face is in a bucket of every table, each bucket's forest has an edge per face but one).
     assert received <= config.lsh_tables * len(clustered) < len(pairs)
     assert held == len(clustered) - clustered["identity_cluster"].nunique()  # one forest: k - 1 edges a cluster
+
+
+def test_first_positions_finds_each_wanted_value_where_it_first_occurs():
+    values = np.array([7, 3, 9, 3, 7, 11, 9])
+    wanted = np.array([3, 9, 11])
+    assert partitioned_plan._first_positions(values, wanted).tolist() == [1, 2, 5]
