@@ -14,10 +14,11 @@ EXAMPLES = """Examples:
 * `facecap export work/dedup shards/ --crop aligned --val-fraction 0.01 --split-by identity --seed 7`
 * `facecap export work/dedup facecaption/ --format parquet` (_id, url, caption, laion_caption, box + ours)
 * `facecap export work/dedup shards/ --opt-out-embeddings optout.json` (leave out the faces of people on the list)
-* `facecap export s3://bucket/work/dedup s3://bucket/shards/ --ray-address auto` (the two passes on a Ray cluster)
+* `facecap export s3://bucket/work/dedup s3://bucket/shards/ --ray-address auto` (the passes on a Ray cluster)
 
-Both passes (scatter each input shard into buckets by a seeded hash, then write each bucket's
-shards) run on the process pool of this machine, or on Ray with --ray-address; a rerun resumes.
+The passes (count each input shard, permute each split with the seed, scatter each input shard
+into buckets of whole output shards, write each bucket's shards) run on the process pool of this
+machine, or on Ray with --ray-address; a rerun resumes.
 """
 
 
@@ -31,7 +32,7 @@ def export(
     ] = "square",
     caption: Annotated[Literal["first", "short"], typer.Option(help="first (of the caption list) or short")] = "first",
     shard_samples: Annotated[
-        int, typer.Option(help="the most samples in a shard (they hold about 96% of it: buckets of a seeded hash)")
+        int, typer.Option(help="samples in a shard (the last of a split holds the rest)")
     ] = 10_000,
     shard_bytes: Annotated[
         int | None, typer.Option(help="aim for shards of about this many bytes (by the samples' measured sizes)")

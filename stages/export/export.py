@@ -3,25 +3,27 @@ v2-compatible Parquet.
 
 Only ``ok`` rows are exported. WebDataset samples are ``KEY.jpg`` (the chosen crop), ``KEY.txt``
 (the chosen caption) and ``KEY.json`` (every metadata column: box, landmarks, attributes, quality,
-provenance, source URL, licence where known). Rows are shuffled globally with a seed: each is
-dealt into a bucket by a seeded hash of its key, and each bucket becomes one or more shards of at
-most ``shard_samples`` (about ``shard_bytes`` when set), in the hash's order (stages/export/
-shuffle.py); within a tar members are sorted by key, so each sample's files are contiguous. An
+provenance, source URL, licence where known). Rows are shuffled globally with a seed: the seeded
+NumPy permutation of each split, cut into shards of ``shard_samples`` in that order (about
+``shard_bytes`` when set), computed and written on the workers (stages/export/shuffle.py); within a
+tar members are sorted by key, so each sample's files are contiguous. An
 optional validation split is taken by a stable hash of the key, or of the identity cluster so no
 identity is in both splits. With an opt-out list (``opt_out``, docs/dedup.md) the faces of the
 people on it are left out: each ok row's aligned 112 crop is embedded and matched, so a dataset
 made before a person opted out exports without them.
 
-Both passes run on an executor (the process pool, Ray, or this process), one task per input shard
-and then per bucket, each resumable; the driver holds a few numbers per bucket, never the rows.
+The passes run on an executor (the process pool, Ray, or this process): a task per input shard
+to count, per split to permute, per input shard to scatter and per bucket to write, each
+resumable; the driver holds a few numbers per shard and bucket, never the rows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,14 +34,17 @@ from facecap.pipeline.dataset import Dataset, Manifest, config_hash
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.executors import Executor, LocalExecutor
 from facecap.pipeline.progress import Quiet, StageProgress
-from facecap.pipeline.status import OK
 from facecap.pipeline.storage import Storage, StorageOptions, refuse_overlap
 from facecap.pipeline.tasks import TaskJob, run_tasks
 from facecap.stages.export.shuffle import (
+    POSITION,
     SCATTER_DIR,
     BucketWork,
+    ScatterWork,
     ShufflePlan,
-    buckets_for,
+    bucket_span,
+    count_shard,
+    permute_split,
     recorded_schema,
     scatter_shard,
     shards_for,
@@ -48,8 +53,9 @@ from facecap.stages.export.shuffle import (
 from facecap.stages.export.trainers import dataset_card, write_energon_meta
 
 MAX_SHARD_SAMPLES = 1_000_000
-# Part of every export's identity: an export made with the earlier order is not resumed with this one.
-SHUFFLE = "seeded-hash-buckets-v2"  # v2: buckets of several shards
+# Part of every export's identity: an export made with an earlier order is not resumed with this
+# one (v1 and v2 dealt by a seeded hash of the key; v3 deals the seeded permutation).
+SHUFFLE = "seeded-permutation-v3"
 
 
 @dataclass
@@ -133,7 +139,7 @@ def export(
         output=out.root,
         storage=options,
         settings=settings,
-        buckets=_bucket_counts(dataset, inputs, settings),
+        identity=identity,
         crop=crop,
         opt_out=opt_out,
         aligned112=manifest.media.get("aligned112"),
@@ -141,7 +147,9 @@ def export(
     executor = executor or LocalExecutor()
     result = ExportResult(output=out.root)
     with progress:
-        scattered = _scatter(plan, inputs, executor, progress, result, max_retries)
+        counted = _count(plan, inputs, executor, progress, max_retries)
+        plan = _permute(plan, counted, executor, max_retries)
+        scattered = _scatter(plan, inputs, counted, executor, progress, result, max_retries)
         _write(plan, inputs, scattered.totals, executor, progress, result, max_retries)
     _finish(out, dataset, manifest, settings, identity, scattered.schema, result)
     _remove_scatter(out, plan)
@@ -150,7 +158,8 @@ def export(
 
 def _remove_scatter(out: Storage, plan: ShufflePlan) -> None:
     """The passes' own temporaries (a copy of every sample), once the manifest says it is done."""
-    folders = [f"{SCATTER_DIR}/{split}" for split in plan.buckets] + [f"{SCATTER_DIR}/_done", f"{SCATTER_DIR}/_written"]
+    folders = [f"{SCATTER_DIR}/{split}" for split in plan.buckets]
+    folders += [f"{SCATTER_DIR}/{name}" for name in ("_count", "_order", "_done", "_written")]
     for folder in folders:
         for name in out.list(folder):
             out.delete(name)
@@ -182,17 +191,82 @@ def _check_opt_out(manifest: Manifest, opt_out: str) -> None:
     listing.check_model(embedder.model, embedder.sha256, "this machine's model file")
 
 
-def _bucket_counts(dataset: Dataset, inputs: list[int], settings: ExportSettings) -> dict[str, int]:
-    """Buckets per split, from the ok counts in the shards' stats (their rows are not read here)."""
-    total = 0
-    for shard in inputs:
-        stats = dataset.shard_stat(shard)
-        total += stats.by_status.get(OK, 0) if stats is not None else settings.shard_samples
-    val = round(total * settings.val_fraction)
-    buckets = {"train": buckets_for(max(1, total - val), settings.shard_samples)}
-    if settings.val_fraction > 0:
-        buckets["val"] = buckets_for(max(1, val), settings.shard_samples)
-    return buckets
+class _Counted:
+    """What the count records add up to: each input shard's place in every split, the rows the
+    opt-out list leaves out of it, and each split's size."""
+
+    def __init__(self, splits: list[str]):
+        self.totals = dict.fromkeys(splits, 0)
+        self.by_shard: dict[int, dict[str, Any]] = {}
+        self.refused: list[str] = []
+
+    def add(self, shard: int, record: dict[str, Any]) -> None:
+        if "refused" in record:
+            self.refused.append(record["refused"])
+        else:
+            self.by_shard[shard] = record
+
+    def work(self, plan: ShufflePlan, inputs: list[int]) -> dict[int, ScatterWork]:
+        """Each input shard's scatter task, in input order: its rows follow the shards before it."""
+        offsets = dict.fromkeys(self.totals, 0)
+        work = {}
+        for shard in inputs:
+            record = self.by_shard[shard]
+            work[shard] = ScatterWork(plan, dict(offsets), tuple(record["excluded"]))
+            for split in offsets:
+                offsets[split] += record["splits"][split]
+        return work
+
+
+def _count(plan: ShufflePlan, inputs, executor, progress, max_retries) -> _Counted:
+    """Pass 1, one task per input shard not counted yet."""
+    counted = _Counted(["train", "val"] if plan.settings.val_fraction > 0 else ["train"])
+    progress.phase("export 1/3 count")
+    progress.set_total(len(inputs))
+
+    def add(shard: int, record: dict[str, Any]) -> None:
+        progress.advance(0)
+        counted.add(shard, record)
+
+    out = Storage(plan.output, plan.storage)
+    todo = []
+    for shard in inputs:  # a rerun reads what finished shards recorded
+        record = out.read_json(plan.count_record(shard))
+        if record is None or record.get("identity") != plan.identity:
+            todo.append(shard)
+        else:
+            add(shard, record)
+    run_tasks(
+        executor, TaskJob("export count", count_shard), ((s, plan) for s in todo), max_retries, add, where=plan.output
+    )
+    if counted.refused:
+        raise FacecapError(counted.refused[0])
+    for record in counted.by_shard.values():
+        for split in counted.totals:
+            counted.totals[split] += record["splits"][split]
+    return counted
+
+
+def _permute(plan: ShufflePlan, counted: _Counted, executor, max_retries) -> ShufflePlan:
+    """Pass 2: each split's permutation, written by a task (its n positions never reach the driver);
+    returns the plan with each split's buckets."""
+    spans = {split: bucket_span(n, plan.settings.shard_samples) for split, n in counted.totals.items()}
+    buckets = {split: max(1, math.ceil(n / spans[split])) for split, n in counted.totals.items()}
+    plan = replace(plan, spans=spans, buckets=buckets)
+    out = Storage(plan.output, plan.storage)
+    todo = [
+        (number, (plan, split, n))
+        for number, (split, n) in enumerate(counted.totals.items())
+        if n and not _permuted(out, plan, split, n)
+    ]
+    run_tasks(executor, TaskJob("export permute", permute_split), todo, max_retries, lambda *_: None, where=plan.output)
+    return plan
+
+
+def _permuted(out: Storage, plan: ShufflePlan, split: str, n: int) -> bool:
+    """A permutation file written by this export before (it is written whole, so its size tells)."""
+    # The count records it was made from carry this export's identity, so its rows are these.
+    return out.exists(plan.order_name(split)) and out.size(plan.order_name(split)) == POSITION.itemsize * n
 
 
 class _Scattered:
@@ -229,26 +303,27 @@ class _Scattered:
         self._records += 1
 
 
-def _scatter(plan, inputs, executor, progress, result, max_retries) -> _Scattered:
-    """Pass 1, one task per input shard not scattered yet."""
+def _scatter(plan, inputs, counted, executor, progress, result, max_retries) -> _Scattered:
+    """Pass 3, one task per input shard not scattered yet."""
     scattered = _Scattered(plan.buckets)
 
     def add(shard: int, record: dict[str, Any]) -> None:
         progress.advance(0)
         scattered.add(record)
 
-    progress.phase("export 1/2 scatter")
+    progress.phase("export 2/3 scatter")
     progress.set_total(len(inputs))
     out = Storage(plan.output, plan.storage)
+    work = counted.work(plan, inputs)
     todo = []
     for shard in inputs:  # a rerun reads what finished shards recorded instead of scattering them again
         record = out.read_json(plan.scatter_record(shard))
-        if record is None:
+        if record is None or record.get("identity") != plan.identity:
             todo.append(shard)
         else:
             add(shard, record)
     job = TaskJob("export scatter", scatter_shard)
-    run_tasks(executor, job, ((s, plan) for s in todo), max_retries, add, where=plan.output)
+    run_tasks(executor, job, ((s, work[s]) for s in todo), max_retries, add, where=plan.output)
     if scattered.refused:
         raise FacecapError(scattered.refused[0])
     result.opted_out = scattered.opted_out
@@ -256,7 +331,7 @@ def _scatter(plan, inputs, executor, progress, result, max_retries) -> _Scattere
 
 
 def _write(plan, inputs, totals, executor, progress, result, max_retries) -> None:
-    """Pass 2: every bucket's shards, numbered in bucket order."""
+    """Pass 4: every bucket's shards, numbered in bucket order."""
     work: list[BucketWork] = []
     for split in plan.buckets:
         first = 0
@@ -271,13 +346,13 @@ def _write(plan, inputs, totals, executor, progress, result, max_retries) -> Non
         progress.advance(sum(s["nsamples"] for s in record["shards"]))
         listed[(work[number].split, work[number].bucket)] = record["shards"]
 
-    progress.phase("export 2/2 write")
+    progress.phase("export 3/3 write")
     progress.set_total(len(work))
     out = Storage(plan.output, plan.storage)
     todo = []
     for number, item in enumerate(work):
         record = out.read_json(plan.bucket_record(item.split, item.bucket))
-        if record is None:
+        if record is None or record.get("identity") != plan.identity:
             todo.append((number, item))
         else:
             add(number, record)

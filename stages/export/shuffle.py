@@ -1,24 +1,33 @@
-"""Export's two passes on the workers: a seeded global shuffle without the rows on the driver.
+"""Export's passes on the workers: a seeded global shuffle without the rows on the driver.
 
-1. **scatter** (one task per input shard): its ok rows, minus opted-out faces, are split (train /
-   val), rendered as trainers will read them (caption, JSON and where the crop lies; or
-   FaceCaption-v2 rows), and dealt into buckets of about five shards by a seeded hash of the key:
-   one Arrow IPC file per split whose record batch ``k`` holds bucket ``k``, so a bucket task reads
-   just its batch of each file. The task's done record gives each bucket's sample count and tar bytes.
-2. **write** (one task per bucket): its samples from every scatter file, in seeded-hash order,
-   cut into as many output shards as the driver allotted it (at most ``shard_samples`` each, and
-   about ``shard_bytes`` when set), written with their tar index and done markers, each crop read
-   from its input tar (or from S3 via a local spool file) and written once.
+The order is the one a single process deals: ``numpy.random.default_rng(seed).permutation`` of
+each split's exportable rows (input shards in order, rows in shard order), cut into shards of
+``shard_samples`` in that order (so an export equals the single-process export facecap made before
+these passes, for the same seed and shard size).
 
-The driver only sums per-bucket counts (a few numbers per bucket) and numbers the shards, so its
-memory does not grow with the dataset. Same source, seed and settings: the same bytes, on any
-executor, wherever the crops are stored.
+1. **count** (one task per input shard): its exportable rows per split (ok, safe keys, not opted
+   out; opted-out faces are found here, once). The driver adds the counts up: each shard's rows
+   then have known places (offsets) in their split.
+2. **permute** (one task per split): the seeded permutation of the split's n rows, written as each
+   row's output position (8 bytes a row) for the scatter tasks to read their slices of.
+3. **scatter** (one task per input shard): its rows rendered as trainers will read them (caption,
+   JSON and where the crop lies; or FaceCaption-v2 rows), each dealt into the bucket holding its
+   output position (a bucket is a run of whole output shards, about five): one Arrow IPC file per
+   split whose record batch ``k`` holds bucket ``k``, so a bucket task reads just its batch of
+   each file. The task's done record gives each bucket's sample count and tar bytes.
+4. **write** (one task per bucket): its samples from every scatter file, in output order, cut into
+   its shards (``shard_samples`` each; with ``shard_bytes``, by their measured bytes), written with
+   their tar index and done markers, each crop read from its input tar (or from S3 via a local
+   spool file) and written once.
+
+The driver only sums per-shard and per-bucket counts and numbers the shards, so its memory does
+not grow with the dataset. Same source, seed and settings: the same bytes, on any executor,
+wherever the crops are stored.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import itertools
 import json
@@ -28,7 +37,7 @@ import re
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -51,6 +60,7 @@ SCATTER_DIR = "_scatter"
 # Parquet export's 134 columns): with a bucket per output shard, a Parquet export's scatter files
 # at 7M rows were 14 GB, more than half of it metadata.
 BUCKET_SAMPLES = 50_000
+POSITION = np.dtype("<i8")  # an output position in the permutation files
 # However large the export, so the batches (input shards x buckets) grow linearly, not as N^2;
 # beyond this, buckets hold more shards each.
 MAX_BUCKETS = 256
@@ -66,10 +76,18 @@ class ShufflePlan:
     output: str
     storage: StorageOptions
     settings: Any  # ExportSettings
-    buckets: dict[str, int]  # split -> number of buckets
+    identity: str  # the export's config hash: records of another export in the folder are not used
     crop: MediaRef | None  # where the exported crop lives (WebDataset)
     opt_out: str | None = None
     aligned112: MediaRef | None = None
+    buckets: dict[str, int] = field(default_factory=dict)  # split -> number of buckets (after counting)
+    spans: dict[str, int] = field(default_factory=dict)  # split -> output positions a bucket holds
+
+    def count_record(self, shard: int) -> str:
+        return f"{SCATTER_DIR}/_count/{shard_name(shard)}.json"
+
+    def order_name(self, split: str) -> str:
+        return f"{SCATTER_DIR}/_order/{split}.bin"
 
     def scatter_name(self, split: str, shard: int) -> str:
         return f"{SCATTER_DIR}/{split}/{shard_name(shard)}.arrow"
@@ -81,45 +99,97 @@ class ShufflePlan:
         return f"{SCATTER_DIR}/_written/{split}-{bucket:06d}.json"
 
 
-def shuffle_order(seed: int, keys: list[str]) -> np.ndarray:
-    """A key's place in the seeded shuffle: the first 8 bytes of BLAKE2b(seed, key)."""
-    prefix = f"{seed}\0".encode()
-    return np.array(
-        [int.from_bytes(hashlib.blake2b(prefix + k.encode(), digest_size=8).digest(), "big") for k in keys],
-        dtype=np.uint64,
+def bucket_span(samples: int, shard_samples: int) -> int:
+    """Output positions a bucket holds: whole shards, about ``BUCKET_SAMPLES`` samples, and wider
+    when that would make more than ``MAX_BUCKETS`` buckets."""
+    span = max(1, BUCKET_SAMPLES // shard_samples) * shard_samples
+    if samples > span * MAX_BUCKETS:
+        span = -(-samples // (MAX_BUCKETS * shard_samples)) * shard_samples
+    return span
+
+
+# -- pass 1: count ------------------------------------------------------------------------------
+def count_shard(shard: int, plan: ShufflePlan) -> dict[str, Any]:
+    """One input shard's exportable rows per split, and which ok rows the opt-out list leaves out.
+
+    A row the export must refuse (an unsafe key) comes back as ``refused``: the same input would
+    fail every retry, so the driver reports it instead of retrying."""
+    out = Storage(plan.output, plan.storage)
+    rows = _ok_rows(Dataset.at(plan.source, plan.storage), shard, _split_columns(plan.settings))
+    keys = rows.column("key").to_pylist()
+    bad = next((k for k in keys if not SAFE_KEY.match(k)), None)
+    if bad is not None:
+        return {"refused": f"unsafe sample key {bad!r}: keys must be letters, digits, '_' or '-'"}
+    try:
+        opted_out = _opted_out(plan, shard, keys) if plan.opt_out else np.zeros(len(keys), bool)
+    except FacecapError as refusal:
+        return {"refused": str(refusal)}
+    splits = split_of(rows.filter(pa.array(~opted_out)), plan.settings)
+    record = {
+        "identity": plan.identity,
+        "splits": {name: int((splits == name).sum()) for name in ("train", "val")},
+        "excluded": np.flatnonzero(opted_out).tolist(),
+    }
+    out.write_bytes(plan.count_record(shard), json.dumps(record).encode())
+    return record
+
+
+def _split_columns(settings) -> list[str]:
+    return (
+        ["key", "status", "identity_cluster"]
+        if settings.val_fraction > 0 and settings.split_by == "identity"
+        else ["key", "status"]
     )
 
 
-def buckets_for(samples: int, shard_samples: int) -> int:
-    """Buckets for about ``samples`` samples: each expected to fill a whole number of shards (about
-    ``BUCKET_SAMPLES`` samples) less four standard deviations of its (Poisson) size, so a bucket
-    rarely needs an extra, small shard; at most ``MAX_BUCKETS`` (then each fills more shards)."""
-    shards = max(1, BUCKET_SAMPLES // shard_samples)
-    expected = max(1.0, (math.sqrt(shards * shard_samples + 4) - 2) ** 2)
-    return max(1, min(samples, MAX_BUCKETS, math.ceil(samples / expected)))
+# -- pass 2: permute ----------------------------------------------------------------------------
+def permute_split(number: int, payload: tuple[ShufflePlan, str, int]) -> dict[str, Any]:
+    """The output position of each of a split's ``n`` rows: the seeded permutation, inverted."""
+    plan, split, n = payload
+    out = Storage(plan.output, plan.storage)
+    dealt = np.random.default_rng(plan.settings.seed).permutation(n)  # output position -> row
+    position = np.empty(n, POSITION)
+    position[dealt] = np.arange(n, dtype=POSITION)
+    out.write_bytes(plan.order_name(split), position.tobytes())
+    return {"split": split, "rows": n}
 
 
-# -- pass 1: scatter ----------------------------------------------------------------------------
-def scatter_shard(shard: int, plan: ShufflePlan) -> dict[str, Any]:
-    """Deal one input shard's ok rows into buckets; returns (and records) per-bucket counts and bytes.
+def _positions(out: Storage, plan: ShufflePlan, split: str, first: int, count: int) -> np.ndarray:
+    """Output positions of the split's rows ``first`` .. ``first + count - 1``."""
+    if not count:
+        return np.zeros(0, np.int64)
+    with out.open_read(plan.order_name(split)) as f:
+        f.seek(first * POSITION.itemsize)
+        data = f.read(count * POSITION.itemsize)
+    if len(data) != count * POSITION.itemsize:
+        raise FacecapError(f"{out.uri(plan.order_name(split))} is shorter than its split; export again")
+    return np.frombuffer(data, POSITION).astype(np.int64)
 
-    A row the export must refuse (an unsafe key, a missing crop) comes back as ``refused``: the same
-    input would fail every retry, so the driver reports it instead of retrying.
-    """
+
+# -- pass 3: scatter ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScatterWork:
+    plan: ShufflePlan
+    offsets: dict[str, int]  # split -> the place of this shard's first row in its split
+    excluded: tuple[int, ...]  # its ok rows the opt-out list leaves out (positions among them)
+
+
+def scatter_shard(shard: int, work: ScatterWork) -> dict[str, Any]:
+    """Deal one input shard's exportable rows into buckets; returns (and records) per-bucket counts
+    and bytes. A missing crop comes back as ``refused`` (see ``count_shard``)."""
+    plan = work.plan
     out = Storage(plan.output, plan.storage)
     rows = _ok_rows(Dataset.at(plan.source, plan.storage), shard)
     try:
-        keys = rows.column("key").to_pylist()
-        bad = next((k for k in keys if not SAFE_KEY.match(k)), None)
-        if bad is not None:
-            raise FacecapError(f"unsafe sample key {bad!r}: keys must be letters, digits, '_' or '-'")
-        opted_out = _opted_out(plan, shard, keys) if plan.opt_out else np.zeros(len(keys), bool)
-        rows = rows.filter(pa.array(~opted_out))
-        rows, buckets, bounds = _in_bucket_order(rows, plan)
-        pieces, schema = _rendered(plan, shard, rows)
+        if work.excluded:
+            kept = np.ones(rows.num_rows, bool)
+            kept[list(work.excluded)] = False
+            rows = rows.filter(pa.array(kept))
+        rows, positions, buckets, bounds = _in_bucket_order(out, rows, work)
+        pieces, schema = _rendered(plan, shard, rows, positions)
     except FacecapError as refusal:
         return {"refused": str(refusal)}
-    record: dict[str, Any] = {"opted_out": int(opted_out.sum()), "splits": {}}
+    record: dict[str, Any] = {"identity": plan.identity, "opted_out": len(work.excluded), "splits": {}}
     if schema is not None:
         record["schema"] = base64.b64encode(schema.serialize().to_pybytes()).decode()
     for split, (start, stop) in bounds.items():
@@ -130,28 +200,37 @@ def scatter_shard(shard: int, plan: ShufflePlan) -> dict[str, Any]:
     return record
 
 
-def _in_bucket_order(rows: pa.Table, plan: ShufflePlan) -> tuple[pa.Table, np.ndarray, dict[str, tuple[int, int]]]:
+def _in_bucket_order(
+    out: Storage, rows: pa.Table, work: ScatterWork
+) -> tuple[pa.Table, np.ndarray, np.ndarray, dict[str, tuple[int, int]]]:
     """The rows ordered by split, then bucket (so each bucket's samples are written as one slice,
-    never gathered by a copy of the images), each row's bucket, and each split's row range."""
+    never gathered by a copy of the images), their output positions and buckets, and each split's
+    row range."""
+    plan = work.plan
     splits = split_of(rows, plan.settings)
-    order = shuffle_order(plan.settings.seed, rows.column("key").to_pylist())
     names = list(plan.buckets)
     split_number = np.array([names.index(s) for s in splits], np.int64)
-    counts = np.array([plan.buckets[s] for s in names], np.uint64)
-    bucket = (order % counts[split_number]).astype(np.int64) if len(order) else np.zeros(0, np.int64)
+    positions = np.zeros(rows.num_rows, np.int64)
+    bucket = np.zeros(rows.num_rows, np.int64)
+    for number, name in enumerate(names):
+        mine = np.flatnonzero(split_number == number)
+        positions[mine] = _positions(out, plan, name, work.offsets.get(name, 0), len(mine))
+        bucket[mine] = positions[mine] // plan.spans[name]
     arranged = np.lexsort((bucket, split_number))
     sizes = np.bincount(split_number, minlength=len(names))
     bounds = {name: (int(end - size), int(end)) for name, end, size in zip(names, np.cumsum(sizes), sizes, strict=True)}
-    return rows.take(pa.array(arranged)), bucket[arranged], bounds
+    return rows.take(pa.array(arranged)), positions[arranged], bucket[arranged], bounds
 
 
-def _ok_rows(dataset: Dataset, shard: int) -> pa.Table:
-    table = dataset.read_shard(shard)
+def _ok_rows(dataset: Dataset, shard: int, columns: list[str] | None = None) -> pa.Table:
+    table = dataset.read_shard(shard, columns)
     return table.filter(pc.equal(table.column("status"), OK).fill_null(False))
 
 
-def _rendered(plan: ShufflePlan, shard: int, rows: pa.Table) -> tuple[pa.Table, pa.Schema | None]:
-    """The samples as they will be written, with their shuffle order and size in a tar; for
+def _rendered(
+    plan: ShufflePlan, shard: int, rows: pa.Table, positions: np.ndarray
+) -> tuple[pa.Table, pa.Schema | None]:
+    """The samples as they will be written, with their output position and size in a tar; for
     WebDataset also the Arrow schema of their JSON (the dataset card's features).
 
     A local crop is not copied: the sample records where it lies in its input tar (``_shard``,
@@ -160,7 +239,7 @@ def _rendered(plan: ShufflePlan, shard: int, rows: pa.Table) -> tuple[pa.Table, 
     """
     settings = plan.settings
     keys = rows.column("key").to_pylist()
-    order = pa.array(shuffle_order(settings.seed, keys), pa.uint64())
+    order = pa.array(positions, pa.int64())
     if settings.format == "parquet":
         table = rows.append_column("_order", order)
         return table.append_column("_bytes", pa.array(np.zeros(rows.num_rows, np.int64))), None
@@ -266,9 +345,9 @@ def write_bucket(number: int, work: BucketWork) -> dict[str, Any]:
     out = Storage(plan.output, plan.storage)
     with tempfile.TemporaryFile(prefix="facecap-crops-") as spool:
         samples = _gather(out, work, spool)
-        # Shuffle order, the key breaking a tie: it decides which shard a sample goes to (a tar is
-        # then sorted by key, a Parquet file keeps this order).
-        ranked = pc.sort_indices(samples, sort_keys=[("_order", "ascending"), ("key", "ascending")]).to_numpy()
+        # Output order decides which shard a sample goes to (a tar is then sorted by key, a Parquet
+        # file keeps this order).
+        ranked = pc.sort_indices(samples, sort_keys=[("_order", "ascending")]).to_numpy()
         parts = _cut(samples.column("_bytes").to_numpy()[ranked], work.shards, settings)
         written = []
         if settings.format == "webdataset":
@@ -281,7 +360,7 @@ def write_bucket(number: int, work: BucketWork) -> dict[str, Any]:
             for offset, (start, stop) in enumerate(parts):
                 name = f"{settings.prefix}{work.split}-{work.first + offset:06d}.parquet"
                 written.append(_write_parquet(out, name, samples.take(pa.array(ranked[start:stop]))))
-    record: dict[str, Any] = {"shards": written}
+    record: dict[str, Any] = {"identity": plan.identity, "shards": written}
     out.write_bytes(plan.bucket_record(work.split, work.bucket), json.dumps(record).encode())
     return record
 
@@ -360,10 +439,14 @@ def _spooled(table: pa.Table, spool: BinaryIO) -> pa.Table:
 
 
 def _cut(sizes: np.ndarray, parts: int, settings) -> list[tuple[int, int]]:
-    """``parts`` consecutive ranges: by bytes when a byte target is set (each about the same size),
-    else by count; never more than ``shard_samples`` in one."""
+    """``parts`` consecutive ranges. By count: whole shards of ``shard_samples`` and the rest, as a
+    single process dealing the permutation cuts them (a bucket starts at a shard boundary). By
+    bytes when a byte target is set: each about the same size, never over ``shard_samples``."""
     n = len(sizes)
-    if settings.shard_bytes and parts > 1:
+    if not settings.shard_bytes:
+        bounds = [*range(0, n, settings.shard_samples), n]
+        return list(itertools.pairwise(bounds))
+    if parts > 1:
         filled = np.cumsum(sizes)
         cuts = np.searchsorted(filled, filled[-1] * np.arange(1, parts) / parts, side="right")
         bounds = np.concatenate([[0], cuts, [n]])

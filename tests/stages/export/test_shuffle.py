@@ -18,13 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import read_all
 
-from facecap.pipeline.dataset import Dataset, TarShardReader
+from facecap.pipeline.dataset import TarShardReader
 from facecap.pipeline.errors import FacecapError
 from facecap.pipeline.executors import LocalExecutor, ProcessExecutor, RayExecutor
 from facecap.pipeline.storage import Storage
 from facecap.stages.export import shuffle
-from facecap.stages.export.export import ExportSettings, _bucket_counts, export
-from facecap.stages.export.shuffle import buckets_for
+from facecap.stages.export.export import ExportSettings, export
+from facecap.stages.export.rows import split_of
+from facecap.stages.export.shuffle import bucket_span
 
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "bench"))
@@ -132,10 +133,11 @@ def test_an_interrupted_export_resumes_to_the_same_bytes(synthetic, tmp_path, mo
 
     again = export(str(folder), str(tmp_path / "resumed"), settings, executor=Counting())
     assert _files(tmp_path / "clean") == _files(tmp_path / "resumed")
-    dataset = Dataset.at(str(folder))
-    buckets = sum(_bucket_counts(dataset, dataset.done_shards(), settings).values())
+    samples = json.loads((tmp_path / "clean" / "_manifest.json").read_text())["samples"]
+    buckets = sum(-(-n // 400) for n in samples.values())  # a bucket: two shards of 200
     assert buckets >= 6 and shards_before >= 4
-    assert "export scatter" not in Counting.runs and again.skipped_existing == shards_before
+    assert {"export count", "export permute", "export scatter"}.isdisjoint(Counting.runs)
+    assert again.skipped_existing == shards_before
     assert Counting.runs["export write"] == buckets - 4  # only the other buckets were written
 
 
@@ -144,7 +146,41 @@ def test_a_bucket_writes_several_shards_each_within_the_limit(synthetic, tmp_pat
     settings = ExportSettings(shard_samples=100, seed=1)  # 500 shards' worth a bucket: one bucket here
     result = export(str(folder), str(tmp_path / "out"), settings)
     sizes = [s["nsamples"] for s in result.shards["train"]]
-    assert len(sizes) == -(-ok.num_rows // 100) and max(sizes) <= 100 and max(sizes) - min(sizes) <= 1
+    assert len(sizes) == -(-ok.num_rows // 100) and set(sizes[:-1]) == {100} and 0 < sizes[-1] <= 100
+
+
+def _single_process_shards(ok: pa.Table, settings: ExportSettings) -> dict[str, list[list[str]]]:
+    """What facecap's single-process export (before the passes on the workers) dealt: per split,
+    the seeded permutation of its rows (input shards in order), cut into shards of shard_samples."""
+    keys = np.array(ok.column("key").to_pylist(), dtype=object)
+    splits = split_of(ok, settings)
+    dealt = {}
+    for split in ("train", "val"):
+        positions = np.flatnonzero(splits == split)
+        order = np.random.default_rng(settings.seed).permutation(positions)
+        step = settings.shard_samples
+        dealt[split] = [keys[order[start : start + step]].tolist() for start in range(0, len(order), step)]
+    return dealt
+
+
+@pytest.mark.parametrize("format", ["webdataset", "parquet"])
+def test_the_export_deals_the_shards_the_single_process_export_dealt(synthetic, tmp_path, monkeypatch, format):
+    """Same seed and shard size: every shard holds the samples the single-process export put in it
+    (in its order for Parquet; sorted by key in a tar), whatever the buckets and executor."""
+    folder, ok = synthetic
+    monkeypatch.setattr(shuffle, "BUCKET_SAMPLES", 400)  # several buckets of two shards
+    settings = ExportSettings(format=format, **SETTINGS)
+    result = export(str(folder), str(tmp_path / "out"), settings, executor=ProcessExecutor(2))
+    expected = _single_process_shards(ok, settings)
+    for split, shards in expected.items():
+        assert [s["nsamples"] for s in result.shards[split]] == [len(keys) for keys in shards]
+        for listed, keys in zip(result.shards[split], shards, strict=True):
+            path = tmp_path / "out" / listed["url"]
+            if format == "parquet":
+                assert pq.read_table(path).column("_id").to_pylist() == keys
+            else:
+                with tarfile.open(path) as tar:
+                    assert [n.removesuffix(".jpg") for n in tar.getnames() if n.endswith(".jpg")] == sorted(keys)
 
 
 class StopsAfterTheScatter(LocalExecutor):
@@ -225,12 +261,12 @@ def _with_crops(folder: Path, batch: pa.RecordBatch) -> pa.RecordBatch:
     return table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], table.schema)
 
 
-def test_bucket_sizes_leave_room_for_chance():
-    assert buckets_for(1, 10_000) == 1 and buckets_for(0, 10) == 1
-    # About 49,100 a bucket: 4 standard deviations below five shards of 10,000.
-    assert buckets_for(1_000_000, 10_000) == 21
-    assert buckets_for(100_000_000, 10_000) == 256  # then more shards a bucket: batches grow as N, not N^2
-    assert buckets_for(50, 100_000) == 1 and buckets_for(3, 1) == 1
+def test_a_bucket_is_whole_shards_and_there_are_at_most_max_buckets():
+    assert bucket_span(1, 10_000) == 50_000 and bucket_span(1_000_000, 10_000) == 50_000  # five shards
+    assert bucket_span(50, 100_000) == 100_000 and bucket_span(3, 1) == 50_000
+    # Beyond 256 buckets of five shards, more shards a bucket: the scatter's batches grow as N, not N^2.
+    span = bucket_span(100_000_000, 10_000)
+    assert span % 10_000 == 0 and -(-100_000_000 // span) <= shuffle.MAX_BUCKETS
 
 
 @pytest.mark.slow
