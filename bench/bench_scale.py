@@ -21,7 +21,10 @@ linear, 0 is flat). Results also go to bench-out/scale/results.json. SCALE_DIR s
 datasets go (default bench-out/scale), SCALE_SHARD the rows per shard (10,000), SCALE_KEEP=1 keeps
 the datasets, SCALE_STEPS=stats,report,dedup runs only the steps named so. The WebDataset export
 runs last (the longest step, and the one needing the most disk: skipped when it would not fit with
-2 GB to spare); so is a size whose data would not fit.
+2 GB to spare); so is a size whose data would not fit. SCALE_DISCARD_TARS=1 deletes each output tar
+of the WebDataset export as soon as its done marker is written (their sizes still counted), so a
+10M-row export (about 55 GB of tars) can be measured on a smaller disk: the export never reads its
+tars back, so the command's work and memory are the same.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ SUMMARY_BYTES_PER_ROW = 600  # summaries-only data plus the partitioned plan's s
 EMBEDDING_BYTES_PER_ROW = 3_200
 VECTOR_KINDS = max((len({"embedding", "identity"} & set(k)) for k in DEDUP_KINDS), default=0)
 WEBDATASET_BYTES_PER_ROW = 5_500
+DISCARD_TARS = os.environ.get("SCALE_DISCARD_TARS") == "1"
+SCATTER_BYTES_PER_ROW = 1_500  # what the WebDataset export keeps when its tars are discarded
 
 
 def sample_tree(proc: subprocess.Popen, interval: float = 0.1) -> tuple[threading.Thread, dict]:
@@ -110,6 +115,36 @@ def measured(cmd: list[str]) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{output[-3000:]}")
     return {"seconds": seconds, **peaks, "output": output}
+
+
+class TarDiscarder:
+    """Deletes each tar of an export in ``folder`` once its done marker exists, adding up its size."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self.sweep()
+
+    def sweep(self) -> None:
+        for marker in (self.folder / "_done").glob("*.tar.json"):
+            tar = self.folder / marker.name.removesuffix(".json")
+            if tar.exists():
+                self.bytes += tar.stat().st_size
+                tar.unlink()
+
+    def __enter__(self) -> TarDiscarder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sweep()
 
 
 def folder_bytes(path: Path) -> int:
@@ -237,16 +272,22 @@ def run_size(n: int, earlier: list[dict]) -> dict:
     steps = {name: cmd for name, cmd in steps.items() if not STEPS or name.startswith(STEPS)}
     result["steps"] = {}
     for name, cmd in steps.items():
-        if name == "export webdataset" and free_bytes() < n * WEBDATASET_BYTES_PER_ROW + SPARE:
+        wds_bytes = SCATTER_BYTES_PER_ROW if DISCARD_TARS else WEBDATASET_BYTES_PER_ROW
+        if name == "export webdataset" and free_bytes() < n * wds_bytes + SPARE:
             print(f"  {name}: skipped, the disk has {free_bytes() / 2**30:.1f} GiB free", flush=True)
             continue
-        step = measured(cmd)
+        if name == "export webdataset" and DISCARD_TARS:
+            with TarDiscarder(folder / "wds") as discarded:
+                step = measured(cmd)
+            step["discarded_tar_bytes"] = discarded.bytes
+        else:
+            step = measured(cmd)
         line = next((x for x in step.pop("output").splitlines() if x.startswith("RESULT ")), None)
         if line:
             step.update(json.loads(line[len("RESULT ") :]))
         for out in ("wds", "parquet", "plan"):
             if (folder / out).exists():
-                step["output_bytes"] = folder_bytes(folder / out)
+                step["output_bytes"] = folder_bytes(folder / out) + step.get("discarded_tar_bytes", 0)
                 shutil.rmtree(folder / out)
         result["steps"][name] = step
         save([*earlier, result])  # after every step: a run stopped later keeps what it measured

@@ -112,19 +112,22 @@ def bucket_span(samples: int, shard_samples: int) -> int:
 def count_shard(shard: int, plan: ShufflePlan) -> dict[str, Any]:
     """One input shard's exportable rows per split, and which ok rows the opt-out list leaves out.
 
-    A row the export must refuse (an unsafe key) comes back as ``refused``: the same input would
-    fail every retry, so the driver reports it instead of retrying."""
+    A row the export must refuse (an unsafe key, a face whose consent cannot be checked) or a split
+    it cannot make comes back as ``refused``: the same input would fail every retry, so the driver
+    reports it instead of retrying."""
     out = Storage(plan.output, plan.storage)
-    rows = _ok_rows(Dataset.at(plan.source, plan.storage), shard, _split_columns(plan.settings))
+    by_identity = plan.settings.val_fraction > 0 and plan.settings.split_by == "identity"
+    # Only the columns the split needs (all of them by identity: ``split_of`` names a missing one).
+    rows = _ok_rows(Dataset.at(plan.source, plan.storage), shard, None if by_identity else ["key", "status"])
     keys = rows.column("key").to_pylist()
-    bad = next((k for k in keys if not SAFE_KEY.match(k)), None)
-    if bad is not None:
-        return {"refused": f"unsafe sample key {bad!r}: keys must be letters, digits, '_' or '-'"}
     try:
+        bad = next((k for k in keys if not SAFE_KEY.match(k)), None)
+        if bad is not None:
+            raise FacecapError(f"unsafe sample key {bad!r}: keys must be letters, digits, '_' or '-'")
         opted_out = _opted_out(plan, shard, keys) if plan.opt_out else np.zeros(len(keys), bool)
+        splits = split_of(rows.filter(pa.array(~opted_out)), plan.settings)
     except FacecapError as refusal:
         return {"refused": str(refusal)}
-    splits = split_of(rows.filter(pa.array(~opted_out)), plan.settings)
     record = {
         "identity": plan.identity,
         "splits": {name: int((splits == name).sum()) for name in ("train", "val")},
@@ -132,14 +135,6 @@ def count_shard(shard: int, plan: ShufflePlan) -> dict[str, Any]:
     }
     out.write_bytes(plan.count_record(shard), json.dumps(record).encode())
     return record
-
-
-def _split_columns(settings) -> list[str]:
-    return (
-        ["key", "status", "identity_cluster"]
-        if settings.val_fraction > 0 and settings.split_by == "identity"
-        else ["key", "status"]
-    )
 
 
 # -- pass 2: permute ----------------------------------------------------------------------------

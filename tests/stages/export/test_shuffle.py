@@ -163,13 +163,15 @@ def _single_process_shards(ok: pa.Table, settings: ExportSettings) -> dict[str, 
     return dealt
 
 
-@pytest.mark.parametrize("format", ["webdataset", "parquet"])
-def test_the_export_deals_the_shards_the_single_process_export_dealt(synthetic, tmp_path, monkeypatch, format):
+@pytest.mark.parametrize("format, split_by", [("webdataset", "key"), ("parquet", "key"), ("parquet", "identity")])
+def test_the_export_deals_the_shards_the_single_process_export_dealt(
+    synthetic, tmp_path, monkeypatch, format, split_by
+):
     """Same seed and shard size: every shard holds the samples the single-process export put in it
     (in its order for Parquet; sorted by key in a tar), whatever the buckets and executor."""
     folder, ok = synthetic
     monkeypatch.setattr(shuffle, "BUCKET_SAMPLES", 400)  # several buckets of two shards
-    settings = ExportSettings(format=format, **SETTINGS)
+    settings = ExportSettings(format=format, split_by=split_by, **SETTINGS)
     result = export(str(folder), str(tmp_path / "out"), settings, executor=ProcessExecutor(2))
     expected = _single_process_shards(ok, settings)
     for split, shards in expected.items():
@@ -259,6 +261,17 @@ def _with_crops(folder: Path, batch: pa.RecordBatch) -> pa.RecordBatch:
     table = pa.Table.from_batches([batch], batch.schema).drop_columns(["jpg", "_shard", "_crop_offset", "_crop_size"])
     table = table.add_column(1, "jpg", pa.array(crops, pa.large_binary()))
     return table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], table.schema)
+
+
+def test_a_split_by_identity_without_clusters_stops_the_export_with_one_line(synthetic, tmp_path):
+    folder, _ = synthetic
+    copy = tmp_path / "source"
+    shutil.copytree(folder, copy)
+    for part in copy.glob("part-*.parquet"):  # (our own copy of the input)
+        pq.write_table(pq.read_table(part).drop_columns(["identity_cluster"]), part)
+    settings = ExportSettings(split_by="identity", **SETTINGS)
+    with pytest.raises(FacecapError, match="needs identity clusters: run dedup with kind 'identity'"):
+        export(str(copy), str(tmp_path / "out"), settings, max_retries=0)
 
 
 def test_a_bucket_is_whole_shards_and_there_are_at_most_max_buckets():
