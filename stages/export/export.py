@@ -264,8 +264,8 @@ def _permute(plan: ShufflePlan, counted: _Counted, executor, max_retries) -> Shu
 
 
 def _permuted(out: Storage, plan: ShufflePlan, split: str, n: int) -> bool:
-    """A permutation file written by this export before (it is written whole, so its size tells)."""
-    # The count records it was made from carry this export's identity, so its rows are these.
+    """A permutation file written by this export before: named by its identity (seed and settings),
+    and written whole, so its size tells."""
     return out.exists(plan.order_name(split)) and out.size(plan.order_name(split)) == POSITION.itemsize * n
 
 

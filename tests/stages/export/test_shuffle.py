@@ -198,6 +198,17 @@ def _scattered(folder: Path, settings: ExportSettings, out: Path) -> list[Path]:
     return sorted((out / "_scatter" / "train").glob("*.arrow"))
 
 
+def test_an_unfinished_export_with_another_seed_is_redone_not_mixed_in(synthetic, tmp_path):
+    """Its count, permutation and scatter records are another export's: a permutation of as many
+    rows with another seed must not be taken for this one's."""
+    folder, _ = synthetic
+    settings = ExportSettings(**{**SETTINGS, "seed": 6})
+    export(str(folder), str(tmp_path / "clean"), settings)
+    _scattered(folder, ExportSettings(**SETTINGS), tmp_path / "reused")  # seed 5, stopped before writing
+    export(str(folder), str(tmp_path / "reused"), settings)
+    assert _files(tmp_path / "clean") == _files(tmp_path / "reused")
+
+
 def test_local_crops_stay_in_their_tars_until_the_write_pass_reads_them(synthetic, tmp_path):
     folder, _ = synthetic
     settings = ExportSettings(**SETTINGS)
