@@ -231,8 +231,8 @@ def _count(plan: ShufflePlan, inputs, executor, progress, max_retries) -> _Count
     out = Storage(plan.output, plan.storage)
     todo = []
     for shard in inputs:  # a rerun reads what finished shards recorded
-        record = out.read_json(plan.count_record(shard))
-        if record is None or record.get("identity") != plan.identity:
+        record = plan.recorded(out, plan.count_record(shard))
+        if record is None:
             todo.append(shard)
         else:
             add(shard, record)
@@ -317,8 +317,8 @@ def _scatter(plan, inputs, counted, executor, progress, result, max_retries) -> 
     work = counted.work(plan, inputs)
     todo = []
     for shard in inputs:  # a rerun reads what finished shards recorded instead of scattering them again
-        record = out.read_json(plan.scatter_record(shard))
-        if record is None or record.get("identity") != plan.identity:
+        record = plan.recorded(out, plan.scatter_record(shard))
+        if record is None:
             todo.append(shard)
         else:
             add(shard, record)
@@ -351,8 +351,8 @@ def _write(plan, inputs, totals, executor, progress, result, max_retries) -> Non
     out = Storage(plan.output, plan.storage)
     todo = []
     for number, item in enumerate(work):
-        record = out.read_json(plan.bucket_record(item.split, item.bucket))
-        if record is None or record.get("identity") != plan.identity:
+        record = plan.recorded(out, plan.bucket_record(item.split, item.bucket))
+        if record is None:
             todo.append((number, item))
         else:
             add(number, record)

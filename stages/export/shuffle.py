@@ -103,6 +103,11 @@ class ShufflePlan:
     def bucket_record(self, split: str, bucket: int) -> str:
         return f"{SCATTER_DIR}/_written/{split}-{bucket:06d}.json"
 
+    def recorded(self, out: Storage, name: str) -> dict[str, Any] | None:
+        """A pass's record if this export wrote it (another version's or settings' is done again)."""
+        record = out.read_json(name)
+        return record if record is not None and record.get("identity") == self.identity else None
+
 
 def bucket_span(samples: int, shard_samples: int) -> int:
     """Output positions a bucket holds: whole shards, about ``BUCKET_SAMPLES`` samples, and wider
