@@ -111,7 +111,8 @@ eval: $(STAMP)
 # 40 KB crops beside `tar` of the same bytes (samples/s per core; 4 GB of data, removed after).
 # bench-e2e runs the whole recipe with every quality measure on E2E_URLS loopback URLs (default 2000,
 # shards of E2E_SHARD) for E2E_VARIANTS (default fused,old: this checkout and E2E_OLD_COMMIT, 843965c,
-# in its own worktree and venv under bench-out/e2e), then the model stages' floor in one process.
+# in its own worktree and venv under bench-out/e2e; fused@quality.text=false adds a run with those --set
+# overrides), then the model stages' floor in one process.
 # (Not .PHONY: make skips pattern rules for those.)
 bench-%: $(STAMP)
 	$(BIN)/python bench/bench_$*.py

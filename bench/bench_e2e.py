@@ -9,6 +9,9 @@ each variant of E2E_VARIANTS (default `fused,old`):
 
 - `fused`: this checkout, default settings (fused stages, the auto executor);
 - `unfused`: this checkout with `--no-fuse`;
+- `fused@KEY=VALUE+KEY=VALUE`: this checkout with those `--set` overrides, e.g.
+  `fused@quality.text=false` or `fused@quality.text_side=480`: what a change of the recipe would
+  buy, measured beside the defaults (docs/performance.md);
 - `old`: commit E2E_OLD_COMMIT (default 843965c), checked out with `git worktree add` into
   bench-out/e2e/old and run from its own venv (bench-out/e2e/old-venv), which installs that
   checkout editable and takes every dependency from this checkout's .venv through a .pth line:
@@ -97,14 +100,29 @@ def old_facecap() -> str:
     return str(executable)
 
 
+def variant_parts(variant: str) -> tuple[str, list[str]]:
+    """(`fused`, `unfused` or `old`; its `--set` overrides) of a variant such as `fused@quality.text=false`."""
+    base, _, settings = variant.partition("@")
+    if base not in ("fused", "unfused", "old") or (settings and base == "old"):
+        raise SystemExit(f"E2E_VARIANTS: {variant!r} is not fused, unfused, old or fused@KEY=VALUE+...")
+    return base, [pair for pair in settings.split("+") if pair]
+
+
+def work_folder(variant: str) -> Path:
+    return OUT / ("work-" + "".join(c if c.isalnum() else "-" for c in variant))
+
+
 def run_variant(variant: str, work: Path) -> float:
     shutil.rmtree(work, ignore_errors=True)
     path = work.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(recipe(), sort_keys=False))
-    executable = old_facecap() if variant == "old" else FACECAP
+    base, settings = variant_parts(variant)
+    executable = old_facecap() if base == "old" else FACECAP
     command = [executable, "run", "-c", str(path), "-i", str(OUT / "urls.parquet"), "-o", str(work), "-q"]
-    if variant == "unfused":
+    if base == "unfused":
         command.append("--no-fuse")
+    for pair in settings:
+        command += ["--set", pair]
     print(f"{variant}: {' '.join(command[1:])}", flush=True)
     started = time.perf_counter()
     # From /tmp: the old commit's top-level `pipeline` package must not be shadowed by this folder's.
@@ -224,6 +242,8 @@ def _floor_stage(
 
 
 def main() -> None:
+    for variant in VARIANTS:
+        variant_parts(variant)  # a mistyped variant fails before the corpus is built
     bench_download.OUT = OUT
     bench_download.TARGET = URLS
     shutil.rmtree(OUT / "corpus", ignore_errors=True)
@@ -237,13 +257,13 @@ def main() -> None:
     figures: dict[str, dict[str, tuple[int, int, float]]] = {}
     try:
         for variant in VARIANTS:
-            walls[variant] = run_variant(variant, OUT / f"work-{variant}")
+            walls[variant] = run_variant(variant, work_folder(variant))
     finally:
         server.terminate()
         server.wait()
     print(f"\nmachine: {machine()}; corpus served by {kind}; {URLS:,} URLs, shards of {SHARD}")
     for variant in VARIANTS:
-        figures[variant] = report_variant(variant, walls[variant], OUT / f"work-{variant}")
+        figures[variant] = report_variant(variant, walls[variant], work_folder(variant))
     if "old" in walls:
         for variant in walls:
             if variant != "old":

@@ -6,7 +6,8 @@ carry no text and nothing explicit (images.csv labels neither), so:
 
 - text: each photo as is, and with a three-line caption band drawn in (bench/eval_quality.py's),
   so both sides of the rule exist; agreement of the decision at `q_text_fraction < 0.05` (the HQ
-  recipe) and at 0.02, and how far the score moves;
+  recipe) and at 0.02, and how far the score moves; and with a block of small print (a screenshot
+  or a flyer: lines 2% of the image's width high over its top third), which a shrink loses first;
 - NSFW: the explicit score (`q_nsfw`) and its decision at 0.5 (the default rule), and, because no
   photo here comes near 0.5, the same for every NudeNet class (faces, covered body parts, ...):
   whether the detector finds the same things at the same confidence.
@@ -57,21 +58,35 @@ def side_name(side: int | None) -> str:
     return "full" if side is None else f"{side} px"
 
 
+def with_small_print(image: np.ndarray, height: float = 0.02) -> np.ndarray:
+    """The photo with lines of small text (``height`` x the width high) over its top third."""
+    out = image.copy()
+    rows, width = out.shape[:2]
+    scale = width * height / 22  # Hershey simplex capitals are about 22 px high at scale 1
+    step = max(2, round(width * height * 1.8))
+    for y in range(round(rows * 0.05) + step, round(rows * 0.35), step):
+        line = "Terms and conditions apply see store for details"
+        cv2.putText(out, line, (10, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), max(1, round(scale * 2)))
+    return out
+
+
 def text(images: list[np.ndarray]) -> None:
     from facecap.stages.quality.scorers import TextDetector
 
     plain = images
     banded = [with_caption_band(image) for image in images]
+    small = [with_small_print(image) for image in images]
     print(f"\ntext (PP-OCRv4): {len(plain)} photos plain + the same with a caption band; reference: full size")
     print(
         f"{'long side':>10}{'ms/image':>10}{'agree <0.05':>13}{'plain':>8}{'banded':>8}{'agree <0.02':>13}"
-        f"{'|diff| p95':>12}{'|diff| max':>12}{'plain rejected':>16}{'banded caught':>15}"
+        f"{'|diff| p95':>12}{'|diff| max':>12}{'plain rejected':>16}{'banded caught':>15}{'small caught':>14}"
     )
     reference = None
     for side in TEXT_SIDES:
         detector = TextDetector(max_side=side)
         scores_plain, ms_plain = timed(detector.text_fraction, plain)
         scores_banded, ms_banded = timed(detector.text_fraction, banded)
+        scores_small, _ = timed(detector.text_fraction, small)
         scores = np.array(scores_plain + scores_banded)
         if reference is None:
             reference = scores
@@ -83,6 +98,7 @@ def text(images: list[np.ndarray]) -> None:
             f"{agree[0.05][:n].mean():>8.1%}{agree[0.05][n:].mean():>8.1%}{agree[0.02].mean():>13.1%}"
             f"{np.percentile(diff, 95):>12.4f}{diff.max():>12.4f}"
             f"{np.mean(np.array(scores_plain) >= 0.05):>16.1%}{np.mean(np.array(scores_banded) >= 0.05):>15.1%}"
+            f"{np.mean(np.array(scores_small) >= 0.05):>14.1%}"
         )
 
 
