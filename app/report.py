@@ -288,15 +288,26 @@ def _throughput(stages: list[StageData]) -> str:
         rate = rows_out / seconds if seconds else 0.0
         names.append(stage.name)
         rates.append(rate)
-        rows.append([html.escape(stage.name), f"{len(stats)}", f"{rows_out:,}", f"{seconds:.1f}", f"{rate:,.0f}"])
+        cpu = _cpu_share(stats)
+        rows.append([html.escape(stage.name), f"{len(stats)}", f"{rows_out:,}", f"{seconds:.1f}", cpu, f"{rate:,.0f}"])
 
     def draw(axis):
         axis.barh(names, rates, color="#5a9e6f")
         axis.invert_yaxis()
         axis.set_xlabel("rows per second of shard time")
 
-    body = _chart(draw, height=2.5) + _table(["stage", "shards", "rows", "shard seconds", "rows/s"], rows)
-    return _section("throughput", "Throughput and time per stage", body)
+    header = ["stage", "shards", "rows", "shard seconds", "CPU seconds", "rows/s"]
+    return _section("throughput", "Throughput and time per stage", _chart(draw, height=2.5) + _table(header, rows))
+
+
+def _cpu_share(stats: dict) -> str:
+    """The stage's CPU seconds and their share of its shard seconds (below 100%: the shards waited
+    on the network, the disk or a loaded machine), or "-" for stats written before they were kept."""
+    timed = [s for s in stats.values() if s.cpu_seconds is not None]
+    if not timed:
+        return "-"
+    cpu, wall = sum(s.cpu_seconds for s in timed), sum(s.seconds for s in timed)
+    return f"{cpu:.1f} ({cpu / wall:.0%})" if wall else f"{cpu:.1f}"
 
 
 def _bin_label(low: float, high: float) -> str:

@@ -135,27 +135,33 @@ def run_variant(variant: str, work: Path) -> float:
     return wall
 
 
-def stage_figures(folder: Path) -> tuple[int, int, float]:
-    """(rows, ok rows, shard seconds summed over passes) from the stage's own per-shard stats files."""
+def stage_figures(folder: Path) -> tuple[int, int, float, float | None]:
+    """(rows, ok rows, shard seconds, shard CPU seconds or None where the stats lack them: an older
+    commit), summed over passes, from the stage's own per-shard stats files."""
     rows = ok = 0
     seconds = 0.0
+    cpu: float | None = 0.0
     for stats_dir in (folder / "_stats", folder / "_summary" / "_stats"):
         for path in sorted(stats_dir.glob("part-*.json")):
             stats = json.loads(path.read_text())
             seconds += stats["seconds"]
+            cpu = None if cpu is None or stats.get("cpu_seconds") is None else cpu + stats["cpu_seconds"]
             if stats_dir.parent == folder:
                 rows += stats["rows_out"]
                 ok += stats["by_status"].get("ok", 0)
-    return rows, ok, seconds
+    return rows, ok, seconds, cpu
 
 
-def report_variant(variant: str, wall: float, work: Path) -> dict[str, tuple[int, int, float]]:
+def report_variant(variant: str, wall: float, work: Path) -> dict[str, tuple[int, int, float, float | None]]:
+    """Prints the variant's figures per stage; CPU s is the workers' CPU time in the shards (wall
+    shard seconds stretch with other jobs' load on a shared machine, CPU seconds do not)."""
     figures = {stage: stage_figures(work / stage) for stage in STAGES}
     print(f"\n{variant}: wall {wall:.1f}s, {URLS / wall / CORES:.2f} URLs/s per core ({URLS:,} URLs, {CORES} cores)")
-    print(f"  {'stage':<9}{'rows':>8}{'ok':>8}{'shard s':>10}{'rows/s/core':>13}")
-    for stage, (rows, ok, seconds) in figures.items():
+    print(f"  {'stage':<9}{'rows':>8}{'ok':>8}{'shard s':>10}{'CPU s':>9}{'rows/s/core':>13}")
+    for stage, (rows, ok, seconds, cpu) in figures.items():
         rate = rows / seconds if seconds else 0.0
-        print(f"  {stage:<9}{rows:>8,}{ok:>8,}{seconds:>10.1f}{rate:>13.1f}")
+        cpu_text = "-" if cpu is None else f"{cpu:.1f}"
+        print(f"  {stage:<9}{rows:>8,}{ok:>8,}{seconds:>10.1f}{cpu_text:>9}{rate:>13.1f}")
     measure_ms = quality_ms(work / "quality")
     if measure_ms:
         print("  quality ms per face, by measure: " + ", ".join(f"{k} {v:.1f}" for k, v in measure_ms.items()))
@@ -284,6 +290,13 @@ def main() -> None:
                 f"{variant}: the model stages' shard time is {chain:.1f} core-s, {chain / seconds:.2f}x the floor; "
                 f"the whole run {walls[variant] * CORES:.1f} core-s, {walls[variant] * CORES / seconds:.2f}x the floor"
             )
+            chain_cpu = [figures[variant][stage][3] for stage in MODEL_STAGES]
+            if None not in chain_cpu:
+                floor_cpu = sum(cpu_by_stage.values())
+                print(
+                    f"{variant}: the model stages' CPU time is {sum(chain_cpu):.1f} s, "
+                    f"{sum(chain_cpu) / floor_cpu:.2f}x the floor's CPU time"
+                )
 
 
 if __name__ == "__main__":

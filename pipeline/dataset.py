@@ -118,6 +118,9 @@ class ShardStats:
     attempts: int = 1
     node: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # CPU seconds of the worker process while it ran the shard (every thread: the models' pools
+    # too), beside the wall ``seconds``: on a loaded machine the two part. None in older stats.
+    cpu_seconds: float | None = None
     # What a report needs of this shard's rows, merged across shards (pipeline/summary.py).
     summary: dict = field(default_factory=dict)
 
@@ -286,12 +289,15 @@ class Dataset:
         by_status: Counter[str] = Counter()
         rows = rows_in = 0
         seconds = 0.0
+        cpu_seconds: list[float] = []  # of the shards whose stats keep them
         for shard in done:
             if shard in stats:
                 by_status.update(stats[shard].by_status)
                 rows += stats[shard].rows_out
                 rows_in += stats[shard].rows_in
                 seconds += stats[shard].seconds
+                if stats[shard].cpu_seconds is not None:
+                    cpu_seconds.append(stats[shard].cpu_seconds)
         total = manifest.num_shards if manifest.num_shards is not None else len(done | set(failed))
         ordered = dict(sorted(by_status.items(), key=lambda kv: (kv[0] != OK, -kv[1], kv[0])))
         # Rows this stage judged: those it passed and those it rejected (not earlier rejections).
@@ -307,6 +313,7 @@ class Dataset:
             "pass_rate": round(by_status.get(OK, 0) / judged, 4) if judged else None,
             "complete": manifest.complete and len(done) == total,
             "shard_seconds": round(seconds, 3),
+            "shard_cpu_seconds": round(sum(cpu_seconds), 3) if cpu_seconds else None,
             "parent": manifest.parent,
         }
 

@@ -201,7 +201,7 @@ def run_shard(
     ``memory_media`` holds media that earlier stages of the fused task made for this shard; media
     not there is read from its tar as usual.
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     timings: Counter[str] = Counter()
     out = Dataset.at(job.output, job.storage)
     revisit = job.revisit and source_table is None and out.is_done(shard, "none")
@@ -257,6 +257,7 @@ def run_shard(
     )
     timings["write"] += time.perf_counter() - t0
     stats.seconds = round(time.perf_counter() - started, 4)
+    stats.cpu_seconds = round(time.process_time() - cpu_started, 4)
     stats.timings = {k: round(v, 4) for k, v in timings.items()}
     out.commit_shard(shard, result_table, tar_digest, stats)
     return ShardResult(stats, result_table, held.members if held is not None else None)
@@ -350,7 +351,7 @@ def summarize_shard(job: StageJob, shard: int, attempt: int = 1, node: str | Non
     A row whose media is missing or whose summary raises is recorded with ``_status`` and
     ``_error`` instead, so the last pass can give it that status; the shard still completes.
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     table = Dataset.at(job.parent, job.storage).read_shard(shard)
     todo = table.filter(pc.equal(table.column("status"), OK).fill_null(False))
     frames: list[pd.DataFrame] = []
@@ -370,6 +371,7 @@ def summarize_shard(job: StageJob, shard: int, attempt: int = 1, node: str | Non
         seconds=round(time.perf_counter() - started, 4),
         attempts=attempt,
         node=node or socket.gethostname(),
+        cpu_seconds=round(time.process_time() - cpu_started, 4),
     )
     Dataset.at(summary_uri(job.output), job.storage).commit_shard(shard, summary, None, stats)
     return stats

@@ -56,6 +56,7 @@ def test_report_has_every_section_and_needs_no_network(run_folder, tmp_path):
     for section in SECTIONS:
         assert f'<section id="{section}">' in page, section
     assert "dedup:exact" in page and "detect:no_face" in page and "download:http_404" in page
+    assert "CPU seconds" in page and re.search(r"<td>\d+\.\d \(\d+%\)</td>", page)  # throughput: CPU beside wall
     assert "No data: run" not in page  # every stage ran, so every section has data
     sources = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert sources and all(s.startswith("data:") for s in sources)  # self-contained
@@ -184,3 +185,15 @@ def test_thumbnails_keep_few_tar_indexes_open_and_give_the_same_images(tmp_path)
     finally:
         every.close()
         few.close()
+
+
+def test_throughput_says_dash_for_stats_without_cpu_seconds():
+    from facecap.pipeline.dataset import ShardStats
+    from facecap.report import _cpu_share
+
+    def stats(cpu: float | None) -> ShardStats:
+        return ShardStats(shard=0, rows_in=1, rows_out=1, by_status={"ok": 1}, seconds=2.0, cpu_seconds=cpu)
+
+    assert _cpu_share({0: stats(None)}) == "-"
+    assert _cpu_share({0: stats(1.5), 1: stats(0.5)}) == "2.0 (50%)"
+    assert _cpu_share({0: stats(1.0), 1: stats(None)}) == "1.0 (50%)"  # only the shards that kept it

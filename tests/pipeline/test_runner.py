@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 from helpers import ray_executor, read_all, run
-from toystages import MakeConfig, MakeMedia, ReadBoth, SplitFaces
+from toystages import MakeConfig, MakeMedia, ReadBoth, Sleepy, SleepyConfig, SplitFaces
 
 from facecap.pipeline.config import RunnerConfig
 from facecap.pipeline.dataset import Dataset
@@ -164,3 +164,22 @@ def test_stats_files_record_timings_and_attempts(ingested, tmp_path):
     stats = json.loads((tmp_path / "make" / "_stats" / "part-00000.json").read_text())
     assert stats["rows_in"] == stats["rows_out"] == 10
     assert stats["attempts"] == 1 and "process" in stats["timings"]
+
+
+def test_stats_keep_cpu_seconds_apart_from_wall_seconds(ingested, tmp_path):
+    """A shard that waits (here: sleeps) spends wall seconds but little CPU; the stats show both, and
+    stats written before CPU seconds were kept still load (None)."""
+    (tmp_path / "pids").mkdir()
+    config = SleepyConfig(pid_folder=str(tmp_path / "pids"), seconds=0.6)
+    assert run(Sleepy, ingested, tmp_path / "sleepy", config=config).ok
+    dataset = Dataset(Storage(str(tmp_path / "sleepy")))
+    for stats in dataset.shard_stats().values():
+        assert stats.seconds >= 0.6
+        assert stats.cpu_seconds is not None and 0 <= stats.cpu_seconds < stats.seconds / 2
+    path = tmp_path / "sleepy" / "_stats" / "part-00000.json"
+    older = json.loads(path.read_text())
+    del older["cpu_seconds"]
+    path.write_text(json.dumps(older))
+    assert dataset.shard_stat(0).cpu_seconds is None
+    cpu = dataset.summary()["shard_cpu_seconds"]  # `facecap stats --json`: the shards that kept them
+    assert cpu == round(sum(s.cpu_seconds for s in dataset.shard_stats().values() if s.cpu_seconds is not None), 3)
