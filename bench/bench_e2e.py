@@ -101,10 +101,11 @@ def old_facecap() -> str:
 
 
 def variant_parts(variant: str) -> tuple[str, list[str]]:
-    """(`fused`, `unfused` or `old`; its `--set` overrides) of a variant such as `fused@quality.text=false`."""
+    """(`fused`, `unfused` or `old`; its `--set` overrides) of a variant such as `fused@quality.text=false`
+    (`unfused@...` too; `old` takes none: its recipe is the defaults of its own commit)."""
     base, _, settings = variant.partition("@")
     if base not in ("fused", "unfused", "old") or (settings and base == "old"):
-        raise SystemExit(f"E2E_VARIANTS: {variant!r} is not fused, unfused, old or fused@KEY=VALUE+...")
+        raise SystemExit(f"E2E_VARIANTS: {variant!r} is not old, fused or unfused, the last two with @KEY=VALUE+...")
     return base, [pair for pair in settings.split("+") if pair]
 
 
@@ -260,7 +261,7 @@ def main() -> None:
     urls = pa.table({"url": [f"{base}/{n}" for n in names], "caption": ["a photo"] * len(names)})
     pq.write_table(urls, OUT / "urls.parquet")
     walls: dict[str, float] = {}
-    figures: dict[str, dict[str, tuple[int, int, float]]] = {}
+    figures: dict[str, dict[str, tuple[int, int, float, float | None]]] = {}
     try:
         for variant in VARIANTS:
             walls[variant] = run_variant(variant, work_folder(variant))
