@@ -127,7 +127,7 @@ class ProcessExecutor:
                 self.plan.workers,
                 mp_context=context,
                 initializer=_init_process_worker,
-                initargs=(self.plan.threads, os.getpid()),
+                initargs=(self.plan.threads, os.getpid(), dict(os.environ)),
             )
         return self._pool
 
@@ -183,9 +183,13 @@ def _run_job(job: Job, shard: int, source: Any, attempt: int) -> Any:
     return job.run(shard, source, attempt)
 
 
-def _init_process_worker(threads: int, driver_pid: int) -> None:
+def _init_process_worker(threads: int, driver_pid: int, environment: dict[str, str]) -> None:
     # The driver owns Ctrl-C: it stops the pool; workers that caught it too would print tracebacks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The fork server is started once per process and keeps the environment of that moment, so a
+    # worker takes the driver's as it is now (models folder, storage credentials set since then).
+    os.environ.clear()
+    os.environ.update(environment)
     set_thread_budget(threads)
     threading.Thread(target=_exit_with_driver, args=(driver_pid,), daemon=True).start()
 

@@ -309,3 +309,21 @@ class WideMeet(Meet):
 
     name = "wide_meet"
     resources = Resources(cpus=2, batch_size=100, actor=True)
+
+
+class EnvConfig(StageConfig):
+    variable: str  # the environment variable each row reports
+
+
+class ReadEnv(Stage):
+    """Copies rows through with the worker's value of an environment variable."""
+
+    name = "readenv"
+    config_model = EnvConfig
+    produces: ClassVar = {"seen": pa.string()}
+    resources = Resources(cpus=1, batch_size=100)
+
+    def process(self, batch: Batch) -> Output:
+        rows = batch.rows.copy()
+        rows["seen"] = os.environ.get(self.config.variable)
+        return Output(rows=rows)

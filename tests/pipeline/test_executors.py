@@ -11,7 +11,7 @@ from collections import Counter
 import psutil
 import pytest
 from helpers import media_hashes, read_all, run, run_killing_one_worker
-from toystages import MakeConfig, MakeMedia, ReadBoth, SplitFaces, started_pids
+from toystages import EnvConfig, MakeConfig, MakeMedia, ReadBoth, ReadEnv, SplitFaces, started_pids
 
 from facecap.pipeline.config import RunnerConfig
 from facecap.pipeline.dataset import Dataset
@@ -77,6 +77,23 @@ def test_workers_default_to_cpus_per_worker(ingested, tmp_path):
     assert executor.start(job) == 3
     assert executor.plan.workers == 2
     executor.stop()
+
+
+def test_workers_see_the_drivers_environment_as_it_is_when_the_stage_starts(ingested, tmp_path, monkeypatch):
+    # The fork server outlives a run and keeps the environment it started with; a later run (a
+    # notebook, a test) that set FACECAP_MODELS or storage credentials since must still reach its workers.
+    config = EnvConfig(variable="FACECAP_TEST_SETTING")
+    monkeypatch.setenv("FACECAP_TEST_SETTING", "before")
+    assert run(ReadEnv, ingested, tmp_path / "before", config, ProcessExecutor(2)).ok
+    monkeypatch.setenv("FACECAP_TEST_SETTING", "after")
+    assert run(ReadEnv, ingested, tmp_path / "after", config, ProcessExecutor(2)).ok
+    monkeypatch.delenv("FACECAP_TEST_SETTING")
+    assert run(ReadEnv, ingested, tmp_path / "unset", config, ProcessExecutor(2)).ok
+    seen = {}
+    for name in ("before", "after", "unset"):
+        rows = read_all(tmp_path / name).to_pylist()
+        seen[name] = {row["seen"] for row in rows if row["status"] == "ok"}
+    assert seen == {"before": {"before"}, "after": {"after"}, "unset": {None}}
 
 
 DRIVER = """
